@@ -1,0 +1,304 @@
+//! [`SessionClient`]: the cloneable handle applications use, over the session's tasks.
+//!
+//! The API is quic-reverse 0.1.2's, method for method, so code written for that crate
+//! compiles against this one. What differs is underneath: data streams are matched to
+//! their opens by logical stream id (the reference crate hands each open whichever stream
+//! arrives next), limits and keep-alives are enforced, and a lost connection fails every
+//! waiter at once.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
+
+use crate::protocol::{CloseCode, Metadata, OpenFlags, RejectCode, ServiceId};
+use crate::session::core::{write_stream_bind, SessionCore, Stream, WriterCommand};
+use crate::session::{driver, ClientEvent, ControlEvent, SessionHandle, SessionStats, State};
+use crate::transport::Connection;
+use crate::Error;
+
+/// Commands queued for the control stream writer before senders wait.
+const WRITER_QUEUE: usize = 1024;
+/// Events beyond the open-request allowance (pings, stream closes) queued before dropped.
+const EXTRA_EVENT_CAPACITY: usize = 64;
+
+/// A cloneable handle to a running session.
+///
+/// On the relay (opener):
+/// ```no_run
+/// # async fn relay(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), backhaul::Error> {
+/// use backhaul::{Metadata, SessionClient};
+/// use tokio::io::AsyncWriteExt;
+///
+/// let client = SessionClient::new(handle);
+/// let (mut send, recv) = client.open("echo", Metadata::Empty).await?;
+/// send.write_all(b"hello").await?;
+/// # drop(recv); Ok(()) }
+/// ```
+/// On the edge (acceptor):
+/// ```no_run
+/// # async fn edge(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), backhaul::Error> {
+/// use backhaul::{ClientEvent, Connection, RejectCode, SessionClient};
+///
+/// let (client, mut events) = SessionClient::with_events(handle);
+/// while let Some(event) = events.recv().await {
+///     if let ClientEvent::OpenRequest { request_id, service, .. } = event {
+///         if service.as_str() != "echo" {
+///             client.reject_open(request_id, RejectCode::UnsupportedService, None).await?;
+///             continue;
+///         }
+///         let stream_id = client.allocate_stream_id();
+///         client.accept_open(request_id, stream_id).await?;
+///         let (mut send, recv) = client.connection().open_bi().await.map_err(backhaul::Error::transport)?;
+///         client.bind_stream(&mut send, stream_id).await?;
+///         // serve the stream on its own task…
+///         # drop((send, recv));
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct SessionClient<C: Connection> {
+    core: Arc<SessionCore<C>>,
+    tasks: Arc<driver::DriverTasks>,
+}
+
+impl<C: Connection> Clone for SessionClient<C> {
+    fn clone(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+            tasks: Arc::clone(&self.tasks),
+        }
+    }
+}
+
+impl<C: Connection> fmt::Debug for SessionClient<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionClient")
+            .field("role", &self.core.shared.role)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Connection> SessionClient<C> {
+    /// Starts the session's tasks for a side that only opens streams. Open requests from
+    /// the peer are rejected with `ServiceUnavailable`.
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn new(handle: SessionHandle<C>) -> Self {
+        Self::with_events(handle).0
+    }
+
+    /// Starts the session's tasks and returns the events a serving side answers.
+    ///
+    /// Open requests are queued for the receiver up to `max_concurrent_streams`; pings and
+    /// stream closes are dropped, not queued without bound, if the receiver falls behind.
+    /// Must be called within a tokio runtime.
+    pub fn with_events(handle: SessionHandle<C>) -> (Self, mpsc::Receiver<ClientEvent>) {
+        let SessionHandle {
+            shared,
+            control_send,
+            control_reader,
+        } = handle;
+        let capacity = shared
+            .config
+            .max_concurrent_streams
+            .saturating_add(EXTRA_EVENT_CAPACITY)
+            .min(1 << 16);
+        let (events, receiver) = mpsc::channel(capacity);
+        let (writer, writer_commands) = mpsc::channel::<WriterCommand>(WRITER_QUEUE);
+        let core = Arc::new(SessionCore::new(shared, writer));
+        let tasks = driver::spawn(&core, control_send, control_reader, writer_commands, events);
+        let client = Self {
+            core,
+            tasks: Arc::new(tasks),
+        };
+        (client, receiver)
+    }
+
+    /// The current state.
+    #[must_use]
+    pub fn state(&self) -> State {
+        self.core.shared.state()
+    }
+
+    /// True while the session takes opens.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.state().is_ready()
+    }
+
+    /// The connection.
+    #[must_use]
+    pub fn connection(&self) -> &C {
+        &self.core.shared.connection
+    }
+
+    /// Opens a stream to `service` on the peer: sends an `OpenRequest` and waits for the
+    /// data stream bound to the logical stream id the peer announces.
+    ///
+    /// # Errors
+    /// [`Error::CapacityExceeded`] at once when `max_inflight_opens` opens are pending;
+    /// [`Error::StreamRejected`] with the peer's code and reason;
+    /// [`Error::Timeout`] ([`OpenRequest`](crate::TimeoutKind::OpenRequest) or
+    /// [`StreamBind`](crate::TimeoutKind::StreamBind)); [`Error::SessionClosed`] or
+    /// [`Error::Disconnected`] when the session ended, also while waiting.
+    pub async fn open(
+        &self,
+        service: impl Into<ServiceId>,
+        metadata: Metadata,
+    ) -> Result<(C::SendStream, C::RecvStream), Error> {
+        self.open_with_flags(service, metadata, OpenFlags::empty())
+            .await
+    }
+
+    /// [`open`](Self::open) with request flags.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn open_with_flags(
+        &self,
+        service: impl Into<ServiceId>,
+        metadata: Metadata,
+        flags: OpenFlags,
+    ) -> Result<(C::SendStream, C::RecvStream), Error> {
+        let slot = self.try_reserve_open()?;
+        self.core.open(service.into(), metadata, flags, slot).await
+    }
+
+    /// Takes one of the `max_inflight_opens` slots, failing if none is free.
+    fn try_reserve_open(&self) -> Result<OwnedSemaphorePermit, Error> {
+        Arc::clone(&self.core.open_slots)
+            .try_acquire_owned()
+            .map_err(|_| Error::CapacityExceeded {
+                what: "in-flight opens",
+                limit: self.core.config().max_inflight_opens,
+            })
+    }
+
+    /// Opens with a slot already reserved (the tower connector reserves in `poll_ready`).
+    pub(crate) async fn open_reserved(
+        &self,
+        service: ServiceId,
+        metadata: Metadata,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Stream<C>, Error> {
+        self.core
+            .open(service, metadata, OpenFlags::empty(), slot)
+            .await
+    }
+
+    /// The semaphore of in-flight open slots.
+    pub(crate) fn open_slots(&self) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(&self.core.open_slots)
+    }
+
+    /// Accepts the peer's open request `request_id`, announcing `logical_stream_id`; then
+    /// open a stream on the connection and [`bind_stream`](Self::bind_stream) it.
+    ///
+    /// The stream counts toward `max_concurrent_streams` until
+    /// [`close_stream`](Self::close_stream) is called or the peer closes it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRequest`] if no such request waits for an answer,
+    /// [`Error::InvalidStreamId`] for id 0 or an id in use, or the session's end error.
+    pub async fn accept_open(&self, request_id: u64, logical_stream_id: u64) -> Result<(), Error> {
+        self.core.accept_open(request_id, logical_stream_id).await
+    }
+
+    /// Rejects the peer's open request `request_id`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRequest`] if no such request waits for an answer, or the session's
+    /// end error.
+    pub async fn reject_open(
+        &self,
+        request_id: u64,
+        code: RejectCode,
+        reason: Option<String>,
+    ) -> Result<(), Error> {
+        self.core.reject_open(request_id, code, reason).await
+    }
+
+    /// Writes the `StreamBind` header for `logical_stream_id` on a stream this side opened
+    /// for an accepted request. Write nothing else on the stream before it.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] if the write fails.
+    pub async fn bind_stream<S: AsyncWriteExt + Unpin>(
+        &self,
+        send: &mut S,
+        logical_stream_id: u64,
+    ) -> Result<(), Error> {
+        write_stream_bind(send, logical_stream_id).await
+    }
+
+    /// A logical stream id not yet handed out by this session (1, 2, 3…).
+    #[must_use]
+    pub fn allocate_stream_id(&self) -> u64 {
+        self.core.allocate_stream_id()
+    }
+
+    /// Pings the peer and returns the round-trip time.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] with [`Ping`](crate::TimeoutKind::Ping) after `ping_timeout`, or
+    /// the session's end error.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        self.core.ping().await
+    }
+
+    /// Closes the session gracefully: sends `StreamClose(0)`, finishes the control stream,
+    /// and fails pending opens with [`Error::SessionClosed`]. The connection stays open for
+    /// the caller to close. Closing a session that already ended does nothing.
+    ///
+    /// # Errors
+    /// The session's end error if the close could not be sent.
+    pub async fn close(&self, code: CloseCode, reason: Option<String>) -> Result<(), Error> {
+        self.core.close(code, reason).await
+    }
+
+    /// Tells the peer a logical stream is closed, and frees its slot on this side.
+    ///
+    /// # Errors
+    /// The session's end error if the message could not be sent.
+    pub async fn close_stream(
+        &self,
+        logical_stream_id: u64,
+        code: CloseCode,
+        reason: Option<String>,
+    ) -> Result<(), Error> {
+        self.core.close_stream(logical_stream_id, code, reason).await
+    }
+
+    /// Frees an accepted stream's `max_concurrent_streams` slot without telling the peer.
+    pub(crate) fn release_stream(&self, logical_stream_id: u64) {
+        self.core.release_stream(logical_stream_id);
+    }
+
+    /// Counters of this session.
+    #[must_use]
+    pub fn stats(&self) -> SessionStats {
+        self.core.stats()
+    }
+
+    /// Every control message seen from now on, for observers (metrics, audit logs). A slow
+    /// observer misses events rather than slowing the session.
+    #[must_use]
+    pub fn control_events(&self) -> broadcast::Receiver<ControlEvent> {
+        self.core.control_events.subscribe()
+    }
+
+    /// Waits until the session has ended, and says why: [`Error::SessionClosed`] after a
+    /// graceful close, [`Error::Disconnected`] when the connection was lost,
+    /// [`Error::Timeout`] with [`Ping`](crate::TimeoutKind::Ping) when the peer stopped
+    /// answering keep-alives, [`Error::Protocol`] or [`Error::ProtocolViolation`] when the
+    /// peer broke the protocol.
+    pub async fn closed(&self) -> Error {
+        let mut state = self.core.shared.state.subscribe();
+        let _ = state.wait_for(State::is_final).await;
+        self.core.terminal_error()
+    }
+}

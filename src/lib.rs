@@ -1,0 +1,54 @@
+//! Reverse tunnels over QUIC that plug into tower and hyper.
+//!
+//! An edge device behind NAT dials out to a public relay over QUIC; over that one
+//! connection the relay then opens streams to named services on the edge ("http", "ssh",
+//! "metrics"…), and the edge never opens an inbound port. backhaul speaks the quic-reverse
+//! v1 protocol byte for byte, so it interoperates with the `quic-reverse` crate.
+//!
+//! # Layout
+//! - [`protocol`]: the wire format: messages, codec, framing, `StreamBind`. Bytes only.
+//! - [`transport`]: the `Connection`/`SendStream`/`RecvStream` traits, quinn and in-memory.
+//! - [`session`]: the handshake and the tasks that drive a session's control stream.
+//! - [`SessionClient`]: the cloneable handle to open, accept, ping and close.
+//! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
+//!
+//! # Example
+//! ```no_run
+//! use backhaul::{Config, Metadata, QuinnConnection, Role, Session, SessionClient};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # async fn relay(connection: quinn::Connection) -> Result<(), Box<dyn std::error::Error>> {
+//! // The relay accepted the edge's QUIC connection; it opens streams to the edge's services.
+//! let session = Session::new(QuinnConnection::new(connection), Role::Server, Config::new());
+//! let client = SessionClient::new(session.start().await?);
+//! let (mut send, mut recv) = client.open("echo", Metadata::Empty).await?;
+//! send.write_all(b"ping").await?;
+//! send.shutdown().await?;
+//! let mut reply = Vec::new();
+//! recv.read_to_end(&mut reply).await?;
+//! assert_eq!(reply, b"ping");
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod client;
+mod config;
+mod error;
+pub mod protocol;
+pub mod session;
+pub mod transport;
+
+pub use client::SessionClient;
+pub use config::{Config, ConfigError};
+pub use error::{Error, TimeoutKind};
+pub use protocol::{
+    CloseCode, Features, Metadata, MetadataValue, OpenFlags, RejectCode, ServiceId, StreamBind,
+    PROTOCOL_VERSION,
+};
+pub use session::{
+    ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle, SessionStats, State,
+};
+pub use transport::{
+    Connection, QuinnConnection, QuinnRecvStream, QuinnSendStream, RecvStream, SendStream,
+};

@@ -1,0 +1,66 @@
+//! What the session needs from a multiplexed transport, and two implementations.
+//!
+//! The session only opens and accepts bidirectional streams and closes the connection, so
+//! it is written against these traits rather than quinn itself. The traits have the same
+//! shape as quic-reverse 0.1.2's, so transports written for that crate plug in unchanged.
+//!
+//! - [`QuinnConnection`]: the production transport, a cloneable `quinn::Connection`.
+//! - [`mem::MemoryConnection`]: an in-process pair for unit tests of protocol logic.
+
+use std::future::Future;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub mod mem;
+mod quinn;
+
+pub use self::quinn::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
+
+/// A connection that carries many independent bidirectional streams.
+pub trait Connection: Send + Sync + 'static {
+    /// The sending half of a stream.
+    type SendStream: SendStream;
+    /// The receiving half of a stream.
+    type RecvStream: RecvStream;
+    /// Why opening a stream failed.
+    type OpenError: std::error::Error + Send + Sync + 'static;
+    /// Why accepting a stream failed.
+    type AcceptError: std::error::Error + Send + Sync + 'static;
+
+    /// Opens a new bidirectional stream.
+    fn open_bi(
+        &self,
+    ) -> impl Future<Output = Result<(Self::SendStream, Self::RecvStream), Self::OpenError>> + Send;
+
+    /// Waits for the peer's next bidirectional stream; `Ok(None)` once the connection was
+    /// closed gracefully.
+    #[allow(clippy::type_complexity)]
+    fn accept_bi(
+        &self,
+    ) -> impl Future<Output = Result<Option<(Self::SendStream, Self::RecvStream)>, Self::AcceptError>>
+           + Send;
+
+    /// Closes the whole connection with an application code and reason.
+    fn close(&self, code: u32, reason: &[u8]);
+
+    /// True until the connection is closed, by either side or by a failure.
+    fn is_open(&self) -> bool;
+}
+
+/// The sending half of a stream.
+pub trait SendStream: AsyncWrite + Send + Unpin + 'static {
+    /// Why finishing failed.
+    type FinishError: std::error::Error + Send + Sync + 'static;
+
+    /// Ends the stream gracefully: the peer reads EOF after the data written.
+    fn finish(&mut self) -> impl Future<Output = Result<(), Self::FinishError>> + Send;
+
+    /// Abandons the stream: unsent data is dropped and the peer sees `code`.
+    fn reset(&mut self, code: u32);
+}
+
+/// The receiving half of a stream.
+pub trait RecvStream: AsyncRead + Send + Unpin + 'static {
+    /// Tells the peer to stop sending, with `code`.
+    fn stop(&mut self, code: u32);
+}
