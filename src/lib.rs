@@ -10,6 +10,7 @@
 //! - [`transport`]: the `Connection`/`SendStream`/`RecvStream` traits, quinn and in-memory.
 //! - [`session`]: the handshake and the tasks that drive a session's control stream.
 //! - [`SessionClient`]: the cloneable handle to open, accept, ping and close.
+//! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
 //!
 //! # Example
@@ -36,6 +37,7 @@ mod client;
 mod config;
 mod error;
 pub mod protocol;
+pub mod quic;
 pub mod session;
 pub mod transport;
 

@@ -1,0 +1,138 @@
+//! QUIC endpoints set up for tunnels: TLS, ALPN and transport limits in one place.
+//!
+//! quinn's defaults suit one request per connection; a tunnel multiplexes everything over
+//! one long-lived connection, so it needs more concurrent streams, a keep-alive shorter
+//! than the idle timeout (NAT bindings expire), and larger flow-control windows.
+//! These helpers build endpoints with those settings; anything else can still be built by
+//! hand with quinn and wrapped in [`QuinnConnection`](crate::QuinnConnection).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ClientConfig, Endpoint, ServerConfig, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::Error;
+
+/// The ALPN protocol name backhaul endpoints use unless told otherwise.
+pub const DEFAULT_ALPN: &[u8] = b"backhaul";
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    /// The chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// A fresh self-signed certificate for `names` (DNS names or IP addresses), for tests,
+    /// development, and relays whose edges pin the certificate.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] if the certificate cannot be generated.
+    pub fn self_signed(names: &[&str]) -> Result<Self, Error> {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).map_err(Error::transport)?;
+        Ok(Self {
+            cert_chain: vec![certified.cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()).into(),
+        })
+    }
+}
+
+/// Transport settings for a tunnel connection: `max_streams` concurrent bidirectional
+/// streams each way, keep-alives every 5 s, a 30 s idle timeout, 16 MiB of connection
+/// flow-control window and 4 MiB per stream.
+#[must_use]
+pub fn transport_config(max_streams: u32) -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .stream_receive_window(VarInt::from_u32(4 * 1024 * 1024))
+        .receive_window(VarInt::from_u32(16 * 1024 * 1024))
+        .send_window(16 * 1024 * 1024);
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
+}
+
+/// Default concurrent streams per connection for [`transport_config`].
+pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A quinn server config presenting `identity` and offering `alpn`.
+///
+/// # Errors
+/// [`Error::Transport`] if the certificate or key is unusable.
+pub fn server_config(identity: Identity, alpn: &[u8]) -> Result<ServerConfig, Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::transport)?
+        .with_no_client_auth()
+        .with_single_cert(identity.cert_chain, identity.key)
+        .map_err(Error::transport)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(Error::transport)?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    Ok(config)
+}
+
+/// A quinn client config trusting exactly `trusted` certificates and offering `alpn`.
+///
+/// # Errors
+/// [`Error::Transport`] if a certificate is unusable.
+pub fn client_config(trusted: &[CertificateDer<'static>], alpn: &[u8]) -> Result<ClientConfig, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert.clone()).map_err(Error::transport)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::transport)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(Error::transport)?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    Ok(config)
+}
+
+/// A relay's endpoint: listens on `addr` with `identity`.
+///
+/// # Errors
+/// [`Error::Transport`] if the socket cannot be bound or the identity is unusable.
+pub fn server_endpoint(addr: SocketAddr, identity: Identity, alpn: &[u8]) -> Result<Endpoint, Error> {
+    Endpoint::server(server_config(identity, alpn)?, addr).map_err(Error::transport)
+}
+
+/// An edge's endpoint: dials out, trusting `trusted` certificates.
+///
+/// # Errors
+/// [`Error::Transport`] if the socket cannot be bound or a certificate is unusable.
+pub fn client_endpoint(trusted: &[CertificateDer<'static>], alpn: &[u8]) -> Result<Endpoint, Error> {
+    let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+    let mut endpoint = Endpoint::client(bind).map_err(Error::transport)?;
+    endpoint.set_default_client_config(client_config(trusted, alpn)?);
+    Ok(endpoint)
+}
