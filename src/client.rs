@@ -270,7 +270,9 @@ impl<C: Connection> SessionClient<C> {
         code: CloseCode,
         reason: Option<String>,
     ) -> Result<(), Error> {
-        self.core.close_stream(logical_stream_id, code, reason).await
+        self.core
+            .close_stream(logical_stream_id, code, reason)
+            .await
     }
 
     /// Frees an accepted stream's `max_concurrent_streams` slot without telling the peer.

@@ -151,7 +151,9 @@ impl Config {
             return Err(ConfigError::InvalidLimit("max_inflight_opens must be > 0"));
         }
         if self.max_concurrent_streams == 0 {
-            return Err(ConfigError::InvalidLimit("max_concurrent_streams must be > 0"));
+            return Err(ConfigError::InvalidLimit(
+                "max_concurrent_streams must be > 0",
+            ));
         }
         if self.ping_interval == Some(Duration::ZERO) {
             return Err(ConfigError::InvalidLimit("ping_interval must be > 0"));
@@ -198,7 +200,10 @@ mod tests {
     #[test]
     fn zero_limits_are_refused() {
         assert!(Config::new().with_max_inflight_opens(0).validate().is_err());
-        assert!(Config::new().with_max_concurrent_streams(0).validate().is_err());
+        assert!(Config::new()
+            .with_max_concurrent_streams(0)
+            .validate()
+            .is_err());
         assert_eq!(
             Config::new().with_versions(vec![]).validate(),
             Err(ConfigError::NoSupportedVersions)

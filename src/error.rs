@@ -90,7 +90,10 @@ impl Error {
         match self {
             Self::Timeout(_) | Self::CapacityExceeded { .. } | Self::Disconnected => true,
             Self::StreamRejected { code, .. } => {
-                matches!(code, RejectCode::LimitExceeded | RejectCode::ServiceUnavailable)
+                matches!(
+                    code,
+                    RejectCode::LimitExceeded | RejectCode::ServiceUnavailable
+                )
             }
             _ => false,
         }

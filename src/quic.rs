@@ -101,7 +101,10 @@ pub fn server_config(identity: Identity, alpn: &[u8]) -> Result<ServerConfig, Er
 ///
 /// # Errors
 /// [`Error::Transport`] if a certificate is unusable.
-pub fn client_config(trusted: &[CertificateDer<'static>], alpn: &[u8]) -> Result<ClientConfig, Error> {
+pub fn client_config(
+    trusted: &[CertificateDer<'static>],
+    alpn: &[u8],
+) -> Result<ClientConfig, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in trusted {
         roots.add(cert.clone()).map_err(Error::transport)?;
@@ -122,7 +125,11 @@ pub fn client_config(trusted: &[CertificateDer<'static>], alpn: &[u8]) -> Result
 ///
 /// # Errors
 /// [`Error::Transport`] if the socket cannot be bound or the identity is unusable.
-pub fn server_endpoint(addr: SocketAddr, identity: Identity, alpn: &[u8]) -> Result<Endpoint, Error> {
+pub fn server_endpoint(
+    addr: SocketAddr,
+    identity: Identity,
+    alpn: &[u8],
+) -> Result<Endpoint, Error> {
     Endpoint::server(server_config(identity, alpn)?, addr).map_err(Error::transport)
 }
 
@@ -130,7 +137,10 @@ pub fn server_endpoint(addr: SocketAddr, identity: Identity, alpn: &[u8]) -> Res
 ///
 /// # Errors
 /// [`Error::Transport`] if the socket cannot be bound or a certificate is unusable.
-pub fn client_endpoint(trusted: &[CertificateDer<'static>], alpn: &[u8]) -> Result<Endpoint, Error> {
+pub fn client_endpoint(
+    trusted: &[CertificateDer<'static>],
+    alpn: &[u8],
+) -> Result<Endpoint, Error> {
     let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
     let mut endpoint = Endpoint::client(bind).map_err(Error::transport)?;
     endpoint.set_default_client_config(client_config(trusted, alpn)?);

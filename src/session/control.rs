@@ -67,7 +67,9 @@ pub(crate) async fn write_message<S: AsyncWrite + Unpin>(
     message: &ProtocolMessage,
 ) -> Result<(), Error> {
     let bytes = frame(message)?;
-    send.write_all(&bytes).await.map_err(|_| Error::Disconnected)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|_| Error::Disconnected)?;
     send.flush().await.map_err(|_| Error::Disconnected)?;
     Ok(())
 }

@@ -286,9 +286,16 @@ impl<C: Connection> SessionCore<C> {
         }
     }
 
-    /// A fresh logical stream id for an accepted open (ids start at 1; 0 means "session").
+    /// A fresh logical stream id for an accepted open: ids start at 1 (0 means "session")
+    /// and skip ids the application chose by hand and still uses.
     pub(crate) fn allocate_stream_id(&self) -> u64 {
-        self.next_logical_stream_id.fetch_add(1, Ordering::Relaxed)
+        let tables = lock(&self.tables);
+        loop {
+            let id = self.next_logical_stream_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !tables.active_streams.contains(&id) {
+                return id;
+            }
+        }
     }
 
     // ----- opener side -------------------------------------------------------------------
@@ -357,7 +364,10 @@ impl<C: Connection> SessionCore<C> {
     pub(crate) fn on_open_response(&self, response: OpenResponse) {
         let mut tables = lock(&self.tables);
         let Some(reply) = tables.pending_opens.remove(&response.request_id) else {
-            debug!(request_id = response.request_id, "answer to an abandoned open");
+            debug!(
+                request_id = response.request_id,
+                "answer to an abandoned open"
+            );
             if let Some(id) = response.logical_stream_id {
                 // Its data stream will come; refuse it at once instead of holding it.
                 tables.retired_ids.insert(id);
@@ -469,7 +479,10 @@ impl<C: Connection> SessionCore<C> {
                 .collect()
         };
         for (id, early) in expired {
-            warn!(logical_stream_id = id, "no open claimed this data stream in time");
+            warn!(
+                logical_stream_id = id,
+                "no open claimed this data stream in time"
+            );
             self.refused_streams.fetch_add(1, Ordering::Relaxed);
             refuse_stream::<C>(early.stream);
         }
@@ -487,7 +500,10 @@ impl<C: Connection> SessionCore<C> {
         let limit = self.config().max_concurrent_streams;
         let mut tables = lock(&self.tables);
         let refusal = if tables.terminal.is_some() {
-            Some((RejectCode::ServiceUnavailable, "session is closing".to_owned()))
+            Some((
+                RejectCode::ServiceUnavailable,
+                "session is closing".to_owned(),
+            ))
         } else if tables.unanswered_requests.len() + tables.active_streams.len() >= limit {
             Some((
                 RejectCode::LimitExceeded,

@@ -59,7 +59,11 @@ pub(crate) fn spawn<C: Connection>(
         .negotiated
         .lock()
         .ok()
-        .and_then(|params| params.as_ref().map(|p| p.features.contains(Features::PING_PONG)))
+        .and_then(|params| {
+            params
+                .as_ref()
+                .map(|p| p.features.contains(Features::PING_PONG))
+        })
         .unwrap_or(false);
     match core.config().ping_interval {
         Some(every) if ping_pong => {

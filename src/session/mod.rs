@@ -31,9 +31,9 @@ use crate::transport::Connection;
 use crate::{Config, Error, TimeoutKind};
 use control::ControlReader;
 
+pub use core::SessionStats;
 pub use events::{ClientEvent, ControlEvent};
 pub use negotiation::NegotiatedParams;
-pub use core::SessionStats;
 pub use state::State;
 
 /// Which end of the QUIC connection this session is on.
@@ -218,9 +218,13 @@ impl<C: Connection> Session<C> {
                 .ok_or(Error::Disconnected)?,
         };
         let mut reader = ControlReader::new(recv);
-        let params =
-            negotiation::negotiate(self.shared.role, &self.shared.config, &mut send, &mut reader)
-                .await?;
+        let params = negotiation::negotiate(
+            self.shared.role,
+            &self.shared.config,
+            &mut send,
+            &mut reader,
+        )
+        .await?;
         *lock(&self.shared.negotiated) = Some(params);
         Ok(SessionHandle {
             shared: Arc::clone(&self.shared),
@@ -281,5 +285,7 @@ impl<C: Connection> SessionHandle<C> {
 /// Locks a std mutex, ignoring poisoning: every critical section here leaves the data
 /// consistent before anything that could panic.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

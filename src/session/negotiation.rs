@@ -100,15 +100,23 @@ fn our_hello(config: &Config) -> Hello {
 async fn read_hello<R: AsyncRead + Unpin>(reader: &mut ControlReader<R>) -> Result<Hello, Error> {
     match reader.read_message().await? {
         Some(ProtocolMessage::Hello(hello)) => Ok(hello),
-        Some(_) => Err(Error::ProtocolViolation("expected Hello during negotiation")),
-        None => Err(Error::ProtocolViolation("peer ended the control stream during negotiation")),
+        Some(_) => Err(Error::ProtocolViolation(
+            "expected Hello during negotiation",
+        )),
+        None => Err(Error::ProtocolViolation(
+            "peer ended the control stream during negotiation",
+        )),
     }
 }
 
 async fn read_ack<R: AsyncRead + Unpin>(reader: &mut ControlReader<R>) -> Result<HelloAck, Error> {
     match reader.read_message().await? {
         Some(ProtocolMessage::HelloAck(ack)) => Ok(ack),
-        Some(_) => Err(Error::ProtocolViolation("expected HelloAck during negotiation")),
-        None => Err(Error::ProtocolViolation("peer ended the control stream during negotiation")),
+        Some(_) => Err(Error::ProtocolViolation(
+            "expected HelloAck during negotiation",
+        )),
+        None => Err(Error::ProtocolViolation(
+            "peer ended the control stream during negotiation",
+        )),
     }
 }

@@ -79,7 +79,10 @@ impl Connection for MemoryConnection {
         let (local_read, local_write) = tokio::io::split(local);
         let (remote_read, remote_write) = tokio::io::split(remote);
         self.outgoing
-            .send((MemorySendStream(remote_write), MemoryRecvStream(remote_read)))
+            .send((
+                MemorySendStream(remote_write),
+                MemoryRecvStream(remote_read),
+            ))
             .map_err(|_| MemoryClosed)?;
         Ok((MemorySendStream(local_write), MemoryRecvStream(local_read)))
     }

@@ -48,7 +48,10 @@ impl Connection for QuinnConnection {
 
     async fn open_bi(&self) -> Result<(QuinnSendStream, QuinnRecvStream), quinn::ConnectionError> {
         let (send, recv) = self.inner.open_bi().await?;
-        Ok((QuinnSendStream { inner: send }, QuinnRecvStream { inner: recv }))
+        Ok((
+            QuinnSendStream { inner: send },
+            QuinnRecvStream { inner: recv },
+        ))
     }
 
     async fn accept_bi(
@@ -59,9 +62,10 @@ impl Connection for QuinnConnection {
                 QuinnSendStream { inner: send },
                 QuinnRecvStream { inner: recv },
             ))),
-            Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => {
-                Ok(None)
-            }
+            Err(
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::LocallyClosed,
+            ) => Ok(None),
             Err(error) => Err(error),
         }
     }

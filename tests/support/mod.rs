@@ -31,8 +31,9 @@ pub async fn quic_pair_with_alpn(alpn: &[u8]) -> QuicPair {
     let relay_addr = relay_endpoint.local_addr().unwrap();
     let edge_endpoint = client_endpoint(&trusted, alpn).expect("client endpoint");
     let connecting = edge_endpoint.connect(relay_addr, "localhost").unwrap();
-    let (edge, incoming) = tokio::join!(connecting, relay_endpoint.accept());
-    let relay = incoming.expect("incoming").await.expect("relay side");
+    let accepting = async { relay_endpoint.accept().await.expect("incoming").await };
+    let (edge, relay) = tokio::join!(connecting, accepting);
+    let relay = relay.expect("relay side");
     QuicPair {
         relay,
         edge: edge.expect("edge side"),
@@ -61,9 +62,25 @@ pub async fn session_pair() -> SessionPair {
 
 /// A session pair with the given configs.
 pub async fn session_pair_with(relay_config: Config, edge_config: Config) -> SessionPair {
-    let quic = quic_pair().await;
-    let relay = Session::new(QuinnConnection::new(quic.relay.clone()), Role::Server, relay_config);
-    let edge = Session::new(QuinnConnection::new(quic.edge.clone()), Role::Client, edge_config);
+    start_sessions(quic_pair().await, relay_config, edge_config).await
+}
+
+/// Negotiates a session pair over an existing QUIC connection.
+pub async fn start_sessions(
+    quic: QuicPair,
+    relay_config: Config,
+    edge_config: Config,
+) -> SessionPair {
+    let relay = Session::new(
+        QuinnConnection::new(quic.relay.clone()),
+        Role::Server,
+        relay_config,
+    );
+    let edge = Session::new(
+        QuinnConnection::new(quic.edge.clone()),
+        Role::Client,
+        edge_config,
+    );
     let (relay_handle, edge_handle) = tokio::join!(relay.start(), edge.start());
     let relay = SessionClient::new(relay_handle.expect("relay negotiation"));
     let (edge, edge_events) = SessionClient::with_events(edge_handle.expect("edge negotiation"));
@@ -108,7 +125,9 @@ pub fn serve_test_services(
                 let (mut send, recv) = edge.connection().open_bi().await.expect("open_bi");
                 edge.bind_stream(&mut send, id).await.expect("bind");
                 run_service(service.as_str(), metadata, send, recv).await;
-                let _ = edge.close_stream(id, backhaul::CloseCode::Normal, None).await;
+                let _ = edge
+                    .close_stream(id, backhaul::CloseCode::Normal, None)
+                    .await;
             });
         }
         other_events
@@ -171,7 +190,9 @@ pub async fn within<T>(limit: Duration, future: impl std::future::Future<Output 
 
 /// Number of tasks alive in the current runtime.
 pub fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// Waits (up to 5 s) until at most `expected` tasks are alive; returns the last count.
