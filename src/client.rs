@@ -165,7 +165,11 @@ impl<C: Connection> SessionClient<C> {
         flags: OpenFlags,
     ) -> Result<(C::SendStream, C::RecvStream), Error> {
         let slot = self.try_reserve_open()?;
-        self.core.open(service.into(), metadata, flags, slot).await
+        let (stream, _) = self
+            .core
+            .open(service.into(), metadata, flags, slot)
+            .await?;
+        Ok(stream)
     }
 
     /// Takes one of the `max_inflight_opens` slots, failing if none is free.
@@ -178,16 +182,27 @@ impl<C: Connection> SessionClient<C> {
             })
     }
 
-    /// Opens with a slot already reserved (the tower connector reserves in `poll_ready`).
+    /// Opens with a slot already reserved (the tower connector reserves in `poll_ready`);
+    /// also returns the logical stream id.
     pub(crate) async fn open_reserved(
         &self,
         service: ServiceId,
         metadata: Metadata,
         slot: OwnedSemaphorePermit,
-    ) -> Result<Stream<C>, Error> {
+    ) -> Result<(Stream<C>, u64), Error> {
         self.core
             .open(service, metadata, OpenFlags::empty(), slot)
             .await
+    }
+
+    /// `Ok` while the session takes opens, else the error an open would get.
+    pub(crate) fn ensure_ready(&self) -> Result<(), Error> {
+        self.core.ensure_ready()
+    }
+
+    /// The configured `max_inflight_opens`.
+    pub(crate) fn max_inflight_opens(&self) -> usize {
+        self.core.config().max_inflight_opens
     }
 
     /// The semaphore of in-flight open slots.

@@ -63,6 +63,9 @@ pub enum Error {
     /// A logical stream id that cannot be used (0, or one already in use).
     #[error("logical stream id {0} is reserved or already in use")]
     InvalidStreamId(u64),
+    /// The connector found no service for this URI.
+    #[error("no service for URI {0}")]
+    UnroutableUri(http::Uri),
     /// [`Session::start`](crate::Session::start) was called a second time.
     #[error("session already started")]
     AlreadyStarted,

@@ -10,6 +10,11 @@
 //! - [`transport`]: the `Connection`/`SendStream`/`RecvStream` traits, quinn and in-memory.
 //! - [`session`]: the handshake and the tasks that drive a session's control stream.
 //! - [`SessionClient`]: the cloneable handle to open, accept, ping and close.
+//! - [`stream`]: `TunnelStream`, a bound data stream for tokio and hyper alike.
+//! - [`connector`]: the relay side as `tower::Service<ServiceId>` and `Service<Uri>`,
+//!   for hyper and hyper-util's pooled client.
+//! - [`edge`]: the edge side: a `Router` of tower services, served with graceful shutdown.
+//! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
 //!
@@ -35,10 +40,14 @@
 
 mod client;
 mod config;
+pub mod connector;
+pub mod edge;
 mod error;
+pub mod http;
 pub mod protocol;
 pub mod quic;
 pub mod session;
+pub mod stream;
 pub mod transport;
 
 pub use client::SessionClient;

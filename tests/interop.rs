@@ -18,6 +18,7 @@ use quic_reverse_transport::Connection as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use quic_reverse_control::MetadataValue as TheirValue;
 use support::{pattern, quic_pair, within, QuicPair};
 
 type OurConnection = backhaul::QuinnConnection;
@@ -145,7 +146,7 @@ struct OurRelayTheirEdge {
     edge_session: quic_reverse::Session<TheirConnection>,
     edge: quic_reverse::SessionClient<TheirConnection>,
     edge_events: mpsc::Receiver<quic_reverse::ClientEvent>,
-    _quic: QuicPair,
+    quic: QuicPair,
 }
 
 async fn our_relay_their_edge(
@@ -173,7 +174,7 @@ async fn our_relay_their_edge(
         edge_session,
         edge,
         edge_events,
-        _quic: quic,
+        quic,
     }
 }
 
@@ -184,7 +185,7 @@ struct TheirRelayOurEdge {
     edge_session: backhaul::Session<OurConnection>,
     edge: backhaul::SessionClient<OurConnection>,
     edge_events: mpsc::Receiver<backhaul::ClientEvent>,
-    _quic: QuicPair,
+    quic: QuicPair,
 }
 
 async fn their_relay_our_edge(
@@ -212,7 +213,7 @@ async fn their_relay_our_edge(
         edge_session,
         edge,
         edge_events,
-        _quic: quic,
+        quic,
     }
 }
 
@@ -446,15 +447,17 @@ async fn their_edge_rejection_is_stream_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_structured_metadata_reaches_their_edge() {
     within(LIMIT, async {
-        let pair =
-            our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
+        let pair = our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
         let edge = serve_their_edge(pair.edge.clone(), pair.edge_events);
         let ours = backhaul::Metadata::Structured(
             [
                 ("k".to_owned(), backhaul::MetadataValue::Integer(-5)),
                 ("s".to_owned(), backhaul::MetadataValue::String("v".into())),
                 ("b".to_owned(), backhaul::MetadataValue::Boolean(true)),
-                ("x".to_owned(), backhaul::MetadataValue::Bytes(vec![0xff, 0])),
+                (
+                    "x".to_owned(),
+                    backhaul::MetadataValue::Bytes(vec![0xff, 0]),
+                ),
             ]
             .into_iter()
             .collect(),
@@ -465,8 +468,14 @@ async fn our_structured_metadata_reaches_their_edge() {
             .close(backhaul::CloseCode::Normal, None)
             .await
             .expect("close");
-        let seen = within(Duration::from_secs(10), edge).await.expect("edge task");
-        let Some(quic_reverse::ClientEvent::OpenRequest { service, metadata, .. }) = seen.first() else {
+        let seen = within(Duration::from_secs(10), edge)
+            .await
+            .expect("edge task");
+        let first = seen.first();
+        let Some(quic_reverse::ClientEvent::OpenRequest {
+            service, metadata, ..
+        }) = first
+        else {
             panic!("first event should be the open request: {seen:?}");
         };
         assert_eq!(service.as_str(), "echo");
@@ -474,10 +483,10 @@ async fn our_structured_metadata_reaches_their_edge() {
             panic!("expected structured metadata, got {metadata:?}");
         };
         assert_eq!(map.len(), 4);
-        assert!(matches!(map.get("k"), Some(quic_reverse_control::MetadataValue::Integer(-5))));
-        assert!(matches!(map.get("s"), Some(quic_reverse_control::MetadataValue::String(s)) if s == "v"));
-        assert!(matches!(map.get("b"), Some(quic_reverse_control::MetadataValue::Boolean(true))));
-        assert!(matches!(map.get("x"), Some(quic_reverse_control::MetadataValue::Bytes(b)) if b == &[0xff, 0]));
+        assert!(matches!(map.get("k"), Some(TheirValue::Integer(-5))));
+        assert!(matches!(map.get("s"), Some(TheirValue::String(s)) if s == "v"));
+        assert!(matches!(map.get("b"), Some(TheirValue::Boolean(true))));
+        assert!(matches!(map.get("x"), Some(TheirValue::Bytes(b)) if b == &[0xff, 0]));
     })
     .await;
 }
@@ -626,6 +635,146 @@ async fn our_keepalive_is_answered_by_their_edge() {
             .filter(|event| matches!(event, quic_reverse::ClientEvent::PingReceived { .. }))
             .count();
         assert!(pings >= 3, "expected several keep-alive pings, saw {pings}");
+    })
+    .await;
+}
+
+/// The reference edge answers four concurrent opens out of order, binding two data streams
+/// before their `OpenResponse` is even sent and the others after, with ids our relay did not
+/// choose; every open still gets the stream bound to the id announced for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_relay_matches_reordered_and_early_streams_from_their_edge() {
+    within(LIMIT, async {
+        let pair = our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
+        let edge = pair.edge.clone();
+        let mut events = pair.edge_events;
+        let edge_task = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            while requests.len() < 4 {
+                match events.recv().await.expect("open requests") {
+                    quic_reverse::ClientEvent::OpenRequest {
+                        request_id,
+                        metadata,
+                        ..
+                    } => requests.push((request_id, their_metadata_bytes(&metadata))),
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            let ids = [40_u64, 7, 1000, 3];
+            let bind = |index: usize| {
+                let edge = edge.clone();
+                let tag = requests[index].1.clone();
+                async move {
+                    let (mut send, recv) = edge.connection().open_bi().await.expect("open_bi");
+                    edge.bind_stream(&mut send, ids[index]).await.expect("bind");
+                    send.write_all(&tag).await.expect("write tag");
+                    send.shutdown().await.expect("finish");
+                    (send, recv)
+                }
+            };
+            // Data streams for requests 0 and 1 go out before any answer.
+            let mut streams = vec![bind(0).await, bind(1).await];
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for index in (0..4).rev() {
+                edge.accept_open(requests[index].0, ids[index])
+                    .await
+                    .expect("accept");
+            }
+            streams.push(bind(3).await);
+            streams.push(bind(2).await);
+            (events, streams)
+        });
+        let mut opens = tokio::task::JoinSet::new();
+        for index in 0..4u8 {
+            let relay = pair.relay.clone();
+            opens.spawn(async move {
+                let tag = vec![index; 3 + usize::from(index)];
+                let metadata = backhaul::Metadata::Bytes(tag.clone());
+                let (send, mut recv) = relay.open("tag", metadata).await.expect("open");
+                let mut received = Vec::new();
+                recv.read_to_end(&mut received).await.expect("read tag");
+                assert_eq!(received, tag, "open {index} got another open's stream");
+                drop(send);
+            });
+        }
+        while let Some(done) = opens.join_next().await {
+            done.expect("open");
+        }
+        let _keep_alive = edge_task.await.expect("edge task");
+        let stats = pair.relay.stats();
+        assert_eq!(stats.pending_opens, 0);
+        assert_eq!(stats.early_streams, 0);
+        assert_eq!(stats.refused_streams, 0);
+    })
+    .await;
+}
+
+/// An open waiting for the reference edge's answer fails with `SessionClosed` as soon as the
+/// edge closes the session, not after `open_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_open_fails_when_their_edge_closes() {
+    within(LIMIT, async {
+        let pair = our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
+        let edge = pair.edge.clone();
+        let mut events = pair.edge_events;
+        let edge_task = tokio::spawn(async move {
+            let event = events.recv().await.expect("open request");
+            assert!(matches!(
+                event,
+                quic_reverse::ClientEvent::OpenRequest { .. }
+            ));
+            edge.close(quic_reverse::CloseCode::Normal, Some("bye".into()))
+                .await
+                .expect("their close");
+            events
+        });
+        let open = within(
+            Duration::from_secs(5),
+            pair.relay.open("echo", backhaul::Metadata::Empty),
+        )
+        .await;
+        assert!(
+            matches!(open, Err(backhaul::Error::SessionClosed)),
+            "expected SessionClosed, got {:?}",
+            open.map(|_| ())
+        );
+        drop(edge_task.await);
+    })
+    .await;
+}
+
+/// An open waiting for the reference edge's answer fails with `Disconnected` as soon as the
+/// edge's QUIC connection goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_open_fails_when_their_edge_disconnects() {
+    within(LIMIT, async {
+        let pair = our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
+        let edge_connection = pair.quic.edge.clone();
+        let mut events = pair.edge_events;
+        let edge_task = tokio::spawn(async move {
+            let event = events.recv().await.expect("open request");
+            assert!(matches!(
+                event,
+                quic_reverse::ClientEvent::OpenRequest { .. }
+            ));
+            edge_connection.close(quinn::VarInt::from_u32(7), b"edge gone");
+            events
+        });
+        let open = within(
+            Duration::from_secs(5),
+            pair.relay.open("echo", backhaul::Metadata::Empty),
+        )
+        .await;
+        assert!(
+            matches!(open, Err(backhaul::Error::Disconnected)),
+            "expected Disconnected, got {:?}",
+            open.map(|_| ())
+        );
+        assert!(matches!(
+            within(Duration::from_secs(5), pair.relay.closed()).await,
+            backhaul::Error::Disconnected
+        ));
+        drop(edge_task.await);
     })
     .await;
 }
@@ -958,6 +1107,75 @@ async fn handshake_disjoint_features() {
             .unwrap()
             .features
             .is_empty());
+    })
+    .await;
+}
+
+/// A version only one side supports fails the handshake on both sides, promptly: our relay
+/// answers the reference edge's `Hello` before refusing, so both report `VersionMismatch`;
+/// the reference relay refuses our edge's `Hello` without answering, and our edge fails as
+/// soon as the control stream ends instead of waiting for `negotiation_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_version_mismatch_fails_both_sides() {
+    within(LIMIT, async {
+        let quic = quic_pair().await;
+        let relay = backhaul::Session::new(
+            OurConnection::new(quic.relay.clone()),
+            backhaul::Role::Server,
+            backhaul::Config::new().with_versions(vec![2]),
+        );
+        let edge = quic_reverse::Session::new(
+            TheirConnection::new(quic.edge.clone()),
+            quic_reverse::Role::Client,
+            quic_reverse::Config::new(),
+        );
+        let (ours, theirs) = within(Duration::from_secs(5), async {
+            tokio::join!(relay.start(), edge.start())
+        })
+        .await;
+        match ours {
+            Err(backhaul::Error::VersionMismatch { local, remote }) => {
+                assert_eq!(local, [2]);
+                assert_eq!(remote, 1);
+            }
+            other => panic!(
+                "our relay: expected VersionMismatch, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+        match theirs {
+            Err(error @ quic_reverse::Error::NegotiationFailed(_)) => {
+                assert!(error.to_string().contains("version"), "{error}");
+            }
+            other => panic!(
+                "their edge: expected a version mismatch, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+
+        let quic = quic_pair().await;
+        let relay = quic_reverse::Session::new(
+            TheirConnection::new(quic.relay.clone()),
+            quic_reverse::Role::Server,
+            quic_reverse::Config::new(),
+        );
+        let edge = backhaul::Session::new(
+            OurConnection::new(quic.edge.clone()),
+            backhaul::Role::Client,
+            backhaul::Config::new().with_versions(vec![2]),
+        );
+        let (theirs, ours) = within(Duration::from_secs(5), async {
+            tokio::join!(relay.start(), edge.start())
+        })
+        .await;
+        assert!(theirs.is_err(), "their relay must refuse version 2");
+        // Their relay drops the control stream: our edge sees it end mid-handshake.
+        assert!(
+            matches!(ours, Err(backhaul::Error::ProtocolViolation(_))),
+            "our edge: expected ProtocolViolation, got {:?}",
+            ours.map(|_| ())
+        );
+        assert!(!edge.is_ready());
     })
     .await;
 }

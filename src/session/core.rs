@@ -77,7 +77,10 @@ impl Terminal {
 /// The acceptor's answer to one of our opens, as the reader hands it over.
 pub(crate) enum OpenAnswer<C: Connection> {
     /// Accepted, and the data stream had already arrived.
-    Bound(Stream<C>),
+    Bound {
+        logical_stream_id: u64,
+        stream: Stream<C>,
+    },
     /// Accepted; the data stream will come through `stream`.
     Accepted {
         logical_stream_id: u64,
@@ -227,7 +230,7 @@ impl<C: Connection> SessionCore<C> {
         lock(&self.tables).terminal.clone()
     }
 
-    fn ensure_ready(&self) -> Result<(), Error> {
+    pub(crate) fn ensure_ready(&self) -> Result<(), Error> {
         match self.shared.state() {
             State::Ready => Ok(()),
             State::Disconnected => Err(Error::Disconnected),
@@ -301,14 +304,14 @@ impl<C: Connection> SessionCore<C> {
     // ----- opener side -------------------------------------------------------------------
 
     /// Opens a stream to `service`, holding `slot` (one of `max_inflight_opens`) until the
-    /// open completes either way.
+    /// open completes either way. Returns the stream and its logical stream id.
     pub(crate) async fn open(
         &self,
         service: ServiceId,
         metadata: Metadata,
         flags: OpenFlags,
         slot: OwnedSemaphorePermit,
-    ) -> Result<Stream<C>, Error> {
+    ) -> Result<(Stream<C>, u64), Error> {
         let _slot = slot;
         self.ensure_ready()?;
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -343,7 +346,10 @@ impl<C: Connection> SessionCore<C> {
                 debug!(request_id, %code, ?reason, "open rejected");
                 return Err(Error::StreamRejected { code, reason });
             }
-            OpenAnswer::Bound(stream) => stream,
+            OpenAnswer::Bound {
+                logical_stream_id,
+                stream,
+            } => (stream, logical_stream_id),
             OpenAnswer::Accepted {
                 logical_stream_id,
                 stream,
@@ -352,7 +358,7 @@ impl<C: Connection> SessionCore<C> {
                 match timeout(self.config().stream_bind_timeout, stream).await {
                     Err(_) => return Err(Error::Timeout(TimeoutKind::StreamBind)),
                     Ok(Err(_)) => return Err(self.terminal_error()),
-                    Ok(Ok(stream)) => stream?,
+                    Ok(Ok(stream)) => (stream?, logical_stream_id),
                 }
             }
         };
@@ -396,7 +402,10 @@ impl<C: Connection> SessionCore<C> {
             (OpenStatus::Accepted, Some(id)) => {
                 if let Some(early) = tables.early_streams.remove(&id) {
                     tables.retired_ids.insert(id);
-                    Ok(OpenAnswer::Bound(early.stream))
+                    Ok(OpenAnswer::Bound {
+                        logical_stream_id: id,
+                        stream: early.stream,
+                    })
                 } else {
                     let (waiter, stream) = oneshot::channel();
                     tables.bind_waiters.insert(id, waiter);
@@ -408,7 +417,7 @@ impl<C: Connection> SessionCore<C> {
             }
         };
         drop(tables);
-        if let Err(Ok(OpenAnswer::Bound(stream))) = reply.send(answer) {
+        if let Err(Ok(OpenAnswer::Bound { stream, .. })) = reply.send(answer) {
             refuse_stream::<C>(stream);
         }
     }

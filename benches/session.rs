@@ -1,0 +1,575 @@
+//! backhaul sessions beside their baselines, over real quinn on 127.0.0.1.
+//!
+//! Every group runs "ours" and its baseline in the same process, on the same runtime
+//! (multi-thread, 2 workers) and over QUIC connections built the same way (endpoints from
+//! `backhaul::quic`, one fresh connection per side per group). Setup is not measured: each
+//! group builds its connections and sessions once, then times only the work, on a task
+//! spawned onto the runtime.
+//!
+//! - `open_latency`: one sequential open of a bound stream whose edge service writes 1 byte
+//!   and finishes, timed until that byte is read, vs a raw quinn round trip (client opens a
+//!   stream and writes 1 byte, the server answers 1 byte).
+//! - `throughput`: 256 MiB from the relay to the edge through a backhaul-opened stream (the
+//!   edge's sink counts the bytes and answers the count when the stream ends) vs the same
+//!   through a raw quinn stream the relay opens.
+//! - `opens_64_concurrent`: opens per second with 64 concurrent openers, backhaul vs the
+//!   `quic-reverse` 0.1.2 crate (its relay and its edge, served like its `edge` example).
+//!   The reference relay hands each open whichever data stream `accept_bi` returns next, so
+//!   concurrent opens can get each other's streams and fail with a bind-id mismatch; its
+//!   openers retry until they have their share of completed opens, and the attempts and
+//!   failures are printed after the group.
+//! - `opens_500_at_once`: 500 opens launched at once vs 500 raw quinn open-and-answer
+//!   rounds launched at once.
+//!
+//! Run: `cargo bench --bench session -- --noplot`
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
+use backhaul::{
+    ClientEvent, CloseCode, Config, Connection as _, Metadata, QuinnConnection, Role, Session,
+};
+use criterion::{Criterion, SamplingMode, Throughput};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+type OurClient = backhaul::SessionClient<QuinnConnection>;
+type TheirConnection = quic_reverse_transport::QuinnConnection;
+type TheirClient = quic_reverse::SessionClient<TheirConnection>;
+
+/// Bytes carried per `throughput` iteration.
+const THROUGHPUT_BYTES: u64 = 256 * 1024 * 1024;
+/// Size of each write in the `throughput` cases.
+const WRITE_CHUNK: usize = 256 * 1024;
+/// Concurrent openers in `opens_64_concurrent`.
+const OPENERS: usize = 64;
+/// Completed opens per opener per `opens_64_concurrent` iteration.
+const OPENS_PER_OPENER: usize = 10;
+/// Opens launched together in `opens_500_at_once`.
+const AT_ONCE: usize = 500;
+
+/// The edge service that writes one byte and finishes.
+const ONE_BYTE: &str = "one";
+/// The edge service that counts what it reads and answers the count (8 bytes, big endian).
+const SINK: &str = "sink";
+
+// ----- connections ---------------------------------------------------------------------
+
+/// Both ends of one QUIC connection on loopback, plus the endpoints that keep it alive.
+struct QuicPair {
+    /// The relay's end (QUIC server).
+    relay: quinn::Connection,
+    /// The edge's end (QUIC client).
+    edge: quinn::Connection,
+    _endpoints: (quinn::Endpoint, quinn::Endpoint),
+}
+
+impl QuicPair {
+    /// Dials a fresh connection with backhaul's endpoint helpers.
+    async fn new() -> Self {
+        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+        let trusted = identity.cert_chain.clone();
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let relay_endpoint =
+            server_endpoint(addr, identity, DEFAULT_ALPN).expect("server endpoint");
+        let relay_addr = relay_endpoint.local_addr().expect("relay address");
+        let edge_endpoint = client_endpoint(&trusted, DEFAULT_ALPN).expect("client endpoint");
+        let connecting = edge_endpoint
+            .connect(relay_addr, "localhost")
+            .expect("connect");
+        let accepting = async { relay_endpoint.accept().await.expect("incoming").await };
+        let (edge, relay) = tokio::join!(connecting, accepting);
+        Self {
+            relay: relay.expect("relay side"),
+            edge: edge.expect("edge side"),
+            _endpoints: (relay_endpoint, edge_endpoint),
+        }
+    }
+
+    fn close(&self) {
+        self.relay.close(0u32.into(), b"bench done");
+        self.edge.close(0u32.into(), b"bench done");
+    }
+}
+
+/// A backhaul relay and a backhaul edge serving [`ONE_BYTE`] and [`SINK`].
+struct OurPair {
+    relay: OurClient,
+    quic: QuicPair,
+}
+
+impl OurPair {
+    async fn new(relay_config: Config, edge_config: Config) -> Self {
+        let quic = QuicPair::new().await;
+        let relay = Session::new(
+            QuinnConnection::new(quic.relay.clone()),
+            Role::Server,
+            relay_config,
+        );
+        let edge = Session::new(
+            QuinnConnection::new(quic.edge.clone()),
+            Role::Client,
+            edge_config,
+        );
+        let (relay, edge) = tokio::join!(relay.start(), edge.start());
+        let relay = backhaul::SessionClient::new(relay.expect("relay negotiates"));
+        let (edge, events) = backhaul::SessionClient::with_events(edge.expect("edge negotiates"));
+        tokio::spawn(serve_our_edge(edge, events));
+        Self { relay, quic }
+    }
+
+    /// Opens [`ONE_BYTE`] and reads its byte.
+    async fn open_one(&self) {
+        let (send, mut recv) = self
+            .relay
+            .open(ONE_BYTE, Metadata::Empty)
+            .await
+            .expect("backhaul open");
+        let mut byte = [0u8; 1];
+        recv.read_exact(&mut byte).await.expect("backhaul answer");
+        drop((send, recv));
+    }
+}
+
+/// Serves backhaul open requests the way `SessionClient`'s docs (and the reference `edge`
+/// example) do: accept, open and bind in the event loop, serve the stream on its own task.
+/// The stream is closed after its service, which frees its `max_concurrent_streams` slot.
+async fn serve_our_edge(edge: OurClient, mut events: mpsc::Receiver<ClientEvent>) {
+    while let Some(event) = events.recv().await {
+        let ClientEvent::OpenRequest {
+            request_id,
+            service,
+            ..
+        } = event
+        else {
+            continue;
+        };
+        let id = edge.allocate_stream_id();
+        if edge.accept_open(request_id, id).await.is_err() {
+            return;
+        }
+        let Ok((mut send, recv)) = edge.connection().open_bi().await else {
+            return;
+        };
+        if edge.bind_stream(&mut send, id).await.is_err() {
+            return;
+        }
+        let edge = edge.clone();
+        tokio::spawn(async move {
+            run_service(service.as_str(), send, recv).await;
+            let _ = edge.close_stream(id, CloseCode::Normal, None).await;
+        });
+    }
+}
+
+/// The reference crate's relay and edge, the edge served like its `edge` example.
+struct TheirPair {
+    relay: TheirClient,
+    quic: QuicPair,
+}
+
+impl TheirPair {
+    async fn new() -> Self {
+        let quic = QuicPair::new().await;
+        let relay = quic_reverse::Session::new(
+            TheirConnection::new(quic.relay.clone()),
+            quic_reverse::Role::Server,
+            quic_reverse::Config::new(),
+        );
+        let edge = quic_reverse::Session::new(
+            TheirConnection::new(quic.edge.clone()),
+            quic_reverse::Role::Client,
+            quic_reverse::Config::new(),
+        );
+        let (relay, edge) = tokio::join!(relay.start(), edge.start());
+        let relay = quic_reverse::SessionClient::new(relay.expect("reference relay negotiates"));
+        let (edge, events) =
+            quic_reverse::SessionClient::with_events(edge.expect("reference edge negotiates"));
+        tokio::spawn(serve_their_edge(edge, events));
+        Self { relay, quic }
+    }
+
+    /// Opens [`ONE_BYTE`] and reads its byte; false if the open failed.
+    async fn try_open_one(&self) -> bool {
+        let Ok((send, mut recv)) = self
+            .relay
+            .open(ONE_BYTE, quic_reverse::Metadata::Empty)
+            .await
+        else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        let answered = recv.read_exact(&mut byte).await.is_ok();
+        drop((send, recv));
+        answered
+    }
+}
+
+/// The reference `edge` example's loop: incrementing logical ids, accept, open and bind in
+/// the event loop, serve the stream on its own task.
+async fn serve_their_edge(
+    edge: TheirClient,
+    mut events: mpsc::Receiver<quic_reverse::ClientEvent>,
+) {
+    use quic_reverse_transport::Connection as _;
+    let connection = edge.connection().clone();
+    let mut next_stream_id: u64 = 1;
+    while let Some(event) = events.recv().await {
+        let quic_reverse::ClientEvent::OpenRequest {
+            request_id,
+            service,
+            ..
+        } = event
+        else {
+            continue;
+        };
+        let id = next_stream_id;
+        next_stream_id += 1;
+        if edge.accept_open(request_id, id).await.is_err() {
+            return;
+        }
+        let Ok((mut send, recv)) = connection.open_bi().await else {
+            return;
+        };
+        if edge.bind_stream(&mut send, id).await.is_err() {
+            return;
+        }
+        tokio::spawn(async move { run_service(service.as_str(), send, recv).await });
+    }
+}
+
+/// Raw quinn: a task answering every stream the peer opens with `service`.
+fn serve_raw(connection: quinn::Connection, service: &'static str) {
+    tokio::spawn(async move {
+        while let Ok((send, recv)) = connection.accept_bi().await {
+            tokio::spawn(async move {
+                if service == ONE_BYTE {
+                    // The client's request byte first, then the answer.
+                    let (mut send, mut recv) = (send, recv);
+                    let mut byte = [0u8; 1];
+                    if AsyncReadExt::read_exact(&mut recv, &mut byte).await.is_ok() {
+                        run_service(service, send, recv).await;
+                    }
+                } else {
+                    run_service(service, send, recv).await;
+                }
+            });
+        }
+    });
+}
+
+/// Raw quinn: one round trip on a fresh stream, 1 byte each way.
+async fn raw_round_trip(connection: &quinn::Connection) {
+    let (mut send, mut recv) = connection.open_bi().await.expect("raw open_bi");
+    send.write_all(&[1]).await.expect("raw request");
+    let mut byte = [0u8; 1];
+    AsyncReadExt::read_exact(&mut recv, &mut byte)
+        .await
+        .expect("raw answer");
+    drop((send, recv));
+}
+
+// ----- services --------------------------------------------------------------------------
+
+async fn run_service<W, R>(service: &str, mut send: W, mut recv: R)
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    match service {
+        ONE_BYTE => {
+            let _ = send.write_all(&[1]).await;
+        }
+        SINK => {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total: u64 = 0;
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = send.write_all(&total.to_be_bytes()).await;
+        }
+        _ => {}
+    }
+    // quinn's shutdown is `finish`.
+    let _ = send.shutdown().await;
+}
+
+/// Writes [`THROUGHPUT_BYTES`], finishes, and checks the sink's count.
+async fn push_through<W, R>(mut send: W, mut recv: R, chunk: &[u8])
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let mut left = THROUGHPUT_BYTES;
+    while left > 0 {
+        let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        send.write_all(&chunk[..n]).await.expect("write");
+        left -= n as u64;
+    }
+    send.shutdown().await.expect("finish");
+    let mut count = [0u8; 8];
+    recv.read_exact(&mut count).await.expect("sink's count");
+    assert_eq!(u64::from_be_bytes(count), THROUGHPUT_BYTES);
+}
+
+// ----- groups ------------------------------------------------------------------------------
+
+/// Runs `work` on the runtime's workers (not on the bench thread) and returns its time.
+async fn timed<F>(work: F) -> Duration
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let start = Instant::now();
+        work.await;
+        start.elapsed()
+    })
+    .await
+    .expect("bench task")
+}
+
+fn open_latency(c: &mut Criterion, rt: &Runtime) {
+    let (ours, raw) = rt.block_on(async {
+        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
+        let raw = QuicPair::new().await;
+        serve_raw(raw.relay.clone(), ONE_BYTE);
+        (ours, raw)
+    });
+    let mut group = c.benchmark_group("open_latency");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    group.bench_function("backhaul", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let ours = Arc::clone(&ours);
+            timed(async move {
+                for _ in 0..iters {
+                    ours.open_one().await;
+                }
+            })
+        });
+    });
+    group.bench_function("raw_quinn", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let edge = raw.edge.clone();
+            timed(async move {
+                for _ in 0..iters {
+                    raw_round_trip(&edge).await;
+                }
+            })
+        });
+    });
+    group.finish();
+    ours.quic.close();
+    raw.close();
+}
+
+fn throughput(c: &mut Criterion, rt: &Runtime) {
+    let (ours, raw) = rt.block_on(async {
+        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
+        let raw = QuicPair::new().await;
+        serve_raw(raw.edge.clone(), SINK);
+        (ours, raw)
+    });
+    let chunk: Arc<[u8]> = (0..WRITE_CHUNK).map(|i| i as u8).collect();
+    let mut group = c.benchmark_group("throughput");
+    group
+        .throughput(Throughput::Bytes(THROUGHPUT_BYTES))
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(6));
+    group.bench_function("backhaul_relay_to_edge", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let ours = Arc::clone(&ours);
+            let chunk = Arc::clone(&chunk);
+            timed(async move {
+                for _ in 0..iters {
+                    let (send, recv) = ours
+                        .relay
+                        .open(SINK, Metadata::Empty)
+                        .await
+                        .expect("backhaul open");
+                    push_through(send, recv, &chunk).await;
+                }
+            })
+        });
+    });
+    group.bench_function("raw_quinn_relay_to_edge", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let relay = raw.relay.clone();
+            let chunk = Arc::clone(&chunk);
+            timed(async move {
+                for _ in 0..iters {
+                    let (send, recv) = relay.open_bi().await.expect("raw open_bi");
+                    push_through(send, recv, &chunk).await;
+                }
+            })
+        });
+    });
+    group.finish();
+    ours.quic.close();
+    raw.close();
+}
+
+fn opens_64_concurrent(c: &mut Criterion, rt: &Runtime) {
+    let (ours, theirs) = rt.block_on(async {
+        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
+        let theirs = Arc::new(TheirPair::new().await);
+        (ours, theirs)
+    });
+    let opens = OPENERS * OPENS_PER_OPENER;
+    let attempts = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut group = c.benchmark_group("opens_64_concurrent");
+    group
+        .throughput(Throughput::Elements(opens as u64))
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    group.bench_function("backhaul", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let ours = Arc::clone(&ours);
+            timed(async move {
+                for _ in 0..iters {
+                    let mut openers = JoinSet::new();
+                    for _ in 0..OPENERS {
+                        let ours = Arc::clone(&ours);
+                        openers.spawn(async move {
+                            for _ in 0..OPENS_PER_OPENER {
+                                ours.open_one().await;
+                            }
+                        });
+                    }
+                    while let Some(done) = openers.join_next().await {
+                        done.expect("opener");
+                    }
+                }
+            })
+        });
+    });
+    group.bench_function("quic_reverse_0_1_2", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let theirs = Arc::clone(&theirs);
+            let attempts = Arc::clone(&attempts);
+            let failures = Arc::clone(&failures);
+            timed(async move {
+                for _ in 0..iters {
+                    let mut openers = JoinSet::new();
+                    for _ in 0..OPENERS {
+                        let theirs = Arc::clone(&theirs);
+                        let attempts = Arc::clone(&attempts);
+                        let failures = Arc::clone(&failures);
+                        openers.spawn(async move {
+                            let mut completed = 0;
+                            while completed < OPENS_PER_OPENER {
+                                attempts.fetch_add(1, Ordering::Relaxed);
+                                if theirs.try_open_one().await {
+                                    completed += 1;
+                                } else {
+                                    let failed = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                                    assert!(failed < 1_000_000, "reference opens keep failing");
+                                }
+                            }
+                        });
+                    }
+                    while let Some(done) = openers.join_next().await {
+                        done.expect("opener");
+                    }
+                }
+            })
+        });
+    });
+    group.finish();
+    let attempts = attempts.load(Ordering::Relaxed);
+    let failures = failures.load(Ordering::Relaxed);
+    if attempts > 0 {
+        println!(
+            "opens_64_concurrent/quic_reverse_0_1_2: {attempts} open attempts, {failures} failed \
+             ({:.1}%; retried, so the figure above counts completed opens only)",
+            100.0 * failures as f64 / attempts as f64
+        );
+    }
+    ours.quic.close();
+    theirs.quic.close();
+}
+
+fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
+    let (ours, raw) = rt.block_on(async {
+        let relay_config = Config::new().with_max_inflight_opens(1024);
+        let edge_config = Config::new().with_max_concurrent_streams(4096);
+        let ours = Arc::new(OurPair::new(relay_config, edge_config).await);
+        let raw = QuicPair::new().await;
+        serve_raw(raw.relay.clone(), ONE_BYTE);
+        (ours, raw)
+    });
+    let mut group = c.benchmark_group("opens_500_at_once");
+    group
+        .throughput(Throughput::Elements(AT_ONCE as u64))
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    group.bench_function("backhaul", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let ours = Arc::clone(&ours);
+            timed(async move {
+                for _ in 0..iters {
+                    let mut opens = JoinSet::new();
+                    for _ in 0..AT_ONCE {
+                        let ours = Arc::clone(&ours);
+                        opens.spawn(async move { ours.open_one().await });
+                    }
+                    while let Some(done) = opens.join_next().await {
+                        done.expect("open");
+                    }
+                }
+            })
+        });
+    });
+    group.bench_function("raw_quinn", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let edge = raw.edge.clone();
+            timed(async move {
+                for _ in 0..iters {
+                    let mut rounds = JoinSet::new();
+                    for _ in 0..AT_ONCE {
+                        let edge = edge.clone();
+                        rounds.spawn(async move { raw_round_trip(&edge).await });
+                    }
+                    while let Some(done) = rounds.join_next().await {
+                        done.expect("round trip");
+                    }
+                }
+            })
+        });
+    });
+    group.finish();
+    ours.quic.close();
+    raw.close();
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut criterion = Criterion::default().configure_from_args();
+    open_latency(&mut criterion, &rt);
+    throughput(&mut criterion, &rt);
+    opens_64_concurrent(&mut criterion, &rt);
+    opens_500_at_once(&mut criterion, &rt);
+    criterion.final_summary();
+}

@@ -1,0 +1,266 @@
+//! The serving loop of an edge session.
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tower::Service;
+use tracing::{debug, warn, Instrument};
+
+use super::router::{Route, Router};
+use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::stream::{TunnelInfo, TunnelStream};
+use crate::transport::Connection;
+use crate::{ClientEvent, Error, SessionClient};
+
+/// How long in-flight streams get to finish after a graceful shutdown begins, by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serving of a [`Router`] on one edge session; `.await` it.
+///
+/// Resolves to `Ok(())` after a graceful shutdown or a graceful close of the session, and
+/// to the session's end error (e.g. [`Error::Disconnected`]) when the session was lost, so
+/// a reconnect loop can tell the two apart.
+#[must_use = "serving does nothing unless awaited"]
+pub struct Serve<C: Connection> {
+    router: Router<C>,
+    client: SessionClient<C>,
+    events: mpsc::Receiver<ClientEvent>,
+    shutdown: Option<Signal>,
+    drain_timeout: Duration,
+}
+
+impl<C: Connection> fmt::Debug for Serve<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("router", &self.router)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Connection> Serve<C> {
+    pub(crate) fn new(
+        router: Router<C>,
+        client: SessionClient<C>,
+        events: mpsc::Receiver<ClientEvent>,
+    ) -> Self {
+        Self {
+            router,
+            client,
+            events,
+            shutdown: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+
+    /// Begins a graceful shutdown when `signal` resolves.
+    pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// How long in-flight streams may run once shutdown began (default 30 s); streams
+    /// still running then are aborted.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    async fn run(self) -> Result<(), Error> {
+        let Self {
+            router,
+            client,
+            mut events,
+            shutdown,
+            drain_timeout,
+        } = self;
+        let dispatcher = Dispatcher { router, client };
+        let (draining, drain_signal) = watch::channel(false);
+        let mut streams = JoinSet::new();
+        let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
+        let mut events_open = true;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    debug!("graceful shutdown: no new streams");
+                    break;
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                event = events.recv() => match event {
+                    Some(ClientEvent::OpenRequest { request_id, service, metadata }) => {
+                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &drain_signal)
+                            .await;
+                    }
+                    Some(other) => debug!(event = ?other, "session event"),
+                    None => {
+                        events_open = false;
+                        break;
+                    }
+                },
+            }
+        }
+        let _ = draining.send(true);
+        let deadline = tokio::time::sleep(drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => {
+                    if !streams.is_empty() {
+                        warn!(streams = streams.len(), "drain timeout: aborting streams");
+                    }
+                    streams.abort_all();
+                    break;
+                }
+                joined = streams.join_next() => if joined.is_none() { break },
+                event = events.recv(), if events_open => match event {
+                    Some(ClientEvent::OpenRequest { request_id, .. }) => {
+                        let reason = Some("edge is shutting down".to_owned());
+                        let _ = dispatcher
+                            .client
+                            .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
+                            .await;
+                    }
+                    Some(_) => {}
+                    None => events_open = false,
+                },
+            }
+        }
+        while streams.join_next().await.is_some() {}
+        let client = dispatcher.client;
+        if client.state().is_final() {
+            match client.closed().await {
+                Error::SessionClosed => Ok(()),
+                error => Err(error),
+            }
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Answers open requests from the routes.
+struct Dispatcher<C: Connection> {
+    router: Router<C>,
+    client: SessionClient<C>,
+}
+
+impl<C: Connection> Dispatcher<C> {
+    async fn dispatch(
+        &self,
+        request_id: u64,
+        service: ServiceId,
+        metadata: Metadata,
+        streams: &mut JoinSet<()>,
+        drain_signal: &watch::Receiver<bool>,
+    ) {
+        let client = &self.client;
+        let Some(mut route) = self.router.find(&service) else {
+            let reason = Some(format!("no service named {service}"));
+            let _ = client
+                .reject_open(request_id, RejectCode::UnsupportedService, reason)
+                .await;
+            return;
+        };
+        match poll_ready_now(&mut route) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => {
+                let reason = Some(format!("service {service} failed: {error}"));
+                let _ = client
+                    .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
+                    .await;
+                return;
+            }
+            Poll::Pending => {
+                let reason = Some(format!("service {service} is at capacity"));
+                let _ = client
+                    .reject_open(request_id, RejectCode::LimitExceeded, reason)
+                    .await;
+                return;
+            }
+        }
+        let logical_stream_id = client.allocate_stream_id();
+        if let Err(error) = client.accept_open(request_id, logical_stream_id).await {
+            debug!(%error, request_id, "could not accept");
+            return;
+        }
+        let info = TunnelInfo {
+            service,
+            metadata,
+            logical_stream_id,
+        };
+        let span = tracing::debug_span!("stream", service = %info.service, id = logical_stream_id);
+        let task = serve_stream(client.clone(), route, info, drain_signal.clone());
+        streams.spawn(task.instrument(span));
+    }
+}
+
+impl<C: Connection> IntoFuture for Serve<C> {
+    type Output = Result<(), Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+/// Asks a route whether it can take a stream now, without waiting.
+fn poll_ready_now<C: Connection>(route: &mut Route<C>) -> Poll<Result<(), super::RouteError>> {
+    route.poll_ready(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Frees the stream's slot however the task ends (also when aborted).
+struct StreamSlot<C: Connection> {
+    client: SessionClient<C>,
+    logical_stream_id: u64,
+}
+
+impl<C: Connection> Drop for StreamSlot<C> {
+    fn drop(&mut self) {
+        self.client.release_stream(self.logical_stream_id);
+    }
+}
+
+async fn serve_stream<C: Connection>(
+    client: SessionClient<C>,
+    mut route: Route<C>,
+    info: TunnelInfo,
+    draining: watch::Receiver<bool>,
+) {
+    let id = info.logical_stream_id;
+    let _slot = StreamSlot {
+        client: client.clone(),
+        logical_stream_id: id,
+    };
+    let (mut send, recv) = match client.connection().open_bi().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(%error, "could not open the data stream");
+            let reason = Some("edge could not open the data stream".to_owned());
+            let _ = client.close_stream(id, CloseCode::Error, reason).await;
+            return;
+        }
+    };
+    if let Err(error) = client.bind_stream(&mut send, id).await {
+        warn!(%error, "could not bind the data stream");
+        let _ = client.close_stream(id, CloseCode::Error, None).await;
+        return;
+    }
+    let stream = TunnelStream::new(send, recv, info).with_draining(draining);
+    let (code, reason) = match route.call(stream).await {
+        Ok(()) => (CloseCode::Normal, None),
+        Err(error) => {
+            debug!(%error, "route failed");
+            (CloseCode::Error, Some(error.to_string()))
+        }
+    };
+    let _ = client.close_stream(id, code, reason).await;
+}

@@ -1,0 +1,104 @@
+//! Serving tower HTTP services (an axum `Router`, say) on tunnel streams.
+//!
+//! [`serve`] turns a `Service<Request<Incoming>>` into an edge route: each tunnel stream
+//! becomes one HTTP connection, served by hyper-util's auto server (HTTP/1.1 with
+//! keep-alive, or HTTP/2 when the relay speaks it), with upgrades such as WebSocket
+//! enabled. When the edge begins a graceful shutdown, each connection is told to finish
+//! its in-flight requests and stop keep-alive.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower::Service;
+
+use crate::edge::RouteError;
+use crate::stream::{wait_draining, TunnelStream};
+use crate::transport::Connection;
+
+/// An edge route serving HTTP with `service`.
+pub fn serve<S>(service: S) -> HttpRoute<S> {
+    HttpRoute {
+        service,
+        builder: Arc::new(auto::Builder::new(TokioExecutor::new())),
+    }
+}
+
+/// A route that speaks HTTP on each stream; made by [`serve`].
+pub struct HttpRoute<S> {
+    service: S,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl<S: Clone> Clone for HttpRoute<S> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            builder: Arc::clone(&self.builder),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for HttpRoute<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRoute").finish_non_exhaustive()
+    }
+}
+
+impl<S> HttpRoute<S> {
+    /// Replaces the server settings (timeouts, HTTP/2 windows, header limits…).
+    #[must_use]
+    pub fn with_builder(mut self, builder: auto::Builder<TokioExecutor>) -> Self {
+        self.builder = Arc::new(builder);
+        self
+    }
+}
+
+impl<C, S, B> Service<TunnelStream<C>> for HttpRoute<S>
+where
+    C: Connection,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<RouteError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<RouteError>,
+{
+    type Response = ();
+    type Error = RouteError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), RouteError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
+        // Readiness is per request, inside the connection; a new connection is always fine.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: TunnelStream<C>) -> Self::Future {
+        let service = TowerToHyperService::new(self.service.clone());
+        let builder = Arc::clone(&self.builder);
+        Box::pin(async move {
+            let draining = stream.draining_signal();
+            let connection = builder.serve_connection_with_upgrades(stream, service);
+            tokio::pin!(connection);
+            let result = match draining {
+                Some(draining) => {
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        () = wait_draining(draining) => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                }
+                None => connection.await,
+            };
+            result.map_err(|error| -> RouteError { error })
+        })
+    }
+}

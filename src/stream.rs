@@ -1,0 +1,254 @@
+//! [`TunnelStream`]: one bound data stream, usable by tokio code and by hyper alike.
+//!
+//! Both sides end up with the same thing: the relay gets one from the
+//! [`Connector`](crate::connector::Connector), the edge's [`Router`](crate::edge::Router)
+//! hands one to each route. It carries what the open said (service, metadata, logical
+//! stream id) so services and logs can use it, and it implements tokio's `AsyncRead`/
+//! `AsyncWrite` and hyper's `rt::Read`/`rt::Write`, so it goes straight into
+//! `hyper::client::conn::http1::handshake` or a hyper server.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use crate::protocol::{Metadata, ServiceId};
+use crate::transport::Connection;
+
+/// What an open said about a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// The service the stream reaches.
+    pub service: ServiceId,
+    /// The opener's metadata.
+    pub metadata: Metadata,
+    /// The logical stream id the acceptor announced.
+    pub logical_stream_id: u64,
+}
+
+/// The two halves of a data stream as one duplex byte stream.
+pub(crate) struct Duplex<C: Connection> {
+    send: C::SendStream,
+    recv: C::RecvStream,
+}
+
+impl<C: Connection> AsyncRead for Duplex<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl<C: Connection> AsyncWrite for Duplex<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.send).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.send).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.send.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
+
+/// A bound data stream with what its open said.
+///
+/// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
+/// the stream finishes it too.
+pub struct TunnelStream<C: Connection> {
+    io: TokioIo<Duplex<C>>,
+    info: TunnelInfo,
+    draining: Option<watch::Receiver<bool>>,
+}
+
+impl<C: Connection> fmt::Debug for TunnelStream<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Connection> TunnelStream<C> {
+    /// Joins the halves of a bound stream.
+    pub fn new(send: C::SendStream, recv: C::RecvStream, info: TunnelInfo) -> Self {
+        Self {
+            io: TokioIo::new(Duplex { send, recv }),
+            info,
+            draining: None,
+        }
+    }
+
+    pub(crate) fn with_draining(mut self, draining: watch::Receiver<bool>) -> Self {
+        self.draining = Some(draining);
+        self
+    }
+
+    /// What the open said.
+    #[must_use]
+    pub fn info(&self) -> &TunnelInfo {
+        &self.info
+    }
+
+    /// The service this stream reaches.
+    #[must_use]
+    pub fn service(&self) -> &ServiceId {
+        &self.info.service
+    }
+
+    /// The opener's metadata.
+    #[must_use]
+    pub fn metadata(&self) -> &Metadata {
+        &self.info.metadata
+    }
+
+    /// The logical stream id.
+    #[must_use]
+    pub fn logical_stream_id(&self) -> u64 {
+        self.info.logical_stream_id
+    }
+
+    /// Splits into the transport's halves (for priorities, resets, stop codes…).
+    #[must_use]
+    pub fn into_parts(self) -> (C::SendStream, C::RecvStream, TunnelInfo) {
+        let Duplex { send, recv } = self.io.into_inner();
+        (send, recv, self.info)
+    }
+
+    /// Resolves when the edge that serves this stream begins a graceful shutdown, so a
+    /// long-lived service (an HTTP connection with keep-alive) can wind down. Never
+    /// resolves for streams not served by a [`Router`](crate::edge::Router).
+    pub async fn draining(&self) {
+        match self.draining.clone() {
+            Some(draining) => wait_draining(draining).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub(crate) fn draining_signal(&self) -> Option<watch::Receiver<bool>> {
+        self.draining.clone()
+    }
+
+    fn duplex(&mut self) -> Pin<&mut Duplex<C>> {
+        Pin::new(self.io.inner_mut())
+    }
+}
+
+impl<C: Connection> AsyncRead for TunnelStream<C> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().duplex().poll_read(cx, buf)
+    }
+}
+
+impl<C: Connection> AsyncWrite for TunnelStream<C> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().duplex().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().duplex().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.inner().is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().duplex().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().duplex().poll_shutdown(cx)
+    }
+}
+
+impl<C: Connection> hyper::rt::Read for TunnelStream<C> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<C: Connection> hyper::rt::Write for TunnelStream<C> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        hyper::rt::Write::poll_write(Pin::new(&mut self.get_mut().io), cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        hyper::rt::Write::poll_write_vectored(Pin::new(&mut self.get_mut().io), cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        hyper::rt::Write::is_write_vectored(&self.io)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        hyper::rt::Write::poll_flush(Pin::new(&mut self.get_mut().io), cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        hyper::rt::Write::poll_shutdown(Pin::new(&mut self.get_mut().io), cx)
+    }
+}
+
+impl<C: Connection> hyper_util::client::legacy::connect::Connection for TunnelStream<C> {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new().extra(self.info.clone())
+    }
+}
+
+/// Resolves once `draining` turns true; never if its sender goes away first.
+pub(crate) async fn wait_draining(mut draining: watch::Receiver<bool>) {
+    let started = draining.wait_for(|draining| *draining).await.is_ok();
+    if !started {
+        std::future::pending::<()>().await;
+    }
+}
