@@ -149,16 +149,20 @@ async fn serve_our_edge(edge: OurClient, mut events: mpsc::Receiver<ClientEvent>
         else {
             continue;
         };
+        mark(1);
         let id = edge.allocate_stream_id();
         if edge.accept_open(request_id, id).await.is_err() {
             return;
         }
+        mark(2);
         let Ok((mut send, recv)) = edge.connection().open_bi().await else {
             return;
         };
+        mark(3);
         if edge.bind_stream(&mut send, id).await.is_err() {
             return;
         }
+        mark(4);
         let edge = edge.clone();
         tokio::spawn(async move {
             run_service(service.as_str(), send, recv).await;
@@ -246,11 +250,10 @@ async fn serve_their_edge(
 /// Raw quinn: a task answering every stream the peer opens with `service`.
 fn serve_raw(connection: quinn::Connection, service: &'static str) {
     tokio::spawn(async move {
-        while let Ok((send, recv)) = connection.accept_bi().await {
+        while let Ok((send, mut recv)) = connection.accept_bi().await {
             tokio::spawn(async move {
                 if service == ONE_BYTE {
                     // The client's request byte first, then the answer.
-                    let (mut send, mut recv) = (send, recv);
                     let mut byte = [0u8; 1];
                     if AsyncReadExt::read_exact(&mut recv, &mut byte).await.is_ok() {
                         run_service(service, send, recv).await;
@@ -283,7 +286,9 @@ where
 {
     match service {
         ONE_BYTE => {
+            mark(5);
             let _ = send.write_all(&[1]).await;
+            mark(6);
         }
         SINK => {
             let mut buf = vec![0u8; 64 * 1024];
@@ -566,10 +571,112 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if std::env::var_os("PHASES").is_some() {
+        phases(&rt);
+        return;
+    }
     let mut criterion = Criterion::default().configure_from_args();
     open_latency(&mut criterion, &rt);
     throughput(&mut criterion, &rt);
     opens_64_concurrent(&mut criterion, &rt);
     opens_500_at_once(&mut criterion, &rt);
     criterion.final_summary();
+}
+
+static MARKS: std::sync::Mutex<[Option<Instant>; 12]> = std::sync::Mutex::new([None; 12]);
+fn mark(i: usize) {
+    MARKS.lock().unwrap()[i] = Some(Instant::now());
+}
+const NAMES: [&str; 12] = [
+    "relay open() called",
+    "edge loop got OpenRequest event",
+    "edge accept_open returned",
+    "edge open_bi returned",
+    "edge bind_stream returned",
+    "edge service task started",
+    "edge service wrote byte",
+    "relay observer saw OpenResponse",
+    "relay open() returned",
+    "relay read first byte",
+    "",
+    "",
+];
+pub fn phases(rt: &Runtime) {
+    rt.block_on(async {
+        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
+        let mut observer = ours.relay.control_events();
+        tokio::spawn(async move {
+            while let Ok(event) = observer.recv().await {
+                if matches!(event, backhaul::ControlEvent::OpenResponseReceived { .. }) {
+                    mark(7);
+                }
+            }
+        });
+        let ours2 = Arc::clone(&ours);
+        tokio::spawn(async move {
+            let n = 20000usize;
+            let mut deltas: Vec<Vec<f64>> = vec![Vec::new(); 12];
+            let mut totals = Vec::new();
+            for i in 0..n + 2000 {
+                *MARKS.lock().unwrap() = [None; 12];
+                mark(0);
+                let (send, mut recv) = ours2.relay.open(ONE_BYTE, Metadata::Empty).await.unwrap();
+                mark(8);
+                let mut byte = [0u8; 1];
+                recv.read_exact(&mut byte).await.unwrap();
+                mark(9);
+                drop((send, recv));
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                if i < 2000 {
+                    continue;
+                }
+                let m = *MARKS.lock().unwrap();
+                let t0 = m[0].unwrap();
+                for k in 1..10 {
+                    if let Some(t) = m[k] {
+                        deltas[k].push(t.duration_since(t0).as_secs_f64() * 1e6);
+                    }
+                }
+                totals.push(m[9].unwrap().duration_since(t0).as_secs_f64() * 1e6);
+            }
+            println!("phase offsets from relay open() call, microseconds (median / p90), n={n}");
+            for k in 1..10 {
+                let v = &mut deltas[k];
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                if v.is_empty() {
+                    continue;
+                }
+                println!(
+                    "  {:<36} {:8.1} {:8.1}",
+                    NAMES[k],
+                    v[v.len() / 2],
+                    v[v.len() * 9 / 10]
+                );
+            }
+        })
+        .await
+        .unwrap();
+        // raw
+        let raw = QuicPair::new().await;
+        serve_raw(raw.relay.clone(), ONE_BYTE);
+        tokio::spawn(async move {
+            let mut v = Vec::new();
+            for i in 0..22000 {
+                let t = Instant::now();
+                raw_round_trip(&raw.edge).await;
+                if i >= 2000 {
+                    v.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "raw round trip median {:.1} p90 {:.1}",
+                v[v.len() / 2],
+                v[v.len() * 9 / 10]
+            );
+        })
+        .await
+        .unwrap();
+    });
 }

@@ -58,6 +58,18 @@ impl OpenTarget {
     }
 }
 
+impl From<ServiceId> for OpenTarget {
+    fn from(service: ServiceId) -> Self {
+        Self::new(service)
+    }
+}
+
+impl From<&str> for OpenTarget {
+    fn from(service: &str) -> Self {
+        Self::new(service)
+    }
+}
+
 type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;
 
 /// Opens tunnel streams over one session; see the [module docs](self).
@@ -136,6 +148,19 @@ impl<C: Connection> Connector<C> {
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
         self
+    }
+
+    /// Waits for a free open slot, then opens a stream to `target`: `ready` + `call`
+    /// without naming which of the `Service` impls is meant.
+    ///
+    /// # Errors
+    /// As [`SessionClient::open`], except that a full `max_inflight_opens` waits.
+    pub async fn connect(
+        &mut self,
+        target: impl Into<OpenTarget>,
+    ) -> Result<TunnelStream<C>, Error> {
+        std::future::poll_fn(|cx| self.poll_slot(cx)).await?;
+        self.open(target.into()).await
     }
 
     /// The session client.

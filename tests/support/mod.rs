@@ -206,6 +206,8 @@ pub async fn settle_tasks(expected: usize) -> usize {
     alive_tasks()
 }
 
+pub mod http;
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
