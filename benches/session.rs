@@ -166,7 +166,9 @@ async fn serve_our_edge(edge: OurClient, mut events: mpsc::Receiver<ClientEvent>
         let edge = edge.clone();
         tokio::spawn(async move {
             run_service(service.as_str(), send, recv).await;
-            let _ = edge.close_stream(id, CloseCode::Normal, None).await;
+            if std::env::var_os("NOCLOSE").is_none() {
+                let _ = edge.close_stream(id, CloseCode::Normal, None).await;
+            }
         });
     }
 }
@@ -571,8 +573,31 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if std::env::var_os("PHASES").is_some() {
-        phases(&rt);
+    if let Ok(mode) = std::env::var("PHASES") {
+        let n: usize = std::env::var("N").ok().and_then(|n| n.parse().ok()).unwrap_or(50000);
+        match mode.as_str() {
+            "marks" => phases(&rt),
+            "ours" => rt.block_on(async {
+                let ours = Arc::new(OurPair::new(Config::new(), Config::new().with_max_concurrent_streams(1 << 20)).await);
+                let s0 = (ours.quic.relay.stats(), ours.quic.edge.stats());
+                let o = Arc::clone(&ours);
+                let t = timed(async move { for _ in 0..n { o.open_one().await; } }).await;
+                println!("ours: {n} opens, {:.1} us/op", t.as_secs_f64() * 1e6 / n.max(1) as f64);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                report_stats(n, s0, (ours.quic.relay.stats(), ours.quic.edge.stats()));
+            }),
+            "raw" => rt.block_on(async {
+                let raw = QuicPair::new().await;
+                serve_raw(raw.relay.clone(), ONE_BYTE);
+                let edge = raw.edge.clone();
+                let s0 = (raw.relay.stats(), raw.edge.stats());
+                let t = timed(async move { for _ in 0..n { raw_round_trip(&edge).await; } }).await;
+                println!("raw: {n} round trips, {:.1} us/op", t.as_secs_f64() * 1e6 / n.max(1) as f64);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                report_stats(n, s0, (raw.relay.stats(), raw.edge.stats()));
+            }),
+            _ => {}
+        }
         return;
     }
     let mut criterion = Criterion::default().configure_from_args();
@@ -679,4 +704,22 @@ pub fn phases(rt: &Runtime) {
         .await
         .unwrap();
     });
+}
+
+fn report_stats(n: usize, before: (quinn::ConnectionStats, quinn::ConnectionStats), after: (quinn::ConnectionStats, quinn::ConnectionStats)) {
+    let n = n.max(1) as f64;
+    for (side, b, a) in [("relay", &before.0, &after.0), ("edge", &before.1, &after.1)] {
+        println!(
+            "  {side} tx per op: datagrams {:.2} ios {:.2} | frames: stream {:.2} acks {:.2} max_streams_bidi {:.2} max_stream_data {:.2} max_data {:.2} reset {:.2} stop_sending {:.2}",
+            (a.udp_tx.datagrams - b.udp_tx.datagrams) as f64 / n,
+            (a.udp_tx.ios - b.udp_tx.ios) as f64 / n,
+            (a.frame_tx.stream - b.frame_tx.stream) as f64 / n,
+            (a.frame_tx.acks - b.frame_tx.acks) as f64 / n,
+            (a.frame_tx.max_streams_bidi - b.frame_tx.max_streams_bidi) as f64 / n,
+            (a.frame_tx.max_stream_data - b.frame_tx.max_stream_data) as f64 / n,
+            (a.frame_tx.max_data - b.frame_tx.max_data) as f64 / n,
+            (a.frame_tx.reset_stream - b.frame_tx.reset_stream) as f64 / n,
+            (a.frame_tx.stop_sending - b.frame_tx.stop_sending) as f64 / n,
+        );
+    }
 }
