@@ -151,6 +151,17 @@ async fn serve_our_edge(edge: OurClient, mut events: mpsc::Receiver<ClientEvent>
         };
         mark(1);
         let id = edge.allocate_stream_id();
+        if std::env::var_os("BIND_FIRST").is_some() {
+            let Ok((mut send, recv)) = edge.connection().open_bi().await else {
+                return;
+            };
+            edge.bind_stream(&mut send, id).await.unwrap();
+            send.write_all(&[1]).await.unwrap();
+            send.shutdown().await.unwrap();
+            edge.accept_open(request_id, id).await.unwrap();
+            drop(recv);
+            continue;
+        }
         if edge.accept_open(request_id, id).await.is_err() {
             return;
         }
@@ -569,20 +580,42 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .expect("tokio runtime");
     if let Ok(mode) = std::env::var("PHASES") {
-        let n: usize = std::env::var("N").ok().and_then(|n| n.parse().ok()).unwrap_or(50000);
+        let n: usize = std::env::var("N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(50000);
         match mode.as_str() {
             "marks" => phases(&rt),
             "ours" => rt.block_on(async {
-                let ours = Arc::new(OurPair::new(Config::new(), Config::new().with_max_concurrent_streams(1 << 20)).await);
+                let ours = Arc::new(
+                    OurPair::new(
+                        Config::new(),
+                        Config::new().with_max_concurrent_streams(1 << 20),
+                    )
+                    .await,
+                );
                 let s0 = (ours.quic.relay.stats(), ours.quic.edge.stats());
                 let o = Arc::clone(&ours);
-                let t = timed(async move { for _ in 0..n { o.open_one().await; } }).await;
-                println!("ours: {n} opens, {:.1} us/op", t.as_secs_f64() * 1e6 / n.max(1) as f64);
+                let t = timed(async move {
+                    for _ in 0..n {
+                        o.open_one().await;
+                    }
+                })
+                .await;
+                println!(
+                    "ours: {n} opens, {:.1} us/op",
+                    t.as_secs_f64() * 1e6 / n.max(1) as f64
+                );
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 report_stats(n, s0, (ours.quic.relay.stats(), ours.quic.edge.stats()));
             }),
@@ -591,8 +624,16 @@ fn main() {
                 serve_raw(raw.relay.clone(), ONE_BYTE);
                 let edge = raw.edge.clone();
                 let s0 = (raw.relay.stats(), raw.edge.stats());
-                let t = timed(async move { for _ in 0..n { raw_round_trip(&edge).await; } }).await;
-                println!("raw: {n} round trips, {:.1} us/op", t.as_secs_f64() * 1e6 / n.max(1) as f64);
+                let t = timed(async move {
+                    for _ in 0..n {
+                        raw_round_trip(&edge).await;
+                    }
+                })
+                .await;
+                println!(
+                    "raw: {n} round trips, {:.1} us/op",
+                    t.as_secs_f64() * 1e6 / n.max(1) as f64
+                );
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 report_stats(n, s0, (raw.relay.stats(), raw.edge.stats()));
             }),
@@ -706,9 +747,16 @@ pub fn phases(rt: &Runtime) {
     });
 }
 
-fn report_stats(n: usize, before: (quinn::ConnectionStats, quinn::ConnectionStats), after: (quinn::ConnectionStats, quinn::ConnectionStats)) {
+fn report_stats(
+    n: usize,
+    before: (quinn::ConnectionStats, quinn::ConnectionStats),
+    after: (quinn::ConnectionStats, quinn::ConnectionStats),
+) {
     let n = n.max(1) as f64;
-    for (side, b, a) in [("relay", &before.0, &after.0), ("edge", &before.1, &after.1)] {
+    for (side, b, a) in [
+        ("relay", &before.0, &after.0),
+        ("edge", &before.1, &after.1),
+    ] {
         println!(
             "  {side} tx per op: datagrams {:.2} ios {:.2} | frames: stream {:.2} acks {:.2} max_streams_bidi {:.2} max_stream_data {:.2} max_data {:.2} reset {:.2} stop_sending {:.2}",
             (a.udp_tx.datagrams - b.udp_tx.datagrams) as f64 / n,

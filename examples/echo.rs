@@ -42,7 +42,10 @@ async fn main() -> Result<(), BoxError> {
     let agent = session.negotiated_params().and_then(|p| p.remote_agent);
     println!("relay: session ready (edge agent: {agent:?})");
 
-    for message in ["hello through the tunnel", "a second stream, same connection"] {
+    for message in [
+        "hello through the tunnel",
+        "a second stream, same connection",
+    ] {
         let started = Instant::now();
         let (mut send, mut recv) = relay.open("echo", Metadata::Empty).await?;
         send.write_all(message.as_bytes()).await?;
@@ -58,7 +61,9 @@ async fn main() -> Result<(), BoxError> {
     }
     println!("relay: ping rtt {:?}", relay.ping().await?);
 
-    relay.close(CloseCode::Normal, Some("demo done".into())).await?;
+    relay
+        .close(CloseCode::Normal, Some("demo done".into()))
+        .await?;
     println!("relay: session closed");
     edge.await??;
     relay_endpoint.wait_idle().await;
@@ -71,7 +76,11 @@ async fn run_edge(
 ) -> Result<(), BoxError> {
     let endpoint = client_endpoint(&trusted, DEFAULT_ALPN)?;
     let connection = QuinnConnection::new(endpoint.connect(relay_addr, "localhost")?.await?);
-    let session = Session::new(connection, Role::Client, Config::new().with_agent("echo-edge"));
+    let session = Session::new(
+        connection,
+        Role::Client,
+        Config::new().with_agent("echo-edge"),
+    );
     let (client, mut events) = SessionClient::with_events(session.start().await?);
     println!("edge: connected and negotiated; exposing \"echo\"");
 
@@ -90,8 +99,13 @@ async fn run_edge(
                 tokio::spawn(async move {
                     let copied = tokio::io::copy(&mut recv, &mut send).await;
                     let _ = send.finish().await;
-                    let _ = client.close_stream(stream_id, CloseCode::Normal, None).await;
-                    println!("edge: stream {stream_id} echoed {} bytes", copied.unwrap_or(0));
+                    let _ = client
+                        .close_stream(stream_id, CloseCode::Normal, None)
+                        .await;
+                    println!(
+                        "edge: stream {stream_id} echoed {} bytes",
+                        copied.unwrap_or(0)
+                    );
                 });
             }
             ClientEvent::OpenRequest {

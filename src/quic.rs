@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ClientConfig, Endpoint, ServerConfig, TransportConfig, VarInt};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::Error;
@@ -51,6 +52,67 @@ impl Identity {
             key: PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()).into(),
         })
     }
+}
+
+impl Identity {
+    /// Loads a certificate chain (PEM, or a single DER certificate) and its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1; or DER PKCS#8).
+    ///
+    /// # Errors
+    /// [`Error::Transport`] naming the file that could not be read or parsed.
+    pub fn from_files(
+        cert_path: impl AsRef<std::path::Path>,
+        key_path: impl AsRef<std::path::Path>,
+    ) -> Result<Self, Error> {
+        let key_path = key_path.as_ref();
+        let key_bytes = read_file(key_path)?;
+        let key = if looks_like_pem(&key_bytes) {
+            PrivateKeyDer::from_pem_slice(&key_bytes)
+                .map_err(|error| file_error(key_path, error))?
+        } else {
+            PrivatePkcs8KeyDer::from(key_bytes).into()
+        };
+        Ok(Self {
+            cert_chain: load_certs(cert_path)?,
+            key,
+        })
+    }
+}
+
+/// Loads certificates from a PEM file (all of them) or a DER file (one).
+///
+/// # Errors
+/// [`Error::Transport`] naming the file that could not be read or holds no certificate.
+pub fn load_certs(
+    path: impl AsRef<std::path::Path>,
+) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let path = path.as_ref();
+    let bytes = read_file(path)?;
+    if !looks_like_pem(&bytes) {
+        return Ok(vec![CertificateDer::from(bytes)]);
+    }
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| file_error(path, error))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate in file"));
+    }
+    Ok(certs)
+}
+
+fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|window| window == b"-----BEGIN ")
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|error| file_error(path, error))
+}
+
+fn file_error(path: &std::path::Path, error: impl std::fmt::Display) -> Error {
+    Error::transport(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("{}: {error}", path.display()),
+    ))
 }
 
 /// Transport settings for a tunnel connection: `max_streams` concurrent bidirectional

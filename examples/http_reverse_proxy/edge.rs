@@ -1,0 +1,397 @@
+//! The edge: dial the relay, register, serve local HTTP services, and stay connected.
+//!
+//! The edge never listens. It reconnects with exponential backoff and jitter when the
+//! relay restarts or the network drops, and stops for good only on Ctrl-C or when the
+//! relay refuses its credentials (exit code 2).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use backhaul::edge::Router;
+use backhaul::quic::{client_endpoint, load_certs, DEFAULT_ALPN};
+use backhaul::{
+    CloseCode, Config, Error, QuinnConnection, RejectCode, Role, Session, SessionClient,
+};
+use clap::Args;
+use http::header::{HeaderValue, HOST};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::auth::{registration, valid_edge_name, Unauthorized, REGISTER_SERVICE};
+use crate::forward::{
+    boxed, forward, is_upgrade, retarget, text_response, ForwardError, ProxyBody,
+};
+use crate::{parse_duration, shutdown_signal, BoxError};
+
+#[derive(Debug, Clone, Args)]
+pub struct EdgeArgs {
+    /// The relay's QUIC address (host:port).
+    #[arg(long, default_value = "127.0.0.1:4433", env = "BACKHAUL_RELAY")]
+    pub relay: String,
+    /// Certificate (PEM or DER) to trust for the relay.
+    #[arg(
+        long,
+        default_value = "backhaul-relay-cert.pem",
+        env = "BACKHAUL_RELAY_CERT"
+    )]
+    pub relay_cert: PathBuf,
+    /// Name the relay's certificate is issued for.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// This edge's name: it is reached at `<name>.<domain>`.
+    #[arg(long, env = "BACKHAUL_EDGE_NAME")]
+    pub name: String,
+    /// This edge's token, as configured on the relay.
+    #[arg(long, env = "BACKHAUL_EDGE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// A local service to expose, as NAME=http://HOST:PORT (repeat for more).
+    #[arg(long = "expose", required = true)]
+    pub expose: Vec<String>,
+    /// Send requests to local services with the local address as Host.
+    #[arg(long)]
+    pub rewrite_host: bool,
+    /// Keep-alive ping interval; a relay missing a pong for as long again is given up.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+    /// How long a local service may take to answer (response head).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// How long in-flight requests may finish after Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+}
+
+/// Everything an edge needs to run.
+#[derive(Clone)]
+pub struct EdgeConfig {
+    pub relay: String,
+    pub trusted: Vec<CertificateDer<'static>>,
+    pub server_name: String,
+    pub name: String,
+    pub token: String,
+    /// (service name, local authority host:port)
+    pub services: Vec<(String, String)>,
+    pub rewrite_host: bool,
+    pub keepalive: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
+    let trusted = load_certs(&args.relay_cert)?;
+    let services = args
+        .expose
+        .iter()
+        .map(|spec| parse_expose(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !valid_edge_name(&args.name) {
+        return Err(format!("edge name {:?} must be a lowercase DNS label", args.name).into());
+    }
+    let config = EdgeConfig {
+        relay: args.relay,
+        trusted,
+        server_name: args.server_name,
+        name: args.name,
+        token: args.token,
+        services,
+        rewrite_host: args.rewrite_host,
+        keepalive: args.keepalive,
+        request_timeout: args.request_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        max_backoff: args.max_backoff,
+    };
+    run_edge(config, shutdown_signal()).await
+}
+
+/// Parses `NAME=http://HOST:PORT` into (NAME, HOST:PORT).
+fn parse_expose(spec: &str) -> Result<(String, String), String> {
+    let (name, url) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("--expose {spec:?} is not NAME=http://HOST:PORT"))?;
+    let uri: http::Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "--expose {spec:?}: only http:// services can be exposed"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("--expose {spec:?}: no host"))?;
+    Ok((name.to_owned(), authority.to_string()))
+}
+
+/// Runs until `shutdown` resolves (Ok) or the relay refuses the credentials (Err).
+pub async fn run_edge(
+    config: EdgeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let router = build_router(&config);
+    let endpoint = client_endpoint(&config.trusted, DEFAULT_ALPN)?;
+    let mut backoff = Backoff::new(Duration::from_millis(250), config.max_backoff);
+    loop {
+        let outcome = connect_and_serve(&endpoint, &config, router.clone(), stopped.clone()).await;
+        match outcome {
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::Lost { lasted, reason }) => {
+                if lasted > Duration::from_secs(30) {
+                    backoff.reset();
+                }
+                warn!(%reason, "lost the relay");
+            }
+            Err(error) if error.downcast_ref::<Unauthorized>().is_some() => {
+                endpoint.close(0u32.into(), b"unauthorized");
+                return Err(error);
+            }
+            Err(error) => warn!(error = %error, "cannot reach the relay"),
+        }
+        let delay = backoff.next_delay();
+        info!(?delay, "reconnecting");
+        let mut stopped = stopped.clone();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::until_stopped(&mut stopped) => break,
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+        .await
+        .ok();
+    info!("edge stopped");
+    Ok(())
+}
+
+enum Ended {
+    Shutdown,
+    Lost { lasted: Duration, reason: Error },
+}
+
+async fn connect_and_serve(
+    endpoint: &quinn::Endpoint,
+    config: &EdgeConfig,
+    router: Router<QuinnConnection>,
+    stopped: watch::Receiver<bool>,
+) -> Result<Ended, BoxError> {
+    let addr = tokio::net::lookup_host(&config.relay)
+        .await?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", config.relay))?;
+    let connection = endpoint.connect(addr, &config.server_name)?.await?;
+    let session_config = Config::new()
+        .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
+        .with_ping_interval(config.keepalive)
+        .with_ping_timeout(config.keepalive);
+    let session = Session::new(
+        QuinnConnection::new(connection.clone()),
+        Role::Client,
+        session_config,
+    );
+    let handle = session.start().await?;
+    let (client, events) = SessionClient::with_events(handle);
+    let credentials = registration(&config.name, &config.token);
+    match client.open(REGISTER_SERVICE, credentials).await {
+        Ok(_) => {}
+        Err(Error::StreamRejected {
+            code: RejectCode::Unauthorized,
+            reason,
+        }) => {
+            connection.close(0u32.into(), b"unauthorized");
+            let reason = reason.unwrap_or_else(|| "credentials refused".to_owned());
+            return Err(Box::new(Unauthorized(reason)));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    let services: Vec<&str> = config
+        .services
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    info!(edge = %config.name, relay = %addr, ?services, "registered with the relay");
+    let connected = Instant::now();
+
+    // On shutdown: tell the relay first (it stops routing here), then drain.
+    let mut shutting_down = stopped.clone();
+    let closer = tokio::spawn({
+        let client = client.clone();
+        async move {
+            if shutting_down.wait_for(|stop| *stop).await.is_ok() {
+                let _ = client
+                    .close(CloseCode::Normal, Some("edge shutting down".into()))
+                    .await;
+            }
+        }
+    });
+    let mut drain_signal = stopped.clone();
+    let served = router
+        .serve(client.clone(), events)
+        .with_graceful_shutdown(async move {
+            let _ = drain_signal.wait_for(|stop| *stop).await;
+        })
+        .drain_timeout(config.shutdown_timeout)
+        .await;
+    if *stopped.borrow() {
+        // The close was sent when shutdown began; let it finish before the connection goes.
+        let _ = closer.await;
+        connection.close(0u32.into(), b"edge shutting down");
+        return Ok(Ended::Shutdown);
+    }
+    closer.abort();
+    let reason = match served {
+        Ok(()) => Error::SessionClosed,
+        Err(error) => error,
+    };
+    connection.close(0u32.into(), b"session ended");
+    Ok(Ended::Lost {
+        lasted: connected.elapsed(),
+        reason,
+    })
+}
+
+fn build_router(config: &EdgeConfig) -> Router<QuinnConnection> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, ProxyBody> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    config
+        .services
+        .iter()
+        .fold(Router::new(), |router, (name, authority)| {
+            let local = LocalService {
+                authority: authority.clone(),
+                client: client.clone(),
+                rewrite_host: config.rewrite_host,
+                timeout: config.request_timeout,
+            };
+            router.route(name.as_str(), backhaul::http::serve(local))
+        })
+}
+
+/// Forwards requests from the tunnel to a local HTTP service.
+#[derive(Clone)]
+struct LocalService {
+    authority: String,
+    client: Client<HttpConnector, ProxyBody>,
+    rewrite_host: bool,
+    timeout: Duration,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
+
+impl tower::Service<Request<Incoming>> for LocalService {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> ResponseFuture {
+        let local = self.clone();
+        Box::pin(async move {
+            let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+            let mut request = request.map(boxed);
+            if let Err(error) = retarget(&mut request, &local.authority) {
+                return Ok(text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad request target: {error}"),
+                ));
+            }
+            if local.rewrite_host {
+                if let Ok(host) = HeaderValue::from_str(&local.authority) {
+                    request.headers_mut().insert(HOST, host);
+                }
+            }
+            Ok(
+                match forward(&local.client, request, upgrade, local.timeout).await {
+                    Ok(response) => response,
+                    Err(ForwardError::Timeout) => text_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("local service {} did not answer in time", local.authority),
+                    ),
+                    Err(ForwardError::Upstream(error)) => text_response(
+                        StatusCode::BAD_GATEWAY,
+                        format!("local service {} is unreachable: {error}", local.authority),
+                    ),
+                },
+            )
+        })
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from the upper half of a window
+/// that doubles up to `max`, so a fleet of edges does not reconnect in lockstep.
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    window: Duration,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            window: base,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.window = self.base;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let window = self.window.min(self.max);
+        self.window = (self.window * 2).min(self.max);
+        window / 2 + window.mul_f64(random_fraction() / 2.0)
+    }
+}
+
+/// A number in [0, 1) from the standard library's randomly keyed hasher.
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] < Duration::from_millis(100));
+        assert!(delays[7] >= Duration::from_millis(500) && delays[7] < Duration::from_secs(1));
+        backoff.reset();
+        assert!(backoff.next_delay() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn expose_specs_parse() {
+        assert_eq!(
+            parse_expose("web=http://127.0.0.1:3000").unwrap(),
+            ("web".to_owned(), "127.0.0.1:3000".to_owned())
+        );
+        assert!(parse_expose("web").is_err());
+        assert!(parse_expose("web=https://x").is_err());
+    }
+}

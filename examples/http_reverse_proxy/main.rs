@@ -1,0 +1,131 @@
+//! An HTTP reverse proxy on backhaul: a public relay that routes by Host to web services
+//! exposed by edges behind NAT, which dial out over QUIC and never listen.
+//!
+//! ```text
+//! cargo run --example http_reverse_proxy            # all-in-one demo on loopback
+//! cargo run --example http_reverse_proxy -- relay --help
+//! cargo run --example http_reverse_proxy -- edge --help
+//! ```
+//!
+//! Layout: `relay` (QUIC listener for edges, HTTP listener for the public, admin listener
+//! with /healthz and /metrics), `edge` (dial, register, serve local services, reconnect),
+//! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `auth`
+//! (the registration exchange and token checks), `metrics`, `demo` (the all-in-one mode).
+
+mod auth;
+mod demo;
+mod edge;
+mod forward;
+mod metrics;
+mod relay;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// HTTP reverse proxy over QUIC reverse tunnels.
+#[derive(Debug, Parser)]
+#[command(name = "http_reverse_proxy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a relay: accept edges over QUIC and serve the public over HTTP.
+    Relay(relay::RelayArgs),
+    /// Run an edge: dial a relay and expose local HTTP services through it.
+    Edge(edge::EdgeArgs),
+    /// Relay, edge and a demo web app in one process on loopback (the default).
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Relay(args)) => relay::run(args).await,
+            Some(Command::Edge(args)) => edge::run(args).await,
+            Some(Command::Demo(args)) => demo::run(args).await,
+            None => demo::run(demo::DemoArgs::default()).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            if error.downcast_ref::<auth::Unauthorized>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Parses durations like `500ms`, `10s`, `2m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(number)),
+        "s" | "" => Ok(std::time::Duration::from_secs(number)),
+        "m" => Ok(std::time::Duration::from_secs(number * 60)),
+        _ => Err(format!(
+            "invalid duration unit in {text:?} (use ms, s or m)"
+        )),
+    }
+}

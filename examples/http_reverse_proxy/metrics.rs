@@ -1,0 +1,140 @@
+//! The relay's Prometheus metrics, kept in a registry of its own (not a global), and a
+//! body wrapper that counts bytes as they stream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Everything the relay measures.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub edges_connected: IntGauge,
+    pub registrations: IntCounterVec,
+    pub opens: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let edges_connected = IntGauge::new(
+            "backhaul_edges_connected",
+            "Edges registered and connected now",
+        )?;
+        let registrations = IntCounterVec::new(
+            Opts::new(
+                "backhaul_edge_registrations_total",
+                "Edge registration attempts by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let opens = IntCounterVec::new(
+            Opts::new(
+                "backhaul_tunnel_opens_total",
+                "Tunnel stream opens to edges by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "backhaul_proxied_bytes_total",
+                "HTTP body bytes proxied, by direction",
+            ),
+            &["direction"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "backhaul_http_requests_total",
+                "Public HTTP requests by status code",
+            ),
+            &["code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "backhaul_http_request_duration_seconds",
+                "Time from request to response head, by status class",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["class"],
+        )?;
+        registry.register(Box::new(edges_connected.clone()))?;
+        registry.register(Box::new(registrations.clone()))?;
+        registry.register(Box::new(opens.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        Ok(Self {
+            registry,
+            edges_connected,
+            registrations,
+            opens,
+            bytes,
+            requests,
+            request_duration,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A counter of bytes flowing in `direction`.
+    pub fn bytes_counter(&self, direction: &str) -> IntCounter {
+        self.bytes.with_label_values(&[direction])
+    }
+}
+
+/// A body that adds the size of each data frame to a counter as it passes.
+pub struct CountingBody<B> {
+    inner: B,
+    counter: IntCounter,
+}
+
+impl<B> CountingBody<B> {
+    pub fn new(inner: B, counter: IntCounter) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.counter.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
