@@ -590,6 +590,12 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Ok(mode) = std::env::var("PHASES") {
+        if std::env::var_os("TRACE").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_thread_ids(true)
+                .init();
+        }
         let n: usize = std::env::var("N")
             .ok()
             .and_then(|n| n.parse().ok())

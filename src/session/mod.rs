@@ -20,6 +20,8 @@ pub(crate) mod driver;
 mod events;
 mod negotiation;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
