@@ -28,7 +28,7 @@ const EXTRA_EVENT_CAPACITY: usize = 64;
 ///
 /// On the relay (opener):
 /// ```no_run
-/// # async fn relay(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), backhaul::Error> {
+/// # async fn relay(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), Box<dyn std::error::Error>> {
 /// use backhaul::{Metadata, SessionClient};
 /// use tokio::io::AsyncWriteExt;
 ///

@@ -19,15 +19,35 @@
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
 //!
 //! # Example
-//! ```no_run
-//! use backhaul::{Config, Metadata, QuinnConnection, Role, Session, SessionClient};
+//! A relay and an edge in one process; the in-memory transport stands in for the QUIC
+//! connection (use [`QuinnConnection`] for real ones, see [`quic`]).
+//! ```
+//! use backhaul::edge::Router;
+//! use backhaul::stream::TunnelStream;
+//! use backhaul::transport::mem::{memory_connection_pair, MemoryConnection};
+//! use backhaul::{Config, Metadata, Role, Session, SessionClient};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
-//! # async fn relay(connection: quinn::Connection) -> Result<(), Box<dyn std::error::Error>> {
-//! // The relay accepted the edge's QUIC connection; it opens streams to the edge's services.
-//! let session = Session::new(QuinnConnection::new(connection), Role::Server, Config::new());
-//! let client = SessionClient::new(session.start().await?);
-//! let (mut send, mut recv) = client.open("echo", Metadata::Empty).await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (edge_side, relay_side) = memory_connection_pair();
+//! let edge = Session::new(edge_side, Role::Client, Config::new());
+//! let relay = Session::new(relay_side, Role::Server, Config::new());
+//! let (edge, relay) = tokio::join!(edge.start(), relay.start());
+//!
+//! // The edge serves "echo" with a tower service.
+//! let (edge, events) = SessionClient::with_events(edge?);
+//! let echo = tower::service_fn(|mut stream: TunnelStream<MemoryConnection>| async move {
+//!     let (mut reader, mut writer) = tokio::io::split(&mut stream);
+//!     tokio::io::copy(&mut reader, &mut writer).await?;
+//!     writer.shutdown().await
+//! });
+//! let router = Router::new().route("echo", echo);
+//! tokio::spawn(async move { router.serve(edge, events).await });
+//!
+//! // The relay opens a stream to it.
+//! let relay = SessionClient::new(relay?);
+//! let (mut send, mut recv) = relay.open("echo", Metadata::Empty).await?;
 //! send.write_all(b"ping").await?;
 //! send.shutdown().await?;
 //! let mut reply = Vec::new();
@@ -63,3 +83,8 @@ pub use session::{
 pub use transport::{
     Connection, QuinnConnection, QuinnRecvStream, QuinnSendStream, RecvStream, SendStream,
 };
+
+/// The README's examples, compiled as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
