@@ -658,3 +658,119 @@ async fn relay_without_event_receiver_refuses_edge_opens() {
     ));
     assert_eq!(pair.relay.stats().refused_requests, 1);
 }
+
+#[tokio::test]
+async fn stream_for_an_unknown_id_is_refused_after_the_bind_timeout() {
+    let relay_config = Config::new().with_stream_bind_timeout(Duration::from_millis(300));
+    let pair = session_pair_with(relay_config, Config::new()).await;
+    let (mut stray, mut stray_recv) = pair.edge.connection().open_bi().await.unwrap();
+    pair.edge.bind_stream(&mut stray, 4242).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = within(Duration::from_secs(3), stray_recv.read(&mut buf)).await;
+    assert!(read.is_err(), "the stray stream was reset: {read:?}");
+    assert_eq!(pair.relay.stats().refused_streams, 1);
+    assert_eq!(pair.relay.stats().early_streams, 0);
+    // Other streams are undisturbed.
+    let _served = serve_test_services(pair.edge.clone(), pair.edge_events);
+    let (_send, recv) = within(LIMIT, pair.relay.open("hello", Metadata::Empty))
+        .await
+        .unwrap();
+    assert_eq!(read_all(recv).await, b"hello ");
+}
+
+#[tokio::test]
+async fn peer_vanishing_mid_stream_is_reported_not_truncated() {
+    let mut pair = session_pair().await;
+    let relay = pair.relay.clone();
+    let open = tokio::spawn(async move { relay.open("big", Metadata::Empty).await });
+    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
+        panic!("expected a request");
+    };
+    let id = pair.edge.allocate_stream_id();
+    pair.edge.accept_open(request_id, id).await.unwrap();
+    let (mut send, _recv) = pair.edge.connection().open_bi().await.unwrap();
+    pair.edge.bind_stream(&mut send, id).await.unwrap();
+    send.write_all(&pattern(b"half", 64 * 1024)).await.unwrap();
+    let (_relay_send, mut recv) = within(LIMIT, open).await.unwrap().unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    recv.read_exact(&mut first).await.unwrap();
+    assert!(
+        first == pattern(b"half", 64 * 1024),
+        "bytes before the loss arrive intact"
+    );
+    pair.quic.edge.close(0u32.into(), b"power cut");
+    let mut rest = Vec::new();
+    let result = within(LIMIT, recv.read_to_end(&mut rest)).await;
+    assert!(
+        result.is_err(),
+        "a vanished peer is an error, not a clean end: {result:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_requests_is_bounded_by_the_acceptors_limit() {
+    let relay_config = Config::new().with_max_inflight_opens(5000);
+    let edge_config = Config::new().with_max_concurrent_streams(100);
+    let pair = session_pair_with(relay_config, edge_config).await;
+    let _never_answered = pair.edge_events;
+    let opens: Vec<_> = (0..2000)
+        .map(|_| {
+            let relay = pair.relay.clone();
+            tokio::spawn(async move { relay.open("x", Metadata::Empty).await })
+        })
+        .collect();
+    // 100 wait for an answer; the rest are refused at once.
+    let mut refused = 0;
+    let mut waiting = Vec::new();
+    for open in opens {
+        if open.is_finished() {
+            match open.await.unwrap() {
+                Err(Error::StreamRejected {
+                    code: RejectCode::LimitExceeded,
+                    ..
+                }) => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        } else {
+            waiting.push(open);
+        }
+    }
+    let settle = within(LIMIT, async {
+        loop {
+            let stats = pair.edge.stats();
+            if stats.refused_requests == 1900 && pair.relay.stats().pending_opens == 100 {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        settle.active_streams, 100,
+        "the edge holds exactly its limit"
+    );
+    // Every rejection has reached its open; give those tasks a moment to finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut still_waiting = 0;
+    for open in waiting {
+        if open.is_finished() {
+            assert!(matches!(
+                open.await.unwrap(),
+                Err(Error::StreamRejected {
+                    code: RejectCode::LimitExceeded,
+                    ..
+                })
+            ));
+            refused += 1;
+        } else {
+            still_waiting += 1;
+            open.abort();
+        }
+    }
+    assert_eq!(refused, 1900);
+    assert_eq!(still_waiting, 100);
+    assert!(pair.relay.is_ready() && pair.edge.is_ready());
+    within(LIMIT, pair.relay.ping())
+        .await
+        .expect("the session still answers");
+}
