@@ -774,3 +774,24 @@ async fn a_flood_of_requests_is_bounded_by_the_acceptors_limit() {
         .await
         .expect("the session still answers");
 }
+
+#[tokio::test]
+async fn stream_bind_split_across_packets_still_binds() {
+    let mut pair = session_pair().await;
+    let relay = pair.relay.clone();
+    let open = tokio::spawn(async move { relay.open("split", Metadata::Empty).await });
+    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
+        panic!("expected a request");
+    };
+    let id = pair.edge.allocate_stream_id();
+    pair.edge.accept_open(request_id, id).await.unwrap();
+    let header = backhaul::StreamBind::new(id).encode();
+    let (mut send, _recv) = pair.edge.connection().open_bi().await.unwrap();
+    send.write_all(&header[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send.write_all(&header[5..]).await.unwrap();
+    send.write_all(b"after the header").await.unwrap();
+    send.finish().await.unwrap();
+    let (_send, recv) = within(LIMIT, open).await.unwrap().expect("open");
+    assert_eq!(read_all(recv).await, b"after the header");
+}

@@ -2,12 +2,14 @@
 //! and keep-alive. Each task ends by itself once the session reaches a final state, and
 //! all of them are aborted when the last [`SessionClient`](crate::SessionClient) is dropped.
 
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, trace, warn};
@@ -16,7 +18,7 @@ use super::control::ControlReader;
 use super::core::{
     SessionCore, Stream, Terminal, WriterCommand, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE,
 };
-use super::{ClientEvent, ControlEvent, SessionShared};
+use super::{ClientEvent, ControlEvent, SessionShared, State};
 use crate::protocol::{Features, Pong, ProtocolMessage, StreamBind};
 use crate::transport::{Connection, SendStream};
 use crate::{Error, TimeoutKind};
@@ -75,10 +77,10 @@ pub(crate) fn spawn<C: Connection>(
     DriverTasks(tasks)
 }
 
-/// Resolves once the session reached a final state.
-async fn session_ended<C: Connection>(shared: &SessionShared<C>) {
-    let mut state = shared.state.subscribe();
-    let _ = state.wait_for(|state| state.is_final()).await;
+/// Resolves once the session reached a final state. Each task keeps one receiver for its
+/// whole life rather than subscribing again on every loop.
+async fn session_ended(state: &mut watch::Receiver<State>) {
+    let _ = state.wait_for(State::is_final).await;
 }
 
 async fn read_control<C: Connection>(
@@ -86,10 +88,11 @@ async fn read_control<C: Connection>(
     mut reader: ControlReader<C::RecvStream>,
     events: mpsc::Sender<ClientEvent>,
 ) {
+    let mut state = core.shared.state.subscribe();
     loop {
         let message = tokio::select! {
             message = reader.read_message() => message,
-            () = session_ended(&core.shared) => return,
+            () = session_ended(&mut state) => return,
         };
         let outcome = match message {
             Ok(Some(message)) => dispatch(&core, message, &events).await,
@@ -199,10 +202,11 @@ async fn write_control<C: Connection>(
     mut commands: mpsc::Receiver<WriterCommand>,
 ) {
     let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut state = shared.state.subscribe();
     loop {
         let first = tokio::select! {
             command = commands.recv() => command,
-            () = session_ended(&shared) => None,
+            () = session_ended(&mut state) => None,
         };
         let Some(mut command) = first else { return };
         loop {
@@ -244,48 +248,91 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
     let sweep_every = (bind_timeout / 4).max(Duration::from_millis(50));
     let mut sweep = interval_at(Instant::now() + sweep_every, sweep_every);
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut state = core.shared.state.subscribe();
     loop {
         tokio::select! {
             accepted = core.shared.connection.accept_bi() => match accepted {
-                Ok(Some(stream)) if header_reads.len() < max_header_reads => {
-                    header_reads.spawn(read_stream_bind::<C>(stream, bind_timeout));
+                Ok(Some(stream)) => {
+                    // The header nearly always arrives with the packet that opened the
+                    // stream: take it now and skip a task and two wake-ups per open.
+                    let mut header = PartialHeader::default();
+                    let (send, mut recv) = stream;
+                    match header.poll_now(&mut recv) {
+                        Poll::Ready(result) => route(&core, result, (send, recv)),
+                        Poll::Pending if header_reads.len() < max_header_reads => {
+                            let core = Arc::clone(&core);
+                            header_reads.spawn(async move {
+                                let read = timeout(bind_timeout, header.read(&mut recv)).await;
+                                let result = read.unwrap_or(Err(Error::Timeout(TimeoutKind::StreamBind)));
+                                route(&core, result, (send, recv));
+                            });
+                        }
+                        Poll::Pending => core.refuse_unbound_stream(
+                            (send, recv),
+                            &Error::CapacityExceeded { what: "unbound data streams", limit: max_header_reads },
+                        ),
+                    }
                 }
-                Ok(Some(stream)) => core.refuse_unbound_stream(
-                    stream,
-                    &Error::CapacityExceeded { what: "unbound data streams", limit: max_header_reads },
-                ),
                 Ok(None) | Err(_) => {
                     core.terminate(Terminal::Disconnected);
                     return;
                 }
             },
-            Some(joined) = header_reads.join_next(), if !header_reads.is_empty() => match joined {
-                Ok(Ok((logical_stream_id, stream))) => core.on_bound_stream(logical_stream_id, stream),
-                Ok(Err((stream, error))) => core.refuse_unbound_stream(stream, &error),
-                Err(_) => {}
-            },
+            Some(_) = header_reads.join_next(), if !header_reads.is_empty() => {}
             _ = sweep.tick() => core.expire_early_streams(),
-            () = session_ended(&core.shared) => return,
+            () = session_ended(&mut state) => return,
         }
     }
 }
 
-type HeaderRead<C> = Result<(u64, Stream<C>), (Stream<C>, Error)>;
+/// Hands a data stream to its open, or refuses it if its header was unusable.
+fn route<C: Connection>(
+    core: &SessionCore<C>,
+    header: Result<StreamBind, Error>,
+    stream: Stream<C>,
+) {
+    match header {
+        Ok(bind) => core.on_bound_stream(bind.logical_stream_id, stream),
+        Err(error) => core.refuse_unbound_stream(stream, &error),
+    }
+}
 
-async fn read_stream_bind<C: Connection>(
-    (send, mut recv): Stream<C>,
-    limit: Duration,
-) -> HeaderRead<C> {
-    let mut header = [0u8; StreamBind::ENCODED_SIZE];
-    let error = match timeout(limit, recv.read_exact(&mut header)).await {
-        Err(_) => Error::Timeout(TimeoutKind::StreamBind),
-        Ok(Err(error)) => Error::transport(error),
-        Ok(Ok(_)) => match StreamBind::parse(&header) {
-            Ok(bind) => return Ok((bind.logical_stream_id, (send, recv))),
-            Err(error) => error.into(),
-        },
-    };
-    Err(((send, recv), error))
+/// A `StreamBind` header being read, possibly across several packets.
+#[derive(Default)]
+struct PartialHeader {
+    bytes: [u8; StreamBind::ENCODED_SIZE],
+    filled: usize,
+}
+
+impl PartialHeader {
+    /// Reads what is already buffered without waiting.
+    fn poll_now<R: AsyncRead + Unpin>(&mut self, recv: &mut R) -> Poll<Result<StreamBind, Error>> {
+        self.poll_read(recv, &mut Context::from_waker(Waker::noop()))
+    }
+
+    async fn read<R: AsyncRead + Unpin>(&mut self, recv: &mut R) -> Result<StreamBind, Error> {
+        std::future::poll_fn(|cx| self.poll_read(recv, cx)).await
+    }
+
+    fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        recv: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<StreamBind, Error>> {
+        while self.filled < self.bytes.len() {
+            let mut buf = ReadBuf::new(&mut self.bytes[self.filled..]);
+            match Pin::new(&mut *recv).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(Error::transport(error))),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return Poll::Ready(Err(Error::transport(eof)));
+                }
+                Poll::Ready(Ok(())) => self.filled += buf.filled().len(),
+            }
+        }
+        Poll::Ready(StreamBind::parse(&self.bytes).map_err(Error::from))
+    }
 }
 
 async fn keep_alive<C: Connection>(core: Arc<SessionCore<C>>, every: Duration) {
