@@ -213,8 +213,8 @@ impl<C: Connection> SessionClient<C> {
     /// Accepts the peer's open request `request_id`, announcing `logical_stream_id`; then
     /// open a stream on the connection and [`bind_stream`](Self::bind_stream) it.
     ///
-    /// The stream counts toward `max_concurrent_streams` until
-    /// [`close_stream`](Self::close_stream) is called or the peer closes it.
+    /// The request holds a `max_concurrent_streams` slot until the stream is bound (see
+    /// [`bind_stream`](Self::bind_stream)).
     ///
     /// # Errors
     /// [`Error::UnknownRequest`] if no such request waits for an answer,
@@ -240,9 +240,24 @@ impl<C: Connection> SessionClient<C> {
     /// Writes the `StreamBind` header for `logical_stream_id` on a stream this side opened
     /// for an accepted request. Write nothing else on the stream before it.
     ///
+    /// The session cannot see when a stream served by hand ends, so the stream's
+    /// `max_concurrent_streams` slot is freed here, once it is bound; streams served by
+    /// the [`Router`](crate::edge::Router) keep theirs until their service returns.
+    ///
     /// # Errors
     /// [`Error::Transport`] if the write fails.
     pub async fn bind_stream<S: AsyncWriteExt + Unpin>(
+        &self,
+        send: &mut S,
+        logical_stream_id: u64,
+    ) -> Result<(), Error> {
+        let bound = write_stream_bind(send, logical_stream_id).await;
+        self.core.release_stream(logical_stream_id);
+        bound
+    }
+
+    /// Writes the header but keeps the stream's slot (the Router frees it when done).
+    pub(crate) async fn bind_stream_holding_slot<S: AsyncWriteExt + Unpin>(
         &self,
         send: &mut S,
         logical_stream_id: u64,

@@ -27,12 +27,13 @@ pub struct Config {
     /// once with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded); the tower
     /// connector waits for a slot instead. Default: 100.
     pub max_inflight_opens: usize,
-    /// Streams the peer may have open to this side at once: requests not yet answered plus
-    /// accepted streams not yet closed. A request past it is rejected with
-    /// [`RejectCode::LimitExceeded`](crate::RejectCode::LimitExceeded). Streams served by
-    /// the edge [`Router`](crate::edge::Router) free their slot when their service returns;
-    /// streams accepted by hand with `accept_open` free it when `close_stream` is called or
-    /// the peer sends `StreamClose` for them. Default: 1000.
+    /// Streams the peer may have open to this side at once. A request past it is rejected
+    /// with [`RejectCode::LimitExceeded`](crate::RejectCode::LimitExceeded), so a flood of
+    /// requests cannot grow memory without bound. A request holds its slot from arrival;
+    /// streams served by the edge [`Router`](crate::edge::Router) keep it until their
+    /// service returns, while streams served by hand free it once bound (the session cannot
+    /// see when they end), or when rejected, closed with `close_stream`, or closed by the
+    /// peer. Default: 1000.
     pub max_concurrent_streams: usize,
     /// When set, a `Ping` is sent this often; a `Pong` missing for
     /// [`ping_timeout`](Self::ping_timeout) marks the session dead and closes the connection.

@@ -476,3 +476,49 @@ async fn fallback_serves_unrouted_names() {
 
 #[allow(dead_code)]
 fn _types(_: Edge) {}
+
+#[tokio::test]
+async fn router_streams_hold_their_session_slot_until_the_service_returns() {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = tower::service_fn(move |_stream: TunnelStream<QuinnConnection>| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|go| *go).await;
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    let pair = session_pair_with(
+        backhaul::Config::new(),
+        backhaul::Config::new().with_max_concurrent_streams(2),
+    )
+    .await;
+    let (relay, edge, _quic, _serving) = serve_router(pair, Router::new().route("held", held));
+    let first = within(LIMIT, relay.open("held", Metadata::Empty))
+        .await
+        .unwrap();
+    let second = within(LIMIT, relay.open("held", Metadata::Empty))
+        .await
+        .unwrap();
+    let third = within(LIMIT, relay.open("held", Metadata::Empty)).await;
+    assert!(
+        matches!(
+            third,
+            Err(Error::StreamRejected {
+                code: RejectCode::LimitExceeded,
+                ..
+            })
+        ),
+        "got {third:?}"
+    );
+    release.send(true).unwrap();
+    within(LIMIT, async {
+        while edge.stats().active_streams > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within(LIMIT, relay.open("held", Metadata::Empty))
+        .await
+        .expect("slots were freed");
+    drop((first, second));
+}

@@ -239,44 +239,69 @@ async fn local_open_past_max_inflight_fails_at_once() {
 async fn request_past_the_acceptors_limit_is_rejected() {
     let edge_config = Config::new().with_max_concurrent_streams(2);
     let pair = session_pair_with(Config::new(), edge_config).await;
-    let _served = serve_test_services(pair.edge.clone(), pair.edge_events);
-    let first = within(LIMIT, pair.relay.open("hold", Metadata::Empty))
-        .await
-        .unwrap();
-    let second = within(LIMIT, pair.relay.open("hold", Metadata::Empty))
-        .await
-        .unwrap();
-    let third = within(LIMIT, pair.relay.open("hold", Metadata::Empty)).await;
-    assert!(
-        matches!(
-            third,
-            Err(Error::StreamRejected {
-                code: RejectCode::LimitExceeded,
-                ..
-            })
-        ),
-        "got {third:?}"
-    );
-    // Finishing one frees its slot once the edge closes it.
-    let (mut send, recv) = first;
-    send.finish().await.unwrap();
-    read_all(recv).await;
-    let fourth = within(LIMIT, async {
-        loop {
-            match pair.relay.open("hold", Metadata::Empty).await {
-                Err(Error::StreamRejected {
-                    code: RejectCode::LimitExceeded,
-                    ..
-                }) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                other => return other,
-            }
+    let mut events = pair.edge_events;
+    // Two requests the edge has not answered yet fill its limit.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let relay = pair.relay.clone();
+            tokio::spawn(async move { relay.open("hold", Metadata::Empty).await })
+        })
+        .collect();
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        match within(LIMIT, events.recv()).await {
+            Some(ClientEvent::OpenRequest { request_id, .. }) => requests.push(request_id),
+            other => panic!("expected a request, got {other:?}"),
         }
-    })
-    .await;
-    assert!(fourth.is_ok(), "a freed slot is reusable: {fourth:?}");
-    drop(second);
+    }
+    let third = within(LIMIT, pair.relay.open("hold", Metadata::Empty)).await;
+    match third {
+        Err(Error::StreamRejected {
+            code: RejectCode::LimitExceeded,
+            reason,
+        }) => {
+            assert_eq!(
+                reason.as_deref(),
+                Some("too many concurrent streams (limit 2)")
+            );
+        }
+        other => panic!("got {other:?}"),
+    }
+    // Answering one frees its slot.
+    pair.edge
+        .reject_open(requests[0], RejectCode::ServiceUnavailable, None)
+        .await
+        .unwrap();
+    let fourth = tokio::spawn({
+        let relay = pair.relay.clone();
+        async move { relay.open("hold", Metadata::Empty).await }
+    });
+    assert!(matches!(
+        within(LIMIT, events.recv()).await,
+        Some(ClientEvent::OpenRequest { .. })
+    ));
+    assert_eq!(pair.edge.stats().active_streams, 2);
+    fourth.abort();
+    for open in waiting {
+        open.abort();
+    }
+}
+
+#[tokio::test]
+async fn streams_served_by_hand_free_their_slot_once_bound() {
+    let edge_config = Config::new().with_max_concurrent_streams(2);
+    let pair = session_pair_with(Config::new(), edge_config).await;
+    let _served = serve_test_services(pair.edge.clone(), pair.edge_events);
+    // Many more long-lived streams than the limit: each slot is freed at bind time.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(
+            within(LIMIT, pair.relay.open("hold", Metadata::Empty))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(held.len(), 10);
 }
 
 #[tokio::test]

@@ -249,7 +249,7 @@ async fn serve_stream<C: Connection>(
             return;
         }
     };
-    if let Err(error) = client.bind_stream(&mut send, id).await {
+    if let Err(error) = client.bind_stream_holding_slot(&mut send, id).await {
         warn!(%error, "could not bind the data stream");
         let _ = client.close_stream(id, CloseCode::Error, None).await;
         return;
