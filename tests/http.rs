@@ -26,18 +26,16 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-type Edge = SessionPair;
-
-/// A session pair whose edge serves `router`; returns the pair and the serving task.
-fn serve_router(
-    pair: SessionPair,
-    router: Router<QuinnConnection>,
-) -> (
+/// The relay's client, the edge's client, the connection, and the edge's serving task.
+type Served = (
     backhaul::SessionClient<QuinnConnection>,
     backhaul::SessionClient<QuinnConnection>,
     QuicPair,
     tokio::task::JoinHandle<Result<(), Error>>,
-) {
+);
+
+/// A session pair whose edge serves `router`.
+fn serve_router(pair: SessionPair, router: Router<QuinnConnection>) -> Served {
     let SessionPair {
         relay,
         edge,
@@ -52,12 +50,7 @@ fn web_router() -> Router<QuinnConnection> {
     Router::new().route("web", backhaul::http::serve(app()))
 }
 
-async fn web_pair() -> (
-    backhaul::SessionClient<QuinnConnection>,
-    backhaul::SessionClient<QuinnConnection>,
-    QuicPair,
-    tokio::task::JoinHandle<Result<(), Error>>,
-) {
+async fn web_pair() -> Served {
     serve_router(session_pair().await, web_router())
 }
 
@@ -168,7 +161,7 @@ async fn keep_alive_reuses_tunnel_streams() {
         }
     }
     assert!(
-        opens >= 1 && opens <= 2,
+        (1..=2).contains(&opens),
         "50 sequential requests used {opens} tunnel streams"
     );
 }
@@ -473,9 +466,6 @@ async fn fallback_serves_unrouted_names() {
     assert_eq!(name, "anything");
     assert_eq!(count.load(Ordering::SeqCst), 1);
 }
-
-#[allow(dead_code)]
-fn _types(_: Edge) {}
 
 #[tokio::test]
 async fn router_streams_hold_their_session_slot_until_the_service_returns() {
