@@ -149,37 +149,20 @@ async fn serve_our_edge(edge: OurClient, mut events: mpsc::Receiver<ClientEvent>
         else {
             continue;
         };
-        mark(1);
         let id = edge.allocate_stream_id();
-        if std::env::var_os("BIND_FIRST").is_some() {
-            let Ok((mut send, recv)) = edge.connection().open_bi().await else {
-                return;
-            };
-            edge.bind_stream(&mut send, id).await.unwrap();
-            send.write_all(&[1]).await.unwrap();
-            send.shutdown().await.unwrap();
-            edge.accept_open(request_id, id).await.unwrap();
-            drop(recv);
-            continue;
-        }
         if edge.accept_open(request_id, id).await.is_err() {
             return;
         }
-        mark(2);
         let Ok((mut send, recv)) = edge.connection().open_bi().await else {
             return;
         };
-        mark(3);
         if edge.bind_stream(&mut send, id).await.is_err() {
             return;
         }
-        mark(4);
         let edge = edge.clone();
         tokio::spawn(async move {
             run_service(service.as_str(), send, recv).await;
-            if std::env::var_os("NOCLOSE").is_none() {
-                let _ = edge.close_stream(id, CloseCode::Normal, None).await;
-            }
+            let _ = edge.close_stream(id, CloseCode::Normal, None).await;
         });
     }
 }
@@ -299,9 +282,7 @@ where
 {
     match service {
         ONE_BYTE => {
-            mark(5);
             let _ = send.write_all(&[1]).await;
-            mark(6);
         }
         SINK => {
             let mut buf = vec![0u8; 64 * 1024];
@@ -580,200 +561,14 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("WORKERS")
-                .ok()
-                .and_then(|w| w.parse().ok())
-                .unwrap_or(2),
-        )
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Ok(mode) = std::env::var("PHASES") {
-        if std::env::var_os("TRACE").is_some() {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_thread_ids(true)
-                .init();
-        }
-        let n: usize = std::env::var("N")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(50000);
-        match mode.as_str() {
-            "marks" => phases(&rt),
-            "ours" => rt.block_on(async {
-                let ours = Arc::new(
-                    OurPair::new(
-                        Config::new(),
-                        Config::new().with_max_concurrent_streams(1 << 20),
-                    )
-                    .await,
-                );
-                let s0 = (ours.quic.relay.stats(), ours.quic.edge.stats());
-                let o = Arc::clone(&ours);
-                let t = timed(async move {
-                    for _ in 0..n {
-                        o.open_one().await;
-                    }
-                })
-                .await;
-                println!(
-                    "ours: {n} opens, {:.1} us/op",
-                    t.as_secs_f64() * 1e6 / n.max(1) as f64
-                );
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                report_stats(n, s0, (ours.quic.relay.stats(), ours.quic.edge.stats()));
-            }),
-            "raw" => rt.block_on(async {
-                let raw = QuicPair::new().await;
-                serve_raw(raw.relay.clone(), ONE_BYTE);
-                let edge = raw.edge.clone();
-                let s0 = (raw.relay.stats(), raw.edge.stats());
-                let t = timed(async move {
-                    for _ in 0..n {
-                        raw_round_trip(&edge).await;
-                    }
-                })
-                .await;
-                println!(
-                    "raw: {n} round trips, {:.1} us/op",
-                    t.as_secs_f64() * 1e6 / n.max(1) as f64
-                );
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                report_stats(n, s0, (raw.relay.stats(), raw.edge.stats()));
-            }),
-            _ => {}
-        }
-        return;
-    }
     let mut criterion = Criterion::default().configure_from_args();
     open_latency(&mut criterion, &rt);
     throughput(&mut criterion, &rt);
     opens_64_concurrent(&mut criterion, &rt);
     opens_500_at_once(&mut criterion, &rt);
     criterion.final_summary();
-}
-
-static MARKS: std::sync::Mutex<[Option<Instant>; 12]> = std::sync::Mutex::new([None; 12]);
-fn mark(i: usize) {
-    MARKS.lock().unwrap()[i] = Some(Instant::now());
-}
-const NAMES: [&str; 12] = [
-    "relay open() called",
-    "edge loop got OpenRequest event",
-    "edge accept_open returned",
-    "edge open_bi returned",
-    "edge bind_stream returned",
-    "edge service task started",
-    "edge service wrote byte",
-    "relay observer saw OpenResponse",
-    "relay open() returned",
-    "relay read first byte",
-    "",
-    "",
-];
-pub fn phases(rt: &Runtime) {
-    rt.block_on(async {
-        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
-        let mut observer = ours.relay.control_events();
-        tokio::spawn(async move {
-            while let Ok(event) = observer.recv().await {
-                if matches!(event, backhaul::ControlEvent::OpenResponseReceived { .. }) {
-                    mark(7);
-                }
-            }
-        });
-        let ours2 = Arc::clone(&ours);
-        tokio::spawn(async move {
-            let n = 20000usize;
-            let mut deltas: Vec<Vec<f64>> = vec![Vec::new(); 12];
-            let mut totals = Vec::new();
-            for i in 0..n + 2000 {
-                *MARKS.lock().unwrap() = [None; 12];
-                mark(0);
-                let (send, mut recv) = ours2.relay.open(ONE_BYTE, Metadata::Empty).await.unwrap();
-                mark(8);
-                let mut byte = [0u8; 1];
-                recv.read_exact(&mut byte).await.unwrap();
-                mark(9);
-                drop((send, recv));
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                if i < 2000 {
-                    continue;
-                }
-                let m = *MARKS.lock().unwrap();
-                let t0 = m[0].unwrap();
-                for k in 1..10 {
-                    if let Some(t) = m[k] {
-                        deltas[k].push(t.duration_since(t0).as_secs_f64() * 1e6);
-                    }
-                }
-                totals.push(m[9].unwrap().duration_since(t0).as_secs_f64() * 1e6);
-            }
-            println!("phase offsets from relay open() call, microseconds (median / p90), n={n}");
-            for k in 1..10 {
-                let v = &mut deltas[k];
-                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                if v.is_empty() {
-                    continue;
-                }
-                println!(
-                    "  {:<36} {:8.1} {:8.1}",
-                    NAMES[k],
-                    v[v.len() / 2],
-                    v[v.len() * 9 / 10]
-                );
-            }
-        })
-        .await
-        .unwrap();
-        // raw
-        let raw = QuicPair::new().await;
-        serve_raw(raw.relay.clone(), ONE_BYTE);
-        tokio::spawn(async move {
-            let mut v = Vec::new();
-            for i in 0..22000 {
-                let t = Instant::now();
-                raw_round_trip(&raw.edge).await;
-                if i >= 2000 {
-                    v.push(t.elapsed().as_secs_f64() * 1e6);
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            println!(
-                "raw round trip median {:.1} p90 {:.1}",
-                v[v.len() / 2],
-                v[v.len() * 9 / 10]
-            );
-        })
-        .await
-        .unwrap();
-    });
-}
-
-fn report_stats(
-    n: usize,
-    before: (quinn::ConnectionStats, quinn::ConnectionStats),
-    after: (quinn::ConnectionStats, quinn::ConnectionStats),
-) {
-    let n = n.max(1) as f64;
-    for (side, b, a) in [
-        ("relay", &before.0, &after.0),
-        ("edge", &before.1, &after.1),
-    ] {
-        println!(
-            "  {side} tx per op: datagrams {:.2} ios {:.2} | frames: stream {:.2} acks {:.2} max_streams_bidi {:.2} max_stream_data {:.2} max_data {:.2} reset {:.2} stop_sending {:.2}",
-            (a.udp_tx.datagrams - b.udp_tx.datagrams) as f64 / n,
-            (a.udp_tx.ios - b.udp_tx.ios) as f64 / n,
-            (a.frame_tx.stream - b.frame_tx.stream) as f64 / n,
-            (a.frame_tx.acks - b.frame_tx.acks) as f64 / n,
-            (a.frame_tx.max_streams_bidi - b.frame_tx.max_streams_bidi) as f64 / n,
-            (a.frame_tx.max_stream_data - b.frame_tx.max_stream_data) as f64 / n,
-            (a.frame_tx.max_data - b.frame_tx.max_data) as f64 / n,
-            (a.frame_tx.reset_stream - b.frame_tx.reset_stream) as f64 / n,
-            (a.frame_tx.stop_sending - b.frame_tx.stop_sending) as f64 / n,
-        );
-    }
 }

@@ -10,14 +10,17 @@
 #
 # Usage: scripts/check-reference-examples.sh
 # Env:   REFERENCE_EXAMPLES   examples directory (default: <repo>/../shared/reference/quic-reverse-examples)
-#        CHECK_TARGET_DIR     cargo target dir (default: <repo>/target, to reuse compiled deps)
+#        CHECK_TARGET_DIR     cargo target dir (default: $CARGO_TARGET_DIR, else <repo>/target,
+#                             to reuse compiled deps)
 #        KEEP_TMP=1           keep the temp dir (its path is printed) for inspection
+#        STRICT_CLOSE=1       also require the edge to report the relay's close
+#        VERBOSE=1            print both logs on success too
 # Exit:  0 pass, 1 failure, 2 examples directory missing.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXAMPLES="${REFERENCE_EXAMPLES:-$REPO/../shared/reference/quic-reverse-examples}"
-TARGET_DIR="${CHECK_TARGET_DIR:-$REPO/target}"
+TARGET_DIR="${CHECK_TARGET_DIR:-${CARGO_TARGET_DIR:-$REPO/target}}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-900}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-60}"
 
@@ -35,6 +38,19 @@ for file in edge.rs relay.rs common/mod.rs; do
     fi
 done
 command -v cargo >/dev/null || fail "cargo not found"
+
+# Run from `cargo test`, this script inherits the variables cargo sets for a test binary
+# (CARGO_MANIFEST_DIR, CARGO_PKG_*...). Build scripts in the shared target dir track some of
+# them (ring's tracks CARGO_MANIFEST_DIR), so passing them on would make the nested build, and
+# then every ordinary build after it, rebuild ring and everything above it.
+while IFS= read -r var; do
+    case "$var" in
+    CARGO_MANIFEST_DIR | CARGO_MANIFEST_PATH | CARGO_PKG_* | CARGO_CRATE_NAME | CARGO_BIN_NAME | \
+        CARGO_BIN_EXE_* | CARGO_TARGET_TMPDIR | CARGO_PRIMARY_PACKAGE | CARGO_RUSTC_CURRENT_DIR | OUT_DIR)
+        unset "$var"
+        ;;
+    esac
+done < <(compgen -e)
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/backhaul-reference-examples.XXXXXX")"
 RELAY_PID=""
@@ -202,7 +218,17 @@ expect_relay 'Edge session complete'
 expect_edge 'Session established with relay (agent: Some("relay/1.0"))'
 expect_relay 'Session established with edge (agent: Some("edge/1.0"))'
 expect_edge "Unknown service requested: foobar"
-expect_edge 'Relay closed session: Normal (Demo complete)'
+# Not required unless STRICT_CLOSE=1: the relay example drops its connection right after
+# close(), and quinn discards stream data not yet sent, so the edge can miss the close. With
+# quic-reverse on both sides that happens in about 1 run in 10; tests/interop.rs checks the
+# delivery of closes deterministically.
+if ! grep -qF 'Relay closed session: Normal (Demo complete)' "$WORK/edge.txt"; then
+    if [[ "${STRICT_CLOSE:-0}" == 1 ]]; then
+        problems+=("edge log lacks: Relay closed session: Normal (Demo complete)")
+    else
+        say "note: the edge did not report the relay's close this time (STRICT_CLOSE=1 makes this fail)"
+    fi
+fi
 expect_edge 'Edge device disconnected'
 if grep -qE 'Failed to open|Unexpectedly succeeded|Edge connection error' "$WORK/relay.txt"; then
     problems+=("relay log reports an error")

@@ -185,7 +185,7 @@ struct TheirRelayOurEdge {
     edge_session: backhaul::Session<OurConnection>,
     edge: backhaul::SessionClient<OurConnection>,
     edge_events: mpsc::Receiver<backhaul::ClientEvent>,
-    quic: QuicPair,
+    _quic: QuicPair,
 }
 
 async fn their_relay_our_edge(
@@ -213,7 +213,7 @@ async fn their_relay_our_edge(
         edge_session,
         edge,
         edge_events,
-        quic,
+        _quic: quic,
     }
 }
 
@@ -779,6 +779,41 @@ async fn pending_open_fails_when_their_edge_disconnects() {
     .await;
 }
 
+/// `close()` leaves the connection "for the caller to close"; a caller that does so right
+/// away must not lose the `StreamClose(0)`: the reference edge sees `Closing` every time.
+///
+/// Ignored: fails today (see the report of the interop work). `close()` returns once the
+/// message is handed to quinn, not once it was delivered, and closing a quinn connection
+/// discards stream data not yet sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_close_then_connection_close_reaches_their_edge() {
+    within(LIMIT, async {
+        const TRIALS: usize = 50;
+        let mut lost = 0;
+        for _ in 0..TRIALS {
+            let pair =
+                our_relay_their_edge(backhaul::Config::new(), quic_reverse::Config::new()).await;
+            let edge = serve_their_edge(pair.edge.clone(), pair.edge_events);
+            pair.relay
+                .close(backhaul::CloseCode::Normal, Some("bye".into()))
+                .await
+                .expect("close");
+            pair.quic.relay.close(0u32.into(), b"done");
+            let seen = within(Duration::from_secs(10), edge)
+                .await
+                .expect("edge task");
+            if !matches!(seen.last(), Some(quic_reverse::ClientEvent::Closing { .. })) {
+                lost += 1;
+            }
+        }
+        assert_eq!(
+            lost, 0,
+            "their edge missed our close in {lost} of {TRIALS} trials"
+        );
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // b. The reference relay opens streams on our edge.
 
@@ -995,6 +1030,109 @@ async fn our_edge_close_ends_their_relay_session() {
         drop(pair.edge_events);
     })
     .await;
+}
+
+/// The reference relay's `close()` is on the wire before its QUIC connection closes, and both
+/// arrive at our edge together (the edge's runtime is busy meanwhile, as under load). The
+/// reference edge still reads the buffered `StreamClose(0)` and reports `Closing` every
+/// time; our edge must too, not drop it because the connection's end was noticed first.
+///
+/// Ignored: fails today (see the report of the interop work). Our edge loses `Closing` in
+/// roughly a third of the trials and ends as `Disconnected`: `accept_data_streams` in
+/// src/session/driver.rs terminates the session with `Disconnected` as soon as `accept_bi`
+/// reports the closed connection, and `read_control`'s unbiased `select!` then returns on
+/// `session_ended` without reading the message quinn still holds for it (quinn 0.11 hands out
+/// buffered stream data after the connection closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn their_close_arriving_with_connection_close_reaches_our_edge() {
+    within(Duration::from_secs(120), async {
+        const TRIALS: usize = 20;
+        let mut lost = 0;
+        for _ in 0..TRIALS {
+            if !close_arriving_with_connection_close().await {
+                lost += 1;
+            }
+        }
+        assert_eq!(
+            lost, 0,
+            "our edge lost the relay's Closing in {lost} of {TRIALS} trials"
+        );
+    })
+    .await;
+}
+
+/// One trial: our edge on its own two-worker runtime, frozen while the reference relay
+/// closes the session, lets it reach the wire, then closes the connection. Returns whether
+/// the edge reported `ClientEvent::Closing`.
+async fn close_arriving_with_connection_close() -> bool {
+    use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
+
+    let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+    let trusted = identity.cert_chain.clone();
+    let relay_endpoint = server_endpoint(([127, 0, 0, 1], 0).into(), identity, DEFAULT_ALPN)
+        .expect("relay endpoint");
+    let relay_addr = relay_endpoint.local_addr().expect("relay address");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let edge_thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("edge runtime");
+        let handle = runtime.handle().clone();
+        runtime.block_on(async move {
+            let endpoint = client_endpoint(&trusted, DEFAULT_ALPN).expect("edge endpoint");
+            let connection = endpoint
+                .connect(relay_addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("edge connection");
+            let session = backhaul::Session::new(
+                OurConnection::new(connection),
+                backhaul::Role::Client,
+                backhaul::Config::new(),
+            );
+            let negotiated = session.start().await.expect("our edge negotiates");
+            let (_edge, mut events) = backhaul::SessionClient::with_events(negotiated);
+            ready_tx.send(handle).expect("ready");
+            let mut closing = false;
+            while let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_secs(5), events.recv()).await
+            {
+                closing |= matches!(event, backhaul::ClientEvent::Closing { .. });
+            }
+            closing
+        })
+    });
+
+    let connection = relay_endpoint
+        .accept()
+        .await
+        .expect("incoming")
+        .await
+        .expect("relay connection");
+    let session = quic_reverse::Session::new(
+        TheirConnection::new(connection.clone()),
+        quic_reverse::Role::Server,
+        quic_reverse::Config::new(),
+    );
+    let relay = quic_reverse::SessionClient::new(session.start().await.expect("negotiation"));
+    let edge_runtime: tokio::runtime::Handle = ready_rx.await.expect("edge ready");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Keep both edge workers busy, so nothing is read until both packets are in.
+    for _ in 0..2 {
+        edge_runtime.spawn(async { std::thread::sleep(Duration::from_millis(250)) });
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    relay
+        .close(quic_reverse::CloseCode::Normal, Some("bye".into()))
+        .await
+        .expect("their close");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    connection.close(0u32.into(), b"");
+    tokio::task::spawn_blocking(move || edge_thread.join().expect("edge thread"))
+        .await
+        .expect("join")
 }
 
 // ---------------------------------------------------------------------------------------------

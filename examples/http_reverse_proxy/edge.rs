@@ -248,6 +248,10 @@ async fn connect_and_serve(
     if *stopped.borrow() {
         // The close was sent when shutdown began; let it finish before the connection goes.
         let _ = closer.await;
+        // The last responses may still be in flight (sent, not yet acknowledged), and
+        // closing the connection discards them: let the relay, which closes it once it
+        // has read everything, go first (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
         connection.close(0u32.into(), b"edge shutting down");
         return Ok(Ended::Shutdown);
     }

@@ -157,6 +157,9 @@ pub struct RunningRelay {
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Edge sessions outlive the public listener's drain, so in-flight requests finish.
+    stop_edges: watch::Sender<bool>,
+    edges_task: tokio::task::JoinHandle<()>,
     state: Arc<RelayState>,
 }
 
@@ -166,6 +169,8 @@ impl RunningRelay {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let _ = self.stop_edges.send(true);
+        let _ = (&mut self.edges_task).await;
         let edges: Vec<EdgeEntry> = lock(&self.state.edges).drain().map(|(_, e)| e).collect();
         for edge in edges {
             let _ = edge
@@ -177,6 +182,12 @@ impl RunningRelay {
                 .inner()
                 .close(0u32.into(), b"relay shutting down");
         }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.edges_task.abort();
     }
 }
 
@@ -208,8 +219,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     let http_addr = http.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let (stop, stopped) = watch::channel(false);
+    let (stop_edges, edges_stopped) = watch::channel(false);
+    let edges_task = tokio::spawn(accept_edges(endpoint, Arc::clone(&state), edges_stopped));
     let mut tasks = JoinSet::new();
-    tasks.spawn(accept_edges(endpoint, Arc::clone(&state), stopped.clone()));
     tasks.spawn(serve_public(
         http,
         Arc::clone(&state),
@@ -224,6 +236,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         admin_addr,
         stop,
         tasks,
+        stop_edges,
+        edges_task,
         state,
     })
 }

@@ -23,6 +23,13 @@ use crate::protocol::{Features, Pong, ProtocolMessage, StreamBind};
 use crate::transport::{Connection, SendStream};
 use crate::{Error, TimeoutKind};
 
+/// How long the acceptor, on seeing the connection end, waits for the control reader to
+/// process what the peer sent last before declaring the session disconnected.
+const LAST_MESSAGES_GRACE: Duration = Duration::from_millis(100);
+/// How long a graceful close waits for the peer to acknowledge the control stream's end,
+/// so a caller closing the connection right after does not discard the close message.
+const FINISH_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Frames queued together are written with one call, up to this many bytes.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
@@ -91,6 +98,9 @@ async fn read_control<C: Connection>(
     let mut state = core.shared.state.subscribe();
     loop {
         let message = tokio::select! {
+            // Messages already received come first: a StreamClose(0) that arrived with the
+            // connection's close must still be seen as a graceful close.
+            biased;
             message = reader.read_message() => message,
             () = session_ended(&mut state) => return,
         };
@@ -214,8 +224,8 @@ async fn write_control<C: Connection>(
                 WriterCommand::Frame(bytes) => batch.extend_from_slice(&bytes),
                 WriterCommand::Finish(done) => {
                     let written = send.write_all(&batch).await;
-                    if written.is_ok() {
-                        let _ = send.finish().await;
+                    if written.is_ok() && send.finish().await.is_ok() {
+                        let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
                     }
                     let _ = done.send(());
                     return;
@@ -274,6 +284,9 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
                     }
                 }
                 Ok(None) | Err(_) => {
+                    // The control reader may still hold the peer's last messages (a graceful
+                    // close arriving with the connection's end): let it say why first.
+                    let _ = timeout(LAST_MESSAGES_GRACE, session_ended(&mut state)).await;
                     core.terminate(Terminal::Disconnected);
                     return;
                 }

@@ -57,6 +57,13 @@ pub trait SendStream: AsyncWrite + Send + Unpin + 'static {
 
     /// Abandons the stream: unsent data is dropped and the peer sees `code`.
     fn reset(&mut self, code: u32);
+
+    /// Resolves once the peer has everything sent on this finished stream, or at once for
+    /// transports that cannot tell (the default). Lets a graceful close be delivered
+    /// before the caller closes the connection, which would discard unsent data.
+    fn delivered(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The receiving half of a stream.

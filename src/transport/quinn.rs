@@ -129,6 +129,12 @@ impl SendStream for QuinnSendStream {
         self.inner.finish()
     }
 
+    async fn delivered(&mut self) {
+        // `stopped` resolves once every byte of the finished stream was acknowledged (or the
+        // peer stopped it); either way nothing more is waiting to be sent.
+        let _ = self.inner.stopped().await;
+    }
+
     fn reset(&mut self, code: u32) {
         // Resetting an already finished or reset stream is harmless: nothing is left to drop.
         let _ = self.inner.reset(quinn::VarInt::from_u32(code));

@@ -207,6 +207,7 @@ pub async fn settle_tasks(expected: usize) -> usize {
 }
 
 pub mod http;
+pub mod proxy;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
