@@ -641,7 +641,7 @@ async fn sigterm_lets_the_relay_finish_a_slow_request_and_exit_0() {
 
         let slow = tokio::spawn({
             let public = public.clone();
-            async move { public.get("alpha", "/hold/1500").await }
+            async move { public.get("alpha", "/hold/800").await }
         });
         let holds = std::sync::Arc::clone(&backend.holds);
         eventually(
@@ -661,6 +661,51 @@ async fn sigterm_lets_the_relay_finish_a_slow_request_and_exit_0() {
         // The edge outlives its relay and keeps trying to reconnect.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(edge.exited().is_none(), "{}", edge.logs());
+    })
+    .await;
+}
+
+/// A slow edge gets 504 from the relay's request timeout; a busy one (its stream limit
+/// reached) gets 503; both with a message saying which edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_edges_get_504_and_busy_edges_503() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("status-codes");
+        let backend = Backend::start("web").await;
+        let mut relay = Relay::start(
+            dir.path(),
+            &[("alpha", "secret")],
+            &["--request-timeout", "1s"],
+        )
+        .await;
+        let public = relay.public();
+        let _edge = relay.spawn_edge(
+            "alpha",
+            "secret",
+            &[("web", backend.addr)],
+            &["--max-streams", "1"],
+        );
+        relay.wait_edges(1).await;
+
+        // One request holds the edge's only stream; a second, concurrent one needs a
+        // second stream and is refused for load.
+        let holding = tokio::spawn({
+            let public = relay.public();
+            async move { public.get("alpha", "/hold/800").await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, body) = public.get("alpha", "/whoami").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("\"alpha\" is busy"), "{body}");
+        let (status, _) = holding.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+
+        // The idle keep-alive connection still holds the stream; the slow request reuses it.
+        let started = Instant::now();
+        let (status, body) = public.get("alpha", "/slow/3000").await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+        assert!(body.contains("\"alpha\" did not answer"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(3));
     })
     .await;
 }

@@ -92,6 +92,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             keepalive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(5),
+            max_streams: 1000,
             max_backoff: Duration::from_secs(5),
         },
         async {

@@ -68,6 +68,9 @@ pub struct EdgeArgs {
     /// How long in-flight requests may finish after Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Streams the relay may have open to this edge at once; past it requests get 503.
+    #[arg(long, default_value_t = 1000)]
+    pub max_streams: usize,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
@@ -87,6 +90,7 @@ pub struct EdgeConfig {
     pub keepalive: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub max_streams: usize,
     pub max_backoff: Duration,
 }
 
@@ -111,6 +115,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         keepalive: args.keepalive,
         request_timeout: args.request_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        max_streams: args.max_streams,
         max_backoff: args.max_backoff,
     };
     run_edge(config, shutdown_signal()).await
@@ -196,7 +201,8 @@ async fn connect_and_serve(
     let session_config = Config::new()
         .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
-        .with_ping_timeout(config.keepalive);
+        .with_ping_timeout(config.keepalive)
+        .with_max_concurrent_streams(config.max_streams);
     let session = Session::new(
         QuinnConnection::new(connection.clone()),
         Role::Client,
