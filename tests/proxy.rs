@@ -641,7 +641,7 @@ async fn sigterm_lets_the_relay_finish_a_slow_request_and_exit_0() {
 
         let slow = tokio::spawn({
             let public = public.clone();
-            async move { public.get("alpha", "/hold/800").await }
+            async move { public.get("alpha", "/hold/1500").await }
         });
         let holds = std::sync::Arc::clone(&backend.holds);
         eventually(
