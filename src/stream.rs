@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::protocol::{Metadata, ServiceId};
 use crate::transport::Connection;
+use crate::SessionClient;
 
 /// What an open said about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,11 +80,14 @@ impl<C: Connection> AsyncWrite for Duplex<C> {
 /// A bound data stream with what its open said.
 ///
 /// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
-/// the stream finishes it too.
+/// the stream finishes it too. Streams made by the [`Connector`](crate::connector::Connector)
+/// and the [`Router`](crate::edge::Router) keep their session running while they live, so
+/// dropping the last `SessionClient` does not cut them off.
 pub struct TunnelStream<C: Connection> {
     io: TokioIo<Duplex<C>>,
     info: TunnelInfo,
     draining: Option<watch::Receiver<bool>>,
+    _session: Option<SessionClient<C>>,
 }
 
 impl<C: Connection> fmt::Debug for TunnelStream<C> {
@@ -101,7 +105,14 @@ impl<C: Connection> TunnelStream<C> {
             io: TokioIo::new(Duplex { send, recv }),
             info,
             draining: None,
+            _session: None,
         }
+    }
+
+    /// Keeps `session` running as long as this stream lives.
+    pub(crate) fn holding_session(mut self, session: SessionClient<C>) -> Self {
+        self._session = Some(session);
+        self
     }
 
     pub(crate) fn with_draining(mut self, draining: watch::Receiver<bool>) -> Self {

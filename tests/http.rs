@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::IntoFuture;
 use support::http::{app, checksum_body, PatternBody};
 use support::*;
@@ -511,4 +511,29 @@ async fn router_streams_hold_their_session_slot_until_the_service_returns() {
         .await
         .expect("slots were freed");
     drop((first, second));
+}
+
+#[tokio::test]
+async fn a_tunnel_stream_keeps_its_session_running() {
+    let (relay, _edge, _quic, _serving) = web_pair().await;
+    let mut connector = Connector::new(relay);
+    let stream = within(LIMIT, connector.connect("web")).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // The connector held the relay's last SessionClient; the stream must keep the session
+    // (and so the edge's keep-alive connection) going.
+    drop(connector);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 0..3 {
+        within(LIMIT, sender.ready())
+            .await
+            .expect("connection still open");
+        let request = Request::get(format!("http://web/n/{n}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = within(LIMIT, sender.send_request(request)).await.unwrap();
+        assert_eq!(text(response).await, format!("reply {n}"));
+    }
 }

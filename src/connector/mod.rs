@@ -199,15 +199,12 @@ impl<C: Connection> Connector<C> {
             let ((send, recv), logical_stream_id) = client
                 .open_reserved(service.clone(), metadata.clone(), slot)
                 .await?;
-            Ok(TunnelStream::new(
-                send,
-                recv,
-                TunnelInfo {
-                    service,
-                    metadata,
-                    logical_stream_id,
-                },
-            ))
+            let info = TunnelInfo {
+                service,
+                metadata,
+                logical_stream_id,
+            };
+            Ok(TunnelStream::new(send, recv, info).holding_session(client))
         })
     }
 }

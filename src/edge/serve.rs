@@ -254,7 +254,9 @@ async fn serve_stream<C: Connection>(
         let _ = client.close_stream(id, CloseCode::Error, None).await;
         return;
     }
-    let stream = TunnelStream::new(send, recv, info).with_draining(draining);
+    let stream = TunnelStream::new(send, recv, info)
+        .with_draining(draining)
+        .holding_session(client.clone());
     let (code, reason) = match route.call(stream).await {
         Ok(()) => (CloseCode::Normal, None),
         Err(error) => {
