@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use backhaul::connector::Connector;
 use backhaul::edge::Router;
-use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
 use backhaul::{Config, QuinnConnection, Role, Session, SessionClient};
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode, Throughput};
@@ -103,37 +102,9 @@ fn batch_len(concurrency: usize) -> usize {
 
 // ----- QUIC ------------------------------------------------------------------------------
 
-/// Both ends of one QUIC connection on loopback, plus the endpoints that keep it alive.
-struct QuicPair {
-    /// The relay's end (QUIC server).
-    relay: quinn::Connection,
-    /// The edge's end (QUIC client).
-    edge: quinn::Connection,
-    _endpoints: (quinn::Endpoint, quinn::Endpoint),
-}
-
-impl QuicPair {
-    /// Dials a fresh connection with backhaul's endpoint helpers.
-    async fn new() -> Self {
-        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
-        let trusted = identity.cert_chain.clone();
-        let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let relay_endpoint =
-            server_endpoint(addr, identity, DEFAULT_ALPN).expect("server endpoint");
-        let relay_addr = relay_endpoint.local_addr().expect("relay address");
-        let edge_endpoint = client_endpoint(&trusted, DEFAULT_ALPN).expect("client endpoint");
-        let connecting = edge_endpoint
-            .connect(relay_addr, "localhost")
-            .expect("connect");
-        let accepting = async { relay_endpoint.accept().await.expect("incoming").await };
-        let (edge, relay) = tokio::join!(connecting, accepting);
-        Self {
-            relay: relay.expect("relay side"),
-            edge: edge.expect("edge side"),
-            _endpoints: (relay_endpoint, edge_endpoint),
-        }
-    }
-}
+#[path = "../tests/support/quic.rs"]
+mod quic;
+use quic::QuicPair;
 
 /// A raw quinn bidirectional stream as one duplex byte stream, forwarding exactly what
 /// backhaul's `TunnelStream` forwards (including vectored writes).

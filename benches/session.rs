@@ -23,12 +23,10 @@
 //!
 //! Run: `cargo bench --bench session -- --noplot`
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
 use backhaul::{
     ClientEvent, CloseCode, Config, Connection as _, Metadata, QuinnConnection, Role, Session,
 };
@@ -60,42 +58,9 @@ const SINK: &str = "sink";
 
 // ----- connections ---------------------------------------------------------------------
 
-/// Both ends of one QUIC connection on loopback, plus the endpoints that keep it alive.
-struct QuicPair {
-    /// The relay's end (QUIC server).
-    relay: quinn::Connection,
-    /// The edge's end (QUIC client).
-    edge: quinn::Connection,
-    _endpoints: (quinn::Endpoint, quinn::Endpoint),
-}
-
-impl QuicPair {
-    /// Dials a fresh connection with backhaul's endpoint helpers.
-    async fn new() -> Self {
-        let identity = Identity::self_signed(&["localhost"]).expect("certificate");
-        let trusted = identity.cert_chain.clone();
-        let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let relay_endpoint =
-            server_endpoint(addr, identity, DEFAULT_ALPN).expect("server endpoint");
-        let relay_addr = relay_endpoint.local_addr().expect("relay address");
-        let edge_endpoint = client_endpoint(&trusted, DEFAULT_ALPN).expect("client endpoint");
-        let connecting = edge_endpoint
-            .connect(relay_addr, "localhost")
-            .expect("connect");
-        let accepting = async { relay_endpoint.accept().await.expect("incoming").await };
-        let (edge, relay) = tokio::join!(connecting, accepting);
-        Self {
-            relay: relay.expect("relay side"),
-            edge: edge.expect("edge side"),
-            _endpoints: (relay_endpoint, edge_endpoint),
-        }
-    }
-
-    fn close(&self) {
-        self.relay.close(0u32.into(), b"bench done");
-        self.edge.close(0u32.into(), b"bench done");
-    }
-}
+#[path = "../tests/support/quic.rs"]
+mod quic;
+use quic::QuicPair;
 
 /// A backhaul relay and a backhaul edge serving [`ONE_BYTE`] and [`SINK`].
 struct OurPair {

@@ -1,10 +1,8 @@
 //! A relay + edge pair over real quinn on 127.0.0.1 with self-signed TLS, in a few lines.
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
 use backhaul::{
     ClientEvent, Config, Connection, QuinnConnection, RejectCode, Role, SendStream, Session,
     SessionClient,
@@ -12,40 +10,9 @@ use backhaul::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Both ends of one QUIC connection, plus the endpoints that keep it alive.
-pub struct QuicPair {
-    /// The relay's end (QUIC server).
-    pub relay: quinn::Connection,
-    /// The edge's end (QUIC client).
-    pub edge: quinn::Connection,
-    pub relay_endpoint: quinn::Endpoint,
-    pub edge_endpoint: quinn::Endpoint,
-}
-
-/// Dials a fresh QUIC connection on loopback with `alpn`.
-pub async fn quic_pair_with_alpn(alpn: &[u8]) -> QuicPair {
-    let identity = Identity::self_signed(&["localhost"]).expect("certificate");
-    let trusted = identity.cert_chain.clone();
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let relay_endpoint = server_endpoint(addr, identity, alpn).expect("server endpoint");
-    let relay_addr = relay_endpoint.local_addr().unwrap();
-    let edge_endpoint = client_endpoint(&trusted, alpn).expect("client endpoint");
-    let connecting = edge_endpoint.connect(relay_addr, "localhost").unwrap();
-    let accepting = async { relay_endpoint.accept().await.expect("incoming").await };
-    let (edge, relay) = tokio::join!(connecting, accepting);
-    let relay = relay.expect("relay side");
-    QuicPair {
-        relay,
-        edge: edge.expect("edge side"),
-        relay_endpoint,
-        edge_endpoint,
-    }
-}
-
-/// Dials a fresh QUIC connection on loopback.
-pub async fn quic_pair() -> QuicPair {
-    quic_pair_with_alpn(DEFAULT_ALPN).await
-}
+mod quic;
+#[allow(unused_imports)]
+pub use quic::{quic_pair, quic_pair_with_alpn, QuicPair};
 
 /// A negotiated backhaul session pair: the relay opens, the edge accepts.
 pub struct SessionPair {
