@@ -1,0 +1,323 @@
+//! The relay: QUIC listener for edges, HTTP listener for the public, admin listener.
+//!
+//! Routing is by Host: `<edge>.<domain>` reaches that edge's default service (`web`),
+//! `<service>.<edge>.<domain>` a named one. Each registered edge has its own pooled
+//! hyper-util client over a backhaul `Connector`, so keep-alive connections to an edge
+//! reuse tunnel streams.
+
+mod admin;
+mod edges;
+mod host;
+mod public;
+
+use admin::serve_admin;
+use edges::{accept_edges, MeteredConnector};
+use host::{resolve_host, Target};
+use public::serve_public;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use backhaul::connector::Connector;
+use backhaul::quic::{server_endpoint, Identity, DEFAULT_ALPN};
+use backhaul::stream::TunnelStream;
+use backhaul::{
+    ClientEvent, CloseCode, Config, Error, QuinnConnection, RejectCode, Role, Session,
+    SessionClient,
+};
+use clap::Args;
+use http::header::{HeaderValue, HOST};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::IntCounterVec;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::Service;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::auth::{parse_registration, valid_edge_name, Tokens, REGISTER_SERVICE};
+use crate::forward::{
+    boxed, forward, is_upgrade, retarget, text_response, ForwardError, ProxyBody,
+};
+use crate::metrics::{CountingBody, Metrics};
+use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
+
+/// How long a connected edge has to register before it is dropped.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// QUIC close code for an edge that failed to register.
+const CLOSE_UNREGISTERED: u32 = 0x10;
+/// QUIC close code for an edge replaced by a newer connection under the same name.
+const CLOSE_REPLACED: u32 = 0x11;
+
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// UDP address edges dial (QUIC).
+    #[arg(long, default_value = "0.0.0.0:4433", env = "BACKHAUL_QUIC_LISTEN")]
+    pub quic_listen: SocketAddr,
+    /// TCP address of the public HTTP listener.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "BACKHAUL_HTTP_LISTEN")]
+    pub http_listen: SocketAddr,
+    /// TCP address of the admin listener (/healthz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:9090", env = "BACKHAUL_ADMIN_LISTEN")]
+    pub admin_listen: SocketAddr,
+    /// Public domain: `<edge>.<domain>` reaches an edge.
+    #[arg(long, default_value = "localhost", env = "BACKHAUL_DOMAIN")]
+    pub domain: String,
+    /// Service reached by `<edge>.<domain>` (without a service label).
+    #[arg(long, default_value = "web")]
+    pub default_service: String,
+    /// TLS certificate chain for the QUIC listener (PEM); self-signed if absent.
+    #[arg(long, requires = "key", env = "BACKHAUL_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, requires = "cert", env = "BACKHAUL_KEY")]
+    pub key: Option<PathBuf>,
+    /// Where to write the self-signed certificate for edges to trust.
+    #[arg(long, default_value = "backhaul-relay-cert.pem")]
+    pub cert_out: PathBuf,
+    /// Edge credentials as NAME=TOKEN (repeat, or comma-separate).
+    #[arg(
+        long = "edge-token",
+        env = "BACKHAUL_EDGE_TOKENS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub edge_tokens: Vec<String>,
+    /// Keep-alive ping interval; an edge missing a pong for as long again is dropped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+    /// How long opening a tunnel stream to an edge may take.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub open_timeout: Duration,
+    /// How long an edge may take to answer a request (response head).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// How long in-flight requests may finish after Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Everything a relay needs to start.
+pub struct RelayConfig {
+    pub quic_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub domain: String,
+    pub default_service: String,
+    pub identity: Identity,
+    pub tokens: Tokens,
+    pub keepalive: Duration,
+    pub open_timeout: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::from_files(cert, key)?,
+        _ => {
+            let identity = Identity::self_signed(&[&args.domain, "localhost", "127.0.0.1"])?;
+            let pem = pem::encode(&pem::Pem::new(
+                "CERTIFICATE",
+                identity.cert_chain[0].to_vec(),
+            ));
+            std::fs::write(&args.cert_out, pem)
+                .map_err(|e| format!("writing {}: {e}", args.cert_out.display()))?;
+            info!(path = %args.cert_out.display(), "self-signed certificate written; give it to edges with --relay-cert");
+            identity
+        }
+    };
+    let config = RelayConfig {
+        quic_listen: args.quic_listen,
+        http_listen: args.http_listen,
+        admin_listen: args.admin_listen,
+        domain: args.domain.to_ascii_lowercase(),
+        default_service: args.default_service,
+        identity,
+        tokens: Tokens::parse(&args.edge_tokens)?,
+        keepalive: args.keepalive,
+        open_timeout: args.open_timeout,
+        request_timeout: args.request_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let relay = start(config).await?;
+    shutdown_signal().await;
+    info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+/// A running relay.
+pub struct RunningRelay {
+    pub quic_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    /// Edge sessions outlive the public listener's drain, so in-flight requests finish.
+    stop_edges: watch::Sender<bool>,
+    edges_task: tokio::task::JoinHandle<()>,
+    state: Arc<RelayState>,
+}
+
+impl RunningRelay {
+    /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), and
+    /// closes every edge session.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let _ = self.stop_edges.send(true);
+        let _ = (&mut self.edges_task).await;
+        let edges: Vec<EdgeEntry> = lock(&self.state.edges).drain().map(|(_, e)| e).collect();
+        for edge in edges {
+            let _ = edge
+                .client
+                .close(CloseCode::Normal, Some("relay shutting down".into()))
+                .await;
+            edge.client
+                .connection()
+                .inner()
+                .close(0u32.into(), b"relay shutting down");
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.edges_task.abort();
+    }
+}
+
+pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
+    let endpoint = server_endpoint(config.quic_listen, config.identity, DEFAULT_ALPN)?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| format!("binding the admin listener on {}: {e}", config.admin_listen))?;
+    let session_config = Config::new()
+        .with_agent(concat!("backhaul-relay/", env!("CARGO_PKG_VERSION")))
+        .with_ping_interval(config.keepalive)
+        .with_ping_timeout(config.keepalive)
+        .with_open_timeout(config.open_timeout)
+        .with_max_inflight_opens(1024);
+    let state = Arc::new(RelayState {
+        domain: config.domain,
+        default_service: config.default_service,
+        tokens: config.tokens,
+        metrics: Metrics::new()?,
+        edges: Mutex::new(HashMap::new()),
+        next_edge_id: AtomicU64::new(1),
+        session_config,
+        request_timeout: config.request_timeout,
+    });
+    let quic_addr = endpoint.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    let (stop_edges, edges_stopped) = watch::channel(false);
+    let edges_task = tokio::spawn(accept_edges(endpoint, Arc::clone(&state), edges_stopped));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_public(
+        http,
+        Arc::clone(&state),
+        stopped.clone(),
+        config.shutdown_timeout,
+    ));
+    tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
+    info!(%quic_addr, %http_addr, %admin_addr, domain = %state.domain, "relay listening");
+    Ok(RunningRelay {
+        quic_addr,
+        http_addr,
+        admin_addr,
+        stop,
+        tasks,
+        stop_edges,
+        edges_task,
+        state,
+    })
+}
+
+struct RelayState {
+    domain: String,
+    default_service: String,
+    tokens: Tokens,
+    metrics: Metrics,
+    edges: Mutex<HashMap<String, EdgeEntry>>,
+    next_edge_id: AtomicU64,
+    session_config: Config,
+    request_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct EdgeEntry {
+    id: u64,
+    client: SessionClient<QuinnConnection>,
+    http: Client<MeteredConnector, ProxyBody>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RelayState {
+    /// Makes `client` the edge called `name`, replacing (and closing) an older session of
+    /// the same name: only an edge holding the name's token gets here.
+    fn attach(&self, name: &str, client: SessionClient<QuinnConnection>) -> u64 {
+        let id = self.next_edge_id.fetch_add(1, Ordering::Relaxed);
+        let connector = MeteredConnector {
+            inner: Connector::new(client.clone()),
+            opens: self.metrics.opens.clone(),
+        };
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let entry = EdgeEntry { id, client, http };
+        let replaced = lock(&self.edges).insert(name.to_owned(), entry);
+        match replaced {
+            Some(old) => {
+                info!(edge = name, "a new connection replaces the edge's old one");
+                old.client
+                    .connection()
+                    .inner()
+                    .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
+            }
+            None => self.metrics.edges_connected.inc(),
+        }
+        id
+    }
+
+    fn detach(&self, name: &str, id: u64) {
+        let mut edges = lock(&self.edges);
+        if edges.get(name).is_some_and(|entry| entry.id == id) {
+            edges.remove(name);
+            self.metrics.edges_connected.dec();
+        }
+    }
+
+    fn edge(&self, name: &str) -> Option<EdgeEntry> {
+        lock(&self.edges).get(name).cloned()
+    }
+
+    fn edge_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.edges).keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
