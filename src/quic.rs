@@ -116,8 +116,15 @@ fn file_error(path: &std::path::Path, error: impl std::fmt::Display) -> Error {
 }
 
 /// Transport settings for a tunnel connection: `max_streams` concurrent bidirectional
-/// streams each way, keep-alives every 5 s, a 30 s idle timeout, 16 MiB of connection
-/// flow-control window and 4 MiB per stream.
+/// streams each way, keep-alives every 5 s, a 30 s idle timeout, and flow control sized so
+/// that no stream can block another (see [`STREAM_RECEIVE_WINDOW`]).
+///
+/// The connection-wide receive window is left unlimited on purpose. With a finite one, a
+/// few streams whose reader stalls (a relay's public client that stops reading a large
+/// response) fill it with unread data, and then nothing else crosses the connection: not
+/// other responses, not the control stream's keep-alives, so the tunnel is declared dead.
+/// Memory stays bounded per stream instead: at most `max_streams` ×
+/// [`STREAM_RECEIVE_WINDOW`] of unread data per connection, and only while readers stall.
 #[must_use]
 pub fn transport_config(max_streams: u32) -> TransportConfig {
     let mut transport = TransportConfig::default();
@@ -125,14 +132,23 @@ pub fn transport_config(max_streams: u32) -> TransportConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(5)))
-        .stream_receive_window(VarInt::from_u32(4 * 1024 * 1024))
-        .receive_window(VarInt::from_u32(16 * 1024 * 1024))
-        .send_window(16 * 1024 * 1024);
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::MAX)
+        .send_window(SEND_WINDOW);
     if let Ok(idle) = Duration::from_secs(30).try_into() {
         transport.max_idle_timeout(Some(idle));
     }
     transport
 }
+
+/// Unread bytes a peer may send on one stream before it must wait for the reader: 1 MiB,
+/// enough for about 160 Mbit/s per stream at 50 ms of round-trip time, and the most a
+/// stalled reader costs its side of the connection.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes written but not yet acknowledged that a connection keeps across all its streams.
+/// Stalled streams do not count against it: the peer acknowledges what it buffers.
+const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Default concurrent streams per connection for [`transport_config`].
 pub const DEFAULT_MAX_STREAMS: u32 = 4096;

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use crate::transport::Connection;
+use crate::transport::{Connection, SendStream as _};
 use crate::{Config, Error, TimeoutKind};
 use control::ControlReader;
 
@@ -219,6 +219,7 @@ impl<C: Connection> Session<C> {
                 .map_err(Error::transport)?
                 .ok_or(Error::Disconnected)?,
         };
+        send.prioritize();
         let mut reader = ControlReader::new(recv);
         let params = negotiation::negotiate(
             self.shared.role,

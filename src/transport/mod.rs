@@ -58,6 +58,11 @@ pub trait SendStream: AsyncWrite + Send + Unpin + 'static {
     /// Abandons the stream: unsent data is dropped and the peer sees `code`.
     fn reset(&mut self, code: u32);
 
+    /// Sends this stream's data ahead of other streams' when the connection has more to
+    /// send than it can. The session calls it on the control stream, so keep-alives and
+    /// open answers never queue behind bulk data. The default does nothing.
+    fn prioritize(&mut self) {}
+
     /// Resolves once the peer has everything sent on this finished stream, or at once for
     /// transports that cannot tell (the default). Lets a graceful close be delivered
     /// before the caller closes the connection, which would discard unsent data.

@@ -122,6 +122,9 @@ impl AsyncWrite for QuinnSendStream {
     }
 }
 
+/// quinn sends higher priorities first; data streams keep the default 0.
+const CONTROL_PRIORITY: i32 = 1;
+
 impl SendStream for QuinnSendStream {
     type FinishError = quinn::ClosedStream;
 
@@ -133,6 +136,11 @@ impl SendStream for QuinnSendStream {
         // `stopped` resolves once every byte of the finished stream was acknowledged (or the
         // peer stopped it); either way nothing more is waiting to be sent.
         let _ = self.inner.stopped().await;
+    }
+
+    fn prioritize(&mut self) {
+        // Fails only on a stream that is already closed, which has nothing left to send.
+        let _ = self.inner.set_priority(CONTROL_PRIORITY);
     }
 
     fn reset(&mut self, code: u32) {
