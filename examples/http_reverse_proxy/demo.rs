@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::auth::Tokens;
 use crate::edge::{run_edge, EdgeConfig};
+use crate::listener::Limits;
 use crate::relay::{start, RelayConfig};
 use crate::{shutdown_signal, BoxError};
 
@@ -76,6 +77,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         open_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
         shutdown_timeout: Duration::from_secs(5),
+        public_limits: Limits::default(),
     })
     .await?;
 

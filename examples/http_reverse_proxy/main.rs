@@ -16,6 +16,7 @@ mod auth;
 mod demo;
 mod edge;
 mod forward;
+mod listener;
 mod metrics;
 mod relay;
 

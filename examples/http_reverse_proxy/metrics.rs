@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Everything the relay measures.
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    pub connections_open: IntGaugeVec,
+    pub connections_cut: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,6 +70,22 @@ impl Metrics {
             ]),
             &["class"],
         )?;
+        let connections_open = IntGaugeVec::new(
+            Opts::new(
+                "backhaul_connections_open",
+                "HTTP connections open now, by listener",
+            ),
+            &["listener"],
+        )?;
+        let connections_cut = IntCounterVec::new(
+            Opts::new(
+                "backhaul_connections_cut_total",
+                "HTTP connections the relay cut, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_cut.clone()))?;
         registry.register(Box::new(edges_connected.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(opens.clone()))?;
@@ -82,6 +100,8 @@ impl Metrics {
             bytes,
             requests,
             request_duration,
+            connections_open,
+            connections_cut,
         })
     }
 

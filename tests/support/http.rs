@@ -46,17 +46,29 @@ impl Checksum {
 }
 
 /// A body of `len` bytes streamed in 64 KiB chunks of a deterministic pattern.
+///
+/// Byte `i` (counting from 1) is `i * 31 ^ i >> 8`, truncated: its period is 64 KiB, so
+/// every chunk is a slice of one block made once (generating bytes one at a time made
+/// the test's backend, not the code under test, the bottleneck of large transfers).
 pub struct PatternBody {
     remaining: u64,
-    counter: u64,
+}
+
+const PATTERN_BLOCK: usize = 64 * 1024;
+
+fn pattern_block() -> &'static Bytes {
+    static BLOCK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        (1..=PATTERN_BLOCK as u64)
+            .map(|counter| (counter.wrapping_mul(31) ^ (counter >> 8)) as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    })
 }
 
 impl PatternBody {
     pub fn new(len: u64) -> Self {
-        Self {
-            remaining: len,
-            counter: 0,
-        }
+        Self { remaining: len }
     }
 
     /// The checksum of the bytes such a body produces.
@@ -73,14 +85,9 @@ impl PatternBody {
         if self.remaining == 0 {
             return None;
         }
-        let len = self.remaining.min(64 * 1024) as usize;
-        let mut chunk = Vec::with_capacity(len);
-        for _ in 0..len {
-            self.counter = self.counter.wrapping_add(1);
-            chunk.push((self.counter.wrapping_mul(31) ^ (self.counter >> 8)) as u8);
-        }
+        let len = self.remaining.min(PATTERN_BLOCK as u64) as usize;
         self.remaining -= len as u64;
-        Some(Bytes::from(chunk))
+        Some(pattern_block().slice(..len))
     }
 }
 

@@ -421,6 +421,8 @@ pub struct RelaySpec {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub args: Vec<String>,
+    /// The open-file limit to run the relay under, if not the test's own.
+    pub open_files: Option<u64>,
 }
 
 /// A relay process.
@@ -441,7 +443,21 @@ impl Relay {
         let cert = dir.join("relay-cert.pem");
         let mut args = vec!["--cert-out".to_owned(), path_arg(&cert)];
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-        Self::start_with(dir, tokens, cert, args).await
+        Self::start_with(dir, tokens, cert, args, None).await
+    }
+
+    /// Like [`Relay::start`], with the process's open-file limit (soft and hard) set to
+    /// `open_files` by `prlimit`.
+    pub async fn start_with_open_files(
+        dir: &Path,
+        tokens: &[(&str, &str)],
+        extra: &[&str],
+        open_files: u64,
+    ) -> Self {
+        let cert = dir.join("relay-cert.pem");
+        let mut args = vec!["--cert-out".to_owned(), path_arg(&cert)];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        Self::start_with(dir, tokens, cert, args, Some(open_files)).await
     }
 
     /// Starts a relay with a given certificate and key (PEM files).
@@ -459,7 +475,7 @@ impl Relay {
             path_arg(key),
         ];
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-        Self::start_with(dir, tokens, cert.to_path_buf(), args).await
+        Self::start_with(dir, tokens, cert.to_path_buf(), args, None).await
     }
 
     async fn start_with(
@@ -467,6 +483,7 @@ impl Relay {
         tokens: &[(&str, &str)],
         cert: PathBuf,
         mut args: Vec<String>,
+        open_files: Option<u64>,
     ) -> Self {
         for (name, token) in tokens {
             args.push("--edge-token".to_owned());
@@ -485,9 +502,10 @@ impl Relay {
                 http: free_tcp_addr(),
                 admin: free_tcp_addr(),
                 args: args.clone(),
+                open_files,
             };
             let mut relay = Self {
-                proc: Proc::spawn(&format!("relay-{attempt}"), dir, &spec.command()),
+                proc: spec.spawn(&format!("relay-{attempt}"), dir),
                 spec,
                 dir: dir.to_path_buf(),
                 cert: cert.clone(),
@@ -508,7 +526,7 @@ impl Relay {
         let status = self.proc.exited();
         assert!(status.is_some(), "restart needs the old relay gone");
         let name = self.proc.name.clone();
-        self.proc = Proc::spawn(&name, &self.dir, &self.spec.command());
+        self.proc = self.spec.spawn(&name, &self.dir);
         if let Err(logs) = self.wait_ready().await {
             panic!("the relay did not restart\n{logs}");
         }
@@ -627,6 +645,18 @@ impl Relay {
 }
 
 impl RelaySpec {
+    fn spawn(&self, name: &str, dir: &Path) -> Proc {
+        let Some(open_files) = self.open_files else {
+            return Proc::spawn(name, dir, &self.command());
+        };
+        let mut args = vec![
+            format!("--nofile={open_files}:{open_files}"),
+            path_arg(binary()),
+        ];
+        args.extend(self.command());
+        Proc::spawn_program(name, dir, "prlimit".as_ref(), &args)
+    }
+
     fn command(&self) -> Vec<String> {
         let mut command = vec![
             "relay".to_owned(),

@@ -2,29 +2,36 @@
 
 use super::*;
 
+/// The admin listener's connections: few, short-lived, never a reason to run out of file
+/// descriptors the public side needs.
+const ADMIN_LIMITS: Limits = Limits {
+    max_connections: 32,
+    header_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(30),
+    write_timeout: Duration::from_secs(10),
+};
+
 pub(super) async fn serve_admin(
     listener: TcpListener,
     state: Arc<RelayState>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
-                let state = Arc::clone(&state);
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(admin(&state, request.uri().path())) }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
+    let metrics = state.metrics.clone();
+    listener::serve(
+        Acceptor::new(listener, "admin"),
+        ADMIN_LIMITS,
+        metrics,
+        stop,
+        Duration::from_secs(1),
+        move |_remote| {
+            let state = Arc::clone(&state);
+            move |request: Request<Incoming>| {
+                let response = admin(&state, request.uri().path());
+                std::future::ready(response)
             }
-            () = until_stopped(&mut stop) => break,
-        }
-    }
+        },
+    )
+    .await;
 }
 
 fn admin(state: &RelayState, path: &str) -> Response<ProxyBody> {

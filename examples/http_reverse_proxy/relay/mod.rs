@@ -38,9 +38,7 @@ use http::header::{HeaderValue, HOST};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioExecutor;
 use prometheus::IntCounterVec;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,6 +50,7 @@ use crate::auth::{parse_registration, valid_edge_name, Tokens, REGISTER_SERVICE}
 use crate::forward::{
     boxed, forward, is_upgrade, retarget, text_response, ForwardError, ProxyBody,
 };
+use crate::listener::{self, Acceptor, Limits};
 use crate::metrics::{CountingBody, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
 
@@ -108,6 +107,21 @@ pub struct RelayArgs {
     /// How long in-flight requests may finish after Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Public connections open at once (lowered to fit the file-descriptor limit); more
+    /// wait in the kernel's backlog.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// How long a public client may take to send a request head, from connecting or from
+    /// its first byte (stops slowloris).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// How long a keep-alive connection may sit idle between requests.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long a response write may make no progress before the connection is cut (a
+    /// client that stopped reading).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
 }
 
 /// Everything a relay needs to start.
@@ -123,6 +137,7 @@ pub struct RelayConfig {
     pub open_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub public_limits: Limits,
 }
 
 pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
@@ -152,6 +167,12 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         open_timeout: args.open_timeout,
         request_timeout: args.request_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        public_limits: Limits {
+            max_connections: fit_to_fd_limit(args.max_connections),
+            header_timeout: args.header_timeout,
+            idle_timeout: args.idle_timeout,
+            write_timeout: args.write_timeout,
+        },
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -235,6 +256,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     tasks.spawn(serve_public(
         http,
         Arc::clone(&state),
+        config.public_limits,
         stopped.clone(),
         config.shutdown_timeout,
     ));
@@ -287,6 +309,8 @@ impl RelayState {
         };
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            // hyper reads ahead of a slow client up to this much per response (default 400 KiB).
+            .http1_max_buf_size(64 * 1024)
             .build(connector);
         let entry = EdgeEntry { id, client, http };
         let replaced = lock(&self.edges).insert(name.to_owned(), entry);
@@ -320,4 +344,31 @@ impl RelayState {
         names.sort();
         names
     }
+}
+
+/// File descriptors kept for everything but public connections: the QUIC socket, the
+/// admin listener and its connections, logs, and the edges' local needs.
+const RESERVED_FDS: u64 = 128;
+
+/// Raises the open-file limit as far as allowed and lowers `wanted` public connections to
+/// what it leaves room for, so that running out of descriptors never stops the relay.
+fn fit_to_fd_limit(wanted: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            warn!(%error, "cannot read the open-file limit; keeping --max-connections as given");
+            return wanted;
+        }
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if room < wanted {
+        warn!(
+            fd_limit = limit,
+            max_connections = room,
+            "the open-file limit allows fewer public connections than --max-connections"
+        );
+    }
+    wanted.min(room)
 }

@@ -5,43 +5,31 @@ use super::*;
 pub(super) async fn serve_public(
     listener: TcpListener,
     state: Arc<RelayState>,
-    mut stop: watch::Receiver<bool>,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
     shutdown_timeout: Duration,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+    let metrics = state.metrics.clone();
+    listener::serve(
+        Acceptor::new(listener, "public"),
+        limits,
+        metrics,
+        stop,
+        shutdown_timeout,
+        move |remote| {
+            let state = Arc::clone(&state);
+            move |request| {
+                let answer = handle_request(Arc::clone(&state), request, remote);
+                async move {
+                    match answer.await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
                     }
-                };
-                let _ = tcp.set_nodelay(true);
-                let state = Arc::clone(&state);
-                let service = hyper::service::service_fn(move |request| {
-                    handle_request(Arc::clone(&state), request, remote)
-                });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(%error, "client connection ended with an error");
-                    }
-                });
+                }
             }
-            () = until_stopped(&mut stop) => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => info!("all public connections finished"),
-        () = tokio::time::sleep(shutdown_timeout) => warn!("shutdown timeout: dropping unfinished connections"),
-    }
+        },
+    )
+    .await;
 }
 
 async fn handle_request(

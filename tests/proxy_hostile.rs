@@ -1,0 +1,462 @@
+//! The reverse proxy's public side under hostile and unlucky clients: clients that stop
+//! reading, send heads a byte at a time, connect and say nothing, exhaust file descriptors,
+//! or send garbage, while a well-behaved client keeps being served. The relay and edge run
+//! as separate processes (the built example) on loopback; the hostile clients are raw TCP
+//! sockets in the test.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::proxy::{bounded, eventually, Backend, Public, Relay, TempDir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Upper bound for any one test.
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A relay with one edge, "demo", exposing the test backend.
+async fn relay_with_demo_edge(
+    dir: &TempDir,
+    relay_args: &[&str],
+) -> (Relay, support::proxy::Proc, Backend) {
+    let backend = Backend::start("demo-web").await;
+    let mut relay = Relay::start(dir.path(), &[("demo", "demo-secret")], relay_args).await;
+    let edge = relay.spawn_edge("demo", "demo-secret", &[("web", backend.addr)], &[]);
+    relay.wait_edges(1).await;
+    (relay, edge, backend)
+}
+
+/// Sends `head` on a fresh connection to the public listener.
+async fn raw_request(addr: SocketAddr, head: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connecting");
+    stream.write_all(head.as_bytes()).await.expect("sending");
+    stream
+}
+
+/// True if the peer closes `stream` (EOF or reset) within `limit`; whatever it sent first
+/// is read and dropped.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = vec![0; 64 * 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Reads until `needle` has arrived (a whole small response), or panics after 5 s.
+async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let read = stream.read(&mut buf).await.expect("reading a response");
+            assert!(
+                read > 0,
+                "closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..read]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no {needle:?} within 5 s: {:?}",
+            String::from_utf8_lossy(&seen)
+        )
+    });
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// A well-behaved client: sequential GETs with distinct answers for `duration`, every
+/// answer checked. Returns the latencies, sorted.
+async fn well_behaved(public: &Public, duration: Duration) -> Vec<Duration> {
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        n += 1;
+        let sent = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            public.get("demo", &format!("/n/{n}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {n} got no answer within 10 s"));
+        latencies.push(sent.elapsed());
+        assert_eq!(
+            answer,
+            (StatusCode::OK, format!("reply {n}")),
+            "request {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    latencies.sort();
+    latencies
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// CPU time a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading stat");
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Waits (at most 30 s) until `pid` uses under a fifth of a core over half a second.
+async fn wait_until_quiet(pid: u32) {
+    let started = Instant::now();
+    loop {
+        let before = cpu_time(pid);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cpu_time(pid) - before < Duration::from_millis(100) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the relay never went quiet"
+        );
+    }
+}
+
+/// Clients that request 512 MiB and never read must neither starve other requests to the
+/// same edge nor take the edge down; the relay's memory stays bounded, and the write
+/// timeout cuts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_do_not_stall_the_edge() {
+    bounded(LIMIT, async {
+        const SLOW_READERS: usize = 100;
+        let dir = TempDir::new("slow-readers");
+        let (relay, _edge, _backend) = relay_with_demo_edge(&dir, &["--write-timeout", "6s"]).await;
+        let baseline = rss_kib(relay.proc.id());
+        let head = format!(
+            "GET /download/536870912 HTTP/1.1\r\nHost: {}\r\n\r\n",
+            relay.host("demo")
+        );
+        let mut stalled = Vec::new();
+        for _ in 0..SLOW_READERS {
+            stalled.push(raw_request(relay.spec.http, &head).await);
+        }
+        // Their responses flow until the clients' socket buffers and the tunnel's stream
+        // windows are full (hundreds of MiB on loopback, seconds of CPU on a small
+        // machine); then the relay goes quiet.
+        let filling = Instant::now();
+        wait_until_quiet(relay.proc.id()).await;
+        eprintln!("stalled after {:?}", filling.elapsed());
+
+        let latencies = well_behaved(&relay.public(), Duration::from_secs(3)).await;
+        let peak = rss_kib(relay.proc.id());
+        let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        eprintln!(
+            "{} requests beside {SLOW_READERS} stalled 512 MiB downloads: p50 {p50:?}, p99 {p99:?}; \
+             relay RSS {baseline} KiB before, {peak} KiB while stalled",
+            latencies.len()
+        );
+        assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+        // The stated bound: 1.5 MiB per stalled response (1 MiB stream window plus hyper's
+        // and the pipe's buffers) over the baseline.
+        let bound = baseline + SLOW_READERS as u64 * 1536;
+        assert!(peak < bound, "relay RSS {peak} KiB over the bound {bound} KiB");
+        assert_eq!(relay.edges().await, Some(1), "the edge was dropped");
+        assert!(
+            !relay.proc.stderr().contains("keep-alive") && !relay.proc.stdout().contains("keep-alive"),
+            "keep-alives failed:\n{}",
+            relay.proc.logs()
+        );
+
+        // The write timeout cuts every stalled client.
+        eventually(Duration::from_secs(30), "stalled clients cut", || async {
+            let cut = relay
+                .metrics()
+                .await
+                .get("backhaul_connections_cut_total", &[("reason", "write_timeout")]);
+            (cut >= SLOW_READERS as f64).then_some(())
+        })
+        .await;
+        for stream in &mut stalled {
+            assert!(closed_within(stream, Duration::from_secs(10)).await, "a stalled client was not cut");
+        }
+        eprintln!("relay RSS {} KiB after the cut", rss_kib(relay.proc.id()));
+        assert_eq!(relay.edges().await, Some(1));
+        assert_eq!(relay.public().get("demo", "/n/1").await.0, StatusCode::OK);
+    })
+    .await;
+}
+
+/// Heads sent a byte at a time and connections that say nothing are cut after the header
+/// timeout; kept-alive connections idle until the idle timeout; requests keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_idle_connections_are_cut() {
+    bounded(LIMIT, async {
+        const SLOWLORIS: usize = 200;
+        const SILENT: usize = 300;
+        let dir = TempDir::new("slowloris");
+        let (relay, _edge, _backend) =
+            relay_with_demo_edge(&dir, &["--header-timeout", "2s", "--idle-timeout", "5s"]).await;
+        let addr = relay.spec.http;
+        let host = relay.host("demo");
+        let started = Instant::now();
+
+        // Slowloris: a header line every 300 ms, never the blank line that ends the head.
+        let mut slowloris = tokio::task::JoinSet::new();
+        for _ in 0..SLOWLORIS {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n");
+            slowloris.spawn(async move {
+                let mut stream = raw_request(addr, &head).await;
+                for _ in 0..100 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                        break;
+                    }
+                }
+                // Held until the relay cut it.
+                started.elapsed()
+            });
+        }
+        let mut silent = Vec::new();
+        for _ in 0..SILENT {
+            silent.push(TcpStream::connect(addr).await.expect("connecting"));
+        }
+        // A kept-alive connection: one request answered, then idle.
+        let mut kept =
+            raw_request(addr, &format!("GET /n/7 HTTP/1.1\r\nHost: {host}\r\n\r\n")).await;
+        read_until(&mut kept, "reply 7").await;
+        let kept_idle_from = Instant::now();
+
+        let latencies = well_behaved(&relay.public(), Duration::from_secs(4)).await;
+        eprintln!(
+            "{} requests beside {SLOWLORIS} slowloris and {SILENT} silent connections: p99 {:?}",
+            latencies.len(),
+            percentile(&latencies, 0.99)
+        );
+        for stream in &mut silent {
+            assert!(
+                closed_within(stream, Duration::from_secs(5)).await,
+                "a silent connection survived"
+            );
+        }
+        while let Some(held) = slowloris.join_next().await {
+            let held = held.expect("a slowloris task");
+            assert!(
+                held < Duration::from_secs(15),
+                "a slowloris connection lived {held:?}"
+            );
+        }
+        // Past the header timeout but within the idle timeout, the kept-alive one is open…
+        let mut probe = [0u8; 1];
+        tokio::time::sleep(Duration::from_secs(3).saturating_sub(kept_idle_from.elapsed())).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), kept.read(&mut probe))
+                .await
+                .is_err(),
+            "the kept-alive connection was closed before its idle timeout"
+        );
+        // …and it is closed after the idle timeout.
+        assert!(closed_within(&mut kept, Duration::from_secs(10)).await);
+        assert!(kept_idle_from.elapsed() >= Duration::from_millis(4500));
+
+        let scrape = relay.metrics().await;
+        let header_cuts = scrape.get(
+            "backhaul_connections_cut_total",
+            &[("reason", "header_timeout")],
+        );
+        let idle_cuts = scrape.get(
+            "backhaul_connections_cut_total",
+            &[("reason", "idle_timeout")],
+        );
+        assert!(
+            header_cuts >= (SLOWLORIS + SILENT) as f64,
+            "header cuts {header_cuts}"
+        );
+        assert!(idle_cuts >= 1.0, "idle cuts {idle_cuts}");
+    })
+    .await;
+}
+
+/// With few file descriptors, the relay caps public connections below the limit: the
+/// admin listener keeps answering, nothing spins, and once the timeouts free slots the
+/// public side serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_file_limit_does_not_stop_the_relay() {
+    bounded(LIMIT, async {
+        const SILENT: usize = 400;
+        let dir = TempDir::new("fd-limit");
+        let backend = Backend::start("demo-web").await;
+        let mut relay = Relay::start_with_open_files(
+            dir.path(),
+            &[("demo", "demo-secret")],
+            &["--header-timeout", "2s"],
+            256,
+        )
+        .await;
+        let _edge = relay.spawn_edge("demo", "demo-secret", &[("web", backend.addr)], &[]);
+        relay.wait_edges(1).await;
+        assert!(
+            relay
+                .proc
+                .stderr()
+                .contains("allows fewer public connections")
+                || relay
+                    .proc
+                    .stdout()
+                    .contains("allows fewer public connections"),
+            "no warning about the lowered cap\n{}",
+            relay.proc.logs()
+        );
+
+        // More silent connections than the relay has descriptors.
+        let mut silent = Vec::new();
+        for _ in 0..SILENT {
+            silent.push(
+                TcpStream::connect(relay.spec.http)
+                    .await
+                    .expect("connecting"),
+            );
+        }
+        let cpu_before = cpu_time(relay.proc.id());
+        let window = Instant::now();
+        for _ in 0..10 {
+            assert!(
+                relay.healthz().await.is_some(),
+                "the admin listener stopped answering"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let busy = cpu_time(relay.proc.id()) - cpu_before;
+        let share = busy.as_secs_f64() / window.elapsed().as_secs_f64();
+        eprintln!(
+            "relay CPU while {SILENT} silent connections wait: {:.0} %",
+            share * 100.0
+        );
+        assert!(share < 0.5, "the relay spins: {:.0} % CPU", share * 100.0);
+
+        // The header timeout frees slots; a real request gets through.
+        let public = relay.public();
+        let answer = eventually(Duration::from_secs(20), "a request through", || async {
+            public.try_get("demo", "/n/3").await
+        })
+        .await;
+        assert_eq!(answer, (StatusCode::OK, "reply 3".to_owned()));
+        for stream in &mut silent {
+            assert!(closed_within(stream, Duration::from_secs(20)).await);
+        }
+    })
+    .await;
+}
+
+/// On SIGTERM, idle connections and half-sent requests are closed at once; a request in
+/// flight finishes; the relay exits long before its shutdown timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_connections_at_once() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("shutdown-idle");
+        let (mut relay, _edge, _backend) =
+            relay_with_demo_edge(&dir, &["--shutdown-timeout", "30s"]).await;
+        let addr = relay.spec.http;
+        let host = relay.host("demo");
+        let mut half_sent = raw_request(addr, &format!("GET / HTTP/1.1\r\nHost: {host}\r\n")).await;
+        let mut kept =
+            raw_request(addr, &format!("GET /n/1 HTTP/1.1\r\nHost: {host}\r\n\r\n")).await;
+        read_until(&mut kept, "reply 1").await;
+        let public = relay.public();
+        let slow = tokio::spawn(async move { public.get("demo", "/slow/1500").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let signalled = Instant::now();
+        relay.proc.terminate();
+        assert!(
+            closed_within(&mut half_sent, Duration::from_secs(1)).await,
+            "a half-sent request held on"
+        );
+        assert!(
+            closed_within(&mut kept, Duration::from_secs(1)).await,
+            "an idle connection held on"
+        );
+        assert_eq!(
+            slow.await.expect("the slow request"),
+            (StatusCode::OK, "done".to_owned())
+        );
+        let status = relay.proc.wait_exit(Duration::from_secs(10)).await;
+        assert!(status.success(), "relay exit: {status}");
+        let took = signalled.elapsed();
+        eprintln!("relay stopped {took:?} after SIGTERM");
+        assert!(took < Duration::from_secs(10));
+    })
+    .await;
+}
+
+/// Requests hyper refuses by itself (an unparsable head, a head too large) are counted in
+/// metrics and logged like any other answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_counted_and_logged() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("malformed");
+        let (relay, _edge, _backend) = relay_with_demo_edge(&dir, &[]).await;
+        let addr = relay.spec.http;
+
+        let mut garbage = raw_request(addr, "GARBAGE\x01\x02 / HTTP/9\r\n\r\n").await;
+        let answer = read_until(&mut garbage, "\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nX-Big: {}\r\n\r\n",
+            relay.host("demo"),
+            "a".repeat(100 * 1024)
+        );
+        let mut big = TcpStream::connect(addr).await.expect("connecting");
+        // The relay may answer and close before it has read everything.
+        let _ = big.write_all(huge.as_bytes()).await;
+        let answer = read_until(&mut big, "\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+        let scrape = eventually(Duration::from_secs(5), "counted", || async {
+            let scrape = relay.metrics().await;
+            (scrape.get("backhaul_http_requests_total", &[("code", "431")]) == 1.0)
+                .then_some(scrape)
+        })
+        .await;
+        assert_eq!(
+            scrape.get("backhaul_http_requests_total", &[("code", "400")]),
+            1.0
+        );
+        let logs = relay.proc.stdout() + &relay.proc.stderr();
+        assert_eq!(
+            logs.matches("malformed request refused").count(),
+            2,
+            "{logs}"
+        );
+        // A well-behaved client is unaffected.
+        assert_eq!(
+            relay.public().get("demo", "/n/5").await,
+            (StatusCode::OK, "reply 5".to_owned())
+        );
+    })
+    .await;
+}
