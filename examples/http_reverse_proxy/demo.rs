@@ -76,6 +76,9 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         open_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
         shutdown_timeout: Duration::from_secs(5),
+        upstream_idle_timeout: Duration::from_secs(60),
+        edge_probe_timeout: Duration::from_secs(1),
+        trusted_proxies: Default::default(),
     })
     .await?;
 
@@ -92,6 +95,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             keepalive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(5),
+            upstream_idle_timeout: Duration::from_secs(60),
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
         },

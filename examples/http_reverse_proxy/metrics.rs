@@ -21,6 +21,8 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// Edge response bodies cut because the edge stalled mid-body.
+    pub upstream_idle_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -68,12 +70,17 @@ impl Metrics {
             ]),
             &["class"],
         )?;
+        let upstream_idle_timeouts = IntCounter::new(
+            "backhaul_upstream_idle_timeouts_total",
+            "Edge response bodies aborted because the edge sent nothing for --upstream-idle-timeout",
+        )?;
         registry.register(Box::new(edges_connected.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_idle_timeouts.clone()))?;
         Ok(Self {
             registry,
             edges_connected,
@@ -82,6 +89,7 @@ impl Metrics {
             bytes,
             requests,
             request_duration,
+            upstream_idle_timeouts,
         })
     }
 
