@@ -342,4 +342,149 @@ mod tests {
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "upgrade");
     }
+
+    #[test]
+    fn h2c_upgrades_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
+        assert!(!is_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, false);
+        assert!(headers.is_empty(), "{headers:?}");
+
+        // Offered beside a protocol the proxy can splice, only h2c goes.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c, websocket"));
+        assert!(is_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, X-Forwarded-For"),
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("demo.localhost"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers[header::HOST], "demo.localhost");
+        assert!(!headers.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn error_chains_skip_repeated_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(
+            error_chain(&error),
+            "client error (Connect): connection refused"
+        );
+    }
+
+    /// A body fed by the test, frame by frame.
+    struct FedBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for FedBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn idle_body(
+        idle: Duration,
+    ) -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        IdleTimeoutBody<FedBody>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (feed, frames) = tokio::sync::mpsc::channel(16);
+        let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook: IdleHook = {
+            let fired = Arc::clone(&fired);
+            Arc::new(move |_| {
+                fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        (
+            feed,
+            IdleTimeoutBody::new(FedBody(frames), idle, hook),
+            fired,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_fails_after_the_idle_limit() {
+        let idle = Duration::from_millis(200);
+        let (feed, mut body, fired) = idle_body(idle);
+        feed.send(Bytes::from_static(b"half")).await.unwrap();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().unwrap(), "half");
+        let started = std::time::Instant::now();
+        let error = body
+            .frame()
+            .await
+            .expect("an error, not the end")
+            .unwrap_err();
+        assert!(error.downcast_ref::<BodyIdle>().is_some(), "{error}");
+        assert!(started.elapsed() >= idle);
+        assert_eq!(fired.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(body.frame().await.is_none());
+        drop(feed);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_sending_or_a_slow_reader_is_not_cut() {
+        let idle = Duration::from_millis(300);
+        let (feed, mut body, fired) = idle_body(idle);
+        tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = feed.send(Bytes::from_static(b"tick")).await;
+            }
+        });
+        let mut ticks = 0;
+        while let Some(frame) = body.frame().await {
+            frame.expect("no idle error");
+            ticks += 1;
+            // The reader is slower than the idle limit: not the upstream's fault.
+            if ticks == 2 {
+                tokio::time::sleep(idle * 3).await;
+            }
+        }
+        assert_eq!(ticks, 6);
+        assert_eq!(fired.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
 }
