@@ -688,3 +688,54 @@ async fn a_stopped_edge_is_reported_as_not_responding() {
     })
     .await;
 }
+
+/// Item 11: an edge that dies while a request is in flight: 502 saying it went offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_lost_mid_request_is_reported_as_gone() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("http-lost-edge");
+        let web = Backend::start("web").await;
+        let mut relay =
+            Relay::start(dir.path(), &[("alpha", "secret")], &["--keepalive", "1s"]).await;
+        let mut edge = relay.spawn_edge("alpha", "secret", &[("web", web.addr)], &[]);
+        relay.wait_edges(1).await;
+        let holding = tokio::spawn({
+            let public = relay.public();
+            async move { public.get("alpha", "/hold/10000").await }
+        });
+        let holds = std::sync::Arc::clone(&web.holds);
+        eventually(
+            Duration::from_secs(10),
+            "the request reaches the backend",
+            || {
+                let holds = std::sync::Arc::clone(&holds);
+                async move { (holds.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(()) }
+            },
+        )
+        .await;
+        edge.kill();
+        let started = Instant::now();
+        let (status, body) = holding.await.expect("the held request");
+        eprintln!(
+            "answer for an edge lost mid-request after {:?}: {status} {body:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert!(body.contains("edge \"alpha\""), "{body}");
+        assert!(body.contains("went offline"), "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            relay
+                .proc
+                .stdout()
+                .contains("forwarding to the edge failed"),
+            "{}",
+            relay.proc.logs()
+        );
+    })
+    .await;
+}

@@ -408,7 +408,7 @@ impl LocalService {
                 ),
             ),
         };
-        warn!(status = status.as_u16(), "{message}");
+        warn!(status = status.as_u16(), error = ?message, "forwarding to the local service failed");
         text_response(status, message)
     }
 

@@ -180,7 +180,8 @@ async fn route(
         }
         Err(error) => {
             let failure = explain_failure(state, &edge, &edge_name, &service, error).await;
-            warn!(error = %failure.detail, status = failure.status.as_u16(), "forwarding to the edge failed");
+            // The chain can hold text from the edge (a rejection reason): Debug escapes it.
+            warn!(error = ?failure.detail, status = failure.status.as_u16(), "forwarding to the edge failed");
             text_response(failure.status, failure.message)
         }
     }
@@ -247,6 +248,13 @@ async fn explain_failure(
             status,
             message,
             detail,
+        };
+    }
+    if let Some(reason) = edge.client.connection().inner().close_reason() {
+        return Failure {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("edge {name:?} went offline mid-request (its connection was lost)"),
+            detail: format!("{detail}; the edge's connection ended: {reason}"),
         };
     }
     let (status, message) = match find_cause::<hyper::Error>(&error) {
