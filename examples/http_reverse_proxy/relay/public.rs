@@ -368,7 +368,13 @@ fn find_cause<'a, E: std::error::Error + 'static>(
         if let Some(found) = current.downcast_ref::<E>() {
             return Some(found);
         }
-        cause = current.source();
+        // An io::Error's `source` skips the error it wraps: look into that one too.
+        cause = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
     }
     None
 }
@@ -384,4 +390,52 @@ fn index_page(state: &RelayState) -> Response<ProxyBody> {
         page.push_str(&format!("  http://{edge}.{}/\n", state.domain));
     }
     text_response(StatusCode::OK, page.trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_failures_say_what_happened() {
+        let rejected = |code, reason: Option<&str>| Error::StreamRejected {
+            code,
+            reason: reason.map(str::to_owned),
+        };
+        let cases = [
+            (
+                rejected(RejectCode::UnsupportedService, None),
+                StatusCode::BAD_GATEWAY,
+                "edge \"alpha\" has no service \"web\"",
+            ),
+            (
+                rejected(RejectCode::LimitExceeded, Some("full\n")),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "edge \"alpha\" is busy: \"full\\n\"",
+            ),
+            (
+                rejected(RejectCode::Unauthorized, None),
+                StatusCode::BAD_GATEWAY,
+                "edge \"alpha\" refused the stream to \"web\"",
+            ),
+            (
+                Error::Disconnected,
+                StatusCode::BAD_GATEWAY,
+                "edge \"alpha\" went offline",
+            ),
+        ];
+        for (error, status, message) in cases {
+            let (got_status, got_message) = tunnel_failure(&error, "alpha", "web");
+            assert_eq!(got_status, status, "{error}");
+            assert!(got_message.starts_with(message), "{got_message:?}");
+        }
+    }
+
+    #[test]
+    fn causes_are_found_down_the_chain() {
+        let inner = std::io::Error::other(Error::SessionClosed);
+        let found = find_cause::<Error>(&inner);
+        assert!(matches!(found, Some(Error::SessionClosed)), "{found:?}");
+        assert!(find_cause::<hyper::Error>(&inner).is_none());
+    }
 }
