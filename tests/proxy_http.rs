@@ -661,6 +661,11 @@ async fn a_stopped_edge_is_reported_as_not_responding() {
         let (status, body) = public.get("alpha", "/slow/5000").await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
         assert!(body.contains("\"alpha\" did not answer within"), "{body}");
+        // Leaves an idle pooled connection (tunnel stream) to the edge.
+        assert_eq!(
+            public.get("alpha", "/whoami").await,
+            (StatusCode::OK, "web".to_owned())
+        );
 
         signal(&edge, "STOP");
         // Two at once: one can take a pooled tunnel stream, the other must open one.
@@ -684,7 +689,17 @@ async fn a_stopped_edge_is_reported_as_not_responding() {
         }
         assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
         let logs = relay.proc.stdout();
-        assert!(logs.contains("no pong within"), "{}", relay.proc.logs());
+        for cause in [
+            "no response head within",
+            "timed out waiting for open response",
+        ] {
+            assert!(
+                logs.lines()
+                    .any(|line| line.contains(cause) && line.contains("no pong within")),
+                "{cause}: {}",
+                relay.proc.logs()
+            );
+        }
     })
     .await;
 }
