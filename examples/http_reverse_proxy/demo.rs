@@ -78,6 +78,9 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         request_timeout: Duration::from_secs(60),
         shutdown_timeout: Duration::from_secs(5),
         public_limits: Limits::default(),
+        upstream_idle_timeout: Duration::from_secs(60),
+        edge_probe_timeout: Duration::from_secs(1),
+        trusted_proxies: Default::default(),
     })
     .await?;
 
@@ -94,6 +97,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             keepalive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(5),
+            upstream_idle_timeout: Duration::from_secs(60),
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
         },

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,8 @@ use tracing::{info, warn};
 
 use crate::auth::{registration, valid_edge_name, Unauthorized, REGISTER_SERVICE};
 use crate::forward::{
-    boxed, forward, is_upgrade, retarget, text_response, ForwardError, ProxyBody,
+    boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
+    ProxyBody, UpstreamTimeouts,
 };
 use crate::{parse_duration, shutdown_signal, BoxError};
 
@@ -68,6 +70,10 @@ pub struct EdgeArgs {
     /// How long in-flight requests may finish after Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// How long a local service's response body may stall between two chunks before the
+    /// response is aborted (WebSockets and streams that keep sending are not cut).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
     /// Streams the relay may have open to this edge at once; past it requests get 503.
     #[arg(long, default_value_t = 1000)]
     pub max_streams: usize,
@@ -90,6 +96,7 @@ pub struct EdgeConfig {
     pub keepalive: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
     pub max_streams: usize,
     pub max_backoff: Duration,
 }
@@ -115,6 +122,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         keepalive: args.keepalive,
         request_timeout: args.request_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        upstream_idle_timeout: args.upstream_idle_timeout,
         max_streams: args.max_streams,
         max_backoff: args.max_backoff,
     };
@@ -283,22 +291,34 @@ fn build_router(config: &EdgeConfig) -> Router<QuinnConnection> {
         .iter()
         .fold(Router::new(), |router, (name, authority)| {
             let local = LocalService {
+                edge: Arc::from(config.name.as_str()),
+                service: Arc::from(name.as_str()),
                 authority: authority.clone(),
                 client: client.clone(),
                 rewrite_host: config.rewrite_host,
-                timeout: config.request_timeout,
+                timeouts: UpstreamTimeouts {
+                    response: config.request_timeout,
+                    body_idle: config.upstream_idle_timeout,
+                },
             };
             router.route(name.as_str(), backhaul::http::serve(local))
         })
 }
 
 /// Forwards requests from the tunnel to a local HTTP service.
+///
+/// Headers pass through unchanged except hop-by-hop ones: the relay's forwarding headers
+/// (X-Forwarded-*, X-Real-IP, Forwarded) and Host reach the service as the relay set them
+/// (Host is replaced only with --rewrite-host). Failures are answered by the edge itself
+/// (the relay passes them through), naming the edge and the service.
 #[derive(Clone)]
 struct LocalService {
+    edge: Arc<str>,
+    service: Arc<str>,
     authority: String,
     client: Client<HttpConnector, ProxyBody>,
     rewrite_host: bool,
-    timeout: Duration,
+    timeouts: UpstreamTimeouts,
 }
 
 type ResponseFuture =
@@ -313,35 +333,89 @@ impl tower::Service<Request<Incoming>> for LocalService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> ResponseFuture {
+    fn call(&mut self, request: Request<Incoming>) -> ResponseFuture {
         let local = self.clone();
-        Box::pin(async move {
-            let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-            let mut request = request.map(boxed);
-            if let Err(error) = retarget(&mut request, &local.authority) {
-                return Ok(text_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad request target: {error}"),
-                ));
+        Box::pin(async move { Ok(local.forward(request).await) })
+    }
+}
+
+impl LocalService {
+    async fn forward(self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        // An HTTP/2 request carries its authority in the URI, not in Host: keep it as Host.
+        let public_host = request.headers().get(HOST).cloned().or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let mut request = request.map(boxed);
+        if let Err(error) = retarget(&mut request, &self.authority) {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {error}"),
+            );
+        }
+        let host = if self.rewrite_host {
+            HeaderValue::from_str(&self.authority).ok()
+        } else {
+            public_host
+        };
+        let set_headers = |headers: &mut http::HeaderMap| {
+            if let Some(host) = host {
+                headers.insert(HOST, host);
             }
-            if local.rewrite_host {
-                if let Ok(host) = HeaderValue::from_str(&local.authority) {
-                    request.headers_mut().insert(HOST, host);
-                }
-            }
-            Ok(
-                match forward(&local.client, request, upgrade, local.timeout).await {
-                    Ok(response) => response,
-                    Err(ForwardError::Timeout) => text_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("local service {} did not answer in time", local.authority),
-                    ),
-                    Err(ForwardError::Upstream(error)) => text_response(
-                        StatusCode::BAD_GATEWAY,
-                        format!("local service {} is unreachable: {error}", local.authority),
-                    ),
-                },
-            )
+        };
+        let on_idle = self.idle_hook();
+        match forward(
+            &self.client,
+            request,
+            upgrade,
+            set_headers,
+            self.timeouts,
+            on_idle,
+        )
+        .await
+        {
+            Ok(response) => response,
+            Err(error) => self.failure(error),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "edge {:?}: local service {:?} at {}",
+            self.edge, self.service, self.authority
+        )
+    }
+
+    fn failure(&self, error: ForwardError) -> Response<ProxyBody> {
+        let (status, message) = match error {
+            ForwardError::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{} did not answer within {:?}",
+                    self.describe(),
+                    self.timeouts.response
+                ),
+            ),
+            ForwardError::Upstream(error) => (
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "{} is unreachable: {}",
+                    self.describe(),
+                    error_chain(&error)
+                ),
+            ),
+        };
+        warn!(status = status.as_u16(), error = ?message, "forwarding to the local service failed");
+        text_response(status, message)
+    }
+
+    fn idle_hook(&self) -> IdleHook {
+        let what = self.describe();
+        Arc::new(move |idle| {
+            warn!(?idle, "{what} stalled mid-body: aborting the response");
         })
     }
 }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub connections_open: IntGaugeVec,
     pub connections_cut: IntCounterVec,
+    /// Edge response bodies cut because the edge stalled mid-body.
+    pub upstream_idle_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -86,12 +88,17 @@ impl Metrics {
         )?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_cut.clone()))?;
+        let upstream_idle_timeouts = IntCounter::new(
+            "backhaul_upstream_idle_timeouts_total",
+            "Edge response bodies aborted because the edge sent nothing for --upstream-idle-timeout",
+        )?;
         registry.register(Box::new(edges_connected.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_idle_timeouts.clone()))?;
         Ok(Self {
             registry,
             edges_connected,
@@ -102,6 +109,7 @@ impl Metrics {
             request_duration,
             connections_open,
             connections_cut,
+            upstream_idle_timeouts,
         })
     }
 

@@ -175,6 +175,7 @@ pub async fn settle_tasks(expected: usize) -> usize {
 
 pub mod http;
 pub mod proxy;
+pub mod raw;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

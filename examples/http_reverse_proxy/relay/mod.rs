@@ -7,12 +7,13 @@
 
 mod admin;
 mod edges;
+mod forwarded;
 mod host;
 mod public;
 
 use admin::serve_admin;
 use edges::{accept_edges, MeteredConnector};
-use host::{resolve_host, Target};
+pub use forwarded::TrustedProxies;
 use public::serve_public;
 
 use std::collections::HashMap;
@@ -48,7 +49,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::{parse_registration, valid_edge_name, Tokens, REGISTER_SERVICE};
 use crate::forward::{
-    boxed, forward, is_upgrade, retarget, text_response, ForwardError, ProxyBody,
+    boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
+    ProxyBody, UpstreamTimeouts,
 };
 use crate::listener::{self, Acceptor, Limits};
 use crate::metrics::{CountingBody, Metrics};
@@ -122,6 +124,19 @@ pub struct RelayArgs {
     /// client that stopped reading).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+    /// How long an edge's response body may stall between two chunks before the client's
+    /// connection is aborted (WebSockets and streams that keep sending are not cut).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+    /// After a request to an edge times out, how long to wait for the edge to answer a
+    /// ping: no answer means 502 "not responding", an answer 504 (the edge is just slow).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub edge_probe_timeout: Duration,
+    /// Load balancers in front of the relay whose forwarding headers (Forwarded,
+    /// X-Forwarded-*, X-Real-IP) are believed and extended, as IPs or CIDR blocks
+    /// (comma-separated). From anyone else those headers are replaced by the relay's own.
+    #[arg(long, value_delimiter = ',', env = "BACKHAUL_TRUSTED_PROXIES")]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Everything a relay needs to start.
@@ -138,6 +153,9 @@ pub struct RelayConfig {
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub public_limits: Limits,
+    pub upstream_idle_timeout: Duration,
+    pub edge_probe_timeout: Duration,
+    pub trusted_proxies: TrustedProxies,
 }
 
 pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
@@ -173,6 +191,9 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             idle_timeout: args.idle_timeout,
             write_timeout: args.write_timeout,
         },
+        upstream_idle_timeout: args.upstream_idle_timeout,
+        edge_probe_timeout: args.edge_probe_timeout,
+        trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)?,
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -245,6 +266,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         next_edge_id: AtomicU64::new(1),
         session_config,
         request_timeout: config.request_timeout,
+        open_timeout: config.open_timeout,
+        upstream_idle_timeout: config.upstream_idle_timeout,
+        edge_probe_timeout: config.edge_probe_timeout,
+        trusted_proxies: config.trusted_proxies,
     });
     let quic_addr = endpoint.local_addr()?;
     let http_addr = http.local_addr()?;
@@ -283,6 +308,10 @@ struct RelayState {
     next_edge_id: AtomicU64,
     session_config: Config,
     request_timeout: Duration,
+    open_timeout: Duration,
+    upstream_idle_timeout: Duration,
+    edge_probe_timeout: Duration,
+    trusted_proxies: TrustedProxies,
 }
 
 #[derive(Clone)]
