@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::auth::Tokens;
 use crate::edge::{run_edge, EdgeConfig};
-use crate::relay::{start, RelayConfig};
+use crate::relay::{start, EdgeLimits, RelayConfig};
 use crate::{shutdown_signal, BoxError};
 
 const EDGE_NAME: &str = "demo";
@@ -76,6 +76,8 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         open_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
         shutdown_timeout: Duration::from_secs(5),
+        edge_limits: EdgeLimits::default(),
+        list_edges: true,
     })
     .await?;
 
@@ -84,6 +86,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         EdgeConfig {
             relay: relay.quic_addr.to_string(),
             trusted,
+            trusted_from: "the demo relay's certificate".to_owned(),
             server_name: "localhost".to_owned(),
             name: EDGE_NAME.to_owned(),
             token,
