@@ -304,7 +304,10 @@ async fn a_restarted_relay_keeps_its_identity_and_guards_its_key() {
         let cert_before = std::fs::read(&relay.cert).expect("the certificate");
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&key).expect("the key file").permissions().mode();
+            let mode = std::fs::metadata(&key)
+                .expect("the key file")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
         }
         let edge = relay.spawn_edge(
@@ -317,7 +320,10 @@ async fn a_restarted_relay_keeps_its_identity_and_guards_its_key() {
 
         relay.proc.kill();
         relay.restart().await;
-        assert_eq!(std::fs::read(&relay.cert).expect("the certificate"), cert_before);
+        assert_eq!(
+            std::fs::read(&relay.cert).expect("the certificate"),
+            cert_before
+        );
         // The edge that pinned the certificate before the restart comes back.
         relay.wait_edges(1).await;
         let public = relay.public();
@@ -334,11 +340,7 @@ async fn a_restarted_relay_keeps_its_identity_and_guards_its_key() {
         let mut refused = Proc::spawn("relay-open-key", dir.path(), &relay_command(&relay));
         let status = refused.wait_exit(Duration::from_secs(15)).await;
         assert!(!status.success(), "{}", refused.logs());
-        assert!(
-            refused.stderr().contains("chmod 600"),
-            "{}",
-            refused.logs()
-        );
+        assert!(refused.stderr().contains("chmod 600"), "{}", refused.logs());
     })
     .await;
 }
@@ -493,7 +495,8 @@ async fn a_forged_edge_name_cannot_forge_log_lines() {
         .await;
         assert!(!log.contains('\x1b'), "{log:?}");
         assert!(
-            !log.lines().any(|line| line.contains("FAKE") && !line.contains("evil")),
+            !log.lines()
+                .any(|line| line.contains("FAKE") && !line.contains("evil")),
             "a forged line:\n{log}"
         );
     })
@@ -550,14 +553,17 @@ async fn a_live_edge_keeps_its_name_and_a_silent_one_is_replaced() {
         relay.wait_edges(1).await;
 
         // Same name, same token, while the first is alive: refused, loudly, and it waits.
-        let mut second =
-            relay.spawn_edge("alpha", "secret", &[("web", second_app.addr)], &fast);
+        let mut second = relay.spawn_edge("alpha", "secret", &[("web", second_app.addr)], &fast);
         eventually(Duration::from_secs(20), "the second edge refused", || {
             let refused = second.stdout().contains("ANOTHER EDGE IS CONNECTED");
             async move { refused.then_some(()) }
         })
         .await;
-        assert!(second.stdout().contains("already connected"), "{}", second.logs());
+        assert!(
+            second.stdout().contains("already connected"),
+            "{}",
+            second.logs()
+        );
         for _ in 0..5 {
             assert_eq!(
                 public.get("alpha", "/whoami").await,
@@ -565,7 +571,11 @@ async fn a_live_edge_keeps_its_name_and_a_silent_one_is_replaced() {
             );
         }
         assert!(second.exited().is_none(), "{}", second.logs());
-        assert!(!first.stdout().contains("lost the relay"), "{}", first.logs());
+        assert!(
+            !first.stdout().contains("lost the relay"),
+            "{}",
+            first.logs()
+        );
         assert!(
             relay.metrics().await.get(
                 "backhaul_edge_registrations_total",
@@ -576,17 +586,24 @@ async fn a_live_edge_keeps_its_name_and_a_silent_one_is_replaced() {
         // The first edge goes silent (its network drops, say): the second takes over.
         signal(&first, "STOP");
         let stopped = Instant::now();
-        eventually(Duration::from_secs(20), "the second edge takes over", || {
-            let public = public.clone();
-            async move {
-                public
-                    .try_get("alpha", "/whoami")
-                    .await
-                    .filter(|answer| answer.1 == "second")
-            }
-        })
+        eventually(
+            Duration::from_secs(20),
+            "the second edge takes over",
+            || {
+                let public = public.clone();
+                async move {
+                    public
+                        .try_get("alpha", "/whoami")
+                        .await
+                        .filter(|answer| answer.1 == "second")
+                }
+            },
+        )
         .await;
-        eprintln!("took over {:?} after the holder went silent", stopped.elapsed());
+        eprintln!(
+            "took over {:?} after the holder went silent",
+            stopped.elapsed()
+        );
         signal(&first, "CONT");
 
         // The first, back, finds its name held by a live edge and waits in turn; when the

@@ -410,9 +410,7 @@ mod tests {
         let now = Instant::now();
         let mut admission = Admission::new(config(), now);
         let a = source("10.0.0.1");
-        let backoffs: Vec<u64> = (0..6)
-            .map(|_| admission.failed(a, now).as_secs())
-            .collect();
+        let backoffs: Vec<u64> = (0..6).map(|_| admission.failed(a, now).as_secs()).collect();
         assert_eq!(backoffs, [1, 2, 4, 8, 8, 8]);
         assert_eq!(
             admission.admit(a, now + Duration::from_secs(7)),

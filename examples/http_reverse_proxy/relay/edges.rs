@@ -289,7 +289,15 @@ async fn register(
         .filter(|(edge, token)| valid_edge_name(edge) && state.tokens.check(edge, token));
     let Some((edge, _)) = accepted else {
         let claimed = credentials.map(|(edge, _)| edge).unwrap_or_default();
-        refuse_credentials(state, client, request_id, source, service.as_str(), &claimed).await;
+        refuse_credentials(
+            state,
+            client,
+            request_id,
+            source,
+            service.as_str(),
+            &claimed,
+        )
+        .await;
         return Err(Refused::Answered);
     };
     if state.holder_answers(edge).await {
