@@ -29,7 +29,8 @@ async fn routes_by_host_to_edges_and_services() {
         let mut relay = Relay::start(
             dir.path(),
             &[("alpha", "alpha-secret"), ("beta", "beta-secret")],
-            &[],
+            // The edge list on the index page is opt-in.
+            &["--list-edges"],
         )
         .await;
         let _alpha = relay.spawn_edge(

@@ -17,7 +17,8 @@ use tracing::info;
 use crate::auth::Tokens;
 use crate::edge::{run_edge, EdgeConfig};
 use crate::listener::Limits;
-use crate::relay::{start, RelayConfig};
+
+use crate::relay::{start, EdgeLimits, RelayConfig};
 use crate::{shutdown_signal, BoxError};
 
 const EDGE_NAME: &str = "demo";
@@ -81,6 +82,8 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         upstream_idle_timeout: Duration::from_secs(60),
         edge_probe_timeout: Duration::from_secs(1),
         trusted_proxies: Default::default(),
+        edge_limits: EdgeLimits::default(),
+        list_edges: true,
     })
     .await?;
 
@@ -89,6 +92,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         EdgeConfig {
             relay: relay.quic_addr.to_string(),
             trusted,
+            trusted_from: "the demo relay's certificate".to_owned(),
             server_name: "localhost".to_owned(),
             name: EDGE_NAME.to_owned(),
             token,

@@ -1,8 +1,11 @@
 //! The edge: dial the relay, register, serve local HTTP services, and stay connected.
 //!
 //! The edge never listens. It reconnects with exponential backoff and jitter when the
-//! relay restarts or the network drops, and stops for good only on Ctrl-C or when the
-//! relay refuses its credentials (exit code 2).
+//! relay restarts, the network drops, or the relay refuses it for a while (another edge
+//! holds its name, or its source is backing off), and stops for good only on Ctrl-C,
+//! when the relay refuses its credentials (exit code 2), or when the relay presents a
+//! certificate the edge does not trust (exit code 3): those need an operator, and
+//! retrying would only hide them.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -32,7 +35,26 @@ use crate::forward::{
     boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
     ProxyBody, UpstreamTimeouts,
 };
-use crate::{parse_duration, shutdown_signal, BoxError};
+use crate::{parse_duration, shutdown_signal, BoxError, Escaped};
+
+/// The relay presented a certificate this edge does not trust.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the relay at {relay} presented a certificate that {trusted} does not trust ({reason}); \
+     if the relay's certificate changed, copy its current certificate (the relay's \
+     --cert-out file, backhaul-relay-cert.pem by default, or its --cert) to {trusted}; \
+     if the name differs, check --server-name"
+)]
+pub struct UntrustedRelay {
+    pub relay: String,
+    pub trusted: String,
+    pub reason: String,
+}
+
+/// The relay already has a live edge under this name.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay refused the registration: {0}")]
+struct NameTaken(String);
 
 #[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
@@ -87,6 +109,8 @@ pub struct EdgeArgs {
 pub struct EdgeConfig {
     pub relay: String,
     pub trusted: Vec<CertificateDer<'static>>,
+    /// Where `trusted` came from, for the message when the relay's certificate is not it.
+    pub trusted_from: String,
     pub server_name: String,
     pub name: String,
     pub token: String,
@@ -114,6 +138,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
     let config = EdgeConfig {
         relay: args.relay,
         trusted,
+        trusted_from: args.relay_cert.display().to_string(),
         server_name: args.server_name,
         name: args.name,
         token: args.token,
@@ -143,6 +168,12 @@ fn parse_expose(spec: &str) -> Result<(String, String), String> {
     let authority = uri
         .authority()
         .ok_or_else(|| format!("--expose {spec:?}: no host"))?;
+    // Service names become host labels (<service>.<edge>.<domain>).
+    if !valid_edge_name(name) {
+        return Err(format!(
+            "--expose {spec:?}: the service name must be a lowercase DNS label"
+        ));
+    }
     Ok((name.to_owned(), authority.to_string()))
 }
 
@@ -167,13 +198,21 @@ pub async fn run_edge(
                 if lasted > Duration::from_secs(30) {
                     backoff.reset();
                 }
-                warn!(%reason, "lost the relay");
+                warn!(reason = %Escaped(&reason), "lost the relay");
             }
-            Err(error) if error.downcast_ref::<Unauthorized>().is_some() => {
-                endpoint.close(0u32.into(), b"unauthorized");
+            Err(error)
+                if error.downcast_ref::<Unauthorized>().is_some()
+                    || error.downcast_ref::<UntrustedRelay>().is_some() =>
+            {
+                endpoint.close(0u32.into(), b"giving up");
                 return Err(error);
             }
-            Err(error) => warn!(error = %error, "cannot reach the relay"),
+            Err(error) if error.downcast_ref::<NameTaken>().is_some() => warn!(
+                error = %Escaped(&error),
+                "ANOTHER EDGE IS CONNECTED UNDER THIS NAME: is this edge running twice? \
+                 retrying, so this edge takes over once the other is gone"
+            ),
+            Err(error) => warn!(error = %Escaped(&error), "cannot reach the relay"),
         }
         let delay = backoff.next_delay();
         info!(?delay, "reconnecting");
@@ -205,7 +244,10 @@ async fn connect_and_serve(
         .await?
         .next()
         .ok_or_else(|| format!("{} resolves to no address", config.relay))?;
-    let connection = endpoint.connect(addr, &config.server_name)?.await?;
+    let connection = endpoint
+        .connect(addr, &config.server_name)?
+        .await
+        .map_err(|error| connect_error(error, &addr.to_string(), config))?;
     let session_config = Config::new()
         .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
@@ -228,6 +270,14 @@ async fn connect_and_serve(
             connection.close(0u32.into(), b"unauthorized");
             let reason = reason.unwrap_or_else(|| "credentials refused".to_owned());
             return Err(Box::new(Unauthorized(reason)));
+        }
+        Err(Error::StreamRejected {
+            code: RejectCode::ServiceUnavailable,
+            reason,
+        }) => {
+            connection.close(0u32.into(), b"name taken");
+            let reason = reason.unwrap_or_else(|| "registration refused for now".to_owned());
+            return Err(Box::new(NameTaken(reason)));
         }
         Err(error) => return Err(error.into()),
     }
@@ -279,6 +329,35 @@ async fn connect_and_serve(
         lasted: connected.elapsed(),
         reason,
     })
+}
+
+/// A certificate the edge does not trust becomes [`UntrustedRelay`]; anything else (relay
+/// down, timeouts, refused) stays an error to retry.
+fn connect_error(error: quinn::ConnectionError, relay: &str, config: &EdgeConfig) -> BoxError {
+    match &error {
+        quinn::ConnectionError::TransportError(transport)
+            if is_certificate_error(transport.code, &transport.reason) =>
+        {
+            Box::new(UntrustedRelay {
+                relay: relay.to_owned(),
+                trusted: config.trusted_from.clone(),
+                reason: transport.reason.clone(),
+            })
+        }
+        _ => Box::new(error),
+    }
+}
+
+/// TLS alerts our own certificate check raises (rustls' verifier, run locally): bad,
+/// unsupported, revoked, expired or unknown certificate, unknown CA, and a signature that
+/// does not verify (a different certificate under the same name, e.g. a relay that made
+/// a new self-signed one).
+fn is_certificate_error(code: quinn::TransportErrorCode, reason: &str) -> bool {
+    const CERTIFICATE_ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 51];
+    CERTIFICATE_ALERTS
+        .iter()
+        .any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
+        || reason.contains("invalid peer certificate")
 }
 
 fn build_router(config: &EdgeConfig) -> Router<QuinnConnection> {
@@ -477,5 +556,7 @@ mod tests {
         );
         assert!(parse_expose("web").is_err());
         assert!(parse_expose("web=https://x").is_err());
+        assert!(parse_expose("we\nb=http://127.0.0.1:1").is_err());
+        assert!(parse_expose("Web=http://127.0.0.1:1").is_err());
     }
 }

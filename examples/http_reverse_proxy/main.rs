@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a relay: accept edges over QUIC and serve the public over HTTP.
-    Relay(relay::RelayArgs),
+    Relay(Box<relay::RelayArgs>),
     /// Run an edge: dial a relay and expose local HTTP services through it.
     Edge(edge::EdgeArgs),
     /// Relay, edge and a demo web app in one process on loopback (the default).
@@ -60,7 +60,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Some(Command::Relay(args)) => relay::run(args).await,
+            Some(Command::Relay(args)) => relay::run(*args).await,
             Some(Command::Edge(args)) => edge::run(args).await,
             Some(Command::Demo(args)) => demo::run(args).await,
             None => demo::run(demo::DemoArgs::default()).await,
@@ -69,18 +69,51 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            // The message may carry text from the peer (a rejection reason).
+            eprintln!("error: {}", Escaped(&error));
             let mut source = error.source();
             while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", Escaped(cause));
                 source = cause.source();
             }
-            if error.downcast_ref::<auth::Unauthorized>().is_some() {
-                std::process::ExitCode::from(2)
-            } else {
-                std::process::ExitCode::FAILURE
+            exit_code(error.as_ref())
+        }
+    }
+}
+
+/// Exit codes a supervisor can act on: 2 for refused credentials, 3 for a relay
+/// certificate the edge does not trust (both need an operator; retrying cannot help).
+fn exit_code(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+    if error.downcast_ref::<auth::Unauthorized>().is_some() {
+        std::process::ExitCode::from(2)
+    } else if error.downcast_ref::<edge::UntrustedRelay>().is_some() {
+        std::process::ExitCode::from(3)
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Displays a value with control characters (newline, ESC…) escaped, so that text a peer
+/// sent cannot forge log lines or drive the terminal when it is logged or printed.
+pub struct Escaped<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        struct EscapingWriter<'a, 'b>(&'a mut std::fmt::Formatter<'b>);
+        impl std::fmt::Write for EscapingWriter<'_, '_> {
+            fn write_str(&mut self, text: &str) -> std::fmt::Result {
+                for c in text.chars() {
+                    if c.is_control() {
+                        write!(self.0, "{}", c.escape_default())?;
+                    } else {
+                        self.0.write_char(c)?;
+                    }
+                }
+                Ok(())
             }
         }
+        write!(EscapingWriter(f), "{}", self.0)
     }
 }
 
@@ -128,5 +161,17 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         _ => Err(format!(
             "invalid duration unit in {text:?} (use ms, s or m)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_text_has_no_control_characters() {
+        let shown = Escaped("evil\n\x1b[31mFAKE\r\u{85}").to_string();
+        assert_eq!(shown, "evil\\n\\u{1b}[31mFAKE\\r\\u{85}");
+        assert!(!shown.chars().any(char::is_control));
     }
 }

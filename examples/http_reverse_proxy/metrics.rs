@@ -17,6 +17,8 @@ pub struct Metrics {
     registry: Registry,
     pub edges_connected: IntGauge,
     pub registrations: IntCounterVec,
+    pub unregistered: IntGauge,
+    pub handshakes_refused: IntCounterVec,
     pub opens: IntCounterVec,
     pub bytes: IntCounterVec,
     pub requests: IntCounterVec,
@@ -37,9 +39,20 @@ impl Metrics {
         let registrations = IntCounterVec::new(
             Opts::new(
                 "backhaul_edge_registrations_total",
-                "Edge registration attempts by outcome",
+                "Edge registration attempts by outcome: ok, unauthorized, name_taken, rate_limited (refused at the handshake while the source backs off)",
             ),
             &["outcome"],
+        )?;
+        let unregistered = IntGauge::new(
+            "backhaul_unregistered_connections",
+            "QUIC connections admitted that have not registered yet",
+        )?;
+        let handshakes_refused = IntCounterVec::new(
+            Opts::new(
+                "backhaul_quic_handshakes_refused_total",
+                "New QUIC connections refused before the handshake, by reason",
+            ),
+            &["reason"],
         )?;
         let opens = IntCounterVec::new(
             Opts::new(
@@ -94,6 +107,8 @@ impl Metrics {
         )?;
         registry.register(Box::new(edges_connected.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
+        registry.register(Box::new(unregistered.clone()))?;
+        registry.register(Box::new(handshakes_refused.clone()))?;
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -103,6 +118,8 @@ impl Metrics {
             registry,
             edges_connected,
             registrations,
+            unregistered,
+            handshakes_refused,
             opens,
             bytes,
             requests,

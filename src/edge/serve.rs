@@ -197,7 +197,7 @@ impl<C: Connection> Dispatcher<C> {
             metadata,
             logical_stream_id,
         };
-        let span = tracing::debug_span!("stream", service = %info.service, id = logical_stream_id);
+        let span = tracing::debug_span!("stream", service = ?info.service.as_str(), id = logical_stream_id);
         let task = serve_stream(client.clone(), route, info, drain_signal.clone());
         streams.spawn(task.instrument(span));
     }

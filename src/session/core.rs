@@ -329,7 +329,7 @@ impl<C: Connection> SessionCore<C> {
             logical_stream_id: None,
             done: false,
         };
-        debug!(request_id, %service, "open requested");
+        debug!(request_id, service = ?service.as_str(), "open requested");
         let request = OpenRequest::new(request_id, service)
             .with_metadata(metadata)
             .with_flags(flags);

@@ -6,12 +6,17 @@
 //! reuse tunnel streams.
 
 mod admin;
+mod admission;
 mod edges;
 mod forwarded;
 mod host;
+mod identity;
 mod public;
 
+pub use admission::AdmissionConfig;
+
 use admin::serve_admin;
+use admission::{Admission, LogSummary};
 use edges::{accept_edges, MeteredConnector};
 pub use forwarded::TrustedProxies;
 use public::serve_public;
@@ -28,7 +33,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use backhaul::connector::Connector;
-use backhaul::quic::{server_endpoint, Identity, DEFAULT_ALPN};
+use backhaul::quic::Identity;
 use backhaul::stream::TunnelStream;
 use backhaul::{
     ClientEvent, CloseCode, Config, Error, QuinnConnection, RejectCode, Role, Session,
@@ -56,8 +61,6 @@ use crate::listener::{self, Acceptor, Limits};
 use crate::metrics::{CountingBody, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
 
-/// How long a connected edge has to register before it is dropped.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC close code for an edge that failed to register.
 const CLOSE_UNREGISTERED: u32 = 0x10;
 /// QUIC close code for an edge replaced by a newer connection under the same name.
@@ -86,17 +89,68 @@ pub struct RelayArgs {
     /// Private key of --cert (PEM).
     #[arg(long, requires = "cert", env = "BACKHAUL_KEY")]
     pub key: Option<PathBuf>,
-    /// Where to write the self-signed certificate for edges to trust.
+    /// Without --cert: the relay's self-signed certificate, for edges to trust. Made on
+    /// the first start and reused after (with its key, --key-out), so edges that pinned
+    /// it keep trusting a restarted relay.
     #[arg(long, default_value = "backhaul-relay-cert.pem")]
     pub cert_out: PathBuf,
+    /// Without --key: the self-signed certificate's private key, created with mode 0600
+    /// (a key file readable by group or others is refused). Default: next to --cert-out,
+    /// `cert` replaced by `key` in the name (backhaul-relay-key.pem).
+    #[arg(long)]
+    pub key_out: Option<PathBuf>,
     /// Edge credentials as NAME=TOKEN (repeat, or comma-separate).
     #[arg(
         long = "edge-token",
         env = "BACKHAUL_EDGE_TOKENS",
+        hide_env_values = true,
         value_delimiter = ',',
         required = true
     )]
     pub edge_tokens: Vec<String>,
+    /// List the connected edges on the bare domain's index page (off: the page only says
+    /// this is a backhaul relay, so edge names are not disclosed to the public).
+    #[arg(long)]
+    pub list_edges: bool,
+    /// How long a new QUIC connection has to complete its handshakes and register before
+    /// it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub register_timeout: Duration,
+    /// Connections that have not registered yet, at most; past it new QUIC handshakes
+    /// are refused before any TLS work.
+    #[arg(long, default_value_t = 256)]
+    pub max_unregistered: usize,
+    /// Connections that have not registered yet from one source (IPv4 address or IPv6
+    /// /64), at most; keeps one source from taking every slot of --max-unregistered.
+    #[arg(long, default_value_t = 32)]
+    pub max_unregistered_per_source: usize,
+    /// New QUIC handshakes per second, sustained (token bucket); handshakes above it are
+    /// ignored (the peer's retransmission tries again).
+    #[arg(long, default_value_t = 100.0)]
+    pub handshake_rate: f64,
+    /// Handshakes allowed in a burst above --handshake-rate.
+    #[arg(long, default_value_t = 200.0)]
+    pub handshake_burst: f64,
+    /// After a failed registration, new handshakes from the same source are refused for
+    /// this long, doubling with each further failure.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub auth_backoff: Duration,
+    /// Longest refusal after failed registrations (a source quiet for twice as long is
+    /// forgiven).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub max_auth_backoff: Duration,
+    /// Sources with failed registrations remembered at once (bounds the table's memory).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_penalized_sources: usize,
+    /// Repeated refusals (bad credentials, handshakes refused) are logged once, then
+    /// summarised with a count once per this interval.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub log_summary_interval: Duration,
+    /// An edge registering under a name already connected: the holder is pinged and, if
+    /// it answers within this bound, the newcomer is refused ("already connected");
+    /// otherwise the silent holder is replaced.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub takeover_ping_timeout: Duration,
     /// Keep-alive ping interval; an edge missing a pong for as long again is dropped.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub keepalive: Duration,
@@ -156,22 +210,58 @@ pub struct RelayConfig {
     pub upstream_idle_timeout: Duration,
     pub edge_probe_timeout: Duration,
     pub trusted_proxies: TrustedProxies,
+    pub edge_limits: EdgeLimits,
+    pub list_edges: bool,
+}
+
+/// How the relay treats edges before and while they register.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    pub admission: AdmissionConfig,
+    pub register_timeout: Duration,
+    pub log_summary_interval: Duration,
+    pub takeover_ping_timeout: Duration,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            admission: AdmissionConfig::default(),
+            register_timeout: Duration::from_secs(10),
+            log_summary_interval: Duration::from_secs(60),
+            takeover_ping_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key)?,
         _ => {
-            let identity = Identity::self_signed(&[&args.domain, "localhost", "127.0.0.1"])?;
-            let pem = pem::encode(&pem::Pem::new(
-                "CERTIFICATE",
-                identity.cert_chain[0].to_vec(),
-            ));
-            std::fs::write(&args.cert_out, pem)
-                .map_err(|e| format!("writing {}: {e}", args.cert_out.display()))?;
-            info!(path = %args.cert_out.display(), "self-signed certificate written; give it to edges with --relay-cert");
-            identity
+            let key_out = args
+                .key_out
+                .clone()
+                .unwrap_or_else(|| identity::default_key_path(&args.cert_out));
+            identity::persistent_identity(
+                &args.cert_out,
+                &key_out,
+                &[&args.domain, "localhost", "127.0.0.1"],
+            )?
         }
+    };
+    let edge_limits = EdgeLimits {
+        admission: AdmissionConfig {
+            max_unregistered: args.max_unregistered,
+            max_unregistered_per_source: args.max_unregistered_per_source,
+            handshake_rate: args.handshake_rate,
+            handshake_burst: args.handshake_burst,
+            auth_backoff: args.auth_backoff,
+            max_auth_backoff: args.max_auth_backoff,
+            max_penalized_sources: args.max_penalized_sources,
+        },
+        register_timeout: args.register_timeout,
+        log_summary_interval: args.log_summary_interval,
+        takeover_ping_timeout: args.takeover_ping_timeout,
     };
     let config = RelayConfig {
         quic_listen: args.quic_listen,
@@ -194,6 +284,8 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         upstream_idle_timeout: args.upstream_idle_timeout,
         edge_probe_timeout: args.edge_probe_timeout,
         trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)?,
+        edge_limits,
+        list_edges: args.list_edges,
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -244,7 +336,7 @@ impl Drop for RunningRelay {
 }
 
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
-    let endpoint = server_endpoint(config.quic_listen, config.identity, DEFAULT_ALPN)?;
+    let endpoint = edges::relay_endpoint(config.quic_listen, config.identity)?;
     let http = TcpListener::bind(config.http_listen)
         .await
         .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
@@ -270,6 +362,13 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         upstream_idle_timeout: config.upstream_idle_timeout,
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
+        admission: Mutex::new(Admission::new(
+            config.edge_limits.admission.clone(),
+            Instant::now(),
+        )),
+        log_summary: Mutex::new(LogSummary::default()),
+        limits: config.edge_limits,
+        list_edges: config.list_edges,
     });
     let quic_addr = endpoint.local_addr()?;
     let http_addr = http.local_addr()?;
@@ -312,6 +411,10 @@ struct RelayState {
     upstream_idle_timeout: Duration,
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,
+    admission: Mutex<Admission>,
+    log_summary: Mutex<LogSummary>,
+    limits: EdgeLimits,
+    list_edges: bool,
 }
 
 #[derive(Clone)]
@@ -328,8 +431,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RelayState {
+    /// True if an edge holds `name` and answers a ping within the takeover bound. Two
+    /// live edges under one name would replace each other back and forth, cutting each
+    /// other's responses; a holder that does not answer is presumed gone (its network
+    /// dropped without a goodbye) and may be replaced at once.
+    async fn holder_answers(&self, name: &str) -> bool {
+        let Some(holder) = self.edge(name) else {
+            return false;
+        };
+        let ping = tokio::time::timeout(self.limits.takeover_ping_timeout, holder.client.ping());
+        matches!(ping.await, Ok(Ok(_)))
+    }
+
     /// Makes `client` the edge called `name`, replacing (and closing) an older session of
-    /// the same name: only an edge holding the name's token gets here.
+    /// the same name: only an edge holding the name's token whose holder did not answer a
+    /// ping ([`holder_answers`](Self::holder_answers)) gets here.
     fn attach(&self, name: &str, client: SessionClient<QuinnConnection>) -> u64 {
         let id = self.next_edge_id.fetch_add(1, Ordering::Relaxed);
         let connector = MeteredConnector {
@@ -345,7 +461,10 @@ impl RelayState {
         let replaced = lock(&self.edges).insert(name.to_owned(), entry);
         match replaced {
             Some(old) => {
-                info!(edge = name, "a new connection replaces the edge's old one");
+                warn!(
+                    edge = name,
+                    "the edge's old connection did not answer a ping: a new one replaces it"
+                );
                 old.client
                     .connection()
                     .inner()

@@ -368,6 +368,10 @@ fn find_cause<'a, E: std::error::Error + 'static>(
 }
 
 fn index_page(state: &RelayState) -> Response<ProxyBody> {
+    // Edge names are private unless the operator opts in (--list-edges).
+    if !state.list_edges {
+        return text_response(StatusCode::OK, "backhaul relay".to_owned());
+    }
     let edges = state.edge_names();
     let mut page = format!(
         "backhaul relay for *.{}\n\nconnected edges ({}):\n",
