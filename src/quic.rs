@@ -211,6 +211,18 @@ pub fn server_endpoint(
     endpoint(addr, Some(server_config(identity, alpn)?), Coalescing::Off)
 }
 
+/// A relay's endpoint with a server config of the caller's (other transport limits, say),
+/// on the same socket settings as [`server_endpoint`].
+///
+/// # Errors
+/// [`Error::Transport`] if the socket cannot be bound.
+pub fn server_endpoint_with_config(
+    addr: SocketAddr,
+    config: ServerConfig,
+) -> Result<Endpoint, Error> {
+    endpoint(addr, Some(config), Coalescing::Off)
+}
+
 /// An edge's endpoint: dials out, trusting `trusted` certificates.
 ///
 /// # Errors

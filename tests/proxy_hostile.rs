@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::proxy::{bounded, eventually, Backend, Public, Relay, TempDir};
+use support::peer::{endpoint_from, hello_only, try_register, Attempt};
+use support::proxy::{bounded, cpu_time, eventually, rss_kib, Backend, Public, Relay, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -107,27 +108,6 @@ async fn well_behaved(public: &Public, duration: Duration) -> Vec<Duration> {
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[index]
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
-/// CPU time a process has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading stat");
-    // Fields after the command name (which may hold spaces) start at its closing ')'.
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
 }
 
 /// Waits (at most 30 s) until `pid` uses under a fifth of a core over half a second.
@@ -457,6 +437,163 @@ async fn malformed_requests_are_counted_and_logged() {
             relay.public().get("demo", "/n/5").await,
             (StatusCode::OK, "reply 5".to_owned())
         );
+    })
+    .await;
+}
+
+/// An edge that has not registered can make the relay hold only a little unread data:
+/// bytes on a stream the relay keeps (a valid `StreamBind` it has not claimed) stop once
+/// the unregistered connection's window is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_peers_cannot_fill_the_relays_memory() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("unregistered-window");
+        let relay = Relay::start(dir.path(), &[("demo", "demo-secret")], &[]).await;
+        let endpoint = endpoint_from("127.0.0.3", &relay.cert);
+        let (connection, _client) = hello_only(&endpoint, relay.spec.quic)
+            .await
+            .expect("a Hello-only session");
+        let (mut send, _recv) = connection.open_bi().await.expect("opening a stream");
+        send.write_all(&backhaul::protocol::StreamBind::new(999).encode())
+            .await
+            .expect("the header");
+        let chunk = vec![0x5a; 16 * 1024];
+        let mut accepted = 0usize;
+        while accepted < 8 * 1024 * 1024 {
+            match tokio::time::timeout(Duration::from_secs(1), send.write_all(&chunk)).await {
+                Ok(Ok(())) => accepted += chunk.len(),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        eprintln!("an unregistered peer got {} KiB accepted", accepted / 1024);
+        assert!(accepted <= 128 * 1024, "{} KiB accepted", accepted / 1024);
+    })
+    .await;
+}
+
+/// Everything at once: slow readers, slowloris, silent and garbage TCP connections, garbage
+/// datagrams on the QUIC port and a token guesser, while a well-behaved client sends a
+/// request every 20 ms and checks every answer. Bounded loops, loopback only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_at_once_leave_a_steady_client_served() {
+    bounded(LIMIT, async {
+        const RUN: Duration = Duration::from_secs(8);
+        let dir = TempDir::new("hostile");
+        let (relay, _edge, _backend) = relay_with_demo_edge(
+            &dir,
+            &["--write-timeout", "3s", "--header-timeout", "2s", "--idle-timeout", "4s"],
+        )
+        .await;
+        let http = relay.spec.http;
+        let quic = relay.spec.quic;
+        let host = relay.host("demo");
+        let mut hostile = tokio::task::JoinSet::new();
+
+        // 30 slow readers of 512 MiB each.
+        let mut slow_readers = Vec::new();
+        for _ in 0..30 {
+            let head = format!("GET /download/536870912 HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            slow_readers.push(raw_request(http, &head).await);
+        }
+        // 100 slowloris heads, a header line every 300 ms, for the whole run.
+        for _ in 0..100 {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n");
+            hostile.spawn(async move {
+                let mut stream = raw_request(http, &head).await;
+                let started = Instant::now();
+                while started.elapsed() < RUN {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // Garbage over TCP: bytes that are no HTTP at all, 50 connections in a loop.
+        hostile.spawn(async move {
+            let started = Instant::now();
+            let mut noise = 0x2545_f491_4f6c_dd1d_u64;
+            while started.elapsed() < RUN {
+                let Ok(mut stream) = TcpStream::connect(http).await else { continue };
+                let garbage: Vec<u8> = (0..4096)
+                    .map(|_| {
+                        noise ^= noise << 13;
+                        noise ^= noise >> 7;
+                        noise ^= noise << 17;
+                        noise as u8
+                    })
+                    .collect();
+                let _ = stream.write_all(&garbage).await;
+                let _ = closed_within(&mut stream, Duration::from_secs(3)).await;
+            }
+        });
+        // Garbage datagrams at the QUIC port.
+        hostile.spawn(async move {
+            let socket = tokio::net::UdpSocket::bind("127.0.0.4:0").await.expect("a UDP socket");
+            let started = Instant::now();
+            let mut sent = 0u32;
+            while started.elapsed() < RUN {
+                let datagram: Vec<u8> = (0..1200).map(|i| (i as u32 ^ sent) as u8).collect();
+                let _ = socket.send_to(&datagram, quic).await;
+                sent += 1;
+                if sent % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        // A token guesser from another source, reconnecting whenever closed.
+        let guesser_endpoint = endpoint_from("127.0.0.2", &relay.cert);
+        let guesses = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut answered = 0;
+            while started.elapsed() < RUN {
+                let (attempt, _connection) =
+                    try_register(&guesser_endpoint, quic, "demo", "guess").await;
+                if matches!(attempt, Attempt::Unauthorized(_)) {
+                    answered += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered
+        });
+
+        // The steady client: one request every 20 ms, every answer checked.
+        let public = relay.public();
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        let mut n = 0u64;
+        while started.elapsed() < RUN {
+            n += 1;
+            let sent = Instant::now();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                public.get("demo", &format!("/n/{n}")),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("request {n} got no answer within 10 s"));
+            latencies.push(sent.elapsed());
+            assert_eq!(answer, (StatusCode::OK, format!("reply {n}")), "request {n}");
+            tokio::time::sleep(Duration::from_millis(20).saturating_sub(sent.elapsed())).await;
+        }
+        latencies.sort();
+        let guesses = guesses.await.expect("the guesser");
+        while hostile.join_next().await.is_some() {}
+        eprintln!(
+            "steady client: {} requests, p50 {:?}, p99 {:?}, max {:?}; guesser answered {guesses} times",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            latencies[latencies.len() - 1],
+        );
+        assert!(guesses <= 5, "{guesses} guesses answered");
+        assert_eq!(relay.edges().await, Some(1), "the edge was dropped");
+        let scrape = relay.metrics().await;
+        let cut = |reason| scrape.get("backhaul_connections_cut_total", &[("reason", reason)]);
+        assert!(cut("write_timeout") >= 30.0, "write cuts {}", cut("write_timeout"));
+        assert!(cut("header_timeout") >= 100.0, "header cuts {}", cut("header_timeout"));
+        for stream in &mut slow_readers {
+            assert!(closed_within(stream, Duration::from_secs(10)).await);
+        }
     })
     .await;
 }

@@ -12,7 +12,9 @@
 
 use super::*;
 
-use backhaul::quic::{server_config, transport_config, DEFAULT_ALPN, DEFAULT_MAX_STREAMS};
+use backhaul::quic::{
+    server_config, server_endpoint_with_config, transport_config, DEFAULT_ALPN, DEFAULT_MAX_STREAMS,
+};
 use quinn::VarInt;
 
 use super::admission::{Refusal, Source};
@@ -20,6 +22,10 @@ use crate::Escaped;
 
 /// Streams an unregistered peer may open: the control stream, with room to spare.
 const UNREGISTERED_STREAMS: u32 = 4;
+/// Bytes an unregistered peer may have unread across its streams: its Hello and its
+/// registration need a few hundred. (A registered edge's connection window is unlimited,
+/// see `backhaul::quic::transport_config`.)
+const UNREGISTERED_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// How long a refused edge gets to read the refusal and close the connection itself
 /// before the relay closes it. An honest edge closes at once: this is a round trip.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
@@ -27,14 +33,16 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const SHOWN_NAME_LEN: usize = 64;
 
 /// The relay's QUIC endpoint: the library's server settings, except that connections
-/// start with [`UNREGISTERED_STREAMS`].
+/// start with [`UNREGISTERED_STREAMS`] and [`UNREGISTERED_RECEIVE_WINDOW`].
 pub(super) fn relay_endpoint(
     addr: SocketAddr,
     identity: Identity,
 ) -> Result<quinn::Endpoint, BoxError> {
     let mut config = server_config(identity, DEFAULT_ALPN)?;
-    config.transport_config(Arc::new(transport_config(UNREGISTERED_STREAMS)));
-    quinn::Endpoint::server(config, addr)
+    let mut transport = transport_config(UNREGISTERED_STREAMS);
+    transport.receive_window(VarInt::from_u32(UNREGISTERED_RECEIVE_WINDOW));
+    config.transport_config(Arc::new(transport));
+    server_endpoint_with_config(addr, config)
         .map_err(|e| format!("binding the QUIC listener on {addr}: {e}").into())
 }
 
@@ -316,11 +324,11 @@ async fn register(
             .await;
         return Err(Refused::Answered);
     }
-    // Proven: from now on the edge may open as many streams as any tunnel.
-    client
-        .connection()
-        .inner()
-        .set_max_concurrent_bi_streams(VarInt::from_u32(DEFAULT_MAX_STREAMS));
+    // Proven: from now on the edge may open as many streams as any tunnel, and send as
+    // much as its streams' windows allow.
+    let connection = client.connection().inner();
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(DEFAULT_MAX_STREAMS));
+    connection.set_receive_window(VarInt::MAX);
     let stream_id = client.allocate_stream_id();
     let bound = async {
         client.accept_open(request_id, stream_id).await.ok()?;
