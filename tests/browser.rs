@@ -5,7 +5,7 @@
 //! resolver flags are passed.
 //!
 //! Chromium is required in CI (`.ci/run` installs the Debian package `chromium` and sets
-//! `BACKHAUL_CI`, so there a missing browser fails the test); on a developer's machine
+//! `CI`, so there a missing browser fails the test); on a developer's machine
 //! without it the test says so and skips.
 
 mod support;

@@ -16,10 +16,10 @@ pub use quic::{quic_pair, quic_pair_with_alpn, QuicPair};
 
 /// Set by `.ci/run`: there, a missing optional tool (Chromium, redis-server…) fails the
 /// test instead of skipping it.
-pub const REQUIRE_TOOLS_VAR: &str = "BACKHAUL_CI";
+pub const REQUIRE_TOOLS_VAR: &str = "CI";
 
 /// For a test that cannot run because `what` is missing: on a developer's machine it
-/// prints why and the test passes as skipped; in CI (`BACKHAUL_CI` set) it fails.
+/// prints why and the test passes as skipped; in CI (`CI` set) it fails.
 pub fn skip_or_fail(what: &str) {
     if std::env::var_os(REQUIRE_TOOLS_VAR).is_some() {
         panic!("{what} ({REQUIRE_TOOLS_VAR} is set, so this test must run)");
