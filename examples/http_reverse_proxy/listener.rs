@@ -262,9 +262,10 @@ impl Body for InFlightBody {
     }
 }
 
-/// A socket that fails reads and writes with a [`Cut`] once the connection overstays.
-pub struct WatchedIo<T> {
-    inner: T,
+/// A socket that fails reads and writes with a [`Cut`] (and resets the connection) once it
+/// overstays.
+pub struct WatchedIo {
+    inner: TcpStream,
     activity: Arc<Activity>,
     limits: Limits,
     read_timer: Pin<Box<Sleep>>,
@@ -273,8 +274,8 @@ pub struct WatchedIo<T> {
     write_stalled_since: Option<Instant>,
 }
 
-impl<T> WatchedIo<T> {
-    pub fn new(inner: T, activity: Arc<Activity>, limits: Limits) -> Self {
+impl WatchedIo {
+    pub fn new(inner: TcpStream, activity: Arc<Activity>, limits: Limits) -> Self {
         let now = Instant::now();
         Self {
             inner,
@@ -285,6 +286,15 @@ impl<T> WatchedIo<T> {
             write_timer: Box::pin(tokio::time::sleep_until(now)),
             write_stalled_since: None,
         }
+    }
+
+    /// Ends an overstaying connection with a reset rather than a graceful close: nothing
+    /// queued for it is worth delivering (a client that stopped reading would otherwise
+    /// keep megabytes of socket buffer in the kernel for minutes), as nginx's
+    /// `reset_timedout_connection` does.
+    fn cut(&self, reason: Cut) -> io::Error {
+        let _ = socket2::SockRef::from(&self.inner).set_linger(Some(Duration::ZERO));
+        self.activity.record_cut(reason)
     }
 
     /// Called when a read is pending: fails it once the stage's deadline passed.
@@ -298,7 +308,7 @@ impl<T> WatchedIo<T> {
             self.read_timer_at = Some(deadline);
         }
         match self.read_timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(self.activity.record_cut(reason)),
+            Poll::Ready(()) => Poll::Ready(self.cut(reason)),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -327,13 +337,13 @@ impl<T> WatchedIo<T> {
                 .reset(now + self.limits.write_timeout);
         }
         match self.write_timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(self.activity.record_cut(Cut::Write))),
+            Poll::Ready(()) => Poll::Ready(Err(self.cut(Cut::Write))),
             Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
+impl AsyncRead for WatchedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -354,7 +364,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
+impl AsyncWrite for WatchedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
