@@ -168,7 +168,7 @@ async fn slow_readers_do_not_stall_the_edge() {
              relay RSS {baseline} KiB before, {peak} KiB while stalled",
             latencies.len()
         );
-        assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+        assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
         // The stated bound: 1.5 MiB per stalled response (1 MiB stream window plus hyper's
         // and the pipe's buffers) over the baseline.
         let bound = baseline + SLOW_READERS as u64 * 1536;
