@@ -14,11 +14,10 @@ use backhaul::edge::{Backoff, Edge, EdgeBuilder, EdgeState, RegisterError, Route
 use backhaul::quic::{server_endpoint, Identity, DEFAULT_ALPN};
 use backhaul::stream::TunnelStream;
 use backhaul::{
-    ClientEvent, Config, Error, Metadata, QuinnConnection, RejectCode, Role, Session,
-    SessionClient,
+    ClientEvent, Config, Error, Metadata, QuinnConnection, RejectCode, Role, Session, SessionClient,
 };
 use rustls::pki_types::CertificateDer;
-use support::within;
+use support::{alive_tasks, settle_tasks, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -105,7 +104,9 @@ impl TestRelay {
     }
 
     async fn next_session(&mut self) -> SessionClient<QuinnConnection> {
-        within(LIMIT, self.sessions.recv()).await.expect("a session")
+        within(LIMIT, self.sessions.recv())
+            .await
+            .expect("a session")
     }
 }
 
@@ -206,7 +207,7 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// "echo" echoes; "slow" reads the request, waits 1.5 s, and answers "done".
+/// "echo" echoes; "slow" reads the request, waits 3 s, and answers "done".
 fn router() -> Router<QuinnConnection> {
     let echo = tower::service_fn(|mut stream: TunnelStream<QuinnConnection>| async move {
         let (mut reader, mut writer) = tokio::io::split(&mut stream);
@@ -216,7 +217,7 @@ fn router() -> Router<QuinnConnection> {
     let slow = tower::service_fn(|mut stream: TunnelStream<QuinnConnection>| async move {
         let mut request = Vec::new();
         stream.read_to_end(&mut request).await?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         stream.write_all(b"done").await?;
         stream.shutdown().await
     });
@@ -290,11 +291,13 @@ impl RunningEdge {
 enum Step {
     Connecting(u32),
     Connected,
-    Backoff(u32),
+    /// The attempt, and when the next one may start.
+    Backoff(u32, Instant),
     Stopped,
 }
 
-/// Records every state the watch shows until the edge stops.
+/// Records every state the watch shows until the edge stops, each with when it was seen
+/// (a watcher may see a state late, never early).
 fn record_steps(mut state: watch::Receiver<EdgeState>) -> JoinHandle<Vec<(Step, Instant)>> {
     tokio::spawn(async move {
         let mut steps = Vec::new();
@@ -302,7 +305,7 @@ fn record_steps(mut state: watch::Receiver<EdgeState>) -> JoinHandle<Vec<(Step, 
             let step = match &*state.borrow_and_update() {
                 EdgeState::Connecting { attempt } => Step::Connecting(*attempt),
                 EdgeState::Connected { .. } => Step::Connected,
-                EdgeState::Backoff { attempt, .. } => Step::Backoff(*attempt),
+                EdgeState::Backoff { attempt, until, .. } => Step::Backoff(*attempt, *until),
                 _ => Step::Stopped,
             };
             let stopped = step == Step::Stopped;
@@ -330,18 +333,54 @@ async fn echo(relay: &SessionClient<QuinnConnection>, payload: &[u8]) -> Vec<u8>
 async fn edge_connects_serves_and_stops_on_the_signal() {
     let (identity, trusted) = identity();
     let mut relay = TestRelay::start(loopback(), identity, Policy::Accept).await;
+    let baseline = alive_tasks();
     let mut edge = spawn_edge(edge_to(relay.addr, &trusted).build(router()).unwrap());
     edge.connected().await;
-    let EdgeState::Connected { relay: dialed, since } = edge.state.borrow().clone() else {
+    let EdgeState::Connected {
+        relay: dialed,
+        since,
+    } = edge.state.borrow().clone()
+    else {
         panic!("not connected");
     };
     assert_eq!(dialed, relay.addr);
     assert!(since.elapsed() < LIMIT);
     let session = relay.next_session().await;
-    assert_eq!(echo(&session, b"hello through the edge").await, b"hello through the edge");
+    assert_eq!(
+        echo(&session, b"hello through the edge").await,
+        b"hello through the edge"
+    );
     let mut state = edge.state.clone();
     edge.shut_down().await.expect("a graceful stop");
     assert!(state.borrow_and_update().is_stopped());
+    let end = within(LIMIT, relay.ends.recv()).await.unwrap();
+    assert!(matches!(end.why, Error::SessionClosed), "{:?}", end.why);
+    drop(session);
+    assert!(
+        settle_tasks(baseline).await <= baseline,
+        "tasks outlived the edge"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_edge_stops_everything_it_started() {
+    let (identity, trusted) = identity();
+    let mut relay = TestRelay::start(loopback(), identity, Policy::Accept).await;
+    let baseline = alive_tasks();
+    let mut edge = spawn_edge(edge_to(relay.addr, &trusted).build(router()).unwrap());
+    edge.connected().await;
+    let session = relay.next_session().await;
+    edge.task.abort();
+    let _ = edge.task.await;
+    assert!(edge.state.borrow_and_update().is_stopped());
+    // The connection goes with the edge: the relay's session ends.
+    let why = within(LIMIT, session.closed()).await;
+    assert!(!matches!(why, Error::SessionClosed), "{why:?}");
+    drop(session);
+    assert!(
+        settle_tasks(baseline).await <= baseline,
+        "tasks outlived the edge"
+    );
 }
 
 #[tokio::test]
@@ -359,13 +398,21 @@ async fn edge_comes_back_by_itself_when_the_relay_restarts() {
     let down_at = Instant::now();
     let addr = relay.stop().await;
     drop(session);
-    within(LIMIT, edge.state.wait_for(|state| matches!(state, EdgeState::Backoff { attempt, .. } if *attempt >= 3)))
-        .await
-        .unwrap();
+    within(
+        LIMIT,
+        edge.state
+            .wait_for(|state| matches!(state, EdgeState::Backoff { attempt, .. } if *attempt >= 3)),
+    )
+    .await
+    .unwrap();
     let EdgeState::Backoff { last_error, .. } = edge.state.borrow().clone() else {
         unreachable!()
     };
-    assert!(last_error.is_retryable() || matches!(*last_error, Error::Transport(_)), "{last_error}");
+    eprintln!("while the relay is down: {last_error}");
+    assert!(
+        last_error.is_retryable() || matches!(*last_error, Error::Transport(_)),
+        "{last_error}"
+    );
     let mut relay = TestRelay::start(addr, identity, Policy::Accept).await;
     edge.connected().await;
     let back_after = down_at.elapsed();
@@ -381,24 +428,63 @@ async fn edge_comes_back_by_itself_when_the_relay_restarts() {
     let backoffs: Vec<u32> = names
         .iter()
         .filter_map(|step| match step {
-            Step::Backoff(attempt) => Some(*attempt),
+            Step::Backoff(attempt, _) => Some(*attempt),
             _ => None,
         })
         .collect();
     assert!(backoffs.len() >= 3, "{names:?}");
-    assert!(backoffs.windows(2).all(|pair| pair[1] == pair[0] + 1), "{backoffs:?}");
-    let reconnected = names.iter().filter(|step| ***step == Step::Connected).count();
-    assert_eq!(reconnected, 2, "{names:?}");
-    // Each wait lasted at least half its window (100 ms doubling): the edge backed off.
-    let waits: Vec<Duration> = steps
-        .windows(2)
-        .filter(|pair| matches!(pair[0].0, Step::Backoff(_)))
-        .map(|pair| pair[1].1 - pair[0].1)
-        .collect();
-    for (n, wait) in waits.iter().enumerate() {
-        let window = (Duration::from_millis(100) * 2u32.pow(n as u32)).min(Duration::from_secs(1));
-        assert!(*wait >= window / 2 - Duration::from_millis(5), "wait {n}: {wait:?}");
+    assert_eq!(backoffs[0], 1, "{names:?}");
+    assert!(
+        backoffs.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{backoffs:?}"
+    );
+    let connected = names
+        .iter()
+        .filter(|step| ***step == Step::Connected)
+        .count();
+    assert_eq!(connected, 2, "{names:?}");
+    // No attempt started before its backoff was over.
+    for pair in steps.windows(2) {
+        if let (Step::Backoff(_, until), (_, seen)) = (&pair[0].0, &pair[1]) {
+            assert!(seen >= until, "{names:?}");
+        }
     }
+}
+
+#[tokio::test]
+async fn the_next_relay_is_tried_when_one_does_not_answer() {
+    let (identity, trusted) = identity();
+    let mut relay = TestRelay::start(loopback(), identity, Policy::Accept).await;
+    // A UDP socket that never answers: the handshake with it times out.
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let edge = Edge::builder()
+        .relays([silent_addr, relay.addr])
+        .trust(trusted)
+        .connect_timeout(Duration::from_millis(500))
+        .build(router())
+        .unwrap();
+    let steps = record_steps(edge.state());
+    let mut edge = spawn_edge(edge);
+    edge.connected().await;
+    let EdgeState::Connected { relay: dialed, .. } = edge.state.borrow().clone() else {
+        panic!("not connected");
+    };
+    assert_eq!(dialed, relay.addr);
+    let session = relay.next_session().await;
+    assert_eq!(echo(&session, b"second relay").await, b"second relay");
+    edge.shut_down().await.expect("a graceful stop");
+    let steps: Vec<Step> = within(LIMIT, steps)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(
+        steps,
+        [Step::Connecting(1), Step::Connected, Step::Stopped],
+        "one attempt, no backoff"
+    );
 }
 
 #[tokio::test]
@@ -487,7 +573,12 @@ async fn failed_registration_is_retried_until_it_passes() {
     edge.connected().await;
     let errors = within(LIMIT, errors).await.unwrap();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors.iter().all(|error| error.starts_with("registration failed")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|error| error.starts_with("registration failed")),
+        "{errors:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(relay.registrations.load(Ordering::SeqCst), 3);
     // The sessions of the failed attempts, then the one that serves.
@@ -525,10 +616,19 @@ async fn graceful_shutdown_closes_the_session_first_and_finishes_the_request() {
     let RunningEdge { stop, task, .. } = edge;
     stop.send(()).unwrap();
     // The relay learns of the shutdown at once, while the request is still running…
-    let end = within(LIMIT, relay.ends.recv()).await.expect("the session end");
+    let end = within(LIMIT, relay.ends.recv())
+        .await
+        .expect("the session end");
     assert!(matches!(end.why, Error::SessionClosed), "{:?}", end.why);
-    assert!(end.connection_open, "the session close came before the connection's end");
-    assert!(stopping.elapsed() < Duration::from_millis(1200), "{:?}", stopping.elapsed());
+    assert!(
+        end.connection_open,
+        "the session close came before the connection's end"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        stopping.elapsed()
+    );
     let refused = session.open("echo", Metadata::Empty).await;
     assert!(matches!(refused, Err(Error::SessionClosed)), "{refused:?}");
     // …and the request still completes.
@@ -581,7 +681,10 @@ async fn hundreds_of_edges_come_back_after_a_relay_restart() {
     for edge in &mut edges {
         edge.connected().await;
     }
-    eprintln!("{EDGES} edges back {:?} after the restart", restarted.elapsed());
+    eprintln!(
+        "{EDGES} edges back {:?} after the restart",
+        restarted.elapsed()
+    );
     let mut sessions = Vec::new();
     for _ in 0..EDGES {
         sessions.push(relay.next_session().await);

@@ -4,14 +4,8 @@
 //! network changes and NAT rebinding, so it dials again, but it must also know when
 //! dialing again is pointless: a relay whose certificate it does not trust, or that
 //! refused its credentials, will refuse it forever, and retrying would only hide from the
-//! operator what needs fixing. [`Edge`] draws that line once for everyone:
-//!
-//! - **fatal** (the future ends with the error): [`Error::UntrustedCertificate`],
-//!   [`Error::RegistrationRefused`], a server name that is no DNS name or IP address, an
-//!   invalid [`Config`], a closed endpoint;
-//! - **transient** (backoff, then dial again): everything else: a relay down or
-//!   unreachable, timeouts, a lost connection, a session the relay closed, a registration
-//!   that failed for now ([`Error::RegistrationFailed`]).
+//! operator what needs fixing. [`Edge`] draws that line once for everyone (its docs list
+//! which errors are fatal).
 //!
 //! Delays come from [`Backoff`] (exponential, with jitter so a fleet of edges does not
 //! return in lockstep), reset once a session lasted [`EdgeBuilder::stable_after`]. Every
@@ -379,8 +373,15 @@ impl EdgeBuilder {
 }
 
 /// An edge that stays connected: dials a relay, negotiates, registers, serves a
-/// [`Router`], and reconnects with backoff until shut down or stopped by a fatal error
-/// (see the [module docs](self) for which errors are fatal).
+/// [`Router`], and reconnects with backoff until shut down or stopped by a fatal error:
+///
+/// - **fatal** (the future ends with the error): [`Error::UntrustedCertificate`],
+///   [`Error::RegistrationRefused`], a server name that is no DNS name or IP address, a
+///   closed endpoint;
+/// - **transient** (backoff, then dial again): everything else: a relay down or
+///   unreachable, [`Error::Timeout`]s, a lost connection, a session the relay closed, a
+///   failed negotiation, a registration that failed for now
+///   ([`Error::RegistrationFailed`]).
 ///
 /// Awaiting it resolves to `Ok(())` after a graceful shutdown and to the fatal error
 /// otherwise; it never ends on a transient failure. Dropping it stops the edge at once.
@@ -507,8 +508,21 @@ impl Future for EdgeFuture {
 struct StateGuard(watch::Sender<EdgeState>);
 
 impl StateGuard {
+    /// Publishes `state`, unless it is the `Connecting` already shown (the initial one).
     fn set(&self, state: EdgeState) {
-        self.0.send_replace(state);
+        self.0.send_if_modified(|current| {
+            if let (
+                EdgeState::Connecting { attempt: shown },
+                EdgeState::Connecting { attempt: next },
+            ) = (&*current, &state)
+            {
+                if shown == next {
+                    return false;
+                }
+            }
+            *current = state;
+            true
+        });
     }
 }
 
