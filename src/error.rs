@@ -75,6 +75,32 @@ pub enum Error {
     /// The QUIC transport failed.
     #[error("transport error: {0}")]
     Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The relay presented a certificate this edge does not trust (unknown issuer, a
+    /// different self-signed certificate, expired, or not issued for `server_name`).
+    /// Retrying cannot help: the trusted certificates or the server name must change.
+    #[error(
+        "the relay at {relay} presented a certificate not trusted for {server_name:?}: {reason}"
+    )]
+    UntrustedCertificate {
+        /// The address dialed.
+        relay: std::net::SocketAddr,
+        /// The name the certificate was checked against.
+        server_name: String,
+        /// Why the TLS stack refused it, as rustls put it (e.g. `invalid peer certificate:
+        /// UnknownIssuer`).
+        reason: String,
+    },
+    /// The relay refused this edge's registration for good (e.g. rejected its credentials
+    /// as `Unauthorized`). Retrying cannot help: the credentials must change.
+    #[error("registration refused: {0}")]
+    RegistrationRefused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An edge's registration failed in a way that may pass on a new session (the relay
+    /// was busy, the edge's name is still held by its previous session…).
+    #[error("registration failed: {0}")]
+    RegistrationFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A builder was finished without a setting it cannot do without.
+    #[error("missing setting: {0}")]
+    MissingSetting(&'static str),
 }
 
 impl Error {
@@ -91,7 +117,10 @@ impl Error {
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Timeout(_) | Self::CapacityExceeded { .. } | Self::Disconnected => true,
+            Self::Timeout(_)
+            | Self::CapacityExceeded { .. }
+            | Self::Disconnected
+            | Self::RegistrationFailed(_) => true,
             Self::StreamRejected { code, .. } => {
                 matches!(
                     code,
@@ -111,6 +140,9 @@ impl From<Error> for io::Error {
             Error::SessionClosed | Error::Disconnected => io::ErrorKind::NotConnected,
             Error::Protocol(_) | Error::ProtocolViolation(_) => io::ErrorKind::InvalidData,
             Error::CapacityExceeded { .. } => io::ErrorKind::WouldBlock,
+            Error::UntrustedCertificate { .. } | Error::RegistrationRefused(_) => {
+                io::ErrorKind::PermissionDenied
+            }
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, error)
@@ -128,6 +160,8 @@ pub enum TimeoutKind {
     StreamBind,
     /// A `Pong`.
     Ping,
+    /// The QUIC handshake with a relay.
+    Connect,
 }
 
 impl fmt::Display for TimeoutKind {
@@ -137,6 +171,7 @@ impl fmt::Display for TimeoutKind {
             Self::OpenRequest => "open response",
             Self::StreamBind => "stream bind",
             Self::Ping => "pong",
+            Self::Connect => "the QUIC handshake",
         })
     }
 }

@@ -13,7 +13,8 @@
 //! - [`stream`]: `TunnelStream`, a bound data stream for tokio and hyper alike.
 //! - [`connector`]: the relay side as `tower::Service<ServiceId>` and `Service<Uri>`,
 //!   for hyper and hyper-util's pooled client.
-//! - [`edge`]: the edge side: a `Router` of tower services, served with graceful shutdown.
+//! - [`edge`]: the edge side: a `Router` of tower services, served with graceful shutdown,
+//!   and `Edge`, which stays connected to a relay (backoff, fatal vs transient errors).
 //! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.

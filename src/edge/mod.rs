@@ -1,4 +1,5 @@
-//! The edge side: answer the relay's open requests with tower services.
+//! The edge side: answer the relay's open requests with tower services, and stay
+//! connected.
 //!
 //! A [`Router`] maps service names to `tower::Service<TunnelStream>`s. [`Router::serve`]
 //! drives an edge session's events: for each `OpenRequest` it picks the route, checks that
@@ -8,12 +9,25 @@
 //! rejected with `UnsupportedService` unless a fallback route is set.
 //!
 //! Serving ends when the session ends or, with
-//! [`Serve::with_graceful_shutdown`], when the signal fires: new requests are then
-//! rejected with `ServiceUnavailable` while in-flight streams get up to
-//! [`Serve::drain_timeout`] to finish (HTTP routes are told to stop keep-alive).
+//! [`Serve::with_graceful_shutdown`], when the signal fires: the session is closed first
+//! (the relay stops routing here), in-flight streams then get up to
+//! [`Serve::drain_timeout`] to finish (HTTP routes are told to stop keep-alive), and the
+//! relay is left to close the connection.
+//!
+//! A session is one connection's life; an edge outlives many. [`Edge`] is the loop every
+//! edge needs around them: dial a relay, negotiate, register, serve a `Router`, and on a
+//! lost relay reconnect with [`Backoff`], telling the failures an operator must fix
+//! (an untrusted certificate, refused credentials) from those that pass by themselves.
 
+mod backoff;
+mod reconnect;
 mod router;
 mod serve;
 
+pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
+pub use reconnect::{
+    Edge, EdgeBuilder, EdgeFuture, EdgeState, RegisterError, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STABLE_AFTER,
+};
 pub use router::{RouteError, Router};
-pub use serve::{Serve, DEFAULT_DRAIN_TIMEOUT};
+pub use serve::{Serve, DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};

@@ -19,6 +19,10 @@ use crate::{ClientEvent, Error, SessionClient};
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a graceful shutdown waits, once drained, for the peer to close the connection
+/// before closing it itself, by default.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serving of a [`Router`] on one edge session; `.await` it.
@@ -26,6 +30,16 @@ type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Resolves to `Ok(())` after a graceful shutdown or a graceful close of the session, and
 /// to the session's end error (e.g. [`Error::Disconnected`]) when the session was lost, so
 /// a reconnect loop can tell the two apart.
+///
+/// A graceful shutdown ([`with_graceful_shutdown`](Self::with_graceful_shutdown)) goes in
+/// the order the peer needs:
+/// 1. the session is closed (`StreamClose(0)` with [`CloseCode::Normal`]), so the relay
+///    stops routing new requests here at once instead of sending them to be refused;
+/// 2. in-flight streams finish, for up to [`drain_timeout`](Self::drain_timeout) (HTTP
+///    routes stop keep-alive); their data streams are unaffected by the session's close;
+/// 3. the peer gets up to [`close_timeout`](Self::close_timeout) to close the connection,
+///    which it does once it has read everything (closing it first would discard the last
+///    responses if still unacknowledged); then the connection is closed here.
 #[must_use = "serving does nothing unless awaited"]
 pub struct Serve<C: Connection> {
     router: Router<C>,
@@ -33,6 +47,7 @@ pub struct Serve<C: Connection> {
     events: mpsc::Receiver<ClientEvent>,
     shutdown: Option<Signal>,
     drain_timeout: Duration,
+    close_timeout: Duration,
 }
 
 impl<C: Connection> fmt::Debug for Serve<C> {
@@ -40,6 +55,7 @@ impl<C: Connection> fmt::Debug for Serve<C> {
         f.debug_struct("Serve")
             .field("router", &self.router)
             .field("drain_timeout", &self.drain_timeout)
+            .field("close_timeout", &self.close_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -56,10 +72,12 @@ impl<C: Connection> Serve<C> {
             events,
             shutdown: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
         }
     }
 
-    /// Begins a graceful shutdown when `signal` resolves.
+    /// Begins a graceful shutdown when `signal` resolves: closes the session, drains,
+    /// then closes the connection (see [`Serve`]).
     pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
@@ -75,6 +93,13 @@ impl<C: Connection> Serve<C> {
         self
     }
 
+    /// How long a graceful shutdown waits, after draining, for the peer to close the
+    /// connection before closing it itself (default 2 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
     async fn run(self) -> Result<(), Error> {
         let Self {
             router,
@@ -82,16 +107,25 @@ impl<C: Connection> Serve<C> {
             mut events,
             shutdown,
             drain_timeout,
+            close_timeout,
         } = self;
         let dispatcher = Dispatcher { router, client };
         let (draining, drain_signal) = watch::channel(false);
         let mut streams = JoinSet::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut events_open = true;
+        let mut shutting_down = false;
         loop {
             tokio::select! {
                 () = &mut shutdown => {
-                    debug!("graceful shutdown: no new streams");
+                    debug!("graceful shutdown: closing the session, then draining");
+                    shutting_down = true;
+                    // The peer stops routing here, and fails the opens it sent before it
+                    // saw the close itself (they can no longer be answered).
+                    let reason = Some("edge shutting down".to_owned());
+                    if let Err(error) = dispatcher.client.close(CloseCode::Normal, reason).await {
+                        debug!(%error, "could not send the session close");
+                    }
                     break;
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
@@ -136,6 +170,17 @@ impl<C: Connection> Serve<C> {
         }
         while streams.join_next().await.is_some() {}
         let client = dispatcher.client;
+        if shutting_down {
+            let connection = client.connection();
+            if tokio::time::timeout(close_timeout, peer_closed(connection))
+                .await
+                .is_err()
+            {
+                debug!(?close_timeout, "the peer kept the connection open");
+            }
+            connection.close(0, b"edge shut down");
+            return Ok(());
+        }
         if client.state().is_final() {
             match client.closed().await {
                 Error::SessionClosed => Ok(()),
@@ -209,6 +254,16 @@ impl<C: Connection> IntoFuture for Serve<C> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
+    }
+}
+
+/// Resolves once the peer closed the connection (or it was lost). The session no longer
+/// accepts streams once closed, so any stream the peer still opens is refused here.
+async fn peer_closed<C: Connection>(connection: &C) {
+    use crate::transport::{RecvStream as _, SendStream as _};
+    while let Ok(Some((mut send, mut recv))) = connection.accept_bi().await {
+        send.reset(0);
+        recv.stop(0);
     }
 }
 
