@@ -12,13 +12,11 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use backhaul::edge::Router;
-use backhaul::quic::{client_endpoint, load_certs, DEFAULT_ALPN};
-use backhaul::{
-    CloseCode, Config, Error, QuinnConnection, RejectCode, Role, Session, SessionClient,
-};
+use backhaul::edge::{Backoff, Edge, RegisterError, Router};
+use backhaul::quic::load_certs;
+use backhaul::{Config, Error, QuinnConnection, RejectCode, SessionClient};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
 use http::{Request, Response, StatusCode};
@@ -27,7 +25,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::auth::{registration, valid_edge_name, Unauthorized, REGISTER_SERVICE};
@@ -50,11 +47,6 @@ pub struct UntrustedRelay {
     pub trusted: String,
     pub reason: String,
 }
-
-/// The relay already has a live edge under this name.
-#[derive(Debug, thiserror::Error)]
-#[error("the relay refused the registration: {0}")]
-struct NameTaken(String);
 
 #[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
@@ -177,187 +169,85 @@ fn parse_expose(spec: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), authority.to_string()))
 }
 
-/// Runs until `shutdown` resolves (Ok) or the relay refuses the credentials (Err).
+/// Runs until `shutdown` resolves (Ok), or until the relay refuses the credentials or
+/// presents a certificate this edge does not trust (Err). Dialing, reconnecting with
+/// backoff and telling the relay before draining are the library's [`Edge`].
 pub async fn run_edge(
     config: EdgeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    });
-    let router = build_router(&config);
-    let endpoint = client_endpoint(&config.trusted, DEFAULT_ALPN)?;
-    let mut backoff = Backoff::new(Duration::from_millis(250), config.max_backoff);
-    loop {
-        let outcome = connect_and_serve(&endpoint, &config, router.clone(), stopped.clone()).await;
-        match outcome {
-            Ok(Ended::Shutdown) => break,
-            Ok(Ended::Lost { lasted, reason }) => {
-                if lasted > Duration::from_secs(30) {
-                    backoff.reset();
-                }
-                warn!(reason = %Escaped(&reason), "lost the relay");
-            }
-            Err(error)
-                if error.downcast_ref::<Unauthorized>().is_some()
-                    || error.downcast_ref::<UntrustedRelay>().is_some() =>
-            {
-                endpoint.close(0u32.into(), b"giving up");
-                return Err(error);
-            }
-            Err(error) if error.downcast_ref::<NameTaken>().is_some() => warn!(
-                error = %Escaped(&error),
-                "ANOTHER EDGE IS CONNECTED UNDER THIS NAME: is this edge running twice? \
-                 retrying, so this edge takes over once the other is gone"
-            ),
-            Err(error) => warn!(error = %Escaped(&error), "cannot reach the relay"),
-        }
-        let delay = backoff.next_delay();
-        info!(?delay, "reconnecting");
-        let mut stopped = stopped.clone();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = crate::until_stopped(&mut stopped) => break,
-        }
-    }
-    tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
-        .await
-        .ok();
-    info!("edge stopped");
-    Ok(())
-}
-
-enum Ended {
-    Shutdown,
-    Lost { lasted: Duration, reason: Error },
-}
-
-async fn connect_and_serve(
-    endpoint: &quinn::Endpoint,
-    config: &EdgeConfig,
-    router: Router<QuinnConnection>,
-    stopped: watch::Receiver<bool>,
-) -> Result<Ended, BoxError> {
-    let addr = tokio::net::lookup_host(&config.relay)
-        .await?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", config.relay))?;
-    let connection = endpoint
-        .connect(addr, &config.server_name)?
-        .await
-        .map_err(|error| connect_error(error, &addr.to_string(), config))?;
     let session_config = Config::new()
         .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
         .with_ping_timeout(config.keepalive)
         .with_max_concurrent_streams(config.max_streams);
-    let session = Session::new(
-        QuinnConnection::new(connection.clone()),
-        Role::Client,
-        session_config,
-    );
-    let handle = session.start().await?;
-    let (client, events) = SessionClient::with_events(handle);
-    let credentials = registration(&config.name, &config.token);
-    match client.open(REGISTER_SERVICE, credentials).await {
-        Ok(_) => {}
+    let edge = Edge::builder()
+        .relay(&config.relay)
+        .trust(config.trusted.clone())
+        .server_name(&config.server_name)
+        .config(session_config)
+        .register(tower::service_fn({
+            let (edge, token) = (
+                Arc::from(config.name.as_str()),
+                Arc::from(config.token.as_str()),
+            );
+            move |client| register(client, Arc::clone(&edge), Arc::clone(&token))
+        }))
+        .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
+        .drain_timeout(config.shutdown_timeout)
+        .build(build_router(&config))?
+        .with_graceful_shutdown(shutdown);
+    match edge.await {
+        Ok(()) => Ok(()),
+        // The registration step's own error: `Unauthorized` (exit code 2).
+        Err(Error::RegistrationRefused(refusal)) => Err(refusal),
+        Err(Error::UntrustedCertificate { relay, reason, .. }) => Err(Box::new(UntrustedRelay {
+            relay: relay.to_string(),
+            trusted: config.trusted_from,
+            reason,
+        })),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The registration run on every new session: open the relay's `_register` service with
+/// this edge's name and token. A refusal of the credentials is final; a name held by a
+/// live edge is retried (with a loud warning), so this edge takes over once the other is
+/// gone.
+async fn register(
+    client: SessionClient<QuinnConnection>,
+    edge: Arc<str>,
+    token: Arc<str>,
+) -> Result<(), RegisterError> {
+    match client
+        .open(REGISTER_SERVICE, registration(&edge, &token))
+        .await
+    {
+        Ok(_) => {
+            info!(edge = %edge, "registered with the relay");
+            Ok(())
+        }
         Err(Error::StreamRejected {
             code: RejectCode::Unauthorized,
             reason,
         }) => {
-            connection.close(0u32.into(), b"unauthorized");
             let reason = reason.unwrap_or_else(|| "credentials refused".to_owned());
-            return Err(Box::new(Unauthorized(reason)));
+            Err(RegisterError::fatal(Unauthorized(reason)))
         }
         Err(Error::StreamRejected {
             code: RejectCode::ServiceUnavailable,
             reason,
         }) => {
-            connection.close(0u32.into(), b"name taken");
             let reason = reason.unwrap_or_else(|| "registration refused for now".to_owned());
-            return Err(Box::new(NameTaken(reason)));
+            warn!(
+                reason = %Escaped(&reason),
+                "ANOTHER EDGE IS CONNECTED UNDER THIS NAME: is this edge running twice? \
+                 retrying, so this edge takes over once the other is gone"
+            );
+            Err(RegisterError::retryable(reason))
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => Err(RegisterError::retryable(error)),
     }
-    let services: Vec<&str> = config
-        .services
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .collect();
-    info!(edge = %config.name, relay = %addr, ?services, "registered with the relay");
-    let connected = Instant::now();
-
-    // On shutdown: tell the relay first (it stops routing here), then drain.
-    let mut shutting_down = stopped.clone();
-    let closer = tokio::spawn({
-        let client = client.clone();
-        async move {
-            if shutting_down.wait_for(|stop| *stop).await.is_ok() {
-                let _ = client
-                    .close(CloseCode::Normal, Some("edge shutting down".into()))
-                    .await;
-            }
-        }
-    });
-    let mut drain_signal = stopped.clone();
-    let served = router
-        .serve(client.clone(), events)
-        .with_graceful_shutdown(async move {
-            let _ = drain_signal.wait_for(|stop| *stop).await;
-        })
-        .drain_timeout(config.shutdown_timeout)
-        .await;
-    if *stopped.borrow() {
-        // The close was sent when shutdown began; let it finish before the connection goes.
-        let _ = closer.await;
-        // The last responses may still be in flight (sent, not yet acknowledged), and
-        // closing the connection discards them: let the relay, which closes it once it
-        // has read everything, go first (bounded).
-        let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
-        connection.close(0u32.into(), b"edge shutting down");
-        return Ok(Ended::Shutdown);
-    }
-    closer.abort();
-    let reason = match served {
-        Ok(()) => Error::SessionClosed,
-        Err(error) => error,
-    };
-    connection.close(0u32.into(), b"session ended");
-    Ok(Ended::Lost {
-        lasted: connected.elapsed(),
-        reason,
-    })
-}
-
-/// A certificate the edge does not trust becomes [`UntrustedRelay`]; anything else (relay
-/// down, timeouts, refused) stays an error to retry.
-fn connect_error(error: quinn::ConnectionError, relay: &str, config: &EdgeConfig) -> BoxError {
-    match &error {
-        quinn::ConnectionError::TransportError(transport)
-            if is_certificate_error(transport.code, &transport.reason) =>
-        {
-            Box::new(UntrustedRelay {
-                relay: relay.to_owned(),
-                trusted: config.trusted_from.clone(),
-                reason: transport.reason.clone(),
-            })
-        }
-        _ => Box::new(error),
-    }
-}
-
-/// TLS alerts our own certificate check raises (rustls' verifier, run locally): bad,
-/// unsupported, revoked, expired or unknown certificate, unknown CA, and a signature that
-/// does not verify (a different certificate under the same name, e.g. a relay that made
-/// a new self-signed one).
-fn is_certificate_error(code: quinn::TransportErrorCode, reason: &str) -> bool {
-    const CERTIFICATE_ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 51];
-    CERTIFICATE_ALERTS
-        .iter()
-        .any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
-        || reason.contains("invalid peer certificate")
 }
 
 fn build_router(config: &EdgeConfig) -> Router<QuinnConnection> {
@@ -499,54 +389,9 @@ impl LocalService {
     }
 }
 
-/// Exponential backoff with jitter: each delay is drawn from the upper half of a window
-/// that doubles up to `max`, so a fleet of edges does not reconnect in lockstep.
-struct Backoff {
-    base: Duration,
-    max: Duration,
-    window: Duration,
-}
-
-impl Backoff {
-    fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            window: base,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.window = self.base;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let window = self.window.min(self.max);
-        self.window = (self.window * 2).min(self.max);
-        window / 2 + window.mul_f64(random_fraction() / 2.0)
-    }
-}
-
-/// A number in [0, 1) from the standard library's randomly keyed hasher.
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] < Duration::from_millis(100));
-        assert!(delays[7] >= Duration::from_millis(500) && delays[7] < Duration::from_secs(1));
-        backoff.reset();
-        assert!(backoff.next_delay() < Duration::from_millis(100));
-    }
 
     #[test]
     fn expose_specs_parse() {
