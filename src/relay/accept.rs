@@ -540,8 +540,9 @@ struct Registered {
 
 /// Why a connection did not register.
 enum Refused {
-    /// The edge was told why (it gets a round trip to close by itself).
-    Answered,
+    /// The edge was told why (it gets a round trip to close by itself). The session is
+    /// kept until then: dropping it would drop the answer still queued for the peer.
+    Answered(SessionClient<QuinnConnection>),
     /// The session ended or failed first.
     Gone,
 }
@@ -592,7 +593,7 @@ async fn handle_connection<A>(
     } = match registered {
         Ok(Ok(registered)) => registered,
         Ok(Err(refused)) => {
-            if let Refused::Answered = refused {
+            if let Refused::Answered(_session) = refused {
                 // Let the refusal reach the edge before the connection goes: an honest
                 // edge closes on reading it; anyone else is closed after the linger.
                 let linger = (Instant::now() + REFUSAL_LINGER).min(deadline);
@@ -693,7 +694,7 @@ where
         let _ = client
             .reject_open(request_id, RejectCode::Unauthorized, Some(reason))
             .await;
-        return Err(Refused::Answered);
+        return Err(Refused::Answered(client));
     };
     let request = AuthRequest {
         edge: edge.clone(),
@@ -717,7 +718,7 @@ where
                 }
             };
             let _ = client.reject_open(request_id, code, reason).await;
-            return Err(Refused::Answered);
+            return Err(Refused::Answered(client));
         }
     };
     let attachment = match shared.registry.attach(name.clone(), client.clone()).await {
@@ -732,7 +733,7 @@ where
             let _ = client
                 .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
                 .await;
-            return Err(Refused::Answered);
+            return Err(Refused::Answered(client));
         }
         Err(_) => return Err(Refused::Gone),
     };
