@@ -2,14 +2,14 @@
 //! connection closed, admission caps holding against many Hello-only connections, any
 //! tower service as the authenticator, and a graceful shutdown that empties the registry.
 
-mod support;
 #[path = "support/relay.rs"]
 mod relay_fixture;
+mod support;
 
 use std::time::Duration;
 
 use backhaul::relay::{
-    AdmissionConfig, AuthRequest, EdgeName, Registry, REGISTER_SERVICE, CLOSE_UNREGISTERED,
+    AdmissionConfig, AuthRequest, EdgeName, Registry, CLOSE_UNREGISTERED, REGISTER_SERVICE,
 };
 use backhaul::{ClientEvent, Error, Metadata, RejectCode};
 use tokio::task::JoinSet;
@@ -22,7 +22,9 @@ const LIMIT: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(60);
 
 /// The rejection a registration got, and the connection's close code after it.
-async fn refusal(registration: Result<relay_fixture::TestEdge, Registration>) -> (RejectCode, String, Option<u64>) {
+async fn refusal(
+    registration: Result<relay_fixture::TestEdge, Registration>,
+) -> (RejectCode, String, Option<u64>) {
     match registration {
         Err(Registration::Refused(Error::StreamRejected { code, reason }, edge)) => {
             let closed = within(WAIT, close_code(&edge.connection)).await;
@@ -63,10 +65,16 @@ async fn wrong_credentials_are_refused_the_connection_closed_and_the_source_back
 
         // Other malformed registrations, each from its own source: refused alike.
         let cases: [(&str, Metadata); 4] = [
-            ("web", backhaul::relay::registration_metadata("alpha", "secret")),
+            (
+                "web",
+                backhaul::relay::registration_metadata("alpha", "secret"),
+            ),
             (REGISTER_SERVICE, Metadata::Empty),
             (REGISTER_SERVICE, Metadata::Bytes(b"alpha:secret".to_vec())),
-            (REGISTER_SERVICE, backhaul::relay::registration_metadata(&"x".repeat(10_000), "s")),
+            (
+                REGISTER_SERVICE,
+                backhaul::relay::registration_metadata(&"x".repeat(10_000), "s"),
+            ),
         ];
         for (i, (service, metadata)) in cases.into_iter().enumerate() {
             let endpoint = relay.endpoint_from(&format!("127.0.0.{}", 10 + i));
@@ -76,8 +84,14 @@ async fn wrong_credentials_are_refused_the_connection_closed_and_the_source_back
                 Err(Error::StreamRejected {
                     code: RejectCode::Unauthorized,
                     reason,
-                }) => assert!(reason.unwrap_or_default().len() < 300, "case {i}: reasons are short"),
-                other => panic!("case {i}: expected Unauthorized, got {:?}", other.map(|_| ())),
+                }) => assert!(
+                    reason.unwrap_or_default().len() < 300,
+                    "case {i}: reasons are short"
+                ),
+                other => panic!(
+                    "case {i}: expected Unauthorized, got {:?}",
+                    other.map(|_| ())
+                ),
             }
             let code = within(WAIT, close_code(&edge.connection)).await;
             assert_eq!(code, Some(u64::from(CLOSE_UNREGISTERED)), "case {i}");
@@ -85,10 +99,16 @@ async fn wrong_credentials_are_refused_the_connection_closed_and_the_source_back
 
         // The right token from a clean source registers.
         let honest = relay.endpoint_from("127.0.0.2");
-        let edge = register(&honest, relay.addr, "alpha", "secret").await.expect("registers");
+        let edge = register(&honest, relay.addr, "alpha", "secret")
+            .await
+            .expect("registers");
         assert!(registry.contains("alpha"));
         let counts = relay.stats.snapshot();
-        assert_eq!((counts.unauthorized, counts.registered), (5, 1), "{counts:?}");
+        assert_eq!(
+            (counts.unauthorized, counts.registered),
+            (5, 1),
+            "{counts:?}"
+        );
         drop(edge);
         relay.shutdown().await;
     })
@@ -132,10 +152,19 @@ async fn admission_caps_hold_against_many_hello_only_connections() {
             }
         }
         let admitted: usize = admitted_by_source.iter().sum();
-        eprintln!("admitted {admitted} of {} Hello-only connections: {admitted_by_source:?}", SOURCES * PER_SOURCE);
+        eprintln!(
+            "admitted {admitted} of {} Hello-only connections: {admitted_by_source:?}",
+            SOURCES * PER_SOURCE
+        );
         assert!(admitted <= MAX_UNREGISTERED, "{admitted_by_source:?}");
-        assert!(admitted_by_source.iter().all(|n| *n <= MAX_PER_SOURCE), "{admitted_by_source:?}");
-        assert!(admitted >= MAX_PER_SOURCE, "some got in: {admitted_by_source:?}");
+        assert!(
+            admitted_by_source.iter().all(|n| *n <= MAX_PER_SOURCE),
+            "{admitted_by_source:?}"
+        );
+        assert!(
+            admitted >= MAX_PER_SOURCE,
+            "some got in: {admitted_by_source:?}"
+        );
         let counts = relay.stats.snapshot();
         assert!(counts.unregistered <= MAX_UNREGISTERED, "{counts:?}");
         assert!(
@@ -157,7 +186,9 @@ async fn admission_caps_hold_against_many_hello_only_connections() {
 
         // …and an honest edge gets in.
         let endpoint = relay.endpoint_from("127.0.0.20");
-        let _edge = register(&endpoint, relay.addr, "alpha", "secret").await.expect("registers");
+        let _edge = register(&endpoint, relay.addr, "alpha", "secret")
+            .await
+            .expect("registers");
         assert!(registry.contains("alpha"));
         relay.shutdown().await;
     })
@@ -201,16 +232,22 @@ async fn any_tower_service_authenticates_and_its_failures_are_not_the_edges_faul
 
         // The backend fails or is too slow: "unavailable", and the source is not backed off.
         for token in ["down", "slow"] {
-            let (code, reason, _) = refusal(register(&endpoint, relay.addr, "abc", token).await).await;
+            let (code, reason, _) =
+                refusal(register(&endpoint, relay.addr, "abc", token).await).await;
             assert_eq!(code, RejectCode::ServiceUnavailable, "{token}");
             assert!(reason.contains("unavailable"), "{reason}");
         }
         // Accepted under the name the service chose.
-        let edge = register(&endpoint, relay.addr, "abc", "cba").await.expect("registers");
+        let edge = register(&endpoint, relay.addr, "abc", "cba")
+            .await
+            .expect("registers");
         assert!(registry.contains("team-abc"));
         // Refused with the service's reason; now the source is backed off.
         let (code, reason, _) = refusal(register(&endpoint, relay.addr, "abc", "abc").await).await;
-        assert_eq!((code, reason.as_str()), (RejectCode::Unauthorized, "ask the team for a token"));
+        assert_eq!(
+            (code, reason.as_str()),
+            (RejectCode::Unauthorized, "ask the team for a token")
+        );
         assert!(matches!(
             register(&endpoint, relay.addr, "abc", "cba").await,
             Err(Registration::NotConnected(_))
@@ -233,7 +270,16 @@ async fn a_graceful_shutdown_tells_every_edge_and_empties_the_registry() {
         let endpoint = relay.endpoint_from("127.0.0.40");
         let mut edges = Vec::new();
         for i in 0..EDGES {
-            edges.push(register(&endpoint, relay.addr, &format!("edge-{i}"), &format!("t{i}")).await.expect("registers"));
+            edges.push(
+                register(
+                    &endpoint,
+                    relay.addr,
+                    &format!("edge-{i}"),
+                    &format!("t{i}"),
+                )
+                .await
+                .expect("registers"),
+            );
         }
         assert_eq!(registry.len(), EDGES);
         let addr = relay.addr;
@@ -250,13 +296,19 @@ async fn a_graceful_shutdown_tells_every_edge_and_empties_the_registry() {
                 }
             }
             assert!(told, "an edge was not told");
-            assert!(matches!(within(WAIT, edge.client.closed()).await, Error::SessionClosed | Error::Disconnected));
+            assert!(matches!(
+                within(WAIT, edge.client.closed()).await,
+                Error::SessionClosed | Error::Disconnected
+            ));
         }
         // New connections are refused.
         assert!(connect(&endpoint, addr).await.is_err());
         drop(endpoint);
         let tasks = support::settle_tasks(tasks_before).await;
-        assert!(tasks <= tasks_before, "{tasks} tasks alive, {tasks_before} before");
+        assert!(
+            tasks <= tasks_before,
+            "{tasks} tasks alive, {tasks_before} before"
+        );
     })
     .await;
 }

@@ -5,9 +5,9 @@
 //! Every change the registry publishes is replayed into a model, which must agree with
 //! the registry: every epoch attached once and detached once, never two holders of a name.
 
-mod support;
 #[path = "support/relay.rs"]
 mod relay_fixture;
+mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::{ready, Ready};
@@ -20,8 +20,7 @@ use backhaul::relay::{
     TakeoverPolicy, CLOSE_REPLACED, REGISTER_SERVICE,
 };
 use backhaul::{
-    ClientEvent, Config, Error, Metadata, QuinnConnection, RejectCode, Role, Session,
-    SessionClient,
+    ClientEvent, Config, Error, Metadata, QuinnConnection, RejectCode, Role, Session, SessionClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
@@ -182,10 +181,17 @@ async fn hundreds_of_edges_attach_replace_and_detach_concurrently() {
         }
         let mut first = registering.join_all().await;
         first.sort_by_key(|(i, _)| *i);
-        eprintln!("{EDGES} edges registered at once in {:?}", started.elapsed());
+        eprintln!(
+            "{EDGES} edges registered at once in {:?}",
+            started.elapsed()
+        );
         assert_eq!(registry.len(), EDGES);
         let expected: BTreeSet<String> = (0..EDGES).map(|i| format!("edge-{i}")).collect();
-        let names: BTreeSet<String> = registry.names().into_iter().map(EdgeName::into_string).collect();
+        let names: BTreeSet<String> = registry
+            .names()
+            .into_iter()
+            .map(EdgeName::into_string)
+            .collect();
         assert_eq!(names, expected);
         let first_epochs = table_of(&registry);
 
@@ -200,9 +206,10 @@ async fn hundreds_of_edges_attach_replace_and_detach_concurrently() {
                     edge.connection.close(0u32.into(), b"bye");
                     (i, edge, None)
                 } else {
-                    let again = register(&endpoint, addr, &format!("edge-{i}"), &format!("token-{i}"))
-                        .await
-                        .expect("registers again");
+                    let again =
+                        register(&endpoint, addr, &format!("edge-{i}"), &format!("token-{i}"))
+                            .await
+                            .expect("registers again");
                     (i, edge, Some(again))
                 }
             });
@@ -227,9 +234,15 @@ async fn hundreds_of_edges_attach_replace_and_detach_concurrently() {
         let table = table_of(&registry);
         for (i, _) in &second {
             let edge = name(&format!("edge-{i}"));
-            assert!(table[&edge] > first_epochs[&edge], "edge-{i} has its new epoch");
+            assert!(
+                table[&edge] > first_epochs[&edge],
+                "edge-{i} has its new epoch"
+            );
             let handle = registry.get(&edge).expect("attached");
-            assert!(handle.client().is_ready(), "edge-{i}'s session is the live one");
+            assert!(
+                handle.client().is_ready(),
+                "edge-{i}'s session is the live one"
+            );
         }
 
         // Everyone leaves.
@@ -337,7 +350,10 @@ async fn a_hundred_newcomers_for_one_live_name_leave_exactly_one_holder() {
             }
         }
         assert_eq!(holders.len(), 1, "every holder answered its ping: one wins");
-        assert_eq!(registry.get("alpha").map(|e| e.epoch()), Some(holders[0].epoch()));
+        assert_eq!(
+            registry.get("alpha").map(|e| e.epoch()),
+            Some(holders[0].epoch())
+        );
         assert!(
             sessions.relay_sides.iter().all(SessionClient::is_ready),
             "nobody was replaced"
@@ -358,8 +374,14 @@ async fn a_stale_detach_never_removes_a_newer_session() {
         );
         let registry = Registry::with_policy(TakeoverPolicy::ReplaceHolder);
         let mut events = registry.subscribe();
-        let old = registry.attach(name("alpha"), old_client.clone()).await.expect("attach");
-        let new = registry.attach(name("alpha"), new_client).await.expect("replace");
+        let old = registry
+            .attach(name("alpha"), old_client.clone())
+            .await
+            .expect("attach");
+        let new = registry
+            .attach(name("alpha"), new_client)
+            .await
+            .expect("replace");
         assert!(new.epoch() > old.epoch());
         assert!(!old.is_current());
         assert!(new.is_current());
@@ -450,11 +472,21 @@ async fn a_live_holder_keeps_its_name_and_a_silent_one_is_replaced() {
 async fn echo_through<D: Directory>(directory: &D, edge: &str) -> Result<Vec<u8>, String> {
     match directory.locate(edge).await.map_err(|e| e.to_string())? {
         Location::Local(edge) => {
-            let mut stream = edge.connector().connect("echo").await.map_err(|e| e.to_string())?;
-            stream.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            let mut stream = edge
+                .connector()
+                .connect("echo")
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .write_all(b"hello")
+                .await
+                .map_err(|e| e.to_string())?;
             stream.shutdown().await.map_err(|e| e.to_string())?;
             let mut echoed = Vec::new();
-            stream.read_to_end(&mut echoed).await.map_err(|e| e.to_string())?;
+            stream
+                .read_to_end(&mut echoed)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(echoed)
         }
         Location::Elsewhere(relay) => Err(format!("elsewhere: {relay}")),
@@ -495,9 +527,18 @@ async fn lookups_go_through_the_directory_trait() {
         let served = serve_test_services(edge.client.clone(), edge.events);
 
         // The in-process directory: the registry itself, also behind an Arc.
-        assert_eq!(echo_through(&registry, "alpha").await, Ok(b"hello".to_vec()));
-        assert_eq!(echo_through(&Arc::new(registry.clone()), "alpha").await, Ok(b"hello".to_vec()));
-        assert_eq!(echo_through(&registry, "beta").await, Err("unknown".to_owned()));
+        assert_eq!(
+            echo_through(&registry, "alpha").await,
+            Ok(b"hello".to_vec())
+        );
+        assert_eq!(
+            echo_through(&Arc::new(registry.clone()), "alpha").await,
+            Ok(b"hello".to_vec())
+        );
+        assert_eq!(
+            echo_through(&registry, "beta").await,
+            Err("unknown".to_owned())
+        );
 
         // A shared directory plugs in without changing the caller.
         let shared = SharedDirectory {
@@ -513,7 +554,13 @@ async fn lookups_go_through_the_directory_trait() {
         // The relay serves nothing to edges: an edge's own open is refused.
         let refused = edge.client.open("anything", Metadata::Empty).await;
         assert!(
-            matches!(refused, Err(Error::StreamRejected { code: RejectCode::UnsupportedService, .. })),
+            matches!(
+                refused,
+                Err(Error::StreamRejected {
+                    code: RejectCode::UnsupportedService,
+                    ..
+                })
+            ),
             "{refused:?}"
         );
         relay.shutdown().await;
@@ -543,7 +590,10 @@ async fn a_quic_reverse_0_1_2_edge_registers_and_is_reachable() {
             quic_reverse::Role::Client,
             quic_reverse::Config::default(),
         );
-        let handle = session.start().await.expect("their session negotiates with ours");
+        let handle = session
+            .start()
+            .await
+            .expect("their session negotiates with ours");
         let (edge, mut events) = quic_reverse::SessionClient::with_events(handle);
         let credentials = quic_reverse::Metadata::Structured(HashMap::from([
             ("edge".to_owned(), TheirValue::String("legacy".to_owned())),
@@ -561,7 +611,9 @@ async fn a_quic_reverse_0_1_2_edge_registers_and_is_reachable() {
                 if let quic_reverse::ClientEvent::OpenRequest { request_id, .. } = event {
                     let stream_id = next_stream_id;
                     next_stream_id += 1;
-                    edge.accept_open(request_id, stream_id).await.expect("accept");
+                    edge.accept_open(request_id, stream_id)
+                        .await
+                        .expect("accept");
                     let (mut send, mut recv) = edge.connection().open_bi().await.expect("open_bi");
                     edge.bind_stream(&mut send, stream_id).await.expect("bind");
                     tokio::spawn(async move {
@@ -571,11 +623,18 @@ async fn a_quic_reverse_0_1_2_edge_registers_and_is_reachable() {
                 }
             }
         });
-        assert_eq!(echo_through(&registry, "legacy").await, Ok(b"hello".to_vec()));
+        assert_eq!(
+            echo_through(&registry, "legacy").await,
+            Ok(b"hello".to_vec())
+        );
 
         // Wrong credentials from the reference edge: refused as Unauthorized.
         let other = relay.endpoint_from("127.0.0.2");
-        let connection = other.connect(relay.addr, "localhost").expect("connect").await.expect("QUIC");
+        let connection = other
+            .connect(relay.addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("QUIC");
         let session = quic_reverse::Session::new(
             TheirConnection::new(connection.clone()),
             quic_reverse::Role::Client,

@@ -599,10 +599,7 @@ async fn handle_connection<A>(
                 let linger = (Instant::now() + REFUSAL_LINGER).min(deadline);
                 let _ = timeout_at(linger, connection.closed()).await;
             }
-            connection.close(
-                VarInt::from_u32(CLOSE_UNREGISTERED),
-                b"registration failed",
-            );
+            connection.close(VarInt::from_u32(CLOSE_UNREGISTERED), b"registration failed");
             return;
         }
         Err(_) => {
@@ -679,9 +676,8 @@ where
         }
     };
     let (client, mut events) = SessionClient::with_events(handle);
-    let (request_id, service, metadata) = next_open_request(&mut events)
-        .await
-        .ok_or(Refused::Gone)?;
+    let (request_id, service, metadata) =
+        next_open_request(&mut events).await.ok_or(Refused::Gone)?;
     let claimed = metadata_text(&metadata, EDGE_FIELD)
         .filter(|_| service.as_str() == REGISTER_SERVICE)
         .map(str::to_owned);
@@ -701,7 +697,8 @@ where
         metadata,
         remote,
     };
-    let decided: Result<EdgeName, BoxError> = authenticator.oneshot(request).await.map_err(Into::into);
+    let decided: Result<EdgeName, BoxError> =
+        authenticator.oneshot(request).await.map_err(Into::into);
     let name = match decided {
         Ok(name) => name,
         Err(error) => {
@@ -729,7 +726,10 @@ where
                 edge = %name,
                 "refusing a second edge under a name whose holder is alive (two edges share a name?)"
             );
-            let reason = Some(format!("edge name {:?} is already connected", name.as_str()));
+            let reason = Some(format!(
+                "edge name {:?} is already connected",
+                name.as_str()
+            ));
             let _ = client
                 .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
                 .await;

@@ -99,7 +99,9 @@ impl<C: Connection> Directory<C> for Registry<C> {
     type Future = Ready<Result<Location<C>, Error>>;
 
     fn locate(&self, edge: &str) -> Self::Future {
-        ready(Ok(self.get(edge).map_or(Location::Unknown, Location::Local)))
+        ready(Ok(self
+            .get(edge)
+            .map_or(Location::Unknown, Location::Local)))
     }
 }
 

@@ -52,12 +52,12 @@
 //! # Ok(()) }
 //! ```
 
-mod accept;
-mod admission;
+pub mod accept;
+pub mod admission;
 pub mod auth;
-mod directory;
+pub mod directory;
 mod name;
-mod registry;
+pub mod registry;
 
 pub use accept::{
     server_config, server_endpoint, AcceptCounts, AcceptStats, Acceptor, ServeEdges,

@@ -379,7 +379,10 @@ impl<C: Connection> Registry<C> {
     /// session's detach (an older epoch) removes nothing.
     pub fn detach(&self, name: &str, epoch: Epoch) -> bool {
         let mut table = self.lock();
-        let current = table.edges.get(name).is_some_and(|edge| edge.epoch == epoch);
+        let current = table
+            .edges
+            .get(name)
+            .is_some_and(|edge| edge.epoch == epoch);
         if current {
             if let Some((name, _)) = table.edges.remove_entry(name) {
                 self.publish(RegistryEvent::Detached {

@@ -50,7 +50,8 @@ impl TestRelay {
     ) -> Self {
         let tokens = Tokens::parse(tokens).expect("tokens");
         Self::start_with_stats(registry, |endpoint, registry| {
-            let acceptor = Acceptor::new(endpoint, registry, tokens).with_admission(open_admission());
+            let acceptor =
+                Acceptor::new(endpoint, registry, tokens).with_admission(open_admission());
             let acceptor = configure(acceptor);
             let stats = acceptor.stats();
             (acceptor.serve(), Some(stats))
@@ -224,8 +225,12 @@ pub struct Blackhole {
 
 impl Blackhole {
     pub async fn start(relay: SocketAddr) -> Self {
-        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("front");
-        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("back");
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("front");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("back");
         back.connect(relay).await.expect("connect");
         let addr = front.local_addr().expect("address");
         let silent = Arc::new(AtomicBool::new(false));
