@@ -101,6 +101,31 @@ pub enum Error {
     /// A builder was finished without a setting it cannot do without.
     #[error("missing setting: {0}")]
     MissingSetting(&'static str),
+    /// A name that cannot name an edge: edge names are lowercase DNS labels (1 to 63 of
+    /// `a-z`, `0-9` and `-`, not starting or ending with `-`), since they become subdomains.
+    #[error("edge name {0:?} is not a lowercase DNS label")]
+    InvalidEdgeName(String),
+    /// An entry of a token list is not `NAME=TOKEN` with a non-empty token (the entry is
+    /// not quoted: it may hold a secret).
+    #[error("edge token entry {position} is not NAME=TOKEN with a non-empty token")]
+    InvalidTokenEntry {
+        /// The entry's position in the list, from 0.
+        position: usize,
+    },
+    /// The credentials were refused: by a relay's authenticator, or (on an edge) by the
+    /// relay. Retrying with the same credentials will not help.
+    #[error("unauthorized{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Unauthorized {
+        /// Why, as told to the edge.
+        reason: Option<String>,
+    },
+    /// A relay's registry refused an edge because another edge holds its name and is
+    /// alive (see [`TakeoverPolicy`](crate::relay::TakeoverPolicy)).
+    #[error("edge name {name:?} is already connected")]
+    EdgeNameTaken {
+        /// The name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -113,14 +138,16 @@ impl Error {
     }
 
     /// True for failures where the same request may succeed later on this or a new session
-    /// (timeouts, full limits, lost connections, a peer's `LimitExceeded`/`ServiceUnavailable`).
+    /// (timeouts, full limits, lost connections, a peer's `LimitExceeded`/`ServiceUnavailable`,
+    /// an edge name whose live holder may go away).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Timeout(_)
             | Self::CapacityExceeded { .. }
             | Self::Disconnected
-            | Self::RegistrationFailed(_) => true,
+            | Self::RegistrationFailed(_)
+            | Self::EdgeNameTaken { .. } => true,
             Self::StreamRejected { code, .. } => {
                 matches!(
                     code,
@@ -143,6 +170,8 @@ impl From<Error> for io::Error {
             Error::UntrustedCertificate { .. } | Error::RegistrationRefused(_) => {
                 io::ErrorKind::PermissionDenied
             }
+            Error::Unauthorized { .. } => io::ErrorKind::PermissionDenied,
+            Error::EdgeNameTaken { .. } => io::ErrorKind::AddrInUse,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, error)

@@ -17,6 +17,8 @@
 //!   and `Edge`, which stays connected to a relay (backoff, fatal vs transient errors).
 //! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
+//! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
+//!   them by name, lookup behind a `Directory` trait.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
 //!
 //! # Example
@@ -67,6 +69,7 @@ mod error;
 pub mod http;
 pub mod protocol;
 pub mod quic;
+pub mod relay;
 pub mod session;
 pub mod stream;
 pub mod transport;

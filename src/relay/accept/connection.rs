@@ -1,0 +1,393 @@
+//! One edge connection, from its first packet to its end: admission slot, QUIC and
+//! session handshakes, the `_register` exchange, the registry, and the refusals.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use quinn::VarInt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, timeout_at, Instant};
+use tower::{BoxError, Service, ServiceExt};
+use tracing::{debug, info, warn};
+
+use super::{AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE};
+use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
+use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
+use crate::relay::name::EdgeName;
+use crate::relay::registry::{Attachment, Registry};
+use crate::relay::shown;
+use crate::{ClientEvent, Config, Error, QuinnConnection, Role, Session, SessionClient};
+
+/// What every connection task shares.
+pub(super) struct Shared {
+    pub(super) registry: Registry,
+    pub(super) admission: Mutex<Admission>,
+    pub(super) log_summary: Mutex<LogSummary>,
+    pub(super) stats: AcceptStats,
+    pub(super) session_config: Config,
+    pub(super) register_timeout: Duration,
+    pub(super) registered_max_streams: u32,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Both tables stay consistent if a holder panics (no panicking code runs mid-update).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Lets a new connection start its handshake (holding a slot), or refuses it before
+    /// any TLS work.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        incoming: &quinn::Incoming,
+    ) -> Result<UnregisteredSlot, Refusal> {
+        let source = Source::of(incoming.remote_address().ip());
+        let decision = {
+            let mut admission = lock(&self.admission);
+            let decision = admission.admit(source, std::time::Instant::now());
+            self.set_unregistered(&admission);
+            decision
+        };
+        let counters = &self.stats.counters;
+        let refusal = match decision {
+            Ok(()) => {
+                AcceptStats::count(&counters.admitted);
+                return Ok(UnregisteredSlot {
+                    shared: Arc::clone(self),
+                    source,
+                });
+            }
+            Err(refusal) => refusal,
+        };
+        AcceptStats::count(match refusal {
+            Refusal::HandshakeRate => &counters.refused_handshake_rate,
+            Refusal::UnregisteredCap => &counters.refused_unregistered_cap,
+            Refusal::SourceBackoff => &counters.refused_source_backoff,
+        });
+        if lock(&self.log_summary).note(refusal.label(), source) {
+            warn!(%source, reason = %refusal, "refusing QUIC handshakes; more refusals are summarised");
+        }
+        Err(refusal)
+    }
+
+    fn set_unregistered(&self, admission: &Admission) {
+        self.stats
+            .counters
+            .unregistered
+            .store(admission.unregistered(), Ordering::Relaxed);
+    }
+
+    pub(super) fn log_summaries(&self, interval: Duration) {
+        for (kind, count, sources) in lock(&self.log_summary).flush() {
+            let sources: Vec<String> = sources.iter().map(ToString::to_string).collect();
+            warn!(kind, count, ?interval, ?sources, "refused again (summary)");
+        }
+    }
+
+    /// Counts a refused registration and backs its source off.
+    fn penalize(&self, source: Source, claimed: &str) {
+        AcceptStats::count(&self.stats.counters.unauthorized);
+        let backoff = lock(&self.admission).failed(source, std::time::Instant::now());
+        if lock(&self.log_summary).note("unauthorized", source) {
+            warn!(
+                %source,
+                edge = ?shown(claimed),
+                ?backoff,
+                "registration refused; the source is backed off and more refusals are summarised"
+            );
+        }
+    }
+}
+
+/// One slot of the unregistered-connection cap, given back on drop.
+pub(super) struct UnregisteredSlot {
+    shared: Arc<Shared>,
+    source: Source,
+}
+
+impl Drop for UnregisteredSlot {
+    fn drop(&mut self) {
+        let mut admission = lock(&self.shared.admission);
+        admission.release(self.source);
+        self.shared.set_unregistered(&admission);
+    }
+}
+
+/// Refuses handshakes the admission refused: over the rate, says nothing at all (the
+/// cheapest answer to a flood; an honest peer's retransmission tries again); otherwise
+/// tells the peer to go away.
+pub(super) fn turn_away(incoming: quinn::Incoming, refusal: Refusal) {
+    match refusal {
+        Refusal::HandshakeRate => incoming.ignore(),
+        Refusal::UnregisteredCap | Refusal::SourceBackoff => incoming.refuse(),
+    }
+}
+
+/// A registered edge.
+struct Registered {
+    client: SessionClient<QuinnConnection>,
+    events: mpsc::Receiver<ClientEvent>,
+    attachment: Attachment,
+}
+
+/// Why a connection did not register.
+enum Refused {
+    /// The edge was told why (it gets a round trip to close by itself). The session is
+    /// kept until then: dropping it would drop the answer still queued for the peer.
+    Answered(SessionClient<QuinnConnection>),
+    /// The session ended or failed first.
+    Gone,
+}
+
+pub(super) async fn handle_connection<A>(
+    incoming: quinn::Incoming,
+    slot: UnregisteredSlot,
+    shared: Arc<Shared>,
+    authenticator: A,
+    mut stop: watch::Receiver<bool>,
+) where
+    A: Service<AuthRequest, Response = EdgeName> + Send + 'static,
+    A::Error: Into<BoxError>,
+    A::Future: Send,
+{
+    let counters = &shared.stats.counters;
+    let deadline = Instant::now() + shared.register_timeout;
+    let source = slot.source;
+    let remote = incoming.remote_address();
+    let connection = tokio::select! {
+        handshake = timeout_at(deadline, incoming) => match handshake {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                AcceptStats::count(&counters.handshake_failed);
+                debug!(%error, "QUIC handshake failed");
+                return;
+            }
+            Err(_) => {
+                AcceptStats::count(&counters.timed_out);
+                debug!("QUIC handshake not finished within the registration timeout");
+                return;
+            }
+        },
+        () = stopping(&mut stop) => return,
+    };
+    let registering = register(&connection, &shared, authenticator, remote, source);
+    let registered = tokio::select! {
+        registered = timeout_at(deadline, registering) => registered,
+        () = stopping(&mut stop) => {
+            connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
+            return;
+        }
+    };
+    let Registered {
+        client,
+        mut events,
+        attachment,
+    } = match registered {
+        Ok(Ok(registered)) => registered,
+        Ok(Err(refused)) => {
+            if let Refused::Answered(_session) = refused {
+                // Let the refusal reach the edge before the connection goes: an honest
+                // edge closes on reading it; anyone else is closed after the linger.
+                let linger = (Instant::now() + REFUSAL_LINGER).min(deadline);
+                let _ = timeout_at(linger, connection.closed()).await;
+            }
+            connection.close(VarInt::from_u32(CLOSE_UNREGISTERED), b"registration failed");
+            return;
+        }
+        Err(_) => {
+            AcceptStats::count(&counters.timed_out);
+            debug!("no registration within the registration timeout");
+            connection.close(
+                VarInt::from_u32(CLOSE_UNREGISTERED),
+                b"registration timed out",
+            );
+            return;
+        }
+    };
+    drop(slot);
+    let name = attachment.name().clone();
+    tracing::Span::current().record("edge", name.as_str());
+    info!(epoch = %attachment.epoch(), "edge registered");
+    // The relay serves nothing to edges.
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(ClientEvent::OpenRequest { request_id, .. }) => {
+                    let reason = Some("the relay offers no services to edges".to_owned());
+                    let _ = client
+                        .reject_open(request_id, RejectCode::UnsupportedService, reason)
+                        .await;
+                }
+                Some(_) => {}
+                None => break,
+            },
+            () = stopping(&mut stop) => {
+                let reason = Some("relay shutting down".to_owned());
+                let _ = timeout(SHUTDOWN_GRACE, client.close(CloseCode::Normal, reason)).await;
+                connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
+                break;
+            }
+        }
+    }
+    let reason = client.closed().await;
+    let replaced = !attachment.is_current();
+    drop(attachment);
+    info!(%reason, replaced, "edge disconnected");
+}
+
+/// Resolves once the acceptor shuts down.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // An error means the acceptor is gone: stop too.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// The session handshake and the registration exchange.
+async fn register<A>(
+    connection: &quinn::Connection,
+    shared: &Shared,
+    authenticator: A,
+    remote: SocketAddr,
+    source: Source,
+) -> Result<Registered, Refused>
+where
+    A: Service<AuthRequest, Response = EdgeName>,
+    A::Error: Into<BoxError>,
+{
+    let counters = &shared.stats.counters;
+    let session = Session::new(
+        QuinnConnection::new(connection.clone()),
+        Role::Server,
+        shared.session_config.clone(),
+    );
+    let handle = match session.start().await {
+        Ok(handle) => handle,
+        Err(error) => {
+            AcceptStats::count(&counters.handshake_failed);
+            debug!(%error, "session handshake failed");
+            return Err(Refused::Gone);
+        }
+    };
+    let (client, mut events) = SessionClient::with_events(handle);
+    let (request_id, service, metadata) =
+        next_open_request(&mut events).await.ok_or(Refused::Gone)?;
+    let claimed = metadata_text(&metadata, EDGE_FIELD)
+        .filter(|_| service.as_str() == REGISTER_SERVICE)
+        .map(str::to_owned);
+    let Some(edge) = claimed else {
+        shared.penalize(source, "");
+        let reason = format!(
+            "register first: open {REGISTER_SERVICE:?} with metadata {{edge, token}} (got {:?})",
+            shown(service.as_str())
+        );
+        let _ = client
+            .reject_open(request_id, RejectCode::Unauthorized, Some(reason))
+            .await;
+        return Err(Refused::Answered(client));
+    };
+    let request = AuthRequest {
+        edge: edge.clone(),
+        metadata,
+        remote,
+    };
+    let decided: Result<EdgeName, BoxError> =
+        authenticator.oneshot(request).await.map_err(Into::into);
+    let name = match decided {
+        Ok(name) => name,
+        Err(error) => {
+            let (code, reason) = match unauthorized(error) {
+                Ok(reason) => {
+                    shared.penalize(source, &edge);
+                    (RejectCode::Unauthorized, reason)
+                }
+                Err(error) => {
+                    AcceptStats::count(&counters.auth_unavailable);
+                    warn!(edge = ?shown(&edge), %error, "authentication failed; the edge is told to retry");
+                    let reason = "authentication is unavailable; try again later";
+                    (RejectCode::ServiceUnavailable, Some(reason.to_owned()))
+                }
+            };
+            let _ = client.reject_open(request_id, code, reason).await;
+            return Err(Refused::Answered(client));
+        }
+    };
+    let attachment = match shared.registry.attach(name.clone(), client.clone()).await {
+        Ok(attachment) => attachment,
+        Err(Error::EdgeNameTaken { .. }) => {
+            AcceptStats::count(&counters.name_taken);
+            warn!(
+                edge = %name,
+                "refusing a second edge under a name whose holder is alive (two edges share a name?)"
+            );
+            let reason = Some(format!(
+                "edge name {:?} is already connected",
+                name.as_str()
+            ));
+            let _ = client
+                .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
+                .await;
+            return Err(Refused::Answered(client));
+        }
+        Err(_) => return Err(Refused::Gone),
+    };
+    // Proven: from now on the edge may open as many streams as any tunnel, and send as
+    // much as its streams' windows allow.
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.registered_max_streams));
+    connection.set_receive_window(VarInt::MAX);
+    if !accept_registration(&client, request_id).await {
+        return Err(Refused::Gone);
+    }
+    AcceptStats::count(&counters.registered);
+    Ok(Registered {
+        client,
+        events,
+        attachment,
+    })
+}
+
+/// The reason of an authenticator's refusal ([`Error::Unauthorized`]), or the error that
+/// kept it from deciding.
+fn unauthorized(error: BoxError) -> Result<Option<String>, BoxError> {
+    match error.downcast::<Error>() {
+        Ok(error) => match *error {
+            Error::Unauthorized { reason } => Ok(reason),
+            other => Err(other.into()),
+        },
+        Err(error) => Err(error),
+    }
+}
+
+/// The first open request; pings and the like before it are fine.
+async fn next_open_request(
+    events: &mut mpsc::Receiver<ClientEvent>,
+) -> Option<(u64, ServiceId, Metadata)> {
+    loop {
+        if let ClientEvent::OpenRequest {
+            request_id,
+            service,
+            metadata,
+        } = events.recv().await?
+        {
+            return Some((request_id, service, metadata));
+        }
+    }
+}
+
+/// Accepts the `_register` open: the edge's open completes once its data stream is
+/// bound; the stream carries nothing and is closed at once.
+async fn accept_registration(client: &SessionClient<QuinnConnection>, request_id: u64) -> bool {
+    let stream_id = client.allocate_stream_id();
+    let bound = async {
+        client.accept_open(request_id, stream_id).await.ok()?;
+        let (mut send, _recv) = client.connection().inner().open_bi().await.ok()?;
+        client.bind_stream(&mut send, stream_id).await.ok()?;
+        let _ = send.finish();
+        let _ = client
+            .close_stream(stream_id, CloseCode::Normal, None)
+            .await;
+        Some(())
+    };
+    bound.await.is_some()
+}
