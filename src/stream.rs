@@ -10,14 +10,16 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::client::AcceptedSlot;
 use crate::protocol::{Metadata, ServiceId};
-use crate::transport::Connection;
+use crate::transport::{Connection, DefaultConnection};
 use crate::SessionClient;
 
 /// What an open said about a stream.
@@ -83,11 +85,13 @@ impl<C: Connection> AsyncWrite for Duplex<C> {
 /// the stream finishes it too. Streams made by the [`Connector`](crate::connector::Connector)
 /// and the [`Router`](crate::edge::Router) keep their session running while they live, so
 /// dropping the last `SessionClient` does not cut them off.
-pub struct TunnelStream<C: Connection> {
+pub struct TunnelStream<C: Connection = DefaultConnection> {
     io: TokioIo<Duplex<C>>,
     info: TunnelInfo,
     draining: Option<watch::Receiver<bool>>,
-    _session: Option<SessionClient<C>>,
+    /// Keeps the session running and, for accepted streams, holds the stream's slot
+    /// (shared with whoever else must keep it, such as the Router until its route returns).
+    session: Option<Arc<AcceptedSlot<C>>>,
 }
 
 impl<C: Connection> fmt::Debug for TunnelStream<C> {
@@ -105,14 +109,26 @@ impl<C: Connection> TunnelStream<C> {
             io: TokioIo::new(Duplex { send, recv }),
             info,
             draining: None,
-            _session: None,
+            session: None,
         }
     }
 
     /// Keeps `session` running as long as this stream lives.
     pub(crate) fn holding_session(mut self, session: SessionClient<C>) -> Self {
-        self._session = Some(session);
+        self.session = Some(Arc::new(AcceptedSlot::session_only(session)));
         self
+    }
+
+    /// Holds an accepted stream's slot (and its session) as long as this stream lives.
+    pub(crate) fn holding_slot(mut self, slot: AcceptedSlot<C>) -> Self {
+        self.session = Some(Arc::new(slot));
+        self
+    }
+
+    /// Another hold on this stream's slot and session: the slot is freed once the stream
+    /// and every such hold are dropped.
+    pub(crate) fn session_hold(&self) -> Option<Arc<AcceptedSlot<C>>> {
+        self.session.clone()
     }
 
     pub(crate) fn with_draining(mut self, draining: watch::Receiver<bool>) -> Self {
@@ -144,7 +160,8 @@ impl<C: Connection> TunnelStream<C> {
         self.info.logical_stream_id
     }
 
-    /// Splits into the transport's halves (for priorities, resets, stop codes…).
+    /// Splits into the transport's halves (for priorities, resets, stop codes…). A stream
+    /// from [`SessionClient::accept_stream`] frees its `max_concurrent_streams` slot here.
     #[must_use]
     pub fn into_parts(self) -> (C::SendStream, C::RecvStream, TunnelInfo) {
         let Duplex { send, recv } = self.io.into_inner();

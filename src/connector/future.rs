@@ -5,14 +5,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::stream::TunnelStream;
-use crate::transport::Connection;
+use crate::transport::{Connection, DefaultConnection};
 use crate::Error;
 
 type Inner<C> = Pin<Box<dyn Future<Output = Result<TunnelStream<C>, Error>> + Send>>;
 
 /// Resolves to an opened [`TunnelStream`]. `Unpin` and `Send`, as hyper-util's pooled
 /// client requires of a connector's future.
-pub struct ConnectFuture<C: Connection> {
+pub struct ConnectFuture<C: Connection = DefaultConnection> {
     inner: Inner<C>,
 }
 

@@ -29,7 +29,7 @@ pub use future::ConnectFuture;
 
 use crate::protocol::{Metadata, ServiceId};
 use crate::stream::{TunnelInfo, TunnelStream};
-use crate::transport::Connection;
+use crate::transport::{Connection, DefaultConnection};
 use crate::{Error, SessionClient};
 
 /// Where to open a stream, with the metadata to send.
@@ -89,7 +89,7 @@ type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;
 /// println!("{}", response.status());
 /// # Ok(()) }
 /// ```
-pub struct Connector<C: Connection> {
+pub struct Connector<C: Connection = DefaultConnection> {
     client: SessionClient<C>,
     slots: PollSemaphore,
     slot: Option<OwnedSemaphorePermit>,

@@ -9,7 +9,7 @@ use tower::{Service, ServiceExt};
 use super::Serve;
 use crate::protocol::ServiceId;
 use crate::stream::TunnelStream;
-use crate::transport::Connection;
+use crate::transport::{Connection, DefaultConnection};
 use crate::{ClientEvent, SessionClient};
 
 /// What a route may fail with.
@@ -42,7 +42,7 @@ pub(crate) type Route<C> = BoxCloneSyncService<TunnelStream<C>, (), RouteError>;
 ///     .await
 /// # }
 /// ```
-pub struct Router<C: Connection> {
+pub struct Router<C: Connection = DefaultConnection> {
     pub(crate) routes: HashMap<ServiceId, Route<C>>,
     pub(crate) fallback: Option<Route<C>>,
 }

@@ -1,4 +1,5 @@
 //! The serving loop of an edge session.
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -6,14 +7,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinError, JoinSet};
 use tower::Service;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
 use super::router::{Route, Router};
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
-use crate::stream::{TunnelInfo, TunnelStream};
-use crate::transport::Connection;
+use crate::transport::{Connection, DefaultConnection};
 use crate::{ClientEvent, Error, SessionClient};
 
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.
@@ -27,7 +27,7 @@ type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// to the session's end error (e.g. [`Error::Disconnected`]) when the session was lost, so
 /// a reconnect loop can tell the two apart.
 #[must_use = "serving does nothing unless awaited"]
-pub struct Serve<C: Connection> {
+pub struct Serve<C: Connection = DefaultConnection> {
     router: Router<C>,
     client: SessionClient<C>,
     events: mpsc::Receiver<ClientEvent>,
@@ -86,6 +86,7 @@ impl<C: Connection> Serve<C> {
         let dispatcher = Dispatcher { router, client };
         let (draining, drain_signal) = watch::channel(false);
         let mut streams = JoinSet::new();
+        let mut tasks = HashMap::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut events_open = true;
         loop {
@@ -94,10 +95,12 @@ impl<C: Connection> Serve<C> {
                     debug!("graceful shutdown: no new streams");
                     break;
                 }
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                Some(joined) = streams.join_next_with_id(), if !streams.is_empty() => {
+                    log_stream_end(joined.map(|(id, ())| id), &mut tasks);
+                }
                 event = events.recv() => match event {
                     Some(ClientEvent::OpenRequest { request_id, service, metadata }) => {
-                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &drain_signal)
+                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &mut tasks, &drain_signal)
                             .await;
                     }
                     Some(other) => debug!(event = ?other, "session event"),
@@ -120,7 +123,10 @@ impl<C: Connection> Serve<C> {
                     streams.abort_all();
                     break;
                 }
-                joined = streams.join_next() => if joined.is_none() { break },
+                joined = streams.join_next_with_id() => match joined {
+                    Some(joined) => log_stream_end(joined.map(|(id, ())| id), &mut tasks),
+                    None => break,
+                },
                 event = events.recv(), if events_open => match event {
                     Some(ClientEvent::OpenRequest { request_id, .. }) => {
                         let reason = Some("edge is shutting down".to_owned());
@@ -134,7 +140,9 @@ impl<C: Connection> Serve<C> {
                 },
             }
         }
-        while streams.join_next().await.is_some() {}
+        while let Some(joined) = streams.join_next_with_id().await {
+            log_stream_end(joined.map(|(id, ())| id), &mut tasks);
+        }
         let client = dispatcher.client;
         if client.state().is_final() {
             match client.closed().await {
@@ -158,8 +166,9 @@ impl<C: Connection> Dispatcher<C> {
         &self,
         request_id: u64,
         service: ServiceId,
-        metadata: Metadata,
+        _metadata: Metadata,
         streams: &mut JoinSet<()>,
+        tasks: &mut HashMap<task::Id, ServiceId>,
         drain_signal: &watch::Receiver<bool>,
     ) {
         let client = &self.client;
@@ -187,19 +196,10 @@ impl<C: Connection> Dispatcher<C> {
                 return;
             }
         }
-        let logical_stream_id = client.allocate_stream_id();
-        if let Err(error) = client.accept_open(request_id, logical_stream_id).await {
-            debug!(%error, request_id, "could not accept");
-            return;
-        }
-        let info = TunnelInfo {
-            service,
-            metadata,
-            logical_stream_id,
-        };
-        let span = tracing::debug_span!("stream", service = ?info.service.as_str(), id = logical_stream_id);
-        let task = serve_stream(client.clone(), route, info, drain_signal.clone());
-        streams.spawn(task.instrument(span));
+        let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
+        let task = serve_stream(client.clone(), route, request_id, drain_signal.clone());
+        let task = streams.spawn(task.instrument(span));
+        tasks.insert(task.id(), service);
     }
 }
 
@@ -217,46 +217,23 @@ fn poll_ready_now<C: Connection>(route: &mut Route<C>) -> Poll<Result<(), super:
     route.poll_ready(&mut Context::from_waker(Waker::noop()))
 }
 
-/// Frees the stream's slot however the task ends (also when aborted).
-struct StreamSlot<C: Connection> {
-    client: SessionClient<C>,
-    logical_stream_id: u64,
-}
-
-impl<C: Connection> Drop for StreamSlot<C> {
-    fn drop(&mut self) {
-        self.client.release_stream(self.logical_stream_id);
-    }
-}
-
 async fn serve_stream<C: Connection>(
     client: SessionClient<C>,
     mut route: Route<C>,
-    info: TunnelInfo,
+    request_id: u64,
     draining: watch::Receiver<bool>,
 ) {
-    let id = info.logical_stream_id;
-    let _slot = StreamSlot {
-        client: client.clone(),
-        logical_stream_id: id,
-    };
-    let (mut send, recv) = match client.connection().open_bi().await {
-        Ok(stream) => stream,
+    // The slot is held by the stream and `_slot` below, also if this task is aborted.
+    let stream = match client.accept_stream(request_id).await {
+        Ok(stream) => stream.with_draining(draining),
         Err(error) => {
-            warn!(%error, "could not open the data stream");
-            let reason = Some("edge could not open the data stream".to_owned());
-            let _ = client.close_stream(id, CloseCode::Error, reason).await;
+            warn!(%error, "could not accept the stream");
             return;
         }
     };
-    if let Err(error) = client.bind_stream_holding_slot(&mut send, id).await {
-        warn!(%error, "could not bind the data stream");
-        let _ = client.close_stream(id, CloseCode::Error, None).await;
-        return;
-    }
-    let stream = TunnelStream::new(send, recv, info)
-        .with_draining(draining)
-        .holding_session(client.clone());
+    let id = stream.logical_stream_id();
+    // The slot stays taken until the route returns, even if it dropped the stream early.
+    let _slot = stream.session_hold();
     let (code, reason) = match route.call(stream).await {
         Ok(()) => (CloseCode::Normal, None),
         Err(error) => {
@@ -265,4 +242,28 @@ async fn serve_stream<C: Connection>(
         }
     };
     let _ = client.close_stream(id, code, reason).await;
+}
+
+/// Logs how a stream's task ended if it did not end normally: a route that panicked is a
+/// bug worth seeing, not a detail to drop with its `JoinError`.
+fn log_stream_end(joined: Result<task::Id, JoinError>, tasks: &mut HashMap<task::Id, ServiceId>) {
+    let (id, error) = match joined {
+        Ok(id) => (id, None),
+        Err(error) => (error.id(), Some(error)),
+    };
+    let service = tasks.remove(&id);
+    if let Some(error) = error.filter(JoinError::is_panic) {
+        let service = service.as_ref().map_or("?", ServiceId::as_str);
+        error!(service, panic = %panic_message(error), "route panicked");
+    }
+}
+
+/// The message a panic was raised with, when it is a string.
+fn panic_message(error: JoinError) -> String {
+    let payload = error.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

@@ -95,6 +95,13 @@ pub(crate) enum OpenAnswer<C: Connection> {
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// What one of the peer's open requests asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestedStream {
+    pub(crate) service: ServiceId,
+    pub(crate) metadata: Metadata,
+}
+
 /// A data stream that arrived before the `OpenResponse` announcing its id was read.
 struct EarlyStream<C: Connection> {
     stream: Stream<C>,
@@ -137,8 +144,9 @@ pub(crate) struct Tables<C: Connection> {
     retired_ids: RetiredIds,
     /// Our pings waiting for their pong, by sequence.
     pending_pings: HashMap<u64, Reply<()>>,
-    /// The peer's open requests delivered to the application and not yet answered.
-    unanswered_requests: HashSet<u64>,
+    /// The peer's open requests delivered to the application and not yet answered, with
+    /// what they asked for (so an accept can say which service its stream reaches).
+    unanswered_requests: HashMap<u64, RequestedStream>,
     /// Logical streams we accepted for the peer and that are not closed yet.
     active_streams: HashSet<u64>,
 }
@@ -152,7 +160,7 @@ impl<C: Connection> Default for Tables<C> {
             early_streams: HashMap::new(),
             retired_ids: RetiredIds::default(),
             pending_pings: HashMap::new(),
-            unanswered_requests: HashSet::new(),
+            unanswered_requests: HashMap::new(),
             active_streams: HashSet::new(),
         }
     }
@@ -518,9 +526,14 @@ impl<C: Connection> SessionCore<C> {
                 RejectCode::LimitExceeded,
                 format!("too many concurrent streams (limit {limit})"),
             ))
-        } else if !tables.unanswered_requests.insert(request_id) {
+        } else if tables.unanswered_requests.contains_key(&request_id) {
             Some((RejectCode::InternalError, "duplicate request id".to_owned()))
         } else {
+            let requested = RequestedStream {
+                service: request.service.clone(),
+                metadata: request.metadata.clone(),
+            };
+            tables.unanswered_requests.insert(request_id, requested);
             let event = ClientEvent::OpenRequest {
                 request_id,
                 service: request.service,
@@ -552,26 +565,46 @@ impl<C: Connection> SessionCore<C> {
         })
     }
 
+    /// Records the acceptance of `request_id` as `logical_stream_id` (which then holds a
+    /// `max_concurrent_streams` slot until released) and returns what the request asked
+    /// for; the `OpenResponse` still has to be sent with [`send_accept`](Self::send_accept).
+    /// Synchronous, so a caller can take ownership of the slot before anything awaits.
+    pub(crate) fn admit_accept(
+        &self,
+        request_id: u64,
+        logical_stream_id: u64,
+    ) -> Result<RequestedStream, Error> {
+        let mut tables = lock(&self.tables);
+        if let Some(terminal) = &tables.terminal {
+            return Err(terminal.error());
+        }
+        if logical_stream_id == 0 || tables.active_streams.contains(&logical_stream_id) {
+            return Err(Error::InvalidStreamId(logical_stream_id));
+        }
+        let Some(requested) = tables.unanswered_requests.remove(&request_id) else {
+            return Err(Error::UnknownRequest { request_id });
+        };
+        tables.active_streams.insert(logical_stream_id);
+        Ok(requested)
+    }
+
+    /// Sends the `OpenResponse` for an acceptance recorded by [`admit_accept`](Self::admit_accept).
+    pub(crate) async fn send_accept(
+        &self,
+        request_id: u64,
+        logical_stream_id: u64,
+    ) -> Result<(), Error> {
+        let response = OpenResponse::accepted(request_id, logical_stream_id);
+        self.send(&ProtocolMessage::OpenResponse(response)).await
+    }
+
     pub(crate) async fn accept_open(
         &self,
         request_id: u64,
         logical_stream_id: u64,
     ) -> Result<(), Error> {
-        {
-            let mut tables = lock(&self.tables);
-            if let Some(terminal) = &tables.terminal {
-                return Err(terminal.error());
-            }
-            if logical_stream_id == 0 || tables.active_streams.contains(&logical_stream_id) {
-                return Err(Error::InvalidStreamId(logical_stream_id));
-            }
-            if !tables.unanswered_requests.remove(&request_id) {
-                return Err(Error::UnknownRequest { request_id });
-            }
-            tables.active_streams.insert(logical_stream_id);
-        }
-        let response = OpenResponse::accepted(request_id, logical_stream_id);
-        self.send(&ProtocolMessage::OpenResponse(response)).await
+        self.admit_accept(request_id, logical_stream_id)?;
+        self.send_accept(request_id, logical_stream_id).await
     }
 
     pub(crate) async fn reject_open(
@@ -580,7 +613,11 @@ impl<C: Connection> SessionCore<C> {
         code: RejectCode,
         reason: Option<String>,
     ) -> Result<(), Error> {
-        if !lock(&self.tables).unanswered_requests.remove(&request_id) {
+        if lock(&self.tables)
+            .unanswered_requests
+            .remove(&request_id)
+            .is_none()
+        {
             return Err(Error::UnknownRequest { request_id });
         }
         let response = OpenResponse::rejected(request_id, code, reason);

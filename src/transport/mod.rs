@@ -16,6 +16,11 @@ mod quinn;
 
 pub use self::quinn::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
 
+/// The transport the crate's types use when none is named: [`QuinnConnection`], so
+/// `SessionClient`, `Router`, `Connector` and `TunnelStream` need no type parameter in the
+/// common case. (Without the `quinn` feature it is [`mem::MemoryConnection`].)
+pub type DefaultConnection = QuinnConnection;
+
 /// A connection that carries many independent bidirectional streams.
 pub trait Connection: Send + Sync + 'static {
     /// The sending half of a stream.
