@@ -34,37 +34,36 @@ const EXTRA_EVENT_CAPACITY: usize = 64;
 ///
 /// On the relay (opener):
 /// ```no_run
-/// # async fn relay(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), Box<dyn std::error::Error>> {
-/// use backhaul::{Metadata, SessionClient};
+/// # async fn relay(connection: quinn::Connection) -> Result<(), Box<dyn std::error::Error>> {
+/// use backhaul::{Config, Metadata, Role, SessionClient};
 /// use tokio::io::AsyncWriteExt;
 ///
-/// let client = SessionClient::new(handle);
+/// let (client, _events) = SessionClient::start(connection, Role::Server, Config::new()).await?;
 /// let (mut send, recv) = client.open("echo", Metadata::Empty).await?;
 /// send.write_all(b"hello").await?;
 /// # drop(recv); Ok(()) }
 /// ```
 /// On the edge (acceptor):
 /// ```no_run
-/// # async fn edge(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), backhaul::Error> {
-/// use backhaul::{ClientEvent, Connection, RejectCode, SessionClient};
+/// # async fn edge(connection: quinn::Connection) -> Result<(), backhaul::Error> {
+/// use backhaul::{ClientEvent, Config, RejectCode, Role, SessionClient};
 ///
-/// let (client, mut events) = SessionClient::with_events(handle);
+/// let (client, mut events) = SessionClient::start(connection, Role::Client, Config::new()).await?;
 /// while let Some(event) = events.recv().await {
 ///     if let ClientEvent::OpenRequest { request_id, service, .. } = event {
 ///         if service.as_str() != "echo" {
 ///             client.reject_open(request_id, RejectCode::UnsupportedService, None).await?;
 ///             continue;
 ///         }
-///         let stream_id = client.allocate_stream_id();
-///         client.accept_open(request_id, stream_id).await?;
-///         let (mut send, recv) = client.connection().open_bi().await.map_err(backhaul::Error::transport)?;
-///         client.bind_stream(&mut send, stream_id).await?;
-///         // serve the stream on its own task…
-///         # drop((send, recv));
+///         let stream = client.accept_stream(request_id).await?;
+///         // serve the stream on its own task; its slot is freed when it is dropped…
+///         # drop(stream);
 ///     }
 /// }
 /// # Ok(()) }
 /// ```
+/// The quic-reverse way, step by step, is still there: `allocate_stream_id`,
+/// `accept_open`, `connection().open_bi()`, `bind_stream`.
 pub struct SessionClient<C: Connection = DefaultConnection> {
     core: Arc<SessionCore<C>>,
     tasks: Arc<driver::DriverTasks>,
