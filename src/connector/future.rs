@@ -8,10 +8,13 @@ use crate::stream::TunnelStream;
 use crate::transport::{Connection, DefaultConnection};
 use crate::Error;
 
+// The open is an `async fn` of the session; hyper-util wants the connector's future
+// `Unpin`, so it is boxed once per open behind this named type.
 type Inner<C> = Pin<Box<dyn Future<Output = Result<TunnelStream<C>, Error>> + Send>>;
 
 /// Resolves to an opened [`TunnelStream`]. `Unpin` and `Send`, as hyper-util's pooled
 /// client requires of a connector's future.
+#[must_use = "futures do nothing unless polled"]
 pub struct ConnectFuture<C: Connection = DefaultConnection> {
     inner: Inner<C>,
 }

@@ -10,10 +10,10 @@
 //! Serving ends when the session ends or, with
 //! [`Serve::with_graceful_shutdown`], when the signal fires: new requests are then
 //! rejected with `ServiceUnavailable` while in-flight streams get up to
-//! [`Serve::drain_timeout`] to finish (HTTP routes are told to stop keep-alive).
+//! [`Serve::with_drain_timeout`] to finish (HTTP routes are told to stop keep-alive).
 
 mod router;
 mod serve;
 
 pub use router::{RouteError, Router};
-pub use serve::{Serve, DEFAULT_DRAIN_TIMEOUT};
+pub use serve::{Serve, ServeFuture, DEFAULT_DRAIN_TIMEOUT};

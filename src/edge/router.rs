@@ -38,7 +38,7 @@ pub(crate) type Route<C> = BoxCloneSyncService<TunnelStream<C>, (), RouteError>;
 ///     .route("web", backhaul::http::serve(app))
 ///     .serve(client, events)
 ///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
-///     .drain_timeout(Duration::from_secs(10))
+///     .with_drain_timeout(Duration::from_secs(10))
 ///     .await
 /// # }
 /// ```

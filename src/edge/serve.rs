@@ -2,6 +2,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -70,9 +71,16 @@ impl<C: Connection> Serve<C> {
 
     /// How long in-flight streams may run once shutdown began (default 30 s); streams
     /// still running then are aborted.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
+    }
+
+    /// The former name of [`with_drain_timeout`](Self::with_drain_timeout), kept so
+    /// existing callers compile.
+    #[doc(hidden)]
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.with_drain_timeout(timeout)
     }
 
     async fn run(self) -> Result<(), Error> {
@@ -205,10 +213,37 @@ impl<C: Connection> Dispatcher<C> {
 
 impl<C: Connection> IntoFuture for Serve<C> {
     type Output = Result<(), Error>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+    type IntoFuture = ServeFuture<C>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        ServeFuture {
+            inner: Box::pin(self.run()),
+            _connection: PhantomData,
+        }
+    }
+}
+
+/// The future of a [`Serve`] being awaited (what `.await` and `into_future` run).
+/// Resolves as [`Serve`] describes; dropping it stops serving and aborts every stream.
+#[must_use = "futures do nothing unless polled"]
+pub struct ServeFuture<C: Connection = DefaultConnection> {
+    // The serving loop is an `async fn` with a `select!` over several futures; boxing it
+    // once per session costs nothing that matters and keeps this type nameable.
+    inner: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+    _connection: PhantomData<fn() -> C>,
+}
+
+impl<C: Connection> fmt::Debug for ServeFuture<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeFuture").finish_non_exhaustive()
+    }
+}
+
+impl<C: Connection> Future for ServeFuture<C> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }
 
