@@ -64,8 +64,10 @@ mod config;
 pub mod connector;
 pub mod edge;
 mod error;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod protocol;
+#[cfg(feature = "quinn")]
 pub mod quic;
 pub mod session;
 pub mod stream;
@@ -81,9 +83,9 @@ pub use protocol::{
 pub use session::{
     ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle, SessionStats, State,
 };
-pub use transport::{
-    Connection, QuinnConnection, QuinnRecvStream, QuinnSendStream, RecvStream, SendStream,
-};
+pub use transport::{Connection, RecvStream, SendStream};
+#[cfg(feature = "quinn")]
+pub use transport::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[doc = include_str!("../README.md")]

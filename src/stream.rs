@@ -13,14 +13,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::client::AcceptedSlot;
+use crate::client::SessionClient;
 use crate::protocol::{Metadata, ServiceId};
 use crate::transport::{Connection, DefaultConnection};
-use crate::SessionClient;
 
 /// What an open said about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +78,53 @@ impl<C: Connection> AsyncWrite for Duplex<C> {
     }
 }
 
+/// With the `http` feature the stream sits in hyper-util's `TokioIo`, which gives it
+/// hyper's I/O traits as well as tokio's; without it, the bare duplex.
+#[cfg(feature = "http")]
+type Io<C> = hyper_util::rt::TokioIo<Duplex<C>>;
+#[cfg(not(feature = "http"))]
+type Io<C> = Duplex<C>;
+
+#[cfg(feature = "http")]
+fn wrap<C: Connection>(duplex: Duplex<C>) -> Io<C> {
+    hyper_util::rt::TokioIo::new(duplex)
+}
+
+#[cfg(not(feature = "http"))]
+fn wrap<C: Connection>(duplex: Duplex<C>) -> Io<C> {
+    duplex
+}
+
+#[cfg(feature = "http")]
+fn unwrap<C: Connection>(io: Io<C>) -> Duplex<C> {
+    io.into_inner()
+}
+
+#[cfg(not(feature = "http"))]
+fn unwrap<C: Connection>(io: Io<C>) -> Duplex<C> {
+    io
+}
+
+#[cfg(feature = "http")]
+fn duplex_mut<C: Connection>(io: &mut Io<C>) -> &mut Duplex<C> {
+    io.inner_mut()
+}
+
+#[cfg(not(feature = "http"))]
+fn duplex_mut<C: Connection>(io: &mut Io<C>) -> &mut Duplex<C> {
+    io
+}
+
+#[cfg(feature = "http")]
+fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
+    io.inner()
+}
+
+#[cfg(not(feature = "http"))]
+fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
+    io
+}
+
 /// A bound data stream with what its open said.
 ///
 /// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
@@ -86,7 +132,7 @@ impl<C: Connection> AsyncWrite for Duplex<C> {
 /// and the [`Router`](crate::edge::Router) keep their session running while they live, so
 /// dropping the last `SessionClient` does not cut them off.
 pub struct TunnelStream<C: Connection = DefaultConnection> {
-    io: TokioIo<Duplex<C>>,
+    io: Io<C>,
     info: TunnelInfo,
     draining: Option<watch::Receiver<bool>>,
     /// Keeps the session running and, for accepted streams, holds the stream's slot
@@ -106,7 +152,7 @@ impl<C: Connection> TunnelStream<C> {
     /// Joins the halves of a bound stream.
     pub fn new(send: C::SendStream, recv: C::RecvStream, info: TunnelInfo) -> Self {
         Self {
-            io: TokioIo::new(Duplex { send, recv }),
+            io: wrap(Duplex { send, recv }),
             info,
             draining: None,
             session: None,
@@ -164,7 +210,7 @@ impl<C: Connection> TunnelStream<C> {
     /// from [`SessionClient::accept_stream`] frees its `max_concurrent_streams` slot here.
     #[must_use]
     pub fn into_parts(self) -> (C::SendStream, C::RecvStream, TunnelInfo) {
-        let Duplex { send, recv } = self.io.into_inner();
+        let Duplex { send, recv } = unwrap(self.io);
         (send, recv, self.info)
     }
 
@@ -178,12 +224,13 @@ impl<C: Connection> TunnelStream<C> {
         }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn draining_signal(&self) -> Option<watch::Receiver<bool>> {
         self.draining.clone()
     }
 
     fn duplex(&mut self) -> Pin<&mut Duplex<C>> {
-        Pin::new(self.io.inner_mut())
+        Pin::new(duplex_mut(&mut self.io))
     }
 }
 
@@ -215,7 +262,7 @@ impl<C: Connection> AsyncWrite for TunnelStream<C> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.inner().is_write_vectored()
+        duplex_ref(&self.io).is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -227,6 +274,7 @@ impl<C: Connection> AsyncWrite for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper::rt::Read for TunnelStream<C> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -237,6 +285,7 @@ impl<C: Connection> hyper::rt::Read for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper::rt::Write for TunnelStream<C> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -267,6 +316,7 @@ impl<C: Connection> hyper::rt::Write for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper_util::client::legacy::connect::Connection for TunnelStream<C> {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         hyper_util::client::legacy::connect::Connected::new().extra(self.info.clone())

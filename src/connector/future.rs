@@ -4,9 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::error::Error;
 use crate::stream::TunnelStream;
 use crate::transport::{Connection, DefaultConnection};
-use crate::Error;
 
 // The open is an `async fn` of the session; hyper-util wants the connector's future
 // `Unpin`, so it is boxed once per open behind this named type.
@@ -29,6 +29,7 @@ impl<C: Connection> ConnectFuture<C> {
         }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn failed(error: Error) -> Self {
         Self::new(std::future::ready(Err(error)))
     }

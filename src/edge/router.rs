@@ -7,10 +7,11 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use super::Serve;
+use crate::client::SessionClient;
 use crate::protocol::ServiceId;
+use crate::session::ClientEvent;
 use crate::stream::TunnelStream;
 use crate::transport::{Connection, DefaultConnection};
-use crate::{ClientEvent, SessionClient};
 
 /// What a route may fail with.
 pub type RouteError = Box<dyn std::error::Error + Send + Sync>;

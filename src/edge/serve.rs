@@ -13,9 +13,11 @@ use tower::Service;
 use tracing::{debug, error, warn, Instrument};
 
 use super::router::{Route, Router};
+use crate::client::SessionClient;
+use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::session::ClientEvent;
 use crate::transport::{Connection, DefaultConnection};
-use crate::{ClientEvent, Error, SessionClient};
 
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

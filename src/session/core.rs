@@ -6,6 +6,7 @@
 //! open is registered only if the session has not ended, and ending the session drains
 //! every table at once, so no waiter can slip in afterwards and hang until its timeout.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,12 +20,12 @@ use tracing::{debug, warn};
 
 use super::control::frame;
 use super::{lock, ClientEvent, ControlEvent, SessionShared, State};
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::{
     CloseCode, Metadata, OpenFlags, OpenRequest, OpenResponse, OpenStatus, Ping, Pong,
     ProtocolError, ProtocolMessage, RejectCode, ServiceId, StreamBind, StreamClose,
 };
 use crate::transport::{Connection, RecvStream, SendStream};
-use crate::{Error, TimeoutKind};
 
 /// Both halves of a data stream.
 pub(crate) type Stream<C> = (<C as Connection>::SendStream, <C as Connection>::RecvStream);
@@ -221,7 +222,7 @@ impl<C: Connection> SessionCore<C> {
         }
     }
 
-    pub(crate) fn config(&self) -> &crate::Config {
+    pub(crate) fn config(&self) -> &crate::config::Config {
         &self.shared.config
     }
 
@@ -516,44 +517,47 @@ impl<C: Connection> SessionCore<C> {
         let request_id = request.request_id;
         let limit = self.config().max_concurrent_streams;
         let mut tables = lock(&self.tables);
+        let at_limit = tables.unanswered_requests.len() + tables.active_streams.len() >= limit;
         let refusal = if tables.terminal.is_some() {
             Some((
                 RejectCode::ServiceUnavailable,
                 "session is closing".to_owned(),
             ))
-        } else if tables.unanswered_requests.len() + tables.active_streams.len() >= limit {
+        } else if at_limit {
             Some((
                 RejectCode::LimitExceeded,
                 format!("too many concurrent streams (limit {limit})"),
             ))
-        } else if tables.unanswered_requests.contains_key(&request_id) {
-            Some((RejectCode::InternalError, "duplicate request id".to_owned()))
         } else {
-            let requested = RequestedStream {
-                service: request.service.clone(),
-                metadata: request.metadata.clone(),
-            };
-            tables.unanswered_requests.insert(request_id, requested);
-            let event = ClientEvent::OpenRequest {
-                request_id,
-                service: request.service,
-                metadata: request.metadata,
-            };
-            match events.try_send(event) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tables.unanswered_requests.remove(&request_id);
-                    Some((
-                        RejectCode::LimitExceeded,
-                        "open requests arrive faster than they are handled".to_owned(),
-                    ))
+            match tables.unanswered_requests.entry(request_id) {
+                Entry::Occupied(_) => {
+                    Some((RejectCode::InternalError, "duplicate request id".to_owned()))
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    tables.unanswered_requests.remove(&request_id);
-                    Some((
-                        RejectCode::ServiceUnavailable,
-                        "this peer does not accept streams".to_owned(),
-                    ))
+                Entry::Vacant(slot) => {
+                    slot.insert(RequestedStream {
+                        service: request.service.clone(),
+                        metadata: request.metadata.clone(),
+                    });
+                    let event = ClientEvent::OpenRequest {
+                        request_id,
+                        service: request.service,
+                        metadata: request.metadata,
+                    };
+                    let refusal = match events.try_send(event) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(_)) => Some((
+                            RejectCode::LimitExceeded,
+                            "open requests arrive faster than they are handled".to_owned(),
+                        )),
+                        Err(mpsc::error::TrySendError::Closed(_)) => Some((
+                            RejectCode::ServiceUnavailable,
+                            "this peer does not accept streams".to_owned(),
+                        )),
+                    };
+                    if refusal.is_some() {
+                        tables.unanswered_requests.remove(&request_id);
+                    }
+                    refusal
                 }
             }
         };

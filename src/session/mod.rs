@@ -29,8 +29,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
+use crate::config::Config;
+use crate::error::{Error, TimeoutKind};
 use crate::transport::{Connection, SendStream as _};
-use crate::{Config, Error, TimeoutKind};
 use control::ControlReader;
 
 pub use core::SessionStats;
