@@ -11,7 +11,7 @@
 //!   overtook its `OpenResponse`);
 //! - a **keep-alive** task when `ping_interval` is set.
 //!
-//! All shared bookkeeping lives in one [`core::Tables`] behind one lock, so the moment the
+//! All shared bookkeeping lives in one table set (`core::Tables`) behind one lock, so the moment the
 //! session ends every waiter is failed in one place with one typed error.
 
 pub(crate) mod control;
