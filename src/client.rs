@@ -12,12 +12,18 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
+use tracing::debug;
 
+use crate::config::Config;
+use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, OpenFlags, RejectCode, ServiceId};
 use crate::session::core::{write_stream_bind, SessionCore, Stream, WriterCommand};
-use crate::session::{driver, ClientEvent, ControlEvent, SessionHandle, SessionStats, State};
-use crate::transport::Connection;
-use crate::Error;
+use crate::session::{
+    driver, ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle,
+    SessionStats, State,
+};
+use crate::stream::{TunnelInfo, TunnelStream};
+use crate::transport::{Connection, DefaultConnection};
 
 /// Commands queued for the control stream writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
@@ -28,38 +34,37 @@ const EXTRA_EVENT_CAPACITY: usize = 64;
 ///
 /// On the relay (opener):
 /// ```no_run
-/// # async fn relay(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), Box<dyn std::error::Error>> {
-/// use backhaul::{Metadata, SessionClient};
+/// # async fn relay(connection: quinn::Connection) -> Result<(), Box<dyn std::error::Error>> {
+/// use backhaul::{Config, Metadata, Role, SessionClient};
 /// use tokio::io::AsyncWriteExt;
 ///
-/// let client = SessionClient::new(handle);
+/// let (client, _events) = SessionClient::start(connection, Role::Server, Config::new()).await?;
 /// let (mut send, recv) = client.open("echo", Metadata::Empty).await?;
 /// send.write_all(b"hello").await?;
 /// # drop(recv); Ok(()) }
 /// ```
 /// On the edge (acceptor):
 /// ```no_run
-/// # async fn edge(handle: backhaul::SessionHandle<backhaul::QuinnConnection>) -> Result<(), backhaul::Error> {
-/// use backhaul::{ClientEvent, Connection, RejectCode, SessionClient};
+/// # async fn edge(connection: quinn::Connection) -> Result<(), backhaul::Error> {
+/// use backhaul::{ClientEvent, Config, RejectCode, Role, SessionClient};
 ///
-/// let (client, mut events) = SessionClient::with_events(handle);
+/// let (client, mut events) = SessionClient::start(connection, Role::Client, Config::new()).await?;
 /// while let Some(event) = events.recv().await {
 ///     if let ClientEvent::OpenRequest { request_id, service, .. } = event {
 ///         if service.as_str() != "echo" {
 ///             client.reject_open(request_id, RejectCode::UnsupportedService, None).await?;
 ///             continue;
 ///         }
-///         let stream_id = client.allocate_stream_id();
-///         client.accept_open(request_id, stream_id).await?;
-///         let (mut send, recv) = client.connection().open_bi().await.map_err(backhaul::Error::transport)?;
-///         client.bind_stream(&mut send, stream_id).await?;
-///         // serve the stream on its own task…
-///         # drop((send, recv));
+///         let stream = client.accept_stream(request_id).await?;
+///         // serve the stream on its own task; its slot is freed when it is dropped…
+///         # drop(stream);
 ///     }
 /// }
 /// # Ok(()) }
 /// ```
-pub struct SessionClient<C: Connection> {
+/// The quic-reverse way, step by step, is still there: `allocate_stream_id`,
+/// `accept_open`, `connection().open_bi()`, `bind_stream`.
+pub struct SessionClient<C: Connection = DefaultConnection> {
     core: Arc<SessionCore<C>>,
     tasks: Arc<driver::DriverTasks>,
 }
@@ -82,7 +87,61 @@ impl<C: Connection> fmt::Debug for SessionClient<C> {
     }
 }
 
+#[cfg(feature = "quinn")]
+impl SessionClient<crate::transport::QuinnConnection> {
+    /// Runs the handshake over an established quinn connection and starts the session:
+    /// one call from `quinn::Connection` to a running client and the events a serving
+    /// side answers ([`start_on`](Self::start_on) for other transports).
+    ///
+    /// [`Role::Client`] on the side that dialed (usually the edge), [`Role::Server`] on the
+    /// side that accepted. A side that only opens streams may drop the receiver: open
+    /// requests from the peer are then rejected with `ServiceUnavailable`.
+    ///
+    /// ```no_run
+    /// # async fn edge(connection: quinn::Connection) -> Result<(), backhaul::Error> {
+    /// use backhaul::{Config, Role, SessionClient};
+    ///
+    /// let (client, events) = SessionClient::start(connection, Role::Client, Config::new()).await?;
+    /// # drop((client, events)); Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Session::start`](crate::Session::start).
+    pub async fn start(
+        connection: quinn::Connection,
+        role: Role,
+        config: Config,
+    ) -> Result<(Self, mpsc::Receiver<ClientEvent>), Error> {
+        Self::start_on(
+            crate::transport::QuinnConnection::new(connection),
+            role,
+            config,
+        )
+        .await
+    }
+}
+
 impl<C: Connection> SessionClient<C> {
+    /// Runs the handshake over `connection` (any transport) and starts the session; see
+    /// [`start`](SessionClient::start) for quinn connections.
+    ///
+    /// # Errors
+    /// As [`Session::start`](crate::Session::start).
+    pub async fn start_on(
+        connection: C,
+        role: Role,
+        config: Config,
+    ) -> Result<(Self, mpsc::Receiver<ClientEvent>), Error> {
+        let handle = Session::new(connection, role, config).start().await?;
+        Ok(Self::with_events(handle))
+    }
+
+    /// What the handshake agreed on (versions, features, the peer's agent string).
+    #[must_use]
+    pub fn negotiated_params(&self) -> Option<NegotiatedParams> {
+        crate::session::lock(&self.core.shared.negotiated).clone()
+    }
+
     /// Starts the session's tasks for a side that only opens streams. Open requests from
     /// the peer are rejected with `ServiceUnavailable`.
     ///
@@ -223,6 +282,74 @@ impl<C: Connection> SessionClient<C> {
         self.core.accept_open(request_id, logical_stream_id).await
     }
 
+    /// Accepts the peer's open request `request_id` in one call: allocates a logical
+    /// stream id, answers the request, opens the data stream and binds it.
+    ///
+    /// The request's `max_concurrent_streams` slot stays taken until the returned stream
+    /// is dropped (or split with [`TunnelStream::into_parts`]), so the limit counts the
+    /// streams actually being served; the stream also keeps the session running while it
+    /// lives. If the call fails, or its future is dropped half-way, the slot is freed and
+    /// the peer is told the stream ended (`StreamClose` with [`CloseCode::Error`]) when
+    /// it had been accepted. The [`Router`](crate::edge::Router) serves every stream this
+    /// way.
+    ///
+    /// ```no_run
+    /// # async fn edge(client: backhaul::SessionClient, mut events: tokio::sync::mpsc::Receiver<backhaul::ClientEvent>) -> Result<(), backhaul::Error> {
+    /// use backhaul::ClientEvent;
+    /// use tokio::io::AsyncWriteExt;
+    ///
+    /// while let Some(event) = events.recv().await {
+    ///     if let ClientEvent::OpenRequest { request_id, .. } = event {
+    ///         let mut stream = client.accept_stream(request_id).await?;
+    ///         tokio::spawn(async move {
+    ///             let _ = stream.write_all(b"hello").await;
+    ///         });
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::UnknownRequest`] if no such request waits for an answer,
+    /// [`Error::Transport`] if the data stream could not be opened or bound, or the
+    /// session's end error.
+    pub async fn accept_stream(&self, request_id: u64) -> Result<TunnelStream<C>, Error> {
+        let logical_stream_id = self.allocate_stream_id();
+        let requested = self.core.admit_accept(request_id, logical_stream_id)?;
+        // From here the slot is ours: the guard frees it on every path, also when this
+        // future is dropped, and the stream carries it once bound.
+        let mut slot = AcceptedSlot::new(self.clone(), logical_stream_id);
+        self.core.send_accept(request_id, logical_stream_id).await?;
+        let bound = async {
+            let (mut send, recv) = self
+                .connection()
+                .open_bi()
+                .await
+                .map_err(Error::transport)?;
+            write_stream_bind(&mut send, logical_stream_id).await?;
+            Ok::<_, Error>((send, recv))
+        }
+        .await;
+        let (send, recv) = match bound {
+            Ok(stream) => stream,
+            Err(error) => {
+                debug!(%error, logical_stream_id, "could not open the accepted data stream");
+                let reason = Some("could not open the data stream".to_owned());
+                let _ = self
+                    .close_stream(logical_stream_id, CloseCode::Error, reason)
+                    .await;
+                slot.disarm();
+                return Err(error);
+            }
+        };
+        let info = TunnelInfo {
+            service: requested.service,
+            metadata: requested.metadata,
+            logical_stream_id,
+        };
+        Ok(TunnelStream::new(send, recv, info).holding_slot(slot))
+    }
+
     /// Rejects the peer's open request `request_id`.
     ///
     /// # Errors
@@ -254,15 +381,6 @@ impl<C: Connection> SessionClient<C> {
         let bound = write_stream_bind(send, logical_stream_id).await;
         self.core.release_stream(logical_stream_id);
         bound
-    }
-
-    /// Writes the header but keeps the stream's slot (the Router frees it when done).
-    pub(crate) async fn bind_stream_holding_slot<S: AsyncWriteExt + Unpin>(
-        &self,
-        send: &mut S,
-        logical_stream_id: u64,
-    ) -> Result<(), Error> {
-        write_stream_bind(send, logical_stream_id).await
     }
 
     /// A logical stream id not yet handed out by this session (1, 2, 3…).
@@ -305,11 +423,6 @@ impl<C: Connection> SessionClient<C> {
             .await
     }
 
-    /// Frees an accepted stream's `max_concurrent_streams` slot without telling the peer.
-    pub(crate) fn release_stream(&self, logical_stream_id: u64) {
-        self.core.release_stream(logical_stream_id);
-    }
-
     /// Counters of this session.
     #[must_use]
     pub fn stats(&self) -> SessionStats {
@@ -332,5 +445,42 @@ impl<C: Connection> SessionClient<C> {
         let mut state = self.core.shared.state.subscribe();
         let _ = state.wait_for(State::is_final).await;
         self.core.terminal_error()
+    }
+}
+
+/// An accepted stream's `max_concurrent_streams` slot, freed on drop; it also keeps the
+/// session running, as every [`TunnelStream`] does.
+pub(crate) struct AcceptedSlot<C: Connection> {
+    client: SessionClient<C>,
+    logical_stream_id: Option<u64>,
+}
+
+impl<C: Connection> AcceptedSlot<C> {
+    fn new(client: SessionClient<C>, logical_stream_id: u64) -> Self {
+        Self {
+            client,
+            logical_stream_id: Some(logical_stream_id),
+        }
+    }
+
+    /// A guard that only keeps the session running (streams the relay opened).
+    pub(crate) fn session_only(client: SessionClient<C>) -> Self {
+        Self {
+            client,
+            logical_stream_id: None,
+        }
+    }
+
+    /// Forgets the slot (it was already freed).
+    fn disarm(&mut self) {
+        self.logical_stream_id = None;
+    }
+}
+
+impl<C: Connection> Drop for AcceptedSlot<C> {
+    fn drop(&mut self) {
+        if let Some(id) = self.logical_stream_id {
+            self.client.core.release_stream(id);
+        }
     }
 }

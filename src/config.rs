@@ -30,10 +30,11 @@ pub struct Config {
     /// Streams the peer may have open to this side at once. A request past it is rejected
     /// with [`RejectCode::LimitExceeded`](crate::RejectCode::LimitExceeded), so a flood of
     /// requests cannot grow memory without bound. A request holds its slot from arrival;
-    /// streams served by the edge [`Router`](crate::edge::Router) keep it until their
-    /// service returns, while streams served by hand free it once bound (the session cannot
-    /// see when they end), or when rejected, closed with `close_stream`, or closed by the
-    /// peer. Default: 1000.
+    /// a stream from [`SessionClient::accept_stream`](crate::SessionClient::accept_stream)
+    /// keeps it until the stream is dropped (and, under the edge
+    /// [`Router`](crate::edge::Router), until its service returns), while streams bound by
+    /// hand with `bind_stream` free it once bound (the session cannot see when they end).
+    /// Rejecting, `close_stream` and the peer's `StreamClose` free it too. Default: 1000.
     pub max_concurrent_streams: usize,
     /// When set, a `Ping` is sent this often; a `Pong` missing for
     /// [`ping_timeout`](Self::ping_timeout) marks the session dead and closes the connection.

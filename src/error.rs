@@ -65,6 +65,7 @@ pub enum Error {
     InvalidStreamId(u64),
     /// The connector found no service for this URI.
     #[error("no service for URI {0}")]
+    #[cfg(feature = "http")]
     UnroutableUri(http::Uri),
     /// [`Session::start`](crate::Session::start) was called a second time.
     #[error("session already started")]

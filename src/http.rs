@@ -72,7 +72,7 @@ where
 {
     type Response = ();
     type Error = RouteError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), RouteError>> + Send>>;
+    type Future = HttpConnectionFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
         // Readiness is per request, inside the connection; a new connection is always fine.
@@ -82,7 +82,7 @@ where
     fn call(&mut self, stream: TunnelStream<C>) -> Self::Future {
         let service = TowerToHyperService::new(self.service.clone());
         let builder = Arc::clone(&self.builder);
-        Box::pin(async move {
+        HttpConnectionFuture::new(async move {
             let draining = stream.draining_signal();
             let connection = builder.serve_connection_with_upgrades(stream, service);
             tokio::pin!(connection);
@@ -100,5 +100,40 @@ where
             };
             result.map_err(|error| -> RouteError { error })
         })
+    }
+}
+
+/// One HTTP connection served on a tunnel stream by an [`HttpRoute`]; resolves when the
+/// connection ends (the relay hung up, or a graceful shutdown finished it).
+#[must_use = "futures do nothing unless polled"]
+pub struct HttpConnectionFuture {
+    // hyper-util's connection future is generic over the service and body, and the
+    // shutdown watch is an `async fn`: boxing once per connection keeps this type nameable.
+    inner: Pin<Box<dyn Future<Output = Result<(), RouteError>> + Send>>,
+}
+
+impl HttpConnectionFuture {
+    fn new<F>(future: F) -> Self
+    where
+        F: Future<Output = Result<(), RouteError>> + Send + 'static,
+    {
+        Self {
+            inner: Box::pin(future),
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpConnectionFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConnectionFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for HttpConnectionFuture {
+    type Output = Result<(), RouteError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }

@@ -23,23 +23,24 @@
 //!
 //! # Example
 //! A relay and an edge in one process; the in-memory transport stands in for the QUIC
-//! connection (use [`QuinnConnection`] for real ones, see [`quic`]).
+//! connection ([`SessionClient::start`] takes a `quinn::Connection`, see [`quic`]).
 //! ```
 //! use backhaul::edge::Router;
 //! use backhaul::stream::TunnelStream;
 //! use backhaul::transport::mem::{memory_connection_pair, MemoryConnection};
-//! use backhaul::{Config, Metadata, Role, Session, SessionClient};
+//! use backhaul::{Config, Metadata, Role, SessionClient};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let (edge_side, relay_side) = memory_connection_pair();
-//! let edge = Session::new(edge_side, Role::Client, Config::new());
-//! let relay = Session::new(relay_side, Role::Server, Config::new());
-//! let (edge, relay) = tokio::join!(edge.start(), relay.start());
+//! let (edge, relay) = tokio::join!(
+//!     SessionClient::start_on(edge_side, Role::Client, Config::new()),
+//!     SessionClient::start_on(relay_side, Role::Server, Config::new()),
+//! );
 //!
 //! // The edge serves "echo" with a tower service.
-//! let (edge, events) = SessionClient::with_events(edge?);
+//! let (edge, events) = edge?;
 //! let echo = tower::service_fn(|mut stream: TunnelStream<MemoryConnection>| async move {
 //!     let (mut reader, mut writer) = tokio::io::split(&mut stream);
 //!     tokio::io::copy(&mut reader, &mut writer).await?;
@@ -49,7 +50,7 @@
 //! tokio::spawn(async move { router.serve(edge, events).await });
 //!
 //! // The relay opens a stream to it.
-//! let relay = SessionClient::new(relay?);
+//! let (relay, _) = relay?;
 //! let (mut send, mut recv) = relay.open("echo", Metadata::Empty).await?;
 //! send.write_all(b"ping").await?;
 //! send.shutdown().await?;
@@ -66,8 +67,10 @@ mod config;
 pub mod connector;
 pub mod edge;
 mod error;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod protocol;
+#[cfg(feature = "quinn")]
 pub mod quic;
 pub mod relay;
 pub mod session;
@@ -84,9 +87,9 @@ pub use protocol::{
 pub use session::{
     ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle, SessionStats, State,
 };
-pub use transport::{
-    Connection, QuinnConnection, QuinnRecvStream, QuinnSendStream, RecvStream, SendStream,
-};
+pub use transport::{Connection, RecvStream, SendStream};
+#[cfg(feature = "quinn")]
+pub use transport::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[doc = include_str!("../README.md")]

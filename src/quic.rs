@@ -15,7 +15,7 @@ use quinn::{ClientConfig, Endpoint, ServerConfig, TransportConfig, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::Error;
+use crate::error::Error;
 
 /// The ALPN protocol name backhaul endpoints use unless told otherwise.
 pub const DEFAULT_ALPN: &[u8] = b"backhaul";
@@ -38,6 +38,7 @@ impl Clone for Identity {
     }
 }
 
+#[cfg(feature = "self-signed")]
 impl Identity {
     /// A fresh self-signed certificate for `names` (DNS names or IP addresses), for tests,
     /// development, and relays whose edges pin the certificate.

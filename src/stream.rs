@@ -10,15 +10,16 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::client::AcceptedSlot;
+use crate::client::SessionClient;
 use crate::protocol::{Metadata, ServiceId};
-use crate::transport::Connection;
-use crate::SessionClient;
+use crate::transport::{Connection, DefaultConnection};
 
 /// What an open said about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,17 +78,66 @@ impl<C: Connection> AsyncWrite for Duplex<C> {
     }
 }
 
+/// With the `http` feature the stream sits in hyper-util's `TokioIo`, which gives it
+/// hyper's I/O traits as well as tokio's; without it, the bare duplex.
+#[cfg(feature = "http")]
+type Io<C> = hyper_util::rt::TokioIo<Duplex<C>>;
+#[cfg(not(feature = "http"))]
+type Io<C> = Duplex<C>;
+
+#[cfg(feature = "http")]
+fn wrap<C: Connection>(duplex: Duplex<C>) -> Io<C> {
+    hyper_util::rt::TokioIo::new(duplex)
+}
+
+#[cfg(not(feature = "http"))]
+fn wrap<C: Connection>(duplex: Duplex<C>) -> Io<C> {
+    duplex
+}
+
+#[cfg(feature = "http")]
+fn unwrap<C: Connection>(io: Io<C>) -> Duplex<C> {
+    io.into_inner()
+}
+
+#[cfg(not(feature = "http"))]
+fn unwrap<C: Connection>(io: Io<C>) -> Duplex<C> {
+    io
+}
+
+#[cfg(feature = "http")]
+fn duplex_mut<C: Connection>(io: &mut Io<C>) -> &mut Duplex<C> {
+    io.inner_mut()
+}
+
+#[cfg(not(feature = "http"))]
+fn duplex_mut<C: Connection>(io: &mut Io<C>) -> &mut Duplex<C> {
+    io
+}
+
+#[cfg(feature = "http")]
+fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
+    io.inner()
+}
+
+#[cfg(not(feature = "http"))]
+fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
+    io
+}
+
 /// A bound data stream with what its open said.
 ///
 /// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
 /// the stream finishes it too. Streams made by the [`Connector`](crate::connector::Connector)
 /// and the [`Router`](crate::edge::Router) keep their session running while they live, so
 /// dropping the last `SessionClient` does not cut them off.
-pub struct TunnelStream<C: Connection> {
-    io: TokioIo<Duplex<C>>,
+pub struct TunnelStream<C: Connection = DefaultConnection> {
+    io: Io<C>,
     info: TunnelInfo,
     draining: Option<watch::Receiver<bool>>,
-    _session: Option<SessionClient<C>>,
+    /// Keeps the session running and, for accepted streams, holds the stream's slot
+    /// (shared with whoever else must keep it, such as the Router until its route returns).
+    session: Option<Arc<AcceptedSlot<C>>>,
 }
 
 impl<C: Connection> fmt::Debug for TunnelStream<C> {
@@ -102,17 +152,29 @@ impl<C: Connection> TunnelStream<C> {
     /// Joins the halves of a bound stream.
     pub fn new(send: C::SendStream, recv: C::RecvStream, info: TunnelInfo) -> Self {
         Self {
-            io: TokioIo::new(Duplex { send, recv }),
+            io: wrap(Duplex { send, recv }),
             info,
             draining: None,
-            _session: None,
+            session: None,
         }
     }
 
     /// Keeps `session` running as long as this stream lives.
     pub(crate) fn holding_session(mut self, session: SessionClient<C>) -> Self {
-        self._session = Some(session);
+        self.session = Some(Arc::new(AcceptedSlot::session_only(session)));
         self
+    }
+
+    /// Holds an accepted stream's slot (and its session) as long as this stream lives.
+    pub(crate) fn holding_slot(mut self, slot: AcceptedSlot<C>) -> Self {
+        self.session = Some(Arc::new(slot));
+        self
+    }
+
+    /// Another hold on this stream's slot and session: the slot is freed once the stream
+    /// and every such hold are dropped.
+    pub(crate) fn session_hold(&self) -> Option<Arc<AcceptedSlot<C>>> {
+        self.session.clone()
     }
 
     pub(crate) fn with_draining(mut self, draining: watch::Receiver<bool>) -> Self {
@@ -144,10 +206,11 @@ impl<C: Connection> TunnelStream<C> {
         self.info.logical_stream_id
     }
 
-    /// Splits into the transport's halves (for priorities, resets, stop codes…).
+    /// Splits into the transport's halves (for priorities, resets, stop codes…). A stream
+    /// from [`SessionClient::accept_stream`] frees its `max_concurrent_streams` slot here.
     #[must_use]
     pub fn into_parts(self) -> (C::SendStream, C::RecvStream, TunnelInfo) {
-        let Duplex { send, recv } = self.io.into_inner();
+        let Duplex { send, recv } = unwrap(self.io);
         (send, recv, self.info)
     }
 
@@ -161,12 +224,13 @@ impl<C: Connection> TunnelStream<C> {
         }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn draining_signal(&self) -> Option<watch::Receiver<bool>> {
         self.draining.clone()
     }
 
     fn duplex(&mut self) -> Pin<&mut Duplex<C>> {
-        Pin::new(self.io.inner_mut())
+        Pin::new(duplex_mut(&mut self.io))
     }
 }
 
@@ -198,7 +262,7 @@ impl<C: Connection> AsyncWrite for TunnelStream<C> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.inner().is_write_vectored()
+        duplex_ref(&self.io).is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -210,6 +274,7 @@ impl<C: Connection> AsyncWrite for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper::rt::Read for TunnelStream<C> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -220,6 +285,7 @@ impl<C: Connection> hyper::rt::Read for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper::rt::Write for TunnelStream<C> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -250,6 +316,7 @@ impl<C: Connection> hyper::rt::Write for TunnelStream<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> hyper_util::client::legacy::connect::Connection for TunnelStream<C> {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         hyper_util::client::legacy::connect::Connected::new().extra(self.info.clone())

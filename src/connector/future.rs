@@ -4,15 +4,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::error::Error;
 use crate::stream::TunnelStream;
-use crate::transport::Connection;
-use crate::Error;
+use crate::transport::{Connection, DefaultConnection};
 
+// The open is an `async fn` of the session; hyper-util wants the connector's future
+// `Unpin`, so it is boxed once per open behind this named type.
 type Inner<C> = Pin<Box<dyn Future<Output = Result<TunnelStream<C>, Error>> + Send>>;
 
 /// Resolves to an opened [`TunnelStream`]. `Unpin` and `Send`, as hyper-util's pooled
 /// client requires of a connector's future.
-pub struct ConnectFuture<C: Connection> {
+#[must_use = "futures do nothing unless polled"]
+pub struct ConnectFuture<C: Connection = DefaultConnection> {
     inner: Inner<C>,
 }
 
@@ -26,6 +29,7 @@ impl<C: Connection> ConnectFuture<C> {
         }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn failed(error: Error) -> Self {
         Self::new(std::future::ready(Err(error)))
     }

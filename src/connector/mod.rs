@@ -17,9 +17,11 @@
 mod future;
 
 use std::fmt;
+#[cfg(feature = "http")]
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+#[cfg(feature = "http")]
 use http::Uri;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::PollSemaphore;
@@ -27,10 +29,11 @@ use tower::Service;
 
 pub use future::ConnectFuture;
 
+use crate::client::SessionClient;
+use crate::error::Error;
 use crate::protocol::{Metadata, ServiceId};
 use crate::stream::{TunnelInfo, TunnelStream};
-use crate::transport::Connection;
-use crate::{Error, SessionClient};
+use crate::transport::{Connection, DefaultConnection};
 
 /// Where to open a stream, with the metadata to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,7 @@ impl From<&str> for OpenTarget {
     }
 }
 
+#[cfg(feature = "http")]
 type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;
 
 /// Opens tunnel streams over one session; see the [module docs](self).
@@ -89,10 +93,11 @@ type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;
 /// println!("{}", response.status());
 /// # Ok(()) }
 /// ```
-pub struct Connector<C: Connection> {
+pub struct Connector<C: Connection = DefaultConnection> {
     client: SessionClient<C>,
     slots: PollSemaphore,
     slot: Option<OwnedSemaphorePermit>,
+    #[cfg(feature = "http")]
     resolver: Resolver,
     metadata: Metadata,
 }
@@ -104,6 +109,7 @@ impl<C: Connection> Clone for Connector<C> {
             slots: self.slots.clone(),
             // A reserved slot belongs to the clone that reserved it.
             slot: None,
+            #[cfg(feature = "http")]
             resolver: Arc::clone(&self.resolver),
             metadata: self.metadata.clone(),
         }
@@ -127,6 +133,7 @@ impl<C: Connection> Connector<C> {
             client,
             slots,
             slot: None,
+            #[cfg(feature = "http")]
             resolver: Arc::new(|uri: &Uri| uri.host().map(ServiceId::from)),
             metadata: Metadata::Empty,
         }
@@ -134,6 +141,7 @@ impl<C: Connection> Connector<C> {
 
     /// Maps URIs to services with `resolver`; `None` fails the connect with
     /// [`Error::UnroutableUri`].
+    #[cfg(feature = "http")]
     #[must_use]
     pub fn with_resolver<F>(mut self, resolver: F) -> Self
     where
@@ -238,6 +246,7 @@ impl<C: Connection> Service<ServiceId> for Connector<C> {
     }
 }
 
+#[cfg(feature = "http")]
 impl<C: Connection> Service<Uri> for Connector<C> {
     type Response = TunnelStream<C>;
     type Error = Error;

@@ -11,8 +11,8 @@
 //! Serving ends when the session ends or, with
 //! [`Serve::with_graceful_shutdown`], when the signal fires: the session is closed first
 //! (the relay stops routing here), in-flight streams then get up to
-//! [`Serve::drain_timeout`] to finish (HTTP routes are told to stop keep-alive), and the
-//! relay is left to close the connection.
+//! [`Serve::with_drain_timeout`] to finish (HTTP routes are told to stop keep-alive), and
+//! the relay is left to close the connection.
 //!
 //! A session is one connection's life; an edge outlives many. [`Edge`] is the loop every
 //! edge needs around them: dial a relay, negotiate, register, serve a `Router`, and on a
@@ -30,4 +30,4 @@ pub use reconnect::{
     DEFAULT_STABLE_AFTER,
 };
 pub use router::{RouteError, Router};
-pub use serve::{Serve, DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};
+pub use serve::{Serve, ServeFuture, DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};

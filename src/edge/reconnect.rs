@@ -683,8 +683,8 @@ impl Run {
             .clone()
             .serve(client, events)
             .with_graceful_shutdown(stopping(stopped.clone()))
-            .drain_timeout(self.drain_timeout)
-            .close_timeout(self.close_timeout)
+            .with_drain_timeout(self.drain_timeout)
+            .with_close_timeout(self.close_timeout)
             .await;
         connection.close(0u32.into(), b"session ended");
         if *stopped.borrow() {

@@ -7,10 +7,11 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use super::Serve;
+use crate::client::SessionClient;
 use crate::protocol::ServiceId;
+use crate::session::ClientEvent;
 use crate::stream::TunnelStream;
-use crate::transport::Connection;
-use crate::{ClientEvent, SessionClient};
+use crate::transport::{Connection, DefaultConnection};
 
 /// What a route may fail with.
 pub type RouteError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,11 +39,11 @@ pub(crate) type Route<C> = BoxCloneSyncService<TunnelStream<C>, (), RouteError>;
 ///     .route("web", backhaul::http::serve(app))
 ///     .serve(client, events)
 ///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
-///     .drain_timeout(Duration::from_secs(10))
+///     .with_drain_timeout(Duration::from_secs(10))
 ///     .await
 /// # }
 /// ```
-pub struct Router<C: Connection> {
+pub struct Router<C: Connection = DefaultConnection> {
     pub(crate) routes: HashMap<ServiceId, Route<C>>,
     pub(crate) fallback: Option<Route<C>>,
 }

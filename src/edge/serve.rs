@@ -1,20 +1,23 @@
 //! The serving loop of an edge session.
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinError, JoinSet};
 use tower::Service;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
 use super::router::{Route, Router};
+use crate::client::SessionClient;
+use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
-use crate::stream::{TunnelInfo, TunnelStream};
-use crate::transport::Connection;
-use crate::{ClientEvent, Error, SessionClient};
+use crate::session::ClientEvent;
+use crate::transport::{Connection, DefaultConnection};
 
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,13 +38,13 @@ type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// the order the peer needs:
 /// 1. the session is closed (`StreamClose(0)` with [`CloseCode::Normal`]), so the relay
 ///    stops routing new requests here at once instead of sending them to be refused;
-/// 2. in-flight streams finish, for up to [`drain_timeout`](Self::drain_timeout) (HTTP
+/// 2. in-flight streams finish, for up to [`with_drain_timeout`](Self::with_drain_timeout) (HTTP
 ///    routes stop keep-alive); their data streams are unaffected by the session's close;
-/// 3. the peer gets up to [`close_timeout`](Self::close_timeout) to close the connection,
+/// 3. the peer gets up to [`with_close_timeout`](Self::with_close_timeout) to close the connection,
 ///    which it does once it has read everything (closing it first would discard the last
 ///    responses if still unacknowledged); then the connection is closed here.
 #[must_use = "serving does nothing unless awaited"]
-pub struct Serve<C: Connection> {
+pub struct Serve<C: Connection = DefaultConnection> {
     router: Router<C>,
     client: SessionClient<C>,
     events: mpsc::Receiver<ClientEvent>,
@@ -88,16 +91,23 @@ impl<C: Connection> Serve<C> {
 
     /// How long in-flight streams may run once shutdown began (default 30 s); streams
     /// still running then are aborted.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
     }
 
     /// How long a graceful shutdown waits, after draining, for the peer to close the
     /// connection before closing it itself (default 2 s).
-    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
+    }
+
+    /// The former name of [`with_drain_timeout`](Self::with_drain_timeout), kept so
+    /// existing callers compile.
+    #[doc(hidden)]
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.with_drain_timeout(timeout)
     }
 
     async fn run(self) -> Result<(), Error> {
@@ -112,6 +122,7 @@ impl<C: Connection> Serve<C> {
         let dispatcher = Dispatcher { router, client };
         let (draining, drain_signal) = watch::channel(false);
         let mut streams = JoinSet::new();
+        let mut tasks = HashMap::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut events_open = true;
         let mut shutting_down = false;
@@ -128,10 +139,12 @@ impl<C: Connection> Serve<C> {
                     }
                     break;
                 }
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                Some(joined) = streams.join_next_with_id(), if !streams.is_empty() => {
+                    log_stream_end(joined.map(|(id, ())| id), &mut tasks);
+                }
                 event = events.recv() => match event {
                     Some(ClientEvent::OpenRequest { request_id, service, metadata }) => {
-                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &drain_signal)
+                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &mut tasks, &drain_signal)
                             .await;
                     }
                     Some(other) => debug!(event = ?other, "session event"),
@@ -154,7 +167,10 @@ impl<C: Connection> Serve<C> {
                     streams.abort_all();
                     break;
                 }
-                joined = streams.join_next() => if joined.is_none() { break },
+                joined = streams.join_next_with_id() => match joined {
+                    Some(joined) => log_stream_end(joined.map(|(id, ())| id), &mut tasks),
+                    None => break,
+                },
                 event = events.recv(), if events_open => match event {
                     Some(ClientEvent::OpenRequest { request_id, .. }) => {
                         let reason = Some("edge is shutting down".to_owned());
@@ -168,7 +184,9 @@ impl<C: Connection> Serve<C> {
                 },
             }
         }
-        while streams.join_next().await.is_some() {}
+        while let Some(joined) = streams.join_next_with_id().await {
+            log_stream_end(joined.map(|(id, ())| id), &mut tasks);
+        }
         let client = dispatcher.client;
         if shutting_down {
             let connection = client.connection();
@@ -203,8 +221,9 @@ impl<C: Connection> Dispatcher<C> {
         &self,
         request_id: u64,
         service: ServiceId,
-        metadata: Metadata,
+        _metadata: Metadata,
         streams: &mut JoinSet<()>,
+        tasks: &mut HashMap<task::Id, ServiceId>,
         drain_signal: &watch::Receiver<bool>,
     ) {
         let client = &self.client;
@@ -232,28 +251,46 @@ impl<C: Connection> Dispatcher<C> {
                 return;
             }
         }
-        let logical_stream_id = client.allocate_stream_id();
-        if let Err(error) = client.accept_open(request_id, logical_stream_id).await {
-            debug!(%error, request_id, "could not accept");
-            return;
-        }
-        let info = TunnelInfo {
-            service,
-            metadata,
-            logical_stream_id,
-        };
-        let span = tracing::debug_span!("stream", service = ?info.service.as_str(), id = logical_stream_id);
-        let task = serve_stream(client.clone(), route, info, drain_signal.clone());
-        streams.spawn(task.instrument(span));
+        let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
+        let task = serve_stream(client.clone(), route, request_id, drain_signal.clone());
+        let task = streams.spawn(task.instrument(span));
+        tasks.insert(task.id(), service);
     }
 }
 
 impl<C: Connection> IntoFuture for Serve<C> {
     type Output = Result<(), Error>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+    type IntoFuture = ServeFuture<C>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        ServeFuture {
+            inner: Box::pin(self.run()),
+            _connection: PhantomData,
+        }
+    }
+}
+
+/// The future of a [`Serve`] being awaited (what `.await` and `into_future` run).
+/// Resolves as [`Serve`] describes; dropping it stops serving and aborts every stream.
+#[must_use = "futures do nothing unless polled"]
+pub struct ServeFuture<C: Connection = DefaultConnection> {
+    // The serving loop is an `async fn` with a `select!` over several futures; boxing it
+    // once per session costs nothing that matters and keeps this type nameable.
+    inner: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+    _connection: PhantomData<fn() -> C>,
+}
+
+impl<C: Connection> fmt::Debug for ServeFuture<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeFuture").finish_non_exhaustive()
+    }
+}
+
+impl<C: Connection> Future for ServeFuture<C> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }
 
@@ -272,46 +309,23 @@ fn poll_ready_now<C: Connection>(route: &mut Route<C>) -> Poll<Result<(), super:
     route.poll_ready(&mut Context::from_waker(Waker::noop()))
 }
 
-/// Frees the stream's slot however the task ends (also when aborted).
-struct StreamSlot<C: Connection> {
-    client: SessionClient<C>,
-    logical_stream_id: u64,
-}
-
-impl<C: Connection> Drop for StreamSlot<C> {
-    fn drop(&mut self) {
-        self.client.release_stream(self.logical_stream_id);
-    }
-}
-
 async fn serve_stream<C: Connection>(
     client: SessionClient<C>,
     mut route: Route<C>,
-    info: TunnelInfo,
+    request_id: u64,
     draining: watch::Receiver<bool>,
 ) {
-    let id = info.logical_stream_id;
-    let _slot = StreamSlot {
-        client: client.clone(),
-        logical_stream_id: id,
-    };
-    let (mut send, recv) = match client.connection().open_bi().await {
-        Ok(stream) => stream,
+    // The slot is held by the stream and `_slot` below, also if this task is aborted.
+    let stream = match client.accept_stream(request_id).await {
+        Ok(stream) => stream.with_draining(draining),
         Err(error) => {
-            warn!(%error, "could not open the data stream");
-            let reason = Some("edge could not open the data stream".to_owned());
-            let _ = client.close_stream(id, CloseCode::Error, reason).await;
+            warn!(%error, "could not accept the stream");
             return;
         }
     };
-    if let Err(error) = client.bind_stream_holding_slot(&mut send, id).await {
-        warn!(%error, "could not bind the data stream");
-        let _ = client.close_stream(id, CloseCode::Error, None).await;
-        return;
-    }
-    let stream = TunnelStream::new(send, recv, info)
-        .with_draining(draining)
-        .holding_session(client.clone());
+    let id = stream.logical_stream_id();
+    // The slot stays taken until the route returns, even if it dropped the stream early.
+    let _slot = stream.session_hold();
     let (code, reason) = match route.call(stream).await {
         Ok(()) => (CloseCode::Normal, None),
         Err(error) => {
@@ -320,4 +334,28 @@ async fn serve_stream<C: Connection>(
         }
     };
     let _ = client.close_stream(id, code, reason).await;
+}
+
+/// Logs how a stream's task ended if it did not end normally: a route that panicked is a
+/// bug worth seeing, not a detail to drop with its `JoinError`.
+fn log_stream_end(joined: Result<task::Id, JoinError>, tasks: &mut HashMap<task::Id, ServiceId>) {
+    let (id, error) = match joined {
+        Ok(id) => (id, None),
+        Err(error) => (error.id(), Some(error)),
+    };
+    let service = tasks.remove(&id);
+    if let Some(error) = error.filter(JoinError::is_panic) {
+        let service = service.as_ref().map_or("?", ServiceId::as_str);
+        error!(service, panic = %panic_message(error), "route panicked");
+    }
+}
+
+/// The message a panic was raised with, when it is a string.
+fn panic_message(error: JoinError) -> String {
+    let payload = error.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

@@ -7,8 +7,8 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::Error;
 use crate::protocol::{decode_frame, encode_frame, ProtocolError, ProtocolMessage};
-use crate::Error;
 
 /// Reads control messages from the receiving half of the control stream.
 #[derive(Debug)]

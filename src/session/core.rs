@@ -6,6 +6,7 @@
 //! open is registered only if the session has not ended, and ending the session drains
 //! every table at once, so no waiter can slip in afterwards and hang until its timeout.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,12 +20,12 @@ use tracing::{debug, warn};
 
 use super::control::frame;
 use super::{lock, ClientEvent, ControlEvent, SessionShared, State};
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::{
     CloseCode, Metadata, OpenFlags, OpenRequest, OpenResponse, OpenStatus, Ping, Pong,
     ProtocolError, ProtocolMessage, RejectCode, ServiceId, StreamBind, StreamClose,
 };
 use crate::transport::{Connection, RecvStream, SendStream};
-use crate::{Error, TimeoutKind};
 
 /// Both halves of a data stream.
 pub(crate) type Stream<C> = (<C as Connection>::SendStream, <C as Connection>::RecvStream);
@@ -95,6 +96,13 @@ pub(crate) enum OpenAnswer<C: Connection> {
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// What one of the peer's open requests asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestedStream {
+    pub(crate) service: ServiceId,
+    pub(crate) metadata: Metadata,
+}
+
 /// A data stream that arrived before the `OpenResponse` announcing its id was read.
 struct EarlyStream<C: Connection> {
     stream: Stream<C>,
@@ -137,8 +145,9 @@ pub(crate) struct Tables<C: Connection> {
     retired_ids: RetiredIds,
     /// Our pings waiting for their pong, by sequence.
     pending_pings: HashMap<u64, Reply<()>>,
-    /// The peer's open requests delivered to the application and not yet answered.
-    unanswered_requests: HashSet<u64>,
+    /// The peer's open requests delivered to the application and not yet answered, with
+    /// what they asked for (so an accept can say which service its stream reaches).
+    unanswered_requests: HashMap<u64, RequestedStream>,
     /// Logical streams we accepted for the peer and that are not closed yet.
     active_streams: HashSet<u64>,
 }
@@ -152,7 +161,7 @@ impl<C: Connection> Default for Tables<C> {
             early_streams: HashMap::new(),
             retired_ids: RetiredIds::default(),
             pending_pings: HashMap::new(),
-            unanswered_requests: HashSet::new(),
+            unanswered_requests: HashMap::new(),
             active_streams: HashSet::new(),
         }
     }
@@ -213,7 +222,7 @@ impl<C: Connection> SessionCore<C> {
         }
     }
 
-    pub(crate) fn config(&self) -> &crate::Config {
+    pub(crate) fn config(&self) -> &crate::config::Config {
         &self.shared.config
     }
 
@@ -508,39 +517,47 @@ impl<C: Connection> SessionCore<C> {
         let request_id = request.request_id;
         let limit = self.config().max_concurrent_streams;
         let mut tables = lock(&self.tables);
+        let at_limit = tables.unanswered_requests.len() + tables.active_streams.len() >= limit;
         let refusal = if tables.terminal.is_some() {
             Some((
                 RejectCode::ServiceUnavailable,
                 "session is closing".to_owned(),
             ))
-        } else if tables.unanswered_requests.len() + tables.active_streams.len() >= limit {
+        } else if at_limit {
             Some((
                 RejectCode::LimitExceeded,
                 format!("too many concurrent streams (limit {limit})"),
             ))
-        } else if !tables.unanswered_requests.insert(request_id) {
-            Some((RejectCode::InternalError, "duplicate request id".to_owned()))
         } else {
-            let event = ClientEvent::OpenRequest {
-                request_id,
-                service: request.service,
-                metadata: request.metadata,
-            };
-            match events.try_send(event) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tables.unanswered_requests.remove(&request_id);
-                    Some((
-                        RejectCode::LimitExceeded,
-                        "open requests arrive faster than they are handled".to_owned(),
-                    ))
+            match tables.unanswered_requests.entry(request_id) {
+                Entry::Occupied(_) => {
+                    Some((RejectCode::InternalError, "duplicate request id".to_owned()))
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    tables.unanswered_requests.remove(&request_id);
-                    Some((
-                        RejectCode::ServiceUnavailable,
-                        "this peer does not accept streams".to_owned(),
-                    ))
+                Entry::Vacant(slot) => {
+                    slot.insert(RequestedStream {
+                        service: request.service.clone(),
+                        metadata: request.metadata.clone(),
+                    });
+                    let event = ClientEvent::OpenRequest {
+                        request_id,
+                        service: request.service,
+                        metadata: request.metadata,
+                    };
+                    let refusal = match events.try_send(event) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(_)) => Some((
+                            RejectCode::LimitExceeded,
+                            "open requests arrive faster than they are handled".to_owned(),
+                        )),
+                        Err(mpsc::error::TrySendError::Closed(_)) => Some((
+                            RejectCode::ServiceUnavailable,
+                            "this peer does not accept streams".to_owned(),
+                        )),
+                    };
+                    if refusal.is_some() {
+                        tables.unanswered_requests.remove(&request_id);
+                    }
+                    refusal
                 }
             }
         };
@@ -552,26 +569,46 @@ impl<C: Connection> SessionCore<C> {
         })
     }
 
+    /// Records the acceptance of `request_id` as `logical_stream_id` (which then holds a
+    /// `max_concurrent_streams` slot until released) and returns what the request asked
+    /// for; the `OpenResponse` still has to be sent with [`send_accept`](Self::send_accept).
+    /// Synchronous, so a caller can take ownership of the slot before anything awaits.
+    pub(crate) fn admit_accept(
+        &self,
+        request_id: u64,
+        logical_stream_id: u64,
+    ) -> Result<RequestedStream, Error> {
+        let mut tables = lock(&self.tables);
+        if let Some(terminal) = &tables.terminal {
+            return Err(terminal.error());
+        }
+        if logical_stream_id == 0 || tables.active_streams.contains(&logical_stream_id) {
+            return Err(Error::InvalidStreamId(logical_stream_id));
+        }
+        let Some(requested) = tables.unanswered_requests.remove(&request_id) else {
+            return Err(Error::UnknownRequest { request_id });
+        };
+        tables.active_streams.insert(logical_stream_id);
+        Ok(requested)
+    }
+
+    /// Sends the `OpenResponse` for an acceptance recorded by [`admit_accept`](Self::admit_accept).
+    pub(crate) async fn send_accept(
+        &self,
+        request_id: u64,
+        logical_stream_id: u64,
+    ) -> Result<(), Error> {
+        let response = OpenResponse::accepted(request_id, logical_stream_id);
+        self.send(&ProtocolMessage::OpenResponse(response)).await
+    }
+
     pub(crate) async fn accept_open(
         &self,
         request_id: u64,
         logical_stream_id: u64,
     ) -> Result<(), Error> {
-        {
-            let mut tables = lock(&self.tables);
-            if let Some(terminal) = &tables.terminal {
-                return Err(terminal.error());
-            }
-            if logical_stream_id == 0 || tables.active_streams.contains(&logical_stream_id) {
-                return Err(Error::InvalidStreamId(logical_stream_id));
-            }
-            if !tables.unanswered_requests.remove(&request_id) {
-                return Err(Error::UnknownRequest { request_id });
-            }
-            tables.active_streams.insert(logical_stream_id);
-        }
-        let response = OpenResponse::accepted(request_id, logical_stream_id);
-        self.send(&ProtocolMessage::OpenResponse(response)).await
+        self.admit_accept(request_id, logical_stream_id)?;
+        self.send_accept(request_id, logical_stream_id).await
     }
 
     pub(crate) async fn reject_open(
@@ -580,7 +617,11 @@ impl<C: Connection> SessionCore<C> {
         code: RejectCode,
         reason: Option<String>,
     ) -> Result<(), Error> {
-        if !lock(&self.tables).unanswered_requests.remove(&request_id) {
+        if lock(&self.tables)
+            .unanswered_requests
+            .remove(&request_id)
+            .is_none()
+        {
             return Err(Error::UnknownRequest { request_id });
         }
         let response = OpenResponse::rejected(request_id, code, reason);

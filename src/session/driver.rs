@@ -19,9 +19,9 @@ use super::core::{
     SessionCore, Stream, Terminal, WriterCommand, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE,
 };
 use super::{ClientEvent, ControlEvent, SessionShared, State};
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Features, Pong, ProtocolMessage, StreamBind};
 use crate::transport::{Connection, SendStream};
-use crate::{Error, TimeoutKind};
 
 /// How long the acceptor, on seeing the connection end, waits for the control reader to
 /// process what the peer sent last before declaring the session disconnected.

@@ -11,7 +11,7 @@
 //!   overtook its `OpenResponse`);
 //! - a **keep-alive** task when `ping_interval` is set.
 //!
-//! All shared bookkeeping lives in one [`core::Tables`] behind one lock, so the moment the
+//! All shared bookkeeping lives in one table set (`core::Tables`) behind one lock, so the moment the
 //! session ends every waiter is failed in one place with one typed error.
 
 pub(crate) mod control;
@@ -29,8 +29,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
+use crate::config::Config;
+use crate::error::{Error, TimeoutKind};
 use crate::transport::{Connection, SendStream as _};
-use crate::{Config, Error, TimeoutKind};
 use control::ControlReader;
 
 pub use core::SessionStats;

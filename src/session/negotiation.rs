@@ -10,8 +10,9 @@ use tracing::debug;
 
 use super::control::{write_message, ControlReader};
 use super::Role;
+use crate::config::Config;
+use crate::error::Error;
 use crate::protocol::{Features, Hello, HelloAck, ProtocolMessage};
-use crate::{Config, Error};
 
 /// What the handshake agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,9 +12,21 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod mem;
+#[cfg(feature = "quinn")]
 mod quinn;
 
+#[cfg(feature = "quinn")]
 pub use self::quinn::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
+
+/// The transport the crate's types use when none is named: [`QuinnConnection`], so
+/// `SessionClient`, `Router`, `Connector` and `TunnelStream` need no type parameter in the
+/// common case. (Without the `quinn` feature it is [`mem::MemoryConnection`].)
+#[cfg(feature = "quinn")]
+pub type DefaultConnection = QuinnConnection;
+/// The transport the crate's types use when none is named; with the `quinn` feature (on
+/// by default) it is `QuinnConnection`.
+#[cfg(not(feature = "quinn"))]
+pub type DefaultConnection = mem::MemoryConnection;
 
 /// A connection that carries many independent bidirectional streams.
 pub trait Connection: Send + Sync + 'static {

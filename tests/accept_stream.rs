@@ -1,0 +1,361 @@
+//! `SessionClient::accept_stream`: the one-call accept path, over real quinn. Each stream
+//! holds its `max_concurrent_streams` slot until it is dropped, however it ends.
+
+mod support;
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use backhaul::stream::TunnelStream;
+use backhaul::{
+    ClientEvent, Config, Error, Metadata, RejectCode, Role, SessionClient, TimeoutKind,
+};
+use support::{pattern, quic_pair, within, QuicPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts both sessions with the one-call constructor.
+async fn sessions(
+    relay_config: Config,
+    edge_config: Config,
+) -> (
+    SessionClient,
+    SessionClient,
+    mpsc::Receiver<ClientEvent>,
+    QuicPair,
+) {
+    let quic = quic_pair().await;
+    let (relay, edge) = tokio::join!(
+        SessionClient::start(quic.relay.clone(), Role::Server, relay_config),
+        SessionClient::start(quic.edge.clone(), Role::Client, edge_config),
+    );
+    let (relay, _) = relay.expect("relay session");
+    let (edge, events) = edge.expect("edge session");
+    (relay, edge, events, quic)
+}
+
+/// The next open request's id, skipping other events.
+async fn next_request(events: &mut mpsc::Receiver<ClientEvent>) -> u64 {
+    loop {
+        match within(LIMIT, events.recv()).await {
+            Some(ClientEvent::OpenRequest { request_id, .. }) => return request_id,
+            Some(_) => {}
+            None => panic!("events ended before an open request"),
+        }
+    }
+}
+
+/// Waits until the edge counts `expected` streams (requests plus accepted streams).
+async fn active_streams_become(edge: &SessionClient, expected: usize) {
+    within(LIMIT, async {
+        while edge.stats().active_streams != expected {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Echoes a stream after writing its metadata bytes, so the opener can check that the
+/// stream carries what its own open said.
+async fn serve_echo(mut stream: TunnelStream) {
+    let Metadata::Bytes(seed) = stream.metadata().clone() else {
+        panic!("expected byte metadata");
+    };
+    stream.write_all(&seed).await.expect("write seed");
+    let (mut reader, mut writer) = tokio::io::split(&mut stream);
+    tokio::io::copy(&mut reader, &mut writer)
+        .await
+        .expect("echo");
+    writer.shutdown().await.expect("finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_accept_streams_each_carry_their_own_data() {
+    const STREAMS: usize = 300;
+    const BYTES: usize = 16 * 1024;
+    let config = Config::new()
+        .with_max_inflight_opens(STREAMS)
+        .with_max_concurrent_streams(STREAMS);
+    let (relay, edge, mut events, _quic) = sessions(config.clone(), config).await;
+    let server = tokio::spawn({
+        let edge = edge.clone();
+        async move {
+            let mut served = tokio::task::JoinSet::new();
+            for _ in 0..STREAMS {
+                let request_id = next_request(&mut events).await;
+                let edge = edge.clone();
+                served.spawn(async move {
+                    let stream = edge.accept_stream(request_id).await.expect("accept");
+                    serve_echo(stream).await;
+                });
+            }
+            while let Some(joined) = served.join_next().await {
+                joined.expect("served");
+            }
+        }
+    });
+    let mut opens = tokio::task::JoinSet::new();
+    for index in 0..STREAMS {
+        let relay = relay.clone();
+        opens.spawn(async move {
+            let seed = format!("stream-{index}").into_bytes();
+            let payload = pattern(&seed, BYTES);
+            let (mut send, mut recv) = relay
+                .open("echo", Metadata::Bytes(seed.clone()))
+                .await
+                .expect("open");
+            let writer = async {
+                send.write_all(&payload).await.expect("write");
+                send.shutdown().await.expect("finish");
+            };
+            let mut reply = Vec::new();
+            let reader = recv.read_to_end(&mut reply);
+            let ((), read) = tokio::join!(writer, reader);
+            read.expect("read");
+            assert_eq!(
+                &reply[..seed.len()],
+                &seed[..],
+                "stream {index}: wrong stream"
+            );
+            assert!(
+                reply[seed.len()..] == payload[..],
+                "stream {index}: payload checksum differs"
+            );
+        });
+    }
+    within(Duration::from_secs(120), async {
+        while let Some(joined) = opens.join_next().await {
+            joined.expect("open task");
+        }
+        server.await.expect("server");
+    })
+    .await;
+    // Every stream was dropped after serving: every slot is free again.
+    active_streams_become(&edge, 0).await;
+}
+
+#[tokio::test]
+async fn a_limit_of_n_refuses_one_more_while_n_streams_live_and_accepts_once_one_drops() {
+    const N: usize = 4;
+    let (relay, edge, mut events, _quic) =
+        sessions(Config::new(), Config::new().with_max_concurrent_streams(N)).await;
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let acceptor = tokio::spawn({
+        let edge = edge.clone();
+        async move {
+            loop {
+                let request_id = next_request(&mut events).await;
+                let stream = edge.accept_stream(request_id).await.expect("accept");
+                if held_tx.send(stream).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut relay_halves = Vec::new();
+    for _ in 0..N {
+        relay_halves.push(
+            within(LIMIT, relay.open("hold", Metadata::Empty))
+                .await
+                .expect("open"),
+        );
+    }
+    let mut streams = Vec::new();
+    for _ in 0..N {
+        streams.push(within(LIMIT, held.recv()).await.expect("held stream"));
+    }
+    assert_eq!(edge.stats().active_streams, N);
+
+    let refused = within(LIMIT, relay.open("hold", Metadata::Empty)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::StreamRejected {
+                code: RejectCode::LimitExceeded,
+                ..
+            })
+        ),
+        "the {}th stream got {refused:?}",
+        N + 1
+    );
+
+    drop(streams.pop());
+    active_streams_become(&edge, N - 1).await;
+    let reopened = within(LIMIT, relay.open("hold", Metadata::Empty)).await;
+    assert!(reopened.is_ok(), "after a drop: {reopened:?}");
+    streams.push(within(LIMIT, held.recv()).await.expect("held stream"));
+    assert_eq!(edge.stats().active_streams, N);
+
+    drop(streams);
+    active_streams_become(&edge, 0).await;
+    acceptor.abort();
+}
+
+#[tokio::test]
+async fn an_accept_dropped_half_way_or_a_stream_dropped_unused_frees_its_slot() {
+    let (relay, edge, mut events, _quic) = sessions(
+        Config::new().with_stream_bind_timeout(Duration::from_secs(2)),
+        Config::new().with_max_concurrent_streams(1),
+    )
+    .await;
+
+    // An accept abandoned after its first poll: by then the answer is queued, and the data
+    // stream may or may not be open yet (quinn often opens and writes without waiting).
+    let first = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.open("a", Metadata::Empty).await }
+    });
+    let request_id = next_request(&mut events).await;
+    let finished_in_one_poll =
+        match tokio::time::timeout(Duration::ZERO, edge.accept_stream(request_id)).await {
+            Ok(stream) => {
+                drop(stream.expect("accept"));
+                true
+            }
+            Err(_elapsed) => false,
+        };
+    assert_eq!(
+        edge.stats().active_streams,
+        0,
+        "the slot outlived the accept"
+    );
+    let first = within(LIMIT, first).await.expect("open task");
+    if finished_in_one_poll {
+        assert!(first.is_ok(), "got {first:?}");
+    } else {
+        // Answered, but its stream never came.
+        assert!(
+            matches!(first, Err(Error::Timeout(TimeoutKind::StreamBind))),
+            "got {first:?}"
+        );
+    }
+
+    // A stream accepted and dropped without a byte written or read.
+    let second = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.open("b", Metadata::Empty).await }
+    });
+    let request_id = next_request(&mut events).await;
+    let stream = within(LIMIT, edge.accept_stream(request_id))
+        .await
+        .expect("accept");
+    assert_eq!(stream.service().as_str(), "b");
+    assert_eq!(edge.stats().active_streams, 1);
+    drop(stream);
+    assert_eq!(edge.stats().active_streams, 0);
+    let (_send, mut recv) = within(LIMIT, second).await.expect("task").expect("open");
+    let mut rest = Vec::new();
+    let _ = within(LIMIT, recv.read_to_end(&mut rest)).await;
+
+    // With the single slot free again, a third open is served.
+    let third = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.open("c", Metadata::Empty).await }
+    });
+    let request_id = next_request(&mut events).await;
+    let stream = within(LIMIT, edge.accept_stream(request_id))
+        .await
+        .expect("accept after frees");
+    within(LIMIT, third)
+        .await
+        .expect("task")
+        .expect("third open");
+    drop(stream);
+}
+
+#[tokio::test]
+async fn accepting_an_unknown_request_is_a_typed_error_that_takes_no_slot() {
+    let (_relay, edge, _events, _quic) = sessions(Config::new(), Config::new()).await;
+    let result = edge.accept_stream(12345).await;
+    assert!(
+        matches!(result, Err(Error::UnknownRequest { request_id: 12345 })),
+        "got {result:?}"
+    );
+    assert_eq!(edge.stats().active_streams, 0);
+}
+
+/// Log lines written while the test runs (on its one thread).
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_panicking_route_is_logged_with_its_service_and_the_edge_keeps_serving() {
+    use backhaul::edge::Router;
+
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // current_thread: every task of this test runs on this thread, under this subscriber.
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
+    let boom = tower::service_fn(|_stream: TunnelStream| async move {
+        if true {
+            panic!("boom in the route");
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let echo = tower::service_fn(|stream: TunnelStream| async move {
+        serve_echo(stream).await;
+        Ok::<(), std::io::Error>(())
+    });
+    let router = Router::new().route("boom", boom).route("echo", echo);
+    let serving = tokio::spawn(router.serve(edge.clone(), events).into_future());
+
+    let (_send, mut recv) = within(LIMIT, relay.open("boom", Metadata::Empty))
+        .await
+        .expect("open");
+    let mut rest = Vec::new();
+    let _ = within(LIMIT, recv.read_to_end(&mut rest)).await;
+    within(LIMIT, async {
+        while !logs.text().contains("route panicked") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let text = logs.text();
+    assert!(
+        text.contains("service=\"boom\"") || text.contains("service=boom"),
+        "{text}"
+    );
+    assert!(text.contains("boom in the route"), "{text}");
+    // The slot of the panicked stream is free and the edge still serves.
+    active_streams_become(&edge, 0).await;
+    let (mut send, mut recv) = within(
+        LIMIT,
+        relay.open("echo", Metadata::Bytes(b"after".to_vec())),
+    )
+    .await
+    .expect("open after the panic");
+    send.write_all(b"!").await.unwrap();
+    send.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    within(LIMIT, recv.read_to_end(&mut reply)).await.unwrap();
+    assert_eq!(reply, b"after!");
+    serving.abort();
+}
