@@ -14,11 +14,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::auth::Tokens;
 use crate::edge::{run_edge, EdgeConfig};
 use crate::listener::Limits;
 
-use crate::relay::{start, EdgeLimits, RelayConfig};
+use crate::relay::{start, EdgeLimits, RelayConfig, Tokens};
 use crate::{shutdown_signal, BoxError};
 
 const EDGE_NAME: &str = "demo";
@@ -64,8 +63,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     let identity = Identity::self_signed(&["localhost"])?;
     let trusted = identity.cert_chain.clone();
     let token = format!("{:016x}", random_u64());
-    let mut tokens = Tokens::default();
-    tokens.insert(EDGE_NAME, &token);
+    let tokens = Tokens::new().with(EDGE_NAME, token.clone())?;
     let relay = start(RelayConfig {
         quic_listen: ([127, 0, 0, 1], 0).into(),
         http_listen,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use backhaul::edge::{Backoff, Edge, RegisterError, Router};
 use backhaul::quic::load_certs;
+use backhaul::relay::{registration_metadata, EdgeName, REGISTER_SERVICE};
 use backhaul::{Config, Error, QuinnConnection, RejectCode, SessionClient};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
@@ -27,12 +28,16 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
 use tracing::{info, warn};
 
-use crate::auth::{registration, valid_edge_name, Unauthorized, REGISTER_SERVICE};
 use crate::forward::{
     boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
     ProxyBody, UpstreamTimeouts,
 };
 use crate::{parse_duration, shutdown_signal, BoxError, Escaped};
+
+/// The relay refused the edge's credentials.
+#[derive(Debug, thiserror::Error)]
+#[error("unauthorized: {0}")]
+pub struct Unauthorized(pub String);
 
 /// The relay presented a certificate this edge does not trust.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +129,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         .iter()
         .map(|spec| parse_expose(spec))
         .collect::<Result<Vec<_>, _>>()?;
-    if !valid_edge_name(&args.name) {
+    if !EdgeName::is_valid(&args.name) {
         return Err(format!("edge name {:?} must be a lowercase DNS label", args.name).into());
     }
     let config = EdgeConfig {
@@ -161,7 +166,7 @@ fn parse_expose(spec: &str) -> Result<(String, String), String> {
         .authority()
         .ok_or_else(|| format!("--expose {spec:?}: no host"))?;
     // Service names become host labels (<service>.<edge>.<domain>).
-    if !valid_edge_name(name) {
+    if !EdgeName::is_valid(name) {
         return Err(format!(
             "--expose {spec:?}: the service name must be a lowercase DNS label"
         ));
@@ -220,7 +225,7 @@ async fn register(
     token: Arc<str>,
 ) -> Result<(), RegisterError> {
     match client
-        .open(REGISTER_SERVICE, registration(&edge, &token))
+        .open(REGISTER_SERVICE, registration_metadata(&edge, &token))
         .await
     {
         Ok(_) => {

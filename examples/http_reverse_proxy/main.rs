@@ -9,10 +9,11 @@
 //!
 //! Layout: `relay` (QUIC listener for edges, HTTP listener for the public, admin listener
 //! with /healthz and /metrics), `edge` (dial, register, serve local services, reconnect),
-//! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `auth`
-//! (the registration exchange and token checks), `metrics`, `demo` (the all-in-one mode).
+//! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `metrics`,
+//! `demo` (the all-in-one mode). Accepting and authenticating edges on the relay, and
+//! dialing and reconnecting on the edge, are the library's (`backhaul::relay`,
+//! `backhaul::edge`).
 
-mod auth;
 mod demo;
 mod edge;
 mod forward;
@@ -84,7 +85,7 @@ fn main() -> std::process::ExitCode {
 /// Exit codes a supervisor can act on: 2 for refused credentials, 3 for a relay
 /// certificate the edge does not trust (both need an operator; retrying cannot help).
 fn exit_code(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
-    if error.downcast_ref::<auth::Unauthorized>().is_some() {
+    if error.downcast_ref::<edge::Unauthorized>().is_some() {
         std::process::ExitCode::from(2)
     } else if error.downcast_ref::<edge::UntrustedRelay>().is_some() {
         std::process::ExitCode::from(3)

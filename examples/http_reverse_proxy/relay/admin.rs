@@ -38,19 +38,24 @@ fn admin(state: &RelayState, path: &str) -> Response<ProxyBody> {
     match path {
         "/healthz" => text_response(
             StatusCode::OK,
-            format!("ok\nedges {}", state.metrics.edges_connected.get()),
+            format!("ok\nedges {}", state.registry.len()),
         ),
-        "/metrics" => match state.metrics.render() {
-            Ok(text) => {
-                let mut response = text_response(StatusCode::OK, text);
-                response.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                response
-            }
-            Err(error) => text_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
-        },
+        "/metrics" => metrics(state),
         _ => text_response(StatusCode::NOT_FOUND, "try /healthz or /metrics"),
+    }
+}
+
+fn metrics(state: &RelayState) -> Response<ProxyBody> {
+    super::edges::sync_edge_metrics(state);
+    match state.metrics.render() {
+        Ok(text) => {
+            let mut response = text_response(StatusCode::OK, text);
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        Err(error) => text_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
 }

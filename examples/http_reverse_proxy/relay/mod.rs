@@ -1,58 +1,46 @@
 //! The relay: QUIC listener for edges, HTTP listener for the public, admin listener.
 //!
-//! Routing is by Host: `<edge>.<domain>` reaches that edge's default service (`web`),
-//! `<service>.<edge>.<domain>` a named one. Each registered edge has its own pooled
-//! hyper-util client over a backhaul `Connector`, so keep-alive connections to an edge
-//! reuse tunnel streams.
+//! Accepting edges (admission control, handshakes, token checks, one live edge per name)
+//! is the library's: `backhaul::relay`'s `Acceptor`, `Tokens` and `Registry`. What is
+//! left here is HTTP policy. Routing is by Host: `<edge>.<domain>` reaches that edge's
+//! default service (`web`), `<service>.<edge>.<domain>` a named one; edges are found
+//! through the `Directory` trait. Each edge session has its own pooled hyper-util client
+//! over a backhaul `Connector`, so keep-alive connections to an edge reuse tunnel streams.
 
 mod admin;
-mod admission;
 mod edges;
 mod forwarded;
 mod host;
 mod identity;
 mod public;
 
-pub use admission::AdmissionConfig;
-
 use admin::serve_admin;
-use admission::{Admission, LogSummary};
-use edges::{accept_edges, MeteredConnector};
+use edges::{follow_edges, EdgeClients, EdgeEntry};
 pub use forwarded::TrustedProxies;
 use public::serve_public;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use backhaul::connector::Connector;
-use backhaul::quic::Identity;
-use backhaul::stream::TunnelStream;
-use backhaul::{
-    ClientEvent, CloseCode, Config, Error, QuinnConnection, RejectCode, Role, Session,
-    SessionClient,
+use backhaul::quic::{Identity, DEFAULT_ALPN};
+use backhaul::relay::{
+    AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
+    DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
 };
+pub use backhaul::relay::{AdmissionConfig, Tokens};
+use backhaul::{Config, Error, RejectCode};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use prometheus::IntCounterVec;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tower::Service;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::auth::{parse_registration, valid_edge_name, Tokens, REGISTER_SERVICE};
 use crate::forward::{
     boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
     ProxyBody, UpstreamTimeouts,
@@ -60,11 +48,6 @@ use crate::forward::{
 use crate::listener::{self, Acceptor, Limits};
 use crate::metrics::{CountingBody, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
-
-/// QUIC close code for an edge that failed to register.
-const CLOSE_UNREGISTERED: u32 = 0x10;
-/// QUIC close code for an edge replaced by a newer connection under the same name.
-const CLOSE_REPLACED: u32 = 0x11;
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
@@ -194,6 +177,7 @@ pub struct RelayArgs {
 }
 
 /// Everything a relay needs to start.
+/// Everything a relay needs to start.
 pub struct RelayConfig {
     pub quic_listen: SocketAddr,
     pub http_listen: SocketAddr,
@@ -214,7 +198,8 @@ pub struct RelayConfig {
     pub list_edges: bool,
 }
 
-/// How the relay treats edges before and while they register.
+/// How the relay treats edges before and while they register (the library acceptor's
+/// and registry's settings).
 #[derive(Debug, Clone)]
 pub struct EdgeLimits {
     pub admission: AdmissionConfig,
@@ -227,9 +212,9 @@ impl Default for EdgeLimits {
     fn default() -> Self {
         Self {
             admission: AdmissionConfig::default(),
-            register_timeout: Duration::from_secs(10),
-            log_summary_interval: Duration::from_secs(60),
-            takeover_ping_timeout: Duration::from_secs(2),
+            register_timeout: DEFAULT_REGISTER_TIMEOUT,
+            log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
+            takeover_ping_timeout: DEFAULT_TAKEOVER_PING_TIMEOUT,
         }
     }
 }
@@ -303,79 +288,81 @@ pub struct RunningRelay {
     tasks: JoinSet<()>,
     /// Edge sessions outlive the public listener's drain, so in-flight requests finish.
     stop_edges: watch::Sender<bool>,
-    edges_task: tokio::task::JoinHandle<()>,
-    state: Arc<RelayState>,
+    edges_task: JoinHandle<()>,
+    /// Follows the registry (per-edge clients, memory trims).
+    follow_task: JoinHandle<()>,
 }
 
 impl RunningRelay {
-    /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), and
-    /// closes every edge session.
+    /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), then
+    /// stops the acceptor, which tells every edge "relay shutting down" and closes it.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
         let _ = self.stop_edges.send(true);
         let _ = (&mut self.edges_task).await;
-        let edges: Vec<EdgeEntry> = lock(&self.state.edges).drain().map(|(_, e)| e).collect();
-        for edge in edges {
-            let _ = edge
-                .client
-                .close(CloseCode::Normal, Some("relay shutting down".into()))
-                .await;
-            edge.client
-                .connection()
-                .inner()
-                .close(0u32.into(), b"relay shutting down");
-        }
+        self.follow_task.abort();
     }
 }
 
 impl Drop for RunningRelay {
     fn drop(&mut self) {
         self.edges_task.abort();
+        self.follow_task.abort();
     }
 }
 
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
-    let endpoint = edges::relay_endpoint(config.quic_listen, config.identity)?;
+    let quic_listen = config.quic_listen;
+    let endpoint = backhaul::relay::server_endpoint(quic_listen, config.identity, DEFAULT_ALPN)
+        .map_err(|e| format!("binding the QUIC listener on {quic_listen}: {e}"))?;
     let http = TcpListener::bind(config.http_listen)
         .await
         .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| format!("binding the admin listener on {}: {e}", config.admin_listen))?;
+    let quic_addr = endpoint.local_addr()?;
+    let http_addr = http.local_addr()?;
+    let admin_addr = admin.local_addr()?;
     let session_config = Config::new()
         .with_agent(concat!("backhaul-relay/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
         .with_ping_timeout(config.keepalive)
         .with_open_timeout(config.open_timeout)
         .with_max_inflight_opens(1024);
+    let limits = config.edge_limits;
+    let registry = Registry::with_policy(TakeoverPolicy::KeepLiveHolder {
+        ping_timeout: limits.takeover_ping_timeout,
+    });
+    let registry_events = registry.subscribe();
+    let acceptor = EdgeAcceptor::new(endpoint, registry.clone(), config.tokens)
+        .with_admission(limits.admission)
+        .with_session_config(session_config)
+        .with_register_timeout(limits.register_timeout)
+        .with_log_summary_interval(limits.log_summary_interval);
     let state = Arc::new(RelayState {
         domain: config.domain,
         default_service: config.default_service,
-        tokens: config.tokens,
         metrics: Metrics::new()?,
-        edges: Mutex::new(HashMap::new()),
-        next_edge_id: AtomicU64::new(1),
-        session_config,
+        registry,
+        accept_stats: acceptor.stats(),
+        clients: EdgeClients::default(),
+        metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
         open_timeout: config.open_timeout,
         upstream_idle_timeout: config.upstream_idle_timeout,
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
-        admission: Mutex::new(Admission::new(
-            config.edge_limits.admission.clone(),
-            Instant::now(),
-        )),
-        log_summary: Mutex::new(LogSummary::default()),
-        limits: config.edge_limits,
         list_edges: config.list_edges,
     });
-    let quic_addr = endpoint.local_addr()?;
-    let http_addr = http.local_addr()?;
-    let admin_addr = admin.local_addr()?;
     let (stop, stopped) = watch::channel(false);
-    let (stop_edges, edges_stopped) = watch::channel(false);
-    let edges_task = tokio::spawn(accept_edges(endpoint, Arc::clone(&state), edges_stopped));
+    let (stop_edges, mut edges_stopped) = watch::channel(false);
+    let serving = acceptor
+        .serve()
+        .with_graceful_shutdown(async move { until_stopped(&mut edges_stopped).await });
+    let edges_task = tokio::spawn(serving);
+    let follow_task = tokio::spawn(follow_edges(Arc::clone(&state), registry_events));
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_public(
         http,
@@ -394,34 +381,26 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         tasks,
         stop_edges,
         edges_task,
-        state,
+        follow_task,
     })
 }
 
 struct RelayState {
     domain: String,
     default_service: String,
-    tokens: Tokens,
     metrics: Metrics,
-    edges: Mutex<HashMap<String, EdgeEntry>>,
-    next_edge_id: AtomicU64,
-    session_config: Config,
+    /// The connected edges (the library's registry, filled by the acceptor).
+    registry: Registry,
+    accept_stats: AcceptStats,
+    clients: EdgeClients,
+    /// Serialises scrapes' metric updates (see `edges::sync_edge_metrics`).
+    metrics_sync: Mutex<()>,
     request_timeout: Duration,
     open_timeout: Duration,
     upstream_idle_timeout: Duration,
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,
-    admission: Mutex<Admission>,
-    log_summary: Mutex<LogSummary>,
-    limits: EdgeLimits,
     list_edges: bool,
-}
-
-#[derive(Clone)]
-struct EdgeEntry {
-    id: u64,
-    client: SessionClient<QuinnConnection>,
-    http: Client<MeteredConnector, ProxyBody>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -431,66 +410,25 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RelayState {
-    /// True if an edge holds `name` and answers a ping within the takeover bound. Two
-    /// live edges under one name would replace each other back and forth, cutting each
-    /// other's responses; a holder that does not answer is presumed gone (its network
-    /// dropped without a goodbye) and may be replaced at once.
-    async fn holder_answers(&self, name: &str) -> bool {
-        let Some(holder) = self.edge(name) else {
-            return false;
-        };
-        let ping = tokio::time::timeout(self.limits.takeover_ping_timeout, holder.client.ping());
-        matches!(ping.await, Ok(Ok(_)))
-    }
-
-    /// Makes `client` the edge called `name`, replacing (and closing) an older session of
-    /// the same name: only an edge holding the name's token whose holder did not answer a
-    /// ping ([`holder_answers`](Self::holder_answers)) gets here.
-    fn attach(&self, name: &str, client: SessionClient<QuinnConnection>) -> u64 {
-        let id = self.next_edge_id.fetch_add(1, Ordering::Relaxed);
-        let connector = MeteredConnector {
-            inner: Connector::new(client.clone()),
-            opens: self.metrics.opens.clone(),
-        };
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            // hyper reads ahead of a slow client up to this much per response (default 400 KiB).
-            .http1_max_buf_size(64 * 1024)
-            .build(connector);
-        let entry = EdgeEntry { id, client, http };
-        let replaced = lock(&self.edges).insert(name.to_owned(), entry);
-        match replaced {
-            Some(old) => {
-                warn!(
-                    edge = name,
-                    "the edge's old connection did not answer a ping: a new one replaces it"
-                );
-                old.client
-                    .connection()
-                    .inner()
-                    .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
-            }
-            None => self.metrics.edges_connected.inc(),
+    /// The edge called `name` with its HTTP client, if it is connected here.
+    async fn edge(&self, name: &str) -> Result<Option<EdgeEntry>, Error> {
+        match self.registry.locate(name).await? {
+            Location::Local(handle) => Ok(Some(self.clients.entry(
+                handle,
+                &self.registry,
+                &self.metrics,
+            ))),
+            // One relay: nothing is elsewhere.
+            _ => Ok(None),
         }
-        id
-    }
-
-    fn detach(&self, name: &str, id: u64) {
-        let mut edges = lock(&self.edges);
-        if edges.get(name).is_some_and(|entry| entry.id == id) {
-            edges.remove(name);
-            self.metrics.edges_connected.dec();
-        }
-    }
-
-    fn edge(&self, name: &str) -> Option<EdgeEntry> {
-        lock(&self.edges).get(name).cloned()
     }
 
     fn edge_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.edges).keys().cloned().collect();
-        names.sort();
-        names
+        self.registry
+            .names()
+            .into_iter()
+            .map(|name| name.into_string())
+            .collect()
     }
 }
 

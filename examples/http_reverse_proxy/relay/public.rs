@@ -134,11 +134,21 @@ async fn route(
     let span = tracing::Span::current();
     span.record("edge", edge_name.as_str());
     span.record("service", service.as_str());
-    let Some(edge) = state.edge(&edge_name) else {
-        return text_response(
-            StatusCode::BAD_GATEWAY,
-            format!("edge {edge_name:?} is not connected"),
-        );
+    let edge = match state.edge(&edge_name).await {
+        Ok(Some(edge)) => edge,
+        Ok(None) => {
+            return text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("edge {edge_name:?} is not connected"),
+            )
+        }
+        Err(error) => {
+            warn!(error = ?error_chain(&error), "looking the edge up failed");
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("edge {edge_name:?} cannot be looked up now: try again later"),
+            );
+        }
     };
     let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let to_edge = state.metrics.bytes_counter("to_edge");
@@ -238,7 +248,7 @@ async fn explain_failure(
             detail,
         };
     }
-    if let Some(reason) = edge.client.connection().inner().close_reason() {
+    if let Some(reason) = edge.client().connection().inner().close_reason() {
         return Failure {
             status: StatusCode::BAD_GATEWAY,
             message: format!("edge {name:?} went offline mid-request (its connection was lost)"),
@@ -277,7 +287,7 @@ async fn timed_out(
     detail: String,
 ) -> Failure {
     let probe = state.edge_probe_timeout;
-    match tokio::time::timeout(probe, edge.client.ping()).await {
+    match tokio::time::timeout(probe, edge.client().ping()).await {
         Ok(Ok(rtt)) => Failure {
             status: StatusCode::GATEWAY_TIMEOUT,
             message: slow,
