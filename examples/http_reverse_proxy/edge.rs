@@ -244,11 +244,15 @@ async fn register(
             reason,
         }) => {
             let reason = reason.unwrap_or_else(|| "registration refused for now".to_owned());
-            warn!(
-                reason = %Escaped(&reason),
-                "ANOTHER EDGE IS CONNECTED UNDER THIS NAME: is this edge running twice? \
-                 retrying, so this edge takes over once the other is gone"
-            );
+            if reason.contains("already connected") {
+                warn!(
+                    reason = %Escaped(&reason),
+                    "ANOTHER EDGE IS CONNECTED UNDER THIS NAME: is this edge running twice? \
+                     retrying, so this edge takes over once the other is gone"
+                );
+            } else {
+                warn!(reason = %Escaped(&reason), "the relay cannot register this edge now; retrying");
+            }
             Err(RegisterError::retryable(reason))
         }
         Err(error) => Err(RegisterError::retryable(error)),

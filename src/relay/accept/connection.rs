@@ -162,7 +162,7 @@ pub(super) async fn handle_connection<A>(
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
                 AcceptStats::count(&counters.handshake_failed);
-                debug!(%error, "QUIC handshake failed");
+                debug!(error = ?error.to_string(), "QUIC handshake failed");
                 return;
             }
             Err(_) => {
@@ -235,7 +235,7 @@ pub(super) async fn handle_connection<A>(
     let reason = client.closed().await;
     let replaced = !attachment.is_current();
     drop(attachment);
-    info!(%reason, replaced, "edge disconnected");
+    info!(reason = ?reason.to_string(), replaced, "edge disconnected");
 }
 
 /// Resolves once the acceptor shuts down.
@@ -266,7 +266,7 @@ where
         Ok(handle) => handle,
         Err(error) => {
             AcceptStats::count(&counters.handshake_failed);
-            debug!(%error, "session handshake failed");
+            debug!(error = ?error.to_string(), "session handshake failed");
             return Err(Refused::Gone);
         }
     };
@@ -304,7 +304,7 @@ where
                 }
                 Err(error) => {
                     AcceptStats::count(&counters.auth_unavailable);
-                    warn!(edge = ?shown(&edge), %error, "authentication failed; the edge is told to retry");
+                    warn!(edge = ?shown(&edge), error = ?error.to_string(), "authentication failed; the edge is told to retry");
                     let reason = "authentication is unavailable; try again later";
                     (RejectCode::ServiceUnavailable, Some(reason.to_owned()))
                 }
