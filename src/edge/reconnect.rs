@@ -309,7 +309,7 @@ impl EdgeBuilder {
     /// How long a shutdown waits for the relay to close the connection
     /// ([`Serve::close_timeout`]). Default: 2 s.
     ///
-    /// [`Serve::close_timeout`]: super::Serve::close_timeout
+    /// [`Serve::close_timeout`]: super::Serve::with_close_timeout
     #[must_use]
     pub const fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
