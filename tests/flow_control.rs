@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use backhaul::{ClientEvent, Config, Connection, Metadata, QuinnConnection, SessionClient, State};
+use backhaul::{ClientEvent, Config, Metadata, QuinnConnection, SessionClient, State};
 use support::{pattern, session_pair_with, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -30,19 +30,16 @@ fn serve_flood(edge: SessionClient<QuinnConnection>, mut events: mpsc::Receiver<
             };
             let edge = edge.clone();
             tokio::spawn(async move {
-                let id = edge.allocate_stream_id();
-                edge.accept_open(request_id, id).await.expect("accept");
-                let (mut send, _recv) = edge.connection().open_bi().await.expect("open_bi");
-                edge.bind_stream(&mut send, id).await.expect("bind");
+                let mut stream = edge.accept_stream(request_id).await.expect("accept");
                 if service.as_str() == "flood" {
                     let Metadata::Bytes(seed) = metadata else {
                         panic!("flood wants a seed")
                     };
                     let chunk = pattern(&seed, 1024 * 1024);
-                    while send.write_all(&chunk).await.is_ok() {}
+                    while stream.write_all(&chunk).await.is_ok() {}
                 } else {
-                    let _ = send.write_all(b"hello").await;
-                    let _ = send.shutdown().await;
+                    let _ = stream.write_all(b"hello").await;
+                    let _ = stream.shutdown().await;
                 }
             });
         }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use quinn::VarInt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, timeout_at, Instant};
 use tower::{BoxError, Service, ServiceExt};
@@ -378,16 +379,12 @@ async fn next_open_request(
 /// Accepts the `_register` open: the edge's open completes once its data stream is
 /// bound; the stream carries nothing and is closed at once.
 async fn accept_registration(client: &SessionClient<QuinnConnection>, request_id: u64) -> bool {
-    let stream_id = client.allocate_stream_id();
-    let bound = async {
-        client.accept_open(request_id, stream_id).await.ok()?;
-        let (mut send, _recv) = client.connection().inner().open_bi().await.ok()?;
-        client.bind_stream(&mut send, stream_id).await.ok()?;
-        let _ = send.finish();
-        let _ = client
-            .close_stream(stream_id, CloseCode::Normal, None)
-            .await;
-        Some(())
+    let Ok(mut stream) = client.accept_stream(request_id).await else {
+        return false;
     };
-    bound.await.is_some()
+    let _ = stream.shutdown().await;
+    let _ = client
+        .close_stream(stream.logical_stream_id(), CloseCode::Normal, None)
+        .await;
+    true
 }
