@@ -10,7 +10,7 @@ use backhaul::stream::TunnelStream;
 use backhaul::{
     ClientEvent, Config, Error, Metadata, RejectCode, Role, SessionClient, TimeoutKind,
 };
-use support::{pattern, quic_pair, within, QuicPair};
+use support::{next_open_request, pattern, quic_pair, within, QuicPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -34,17 +34,6 @@ async fn sessions(
     let (relay, _) = relay.expect("relay session");
     let (edge, events) = edge.expect("edge session");
     (relay, edge, events, quic)
-}
-
-/// The next open request's id, skipping other events.
-async fn next_request(events: &mut mpsc::Receiver<ClientEvent>) -> u64 {
-    loop {
-        match within(LIMIT, events.recv()).await {
-            Some(ClientEvent::OpenRequest { request_id, .. }) => return request_id,
-            Some(_) => {}
-            None => panic!("events ended before an open request"),
-        }
-    }
 }
 
 /// Waits until the edge counts `expected` streams (requests plus accepted streams).
@@ -84,7 +73,7 @@ async fn hundreds_of_concurrent_accept_streams_each_carry_their_own_data() {
         async move {
             let mut served = tokio::task::JoinSet::new();
             for _ in 0..STREAMS {
-                let request_id = next_request(&mut events).await;
+                let (request_id, ..) = next_open_request(&mut events).await;
                 let edge = edge.clone();
                 served.spawn(async move {
                     let stream = edge.accept_stream(request_id).await.expect("accept");
@@ -146,7 +135,7 @@ async fn a_limit_of_n_refuses_one_more_while_n_streams_live_and_accepts_once_one
         let edge = edge.clone();
         async move {
             loop {
-                let request_id = next_request(&mut events).await;
+                let (request_id, ..) = next_open_request(&mut events).await;
                 let stream = edge.accept_stream(request_id).await.expect("accept");
                 if held_tx.send(stream).is_err() {
                     return;
@@ -207,7 +196,7 @@ async fn an_accept_dropped_half_way_or_a_stream_dropped_unused_frees_its_slot() 
         let relay = relay.clone();
         async move { relay.open("a", Metadata::Empty).await }
     });
-    let request_id = next_request(&mut events).await;
+    let (request_id, ..) = next_open_request(&mut events).await;
     let finished_in_one_poll =
         match tokio::time::timeout(Duration::ZERO, edge.accept_stream(request_id)).await {
             Ok(stream) => {
@@ -237,7 +226,7 @@ async fn an_accept_dropped_half_way_or_a_stream_dropped_unused_frees_its_slot() 
         let relay = relay.clone();
         async move { relay.open("b", Metadata::Empty).await }
     });
-    let request_id = next_request(&mut events).await;
+    let (request_id, ..) = next_open_request(&mut events).await;
     let stream = within(LIMIT, edge.accept_stream(request_id))
         .await
         .expect("accept");
@@ -254,7 +243,7 @@ async fn an_accept_dropped_half_way_or_a_stream_dropped_unused_frees_its_slot() 
         let relay = relay.clone();
         async move { relay.open("c", Metadata::Empty).await }
     });
-    let request_id = next_request(&mut events).await;
+    let (request_id, ..) = next_open_request(&mut events).await;
     let stream = within(LIMIT, edge.accept_stream(request_id))
         .await
         .expect("accept after frees");

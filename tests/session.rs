@@ -309,9 +309,7 @@ async fn data_stream_that_overtakes_its_response_is_held_for_its_open() {
     let mut pair = session_pair().await;
     let relay = pair.relay.clone();
     let open = tokio::spawn(async move { relay.open("early", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     // Bind and write before answering, so the stream surely arrives first.
     let (mut send, _recv) = pair.edge.connection().open_bi().await.unwrap();
     pair.edge.bind_stream(&mut send, 77).await.unwrap();
@@ -331,9 +329,7 @@ async fn wrong_stream_bind_magic_is_refused_and_the_session_goes_on() {
     let mut pair = session_pair_with(relay_config, Config::new()).await;
     let relay = pair.relay.clone();
     let open = tokio::spawn(async move { relay.open("echo", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     let id = pair.edge.allocate_stream_id();
     pair.edge.accept_open(request_id, id).await.unwrap();
     let (mut send, _recv) = pair.edge.connection().open_bi().await.unwrap();
@@ -360,9 +356,7 @@ async fn stream_for_an_already_bound_id_is_refused() {
     let mut pair = session_pair().await;
     let relay = pair.relay.clone();
     let open = tokio::spawn(async move { relay.open("x", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     pair.edge.accept_open(request_id, 9).await.unwrap();
     let (mut first, _r1) = pair.edge.connection().open_bi().await.unwrap();
     pair.edge.bind_stream(&mut first, 9).await.unwrap();
@@ -651,9 +645,7 @@ async fn accept_open_refuses_unknown_requests_and_reserved_ids() {
     ));
     let relay = pair.relay.clone();
     let _open = tokio::spawn(async move { relay.open("x", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     assert!(matches!(
         pair.edge.accept_open(request_id, 0).await,
         Err(Error::InvalidStreamId(0))
@@ -708,9 +700,7 @@ async fn peer_vanishing_mid_stream_is_reported_not_truncated() {
     let mut pair = session_pair().await;
     let relay = pair.relay.clone();
     let open = tokio::spawn(async move { relay.open("big", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     let id = pair.edge.allocate_stream_id();
     pair.edge.accept_open(request_id, id).await.unwrap();
     let (mut send, _recv) = pair.edge.connection().open_bi().await.unwrap();
@@ -805,9 +795,7 @@ async fn stream_bind_split_across_packets_still_binds() {
     let mut pair = session_pair().await;
     let relay = pair.relay.clone();
     let open = tokio::spawn(async move { relay.open("split", Metadata::Empty).await });
-    let Some(ClientEvent::OpenRequest { request_id, .. }) = pair.edge_events.recv().await else {
-        panic!("expected a request");
-    };
+    let (request_id, ..) = next_open_request(&mut pair.edge_events).await;
     let id = pair.edge.allocate_stream_id();
     pair.edge.accept_open(request_id, id).await.unwrap();
     let header = backhaul::StreamBind::new(id).encode();

@@ -168,6 +168,27 @@ pub async fn within<T>(limit: Duration, future: impl std::future::Future<Output 
         .expect("took too long")
 }
 
+/// The next open request on an edge's events (within 10 s), skipping other events:
+/// its request id, service and metadata.
+pub async fn next_open_request(
+    events: &mut mpsc::Receiver<ClientEvent>,
+) -> (u64, backhaul::ServiceId, backhaul::Metadata) {
+    within(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(ClientEvent::OpenRequest {
+                    request_id,
+                    service,
+                    metadata,
+                }) => return (request_id, service, metadata),
+                Some(_) => {}
+                None => panic!("events ended before an open request"),
+            }
+        }
+    })
+    .await
+}
+
 /// Number of tasks alive in the current runtime.
 pub fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
