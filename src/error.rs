@@ -127,6 +127,17 @@ pub enum Error {
         /// The name.
         name: String,
     },
+
+    /// An edge's local backend (a TCP service behind a [`tcp`](crate::tcp) route) refused
+    /// the connection or did not accept it in time.
+    #[error("backend {backend} unavailable")]
+    BackendUnavailable {
+        /// The backend's address, as configured.
+        backend: String,
+        /// Why the connect failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {

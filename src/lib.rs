@@ -17,6 +17,8 @@
 //!   and `Edge`, which stays connected to a relay (backoff, fatal vs transient errors).
 //! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
+//! - [`tcp`]: raw TCP through tunnels: the relay's public port, the edge's route to a
+//!   local service, PROXY protocol v2, a splice that never reports a cut as complete.
 //! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
 //!   them by name, lookup behind a `Directory` trait.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
@@ -75,6 +77,8 @@ pub mod quic;
 pub mod relay;
 pub mod session;
 pub mod stream;
+#[cfg(feature = "tcp")]
+pub mod tcp;
 pub mod transport;
 
 pub use client::SessionClient;

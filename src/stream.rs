@@ -214,6 +214,18 @@ impl<C: Connection> TunnelStream<C> {
         (send, recv, self.info)
     }
 
+    /// Abandons the stream both ways with an application error `code`: the peer's reads
+    /// fail with that code instead of seeing a clean end, and its writes are stopped.
+    ///
+    /// Use it when the data cannot be delivered whole (the other side of a splice broke):
+    /// dropping the stream instead would finish it, and a truncated transfer would look
+    /// complete.
+    pub fn reset(&mut self, code: u32) {
+        let duplex = duplex_mut(&mut self.io);
+        crate::transport::SendStream::reset(&mut duplex.send, code);
+        crate::transport::RecvStream::stop(&mut duplex.recv, code);
+    }
+
     /// Resolves when the edge that serves this stream begins a graceful shutdown, so a
     /// long-lived service (an HTTP connection with keep-alive) can wind down. Never
     /// resolves for streams not served by a [`Router`](crate::edge::Router).
