@@ -128,6 +128,16 @@ pub enum Error {
         name: String,
     },
 
+    /// A TLS certificate or key that cannot be used: unreadable file, bad PEM, empty
+    /// chain, unsupported key, key not matching the certificate.
+    #[error("certificate{}: {reason}", path.as_deref().map(|path| format!(" {path}")).unwrap_or_default())]
+    Certificate {
+        /// The file concerned, when it came from one.
+        path: Option<String>,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// An edge's local backend (a TCP service behind a [`tcp`](crate::tcp) route) refused
     /// the connection or did not accept it in time.
     #[error("backend {backend} unavailable")]

@@ -19,6 +19,7 @@
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`tcp`]: raw TCP through tunnels: the relay's public port, the edge's route to a
 //!   local service, PROXY protocol v2, a splice that never reports a cut as complete.
+//! - [`tls`]: TLS for public listeners: certificates chosen by SNI, reloaded from files.
 //! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
 //!   them by name, lookup behind a `Directory` trait.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
@@ -79,6 +80,8 @@ pub mod session;
 pub mod stream;
 #[cfg(feature = "tcp")]
 pub mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 
 pub use client::SessionClient;
