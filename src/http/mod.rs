@@ -6,6 +6,8 @@
 //! enabled. When the edge begins a graceful shutdown, each connection is told to finish
 //! its in-flight requests and stop keep-alive.
 
+pub mod server;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
