@@ -105,8 +105,13 @@ impl<B, C: Connection> EdgeClients<B, Identity, C> {
     pub fn new(registry: Registry<C>) -> Self {
         EdgeClientsBuilder::new(registry).build()
     }
+}
 
+impl<C: Connection> EdgeClients<(), Identity, C> {
     /// Settings other than the defaults: a connector layer, hyper-util's client settings.
+    /// (Like `hyper_util`'s `Client::builder`, it names no body type: [`build`] does.)
+    ///
+    /// [`build`]: EdgeClientsBuilder::build
     #[must_use]
     pub fn builder(registry: Registry<C>) -> EdgeClientsBuilder<Identity, C> {
         EdgeClientsBuilder::new(registry)
