@@ -30,6 +30,7 @@
 //! # Example
 //! ```
 //! use std::convert::Infallible;
+//! use std::future::IntoFuture;
 //! use std::time::Duration;
 //!
 //! use backhaul::http::server::{ConnectionInfo, Limits, Server};
