@@ -40,7 +40,10 @@ fn the_first_start_generates_and_later_starts_load_the_same_identity() {
     let (cert, key) = dir.files();
     assert_eq!(key, dir.0.join("relay-key.pem"));
     let first = Identity::load_or_generate(&cert, &key, &["relay.example.com"]).expect("generated");
-    let mode = std::fs::metadata(&key).expect("the key file").permissions().mode();
+    let mode = std::fs::metadata(&key)
+        .expect("the key file")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "key mode {mode:o}");
     let again = Identity::load_or_generate(&cert, &key, &["other.example.com"]).expect("loaded");
     assert_eq!(first.cert_chain, again.cert_chain);
