@@ -36,8 +36,15 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// tunnel's flow control).
 pub const DEFAULT_READ_AHEAD: usize = 64 * 1024;
 
-/// Pooled HTTP clients of the edges in a [`Registry`], one per session; see the
-/// [module docs](self). Cheap to clone (clones share the clients).
+/// Pooled HTTP clients of the edges in a [`Registry`], one per session. Cheap to clone
+/// (clones share the clients).
+///
+/// A request through an edge's client reuses an idle HTTP connection (a tunnel stream)
+/// instead of opening a stream per request. The pool belongs to one edge *session*: when
+/// the edge reconnects, the old session's connections are dead, so the client is dropped
+/// as soon as the [`Registry`] detaches that session's [`Epoch`], and the new session
+/// gets a new one. A [`Layer`] over each session's [`Connector`]
+/// ([`EdgeClientsBuilder::layer`]) adds what the application needs (counting opens…).
 ///
 /// ```no_run
 /// use backhaul::http::EdgeClients;

@@ -46,7 +46,11 @@ impl ConnectionInfo {
 }
 
 /// Hooks called as connections come and go; every method does nothing unless overridden.
-/// See the [module docs](self) for their order. Called on the connection's task: keep
+///
+/// Each connection's events come in order: `connection_opened`, then at most one of
+/// `connection_cut`, `request_refused` or `connection_failed`, then `connection_closed`,
+/// always (even when the server drops the connection at shutdown), so a gauge raised on
+/// open and lowered on close stays true. Called on the connection's task: keep
 /// them short (count, log), never block.
 pub trait Observer: Send + Sync + 'static {
     /// A connection was accepted and will be served.
