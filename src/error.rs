@@ -148,6 +148,44 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// A listener could not be bound to its address (in use, not permitted…).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why, as the operating system put it.
+        #[source]
+        source: io::Error,
+    },
+    /// A private key file that group or others may read is refused: whoever reads it can
+    /// impersonate its owner (`chmod 600` it).
+    #[error("{} is readable by group or others (mode {mode:o}): run `chmod 600` on it", path.display())]
+    KeyFileExposed {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A saved identity's key exists without its certificate. Restore the certificate, or
+    /// remove the key to make a new identity (peers that pinned the old one must then be
+    /// given the new certificate).
+    #[error("{} exists but {} does not", key.display(), cert.display())]
+    CertificateMissing {
+        /// The certificate file that is missing.
+        cert: std::path::PathBuf,
+        /// The key file that exists.
+        key: std::path::PathBuf,
+    },
+    /// A file of an identity could not be read, written or inspected.
+    #[error("{}: {source}", path.display())]
+    IdentityFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {

@@ -17,6 +17,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::error::Error;
 
+#[cfg(feature = "self-signed")]
+mod persistent;
+#[cfg(feature = "self-signed")]
+pub use persistent::key_path_beside;
+
 /// The ALPN protocol name backhaul endpoints use unless told otherwise.
 pub const DEFAULT_ALPN: &[u8] = b"backhaul";
 

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::edge::{run_edge, EdgeConfig};
-use crate::listener::Limits;
+use backhaul::http::server::Limits;
 
 use crate::relay::{start, EdgeLimits, RelayConfig, Tokens};
 use crate::{shutdown_signal, BoxError};

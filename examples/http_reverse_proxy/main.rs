@@ -12,12 +12,12 @@
 //! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `metrics`,
 //! `demo` (the all-in-one mode). Accepting and authenticating edges on the relay, and
 //! dialing and reconnecting on the edge, are the library's (`backhaul::relay`,
-//! `backhaul::edge`).
+//! `backhaul::edge`), and so are the hardened public HTTP server, the relay's saved
+//! identity and the per-edge pooled clients (`backhaul::http`, `backhaul::quic`).
 
 mod demo;
 mod edge;
 mod forward;
-mod listener;
 mod metrics;
 mod relay;
 

@@ -1,10 +1,12 @@
-//! The relay's Prometheus metrics, kept in a registry of its own (not a global), and a
-//! body wrapper that counts bytes as they stream.
+//! The relay's Prometheus metrics, kept in a registry of its own (not a global), the
+//! listeners' observer, and a body wrapper that counts bytes as they stream.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use backhaul::http::server::{ConnectionInfo, Cut, Observer};
 use bytes::Bytes;
+use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -140,6 +142,42 @@ impl Metrics {
     /// A counter of bytes flowing in `direction`.
     pub fn bytes_counter(&self, direction: &str) -> IntCounter {
         self.bytes.with_label_values(&[direction])
+    }
+}
+
+/// What an HTTP listener (`public`, `admin`) reports: connections open and cut, and the
+/// malformed requests hyper answered by itself, counted like any other answer.
+pub struct ListenerMetrics {
+    open: IntGauge,
+    metrics: Metrics,
+}
+
+impl ListenerMetrics {
+    pub fn new(metrics: &Metrics, listener: &str) -> Self {
+        Self {
+            open: metrics.connections_open.with_label_values(&[listener]),
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Observer for ListenerMetrics {
+    fn connection_opened(&self, _: &ConnectionInfo) {
+        self.open.inc();
+    }
+
+    fn connection_cut(&self, _: &ConnectionInfo, reason: Cut) {
+        let cut = &self.metrics.connections_cut;
+        cut.with_label_values(&[reason.label()]).inc();
+    }
+
+    fn request_refused(&self, _: &ConnectionInfo, status: StatusCode) {
+        let requests = &self.metrics.requests;
+        requests.with_label_values(&[status.as_str()]).inc();
+    }
+
+    fn connection_closed(&self, _: &ConnectionInfo) {
+        self.open.dec();
     }
 }
 

@@ -1,10 +1,21 @@
-//! Serving tower HTTP services (an axum `Router`, say) on tunnel streams.
+//! HTTP on both ends of a tunnel, and on a relay's public port.
 //!
+//! - [`serve`]: a tower HTTP service as an edge route (below);
+//! - [`EdgeClients`]: on a relay, one pooled hyper-util client per edge session;
+//! - [`server`]: a hardened HTTP/1 and HTTP/2 server for public listeners (limits on
+//!   connections and on each stage of them, an observer for metrics, graceful shutdown).
+//!
+//! Serving tower HTTP services (an axum `Router`, say) on tunnel streams:
 //! [`serve`] turns a `Service<Request<Incoming>>` into an edge route: each tunnel stream
 //! becomes one HTTP connection, served by hyper-util's auto server (HTTP/1.1 with
 //! keep-alive, or HTTP/2 when the relay speaks it), with upgrades such as WebSocket
 //! enabled. When the edge begins a graceful shutdown, each connection is told to finish
 //! its in-flight requests and stop keep-alive.
+
+mod clients;
+pub mod server;
+
+pub use clients::{EdgeClients, EdgeClientsBuilder, DEFAULT_POOL_IDLE_TIMEOUT, DEFAULT_READ_AHEAD};
 
 use std::future::Future;
 use std::pin::Pin;

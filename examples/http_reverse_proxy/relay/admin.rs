@@ -9,6 +9,8 @@ const ADMIN_LIMITS: Limits = Limits {
     header_timeout: Duration::from_secs(5),
     idle_timeout: Duration::from_secs(30),
     write_timeout: Duration::from_secs(10),
+    shutdown_timeout: Duration::from_secs(1),
+    ..Limits::DEFAULT
 };
 
 pub(super) async fn serve_admin(
@@ -16,22 +18,11 @@ pub(super) async fn serve_admin(
     state: Arc<RelayState>,
     stop: watch::Receiver<bool>,
 ) {
-    let metrics = state.metrics.clone();
-    listener::serve(
-        Acceptor::new(listener, "admin"),
-        ADMIN_LIMITS,
-        metrics,
-        stop,
-        Duration::from_secs(1),
-        move |_remote| {
-            let state = Arc::clone(&state);
-            move |request: Request<Incoming>| {
-                let response = admin(&state, request.uri().path());
-                std::future::ready(response)
-            }
-        },
-    )
-    .await;
+    let observer = ListenerMetrics::new(&state.metrics, "admin");
+    let service = tower::service_fn(move |request: Request<Incoming>| {
+        std::future::ready(Ok::<_, Infallible>(admin(&state, request.uri().path())))
+    });
+    serve_http(listener, ADMIN_LIMITS, observer, service, stop).await;
 }
 
 fn admin(state: &RelayState, path: &str) -> Response<ProxyBody> {

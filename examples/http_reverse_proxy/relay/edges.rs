@@ -1,34 +1,42 @@
-//! The edges as the HTTP side sees them, on top of the library's `Acceptor` and
-//! `Registry`: one pooled HTTP client per edge session, counted opens, the edge metrics
-//! (from the acceptor's counts, at each scrape), and memory handed back after connections
-//! close.
+//! The edges as the HTTP side sees them, on top of the library's `Acceptor`, `Registry`
+//! and `EdgeClients`: opens counted by outcome (a layer on each edge's connector), the
+//! edge metrics (from the acceptor's counts, at each scrape), and memory handed back after
+//! connections close.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use backhaul::connector::Connector;
-use backhaul::relay::{EdgeHandle, EdgeName, Epoch, RegistryEvent};
+use backhaul::http::EdgeClients;
+use backhaul::relay::{EdgeHandle, RegistryEvent};
 use backhaul::stream::TunnelStream;
 use backhaul::{QuinnConnection, SessionClient};
 use http::Uri;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::broadcast::{self, error::RecvError};
-use tower::Service;
+use tower::{Layer, Service};
 
 use super::*;
 
-/// An edge's pooled HTTP client.
-pub(super) type EdgeHttp = Client<MeteredConnector, ProxyBody>;
+/// The edges' pooled HTTP clients, one per session, counting opens.
+pub(super) type MeteredClients = EdgeClients<ProxyBody, MeterOpens>;
+
+/// The edges' clients, with opens counted in `metrics`.
+pub(super) fn clients(registry: Registry, metrics: &Metrics) -> MeteredClients {
+    EdgeClients::builder(registry)
+        .layer(MeterOpens {
+            opens: metrics.opens.clone(),
+        })
+        .build()
+}
 
 /// A connected edge and its HTTP client.
 #[derive(Clone)]
 pub(super) struct EdgeEntry {
     pub(super) handle: EdgeHandle,
-    pub(super) http: EdgeHttp,
+    pub(super) http: Client<MeteredConnector, ProxyBody>,
 }
 
 impl EdgeEntry {
@@ -37,64 +45,8 @@ impl EdgeEntry {
     }
 }
 
-/// The edges' HTTP clients by (name, epoch): one per edge session, built on first use and
-/// dropped when the registry detaches the session (so a reconnected edge gets a fresh
-/// pool, never connections of its old session).
-#[derive(Default)]
-pub(super) struct EdgeClients {
-    clients: Mutex<HashMap<(EdgeName, Epoch), EdgeHttp>>,
-}
-
-impl EdgeClients {
-    /// `handle`'s edge with its client.
-    pub(super) fn entry(
-        &self,
-        handle: EdgeHandle,
-        registry: &Registry,
-        metrics: &Metrics,
-    ) -> EdgeEntry {
-        let key = (handle.name().clone(), handle.epoch());
-        let mut clients = lock(&self.clients);
-        if let Some(http) = clients.get(&key) {
-            let http = http.clone();
-            return EdgeEntry { handle, http };
-        }
-        let connector = MeteredConnector {
-            inner: handle.connector(),
-            opens: metrics.opens.clone(),
-        };
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            // hyper reads ahead of a slow client up to this much per response (default 400 KiB).
-            .http1_max_buf_size(64 * 1024)
-            .build(connector);
-        // Kept only while the session still holds the name: its `Detached` event, which
-        // drops the client, is then yet to come (the registry publishes under its lock).
-        let current = registry
-            .get(handle.name())
-            .is_some_and(|edge| edge.epoch() == handle.epoch());
-        if current {
-            clients.insert(key, http.clone());
-        }
-        EdgeEntry { handle, http }
-    }
-
-    fn remove(&self, name: &EdgeName, epoch: Epoch) {
-        lock(&self.clients).remove(&(name.clone(), epoch));
-    }
-
-    /// Keeps only the clients of sessions still registered (after missed events).
-    fn retain_current(&self, registry: &Registry) {
-        lock(&self.clients).retain(|(name, epoch), _| {
-            registry
-                .get(name)
-                .is_some_and(|edge| edge.epoch() == *epoch)
-        });
-    }
-}
-
-/// Follows the registry: drops a detached session's client, and returns freed memory
-/// after edge sessions or unregistered connections closed. Runs until aborted.
+/// Follows the registry: returns freed memory after edge sessions or unregistered
+/// connections closed. Runs until aborted.
 pub(super) async fn follow_edges(
     state: Arc<RelayState>,
     mut events: broadcast::Receiver<RegistryEvent>,
@@ -106,12 +58,10 @@ pub(super) async fn follow_edges(
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Ok(RegistryEvent::Detached { name, epoch, .. }) => {
-                    state.clients.remove(&name, epoch);
+                Ok(RegistryEvent::Detached { .. }) | Err(RecvError::Lagged(_)) => {
                     trims_due = TRIMS_AFTER_CLOSE;
                 }
                 Ok(_) => {}
-                Err(RecvError::Lagged(_)) => state.clients.retain_current(&state.registry),
                 Err(RecvError::Closed) => break,
             },
             _ = trims.tick() => {
@@ -192,6 +142,23 @@ fn return_freed_memory() {
         // preconditions and is safe to call from any thread at any time.
         unsafe {
             malloc_trim(0);
+        }
+    }
+}
+
+/// Counts each edge connector's opens by outcome.
+#[derive(Clone)]
+pub(super) struct MeterOpens {
+    opens: IntCounterVec,
+}
+
+impl Layer<Connector<QuinnConnection>> for MeterOpens {
+    type Service = MeteredConnector;
+
+    fn layer(&self, inner: Connector<QuinnConnection>) -> MeteredConnector {
+        MeteredConnector {
+            inner,
+            opens: self.opens.clone(),
         }
     }
 }

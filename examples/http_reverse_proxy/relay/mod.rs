@@ -5,17 +5,19 @@
 //! left here is HTTP policy. Routing is by Host: `<edge>.<domain>` reaches that edge's
 //! default service (`web`), `<service>.<edge>.<domain>` a named one; edges are found
 //! through the `Directory` trait. Each edge session has its own pooled hyper-util client
-//! over a backhaul `Connector`, so keep-alive connections to an edge reuse tunnel streams.
+//! (the library's `EdgeClients`), so keep-alive connections to an edge reuse tunnel
+//! streams. The public and admin listeners are the library's hardened `http::server`,
+//! reporting to the metrics through its `Observer`; a relay without `--cert/--key` keeps a
+//! self-signed identity with `Identity::load_or_generate`.
 
 mod admin;
 mod edges;
 mod forwarded;
 mod host;
-mod identity;
 mod public;
 
 use admin::serve_admin;
-use edges::{follow_edges, EdgeClients, EdgeEntry};
+use edges::{follow_edges, EdgeEntry, MeteredClients};
 pub use forwarded::TrustedProxies;
 use public::serve_public;
 
@@ -25,7 +27,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backhaul::quic::{Identity, DEFAULT_ALPN};
+use backhaul::http::server::{ConnectionInfo, Limits, Server};
+use backhaul::quic::{key_path_beside, Identity, DEFAULT_ALPN};
 use backhaul::relay::{
     AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
     DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
@@ -45,8 +48,7 @@ use crate::forward::{
     boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
     ProxyBody, UpstreamTimeouts,
 };
-use crate::listener::{self, Acceptor, Limits};
-use crate::metrics::{CountingBody, Metrics};
+use crate::metrics::{CountingBody, ListenerMetrics, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
 
 #[derive(Debug, Clone, Args)]
@@ -226,8 +228,8 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             let key_out = args
                 .key_out
                 .clone()
-                .unwrap_or_else(|| identity::default_key_path(&args.cert_out));
-            identity::persistent_identity(
+                .unwrap_or_else(|| key_path_beside(&args.cert_out));
+            Identity::load_or_generate(
                 &args.cert_out,
                 &key_out,
                 &[&args.domain, "localhost", "127.0.0.1"],
@@ -265,6 +267,7 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             header_timeout: args.header_timeout,
             idle_timeout: args.idle_timeout,
             write_timeout: args.write_timeout,
+            ..Limits::DEFAULT
         },
         upstream_idle_timeout: args.upstream_idle_timeout,
         edge_probe_timeout: args.edge_probe_timeout,
@@ -341,13 +344,15 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         .with_session_config(session_config)
         .with_register_timeout(limits.register_timeout)
         .with_log_summary_interval(limits.log_summary_interval);
+    let metrics = Metrics::new()?;
+    let clients = edges::clients(registry.clone(), &metrics);
     let state = Arc::new(RelayState {
         domain: config.domain,
         default_service: config.default_service,
-        metrics: Metrics::new()?,
+        metrics,
         registry,
         accept_stats: acceptor.stats(),
-        clients: EdgeClients::default(),
+        clients,
         metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
         open_timeout: config.open_timeout,
@@ -364,12 +369,15 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     let edges_task = tokio::spawn(serving);
     let follow_task = tokio::spawn(follow_edges(Arc::clone(&state), registry_events));
     let mut tasks = JoinSet::new();
+    let public_limits = Limits {
+        shutdown_timeout: config.shutdown_timeout,
+        ..config.public_limits
+    };
     tasks.spawn(serve_public(
         http,
         Arc::clone(&state),
-        config.public_limits,
+        public_limits,
         stopped.clone(),
-        config.shutdown_timeout,
     ));
     tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
     info!(%quic_addr, %http_addr, %admin_addr, domain = %state.domain, "relay listening");
@@ -385,6 +393,28 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     })
 }
 
+/// Serves `service` on `listener` with `limits` until `stop`.
+async fn serve_http<S>(
+    listener: TcpListener,
+    limits: Limits,
+    observer: ListenerMetrics,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Server::from_listener(listener)
+        .limits(limits)
+        .observer(observer)
+        .serve(service)
+        .with_graceful_shutdown(async move { until_stopped(&mut stop).await })
+        .await;
+}
+
 struct RelayState {
     domain: String,
     default_service: String,
@@ -392,7 +422,7 @@ struct RelayState {
     /// The connected edges (the library's registry, filled by the acceptor).
     registry: Registry,
     accept_stats: AcceptStats,
-    clients: EdgeClients,
+    clients: MeteredClients,
     /// Serialises scrapes' metric updates (see `edges::sync_edge_metrics`).
     metrics_sync: Mutex<()>,
     request_timeout: Duration,
@@ -413,11 +443,10 @@ impl RelayState {
     /// The edge called `name` with its HTTP client, if it is connected here.
     async fn edge(&self, name: &str) -> Result<Option<EdgeEntry>, Error> {
         match self.registry.locate(name).await? {
-            Location::Local(handle) => Ok(Some(self.clients.entry(
+            Location::Local(handle) => Ok(Some(EdgeEntry {
+                http: self.clients.client(&handle),
                 handle,
-                &self.registry,
-                &self.metrics,
-            ))),
+            })),
             // One relay: nothing is elsewhere.
             _ => Ok(None),
         }

@@ -23,29 +23,17 @@ pub(super) async fn serve_public(
     state: Arc<RelayState>,
     limits: Limits,
     stop: watch::Receiver<bool>,
-    shutdown_timeout: Duration,
 ) {
-    let metrics = state.metrics.clone();
-    listener::serve(
-        Acceptor::new(listener, "public"),
-        limits,
-        metrics,
-        stop,
-        shutdown_timeout,
-        move |remote| {
-            let state = Arc::clone(&state);
-            move |request| {
-                let answer = handle_request(Arc::clone(&state), request, remote);
-                async move {
-                    match answer.await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    }
-                }
-            }
-        },
-    )
-    .await;
+    let observer = ListenerMetrics::new(&state.metrics, "public");
+    let service = tower::service_fn(move |request: Request<Incoming>| {
+        // The server puts the connection's addresses in every request.
+        let remote = request.extensions().get::<ConnectionInfo>().map_or(
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            ConnectionInfo::peer_addr,
+        );
+        handle_request(Arc::clone(&state), request, remote)
+    });
+    serve_http(listener, limits, observer, service, stop).await;
 }
 
 async fn handle_request(

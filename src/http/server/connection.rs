@@ -1,0 +1,152 @@
+//! One accepted connection, served by hyper until it ends, is cut, or the server shuts down.
+//!
+//! On shutdown a connection with no request in flight is closed at once (a keep-alive
+//! client would otherwise hold the drain for its whole idle timeout); the others get
+//! hyper's graceful shutdown: the response in progress is finished, then the connection
+//! closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+use tracing::{debug, info};
+
+use super::activity::{Activity, InFlightBody};
+use super::watched_io::WatchedIo;
+use super::{BoxError, ConnectionInfo, Limits, Observer};
+
+/// What every connection of one server shares.
+pub(super) struct Shared {
+    pub(super) builder: auto::Builder<TokioExecutor>,
+    pub(super) limits: Limits,
+    pub(super) observer: Arc<dyn Observer>,
+    /// Cancelled when the server shuts down.
+    pub(super) stop: CancellationToken,
+}
+
+/// A connection counted open: tells the observer it closed (even if its task is
+/// aborted), then frees its slot.
+struct Open {
+    shared: Arc<Shared>,
+    info: ConnectionInfo,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.shared.observer.connection_closed(&self.info);
+    }
+}
+
+/// Serves `tcp` with `service` under `shared`'s limits; see the [module docs](self).
+pub(super) async fn serve_connection<S, B>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    service: S,
+    shared: Arc<Shared>,
+    slot: OwnedSemaphorePermit,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let _ = tcp.set_nodelay(true);
+    let local = tcp
+        .local_addr()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let info = ConnectionInfo::new(peer, local);
+    shared.observer.connection_opened(&info);
+    let open = Open {
+        shared: Arc::clone(&shared),
+        info,
+        _slot: slot,
+    };
+    let activity = Activity::new();
+    let watched = Arc::clone(&activity);
+    let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(info);
+        let in_flight = watched.request_started(request.version());
+        let watched = Arc::clone(&watched);
+        let response = service.clone().oneshot(request);
+        async move {
+            let response = response.await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                watched.upgraded();
+            }
+            Ok::<_, S::Error>(response.map(|body| InFlightBody::new(body, in_flight)))
+        }
+    });
+    let io = TokioIo::new(WatchedIo::new(tcp, Arc::clone(&activity), shared.limits));
+    let connection = shared
+        .builder
+        .serve_connection_with_upgrades(io, hyper_service);
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        () = shared.stop.cancelled() => None,
+    };
+    let result = match ended {
+        Some(result) => result,
+        None if activity.is_idle() => Ok(()),
+        None => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Some(cut) = activity.cut() {
+        debug!(peer = %info.peer_addr(), reason = %cut, "connection cut");
+        shared.observer.connection_cut(&info, cut);
+    } else if let Err(error) = result {
+        account_failure(shared.observer.as_ref(), &info, error.as_ref());
+    }
+    drop(open);
+}
+
+/// Reports the requests hyper answered by itself (400 for an unparsable head, 431 for one
+/// too large, 414 for a URI too long) apart from other failures.
+fn account_failure(
+    observer: &dyn Observer,
+    info: &ConnectionInfo,
+    error: &(dyn std::error::Error + 'static),
+) {
+    let peer = info.peer_addr();
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(hyper_error) = current.downcast_ref::<hyper::Error>() {
+            if let Some(status) = automatic_status(hyper_error) {
+                info!(%peer, status = status.as_u16(), error = %hyper_error, "malformed request refused");
+                observer.request_refused(info, status);
+                return;
+            }
+        }
+        cause = current.source();
+    }
+    debug!(%peer, %error, "connection ended with an error");
+    observer.connection_failed(info, error);
+}
+
+/// The status hyper sent by itself for a request head it could not accept, if any.
+fn automatic_status(error: &hyper::Error) -> Option<StatusCode> {
+    if error.is_parse_too_large() {
+        // hyper tells a long URI from large headers only in its message.
+        Some(if error.to_string().contains("URI") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        })
+    } else if error.is_parse() && !error.is_parse_version_h2() {
+        Some(StatusCode::BAD_REQUEST)
+    } else {
+        None
+    }
+}
