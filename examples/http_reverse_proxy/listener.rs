@@ -40,9 +40,9 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
-use crate::forward::ProxyBody;
 use crate::metrics::Metrics;
 use crate::{until_stopped, BoxError};
+use backhaul::http::proxy::ProxyBody;
 
 /// How long each stage of a connection may last, and how many connections may be open.
 #[derive(Debug, Clone, Copy)]

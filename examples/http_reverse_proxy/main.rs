@@ -9,14 +9,12 @@
 //!
 //! Layout: `relay` (QUIC listener for edges, HTTP listener for the public, admin listener
 //! with /healthz and /metrics), `edge` (dial, register, serve local services, reconnect),
-//! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `metrics`,
-//! `demo` (the all-in-one mode). Accepting and authenticating edges on the relay, and
-//! dialing and reconnecting on the edge, are the library's (`backhaul::relay`,
-//! `backhaul::edge`).
+//! `metrics`, `demo` (the all-in-one mode). Accepting and authenticating edges on the
+//! relay, dialing and reconnecting on the edge, and HTTP forwarding on both are the
+//! library's (`backhaul::relay`, `backhaul::edge`, `backhaul::http::proxy`).
 
 mod demo;
 mod edge;
-mod forward;
 mod listener;
 mod metrics;
 mod relay;

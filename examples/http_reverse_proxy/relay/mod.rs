@@ -9,14 +9,12 @@
 
 mod admin;
 mod edges;
-mod forwarded;
 mod host;
 mod identity;
 mod public;
 
 use admin::serve_admin;
 use edges::{follow_edges, EdgeClients, EdgeEntry};
-pub use forwarded::TrustedProxies;
 use public::serve_public;
 
 use std::convert::Infallible;
@@ -25,13 +23,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use backhaul::http::forwarded::TrustedProxies;
 use backhaul::quic::{Identity, DEFAULT_ALPN};
 use backhaul::relay::{
     AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
     DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
 };
 pub use backhaul::relay::{AdmissionConfig, Tokens};
-use backhaul::{Config, Error, RejectCode};
+use backhaul::{Config, Error};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
 use http::{Request, Response, StatusCode};
@@ -41,13 +40,10 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::forward::{
-    boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
-    ProxyBody, UpstreamTimeouts,
-};
 use crate::listener::{self, Acceptor, Limits};
 use crate::metrics::{CountingBody, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
+use backhaul::http::proxy::{text_response, ProxyBody};
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
@@ -350,7 +346,6 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         clients: EdgeClients::default(),
         metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
-        open_timeout: config.open_timeout,
         upstream_idle_timeout: config.upstream_idle_timeout,
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
@@ -396,7 +391,6 @@ struct RelayState {
     /// Serialises scrapes' metric updates (see `edges::sync_edge_metrics`).
     metrics_sync: Mutex<()>,
     request_timeout: Duration,
-    open_timeout: Duration,
     upstream_idle_timeout: Duration,
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,
