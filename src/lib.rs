@@ -15,7 +15,9 @@
 //!   for hyper and hyper-util's pooled client.
 //! - [`edge`]: the edge side: a `Router` of tower services, served with graceful shutdown,
 //!   and `Edge`, which stays connected to a relay (backoff, fatal vs transient errors).
-//! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route.
+//! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route; `http::proxy`
+//!   forwards HTTP (relay → edge, edge → local service) with forwarding headers and strict
+//!   authorities.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
 //!   them by name, lookup behind a `Directory` trait.

@@ -31,7 +31,12 @@ pub struct BodyIdleTimeout {
 }
 
 /// A body that fails with [`BodyIdleTimeout`] if its inner body yields no frame within
-/// `idle` of being asked for one; see the [module docs](self).
+/// `idle` of being asked for one.
+///
+/// Failing (rather than ending) matters: hyper then aborts the downstream connection
+/// (HTTP/1.1 closes it mid-body, HTTP/2 resets the stream), so no client takes a
+/// truncated body for a complete one. The clock runs only while the downstream waits for
+/// a frame: a slow reader does not count against the upstream.
 ///
 /// ```
 /// use std::time::Duration;
