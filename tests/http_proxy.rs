@@ -32,7 +32,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::future::IntoFuture;
-use support::http::{app, checksum_body, PatternBody};
+use support::http::{checksum_body, PatternBody};
+use support::proxy::Backend;
 use support::*;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -45,33 +46,25 @@ const EDGE: &str = "alpha";
 /// What the stalling route sends before it stops.
 const STALL_PREFIX: usize = 1024;
 
-/// The backend behind the edge: the shared test app, plus a route that sends
-/// `STALL_PREFIX` bytes and then nothing, and one that echoes the request headers.
-async fn backend(tasks: &mut JoinSet<()>) -> SocketAddr {
-    use axum::routing::get;
+/// A backend whose `/stall` sends `STALL_PREFIX` bytes and then nothing.
+async fn stalling_backend(tasks: &mut JoinSet<()>) -> SocketAddr {
     let stall = || async {
         let prefix = futures_util::stream::once(async {
             Ok::<_, Infallible>(Bytes::from(vec![b'x'; STALL_PREFIX]))
         });
         axum::body::Body::from_stream(prefix.chain(futures_util::stream::pending()))
     };
-    let headers = |headers: ::http::HeaderMap| async move {
-        let mut lines: Vec<String> = headers
-            .iter()
-            .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("?")))
-            .collect();
-        lines.sort();
-        lines.join("\n")
-    };
-    let app = app()
-        .route("/stall", get(stall))
-        .route("/headers", get(headers));
+    let app = axum::Router::new().route("/stall", axum::routing::get(stall));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tasks.spawn(async move {
         let _ = axum::serve(listener, app).into_future().await;
     });
     addr
+}
+
+fn http_uri(addr: SocketAddr) -> Uri {
+    format!("http://{addr}").parse().expect("a URI")
 }
 
 /// The relay's public side: the service is the Host's first label (`web.test` → `web`).
@@ -99,42 +92,44 @@ async fn relay_request(
     })
 }
 
-/// A relay + edge over real quinn, the edge's "web" route forwarding to `upstream`, and
+/// A relay + edge over real quinn, the edge's routes forwarding to local upstreams, and
 /// the relay's public HTTP listener.
 struct Tunnel {
     public: SocketAddr,
     client: Client<HttpConnector, ProxyBody>,
     _relay: SessionClient<QuinnConnection>,
     _quic: QuicPair,
+    _backend: Option<Backend>,
     _tasks: JoinSet<()>,
 }
 
-async fn tunnel(
-    upstream: Option<Uri>,
-    relay_timeouts: Timeouts,
-    edge_timeouts: Timeouts,
-) -> Tunnel {
+/// The edge routes `web` to `web` (a test backend if `None`) and `stall` to a backend
+/// that stalls mid-body.
+async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeouts) -> Tunnel {
     let mut tasks = JoinSet::new();
-    let upstream = match upstream {
-        Some(upstream) => upstream,
-        None => format!("http://{}", backend(&mut tasks).await)
-            .parse()
-            .expect("a URI"),
+    let backend = match web {
+        Some(_) => None,
+        None => Some(Backend::start("web").await),
     };
+    let web = web.unwrap_or_else(|| http_uri(backend.as_ref().expect("a backend").addr));
+    let stall = http_uri(stalling_backend(&mut tasks).await);
     let SessionPair {
         relay,
         edge,
         edge_events,
         quic,
     } = session_pair().await;
-    let local = to_local(upstream.clone())
-        .expect("an http upstream")
-        .described_as(format!(
-            "edge {EDGE:?}: local service \"web\" at {}",
-            upstream.authority().expect("authority")
-        ))
-        .with_timeouts(edge_timeouts);
-    let router: Router<QuinnConnection> = Router::new().route("web", backhaul::http::serve(local));
+    let mut router: Router<QuinnConnection> = Router::new();
+    for (name, upstream) in [("web", web), ("stall", stall)] {
+        let authority = upstream.authority().expect("an authority").to_string();
+        let local = to_local(upstream)
+            .expect("an http upstream")
+            .described_as(format!(
+                "edge {EDGE:?}: local service {name:?} at {authority}"
+            ))
+            .with_timeouts(edge_timeouts);
+        router = router.route(name, backhaul::http::serve(local));
+    }
     tasks.spawn(async move {
         let _ = router.serve(edge, edge_events).into_future().await;
     });
@@ -162,6 +157,7 @@ async fn tunnel(
         client,
         _relay: relay,
         _quic: quic,
+        _backend: backend,
         _tasks: tasks,
     }
 }
@@ -195,13 +191,17 @@ impl Tunnel {
     async fn get_text(&self, service: &str, path: &str) -> (StatusCode, String) {
         let request = self.request("GET", service, path, boxed(Empty::new()));
         let response = self.send(request).await;
-        let status = response.status();
-        let body = within(LIMIT, response.into_body().collect())
-            .await
-            .expect("a complete body")
-            .to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        (response.status(), text(response).await)
     }
+}
+
+/// A response's whole body as text.
+async fn text(response: Response<Incoming>) -> String {
+    let body = within(LIMIT, response.into_body().collect())
+        .await
+        .expect("a complete body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,11 +213,11 @@ async fn sixteen_mib_each_way_arrive_intact() {
     let upload = tunnel.request("POST", "web", "/upload", boxed(PatternBody::new(LEN)));
     let response = tunnel.send(upload).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let seen = within(LIMIT, response.into_body().collect())
-        .await
-        .expect("body")
-        .to_bytes();
-    assert_eq!(seen, expected.header(), "the backend saw the upload intact");
+    assert_eq!(
+        text(response).await,
+        expected.header(),
+        "the backend saw the upload intact"
+    );
 
     let download = tunnel.request(
         "GET",
@@ -278,7 +278,7 @@ async fn a_stalled_upstream_aborts_the_client(relay_idle: Duration, edge_idle: D
     let tunnel = tunnel(None, timeouts(relay_idle), timeouts(edge_idle)).await;
     let started = Instant::now();
     let response = tunnel
-        .send(tunnel.request("GET", "web", "/stall", boxed(Empty::new())))
+        .send(tunnel.request("GET", "stall", "/stall", boxed(Empty::new())))
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
@@ -322,7 +322,7 @@ async fn a_refused_upstream_is_a_502_naming_the_service() {
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let closed_addr = closed.local_addr().expect("addr");
     drop(closed);
-    let upstream = format!("http://{closed_addr}").parse().expect("a URI");
+    let upstream = http_uri(closed_addr);
     let tunnel = tunnel(Some(upstream), Timeouts::default(), Timeouts::default()).await;
     let (status, body) = tunnel.get_text("web", "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
@@ -349,11 +349,7 @@ async fn forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not() {
     headers.insert("x-secret", "hop".parse().expect("a value"));
     let response = tunnel.send(request).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let body = within(LIMIT, response.into_body().collect())
-        .await
-        .expect("body")
-        .to_bytes();
-    let seen = String::from_utf8_lossy(&body);
+    let seen = text(response).await;
     let lines: Vec<&str> = seen.lines().collect();
     for expected in [
         "host: web.test",
