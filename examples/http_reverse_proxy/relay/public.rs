@@ -168,11 +168,9 @@ async fn route(
     // name them away; Host is the public authority whatever the client's HTTP version.
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, is_upgrade(headers));
-    let proto = Proto::Http;
-    let peer = remote.ip();
-    state
-        .trusted_proxies
-        .set_forwarding_headers(headers, peer, &authority, proto);
+    // The relay has no TLS listener of its own (yet): clients reach it over plain HTTP.
+    let trusted = &state.trusted_proxies;
+    trusted.set_forwarding_headers(headers, remote.ip(), &authority, Proto::Http);
     headers.insert(HOST, authority.to_header_value());
     let proxy = ReverseProxy::with_client(edge.http.clone())
         .with_timeouts(Timeouts {
