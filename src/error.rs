@@ -67,6 +67,21 @@ pub enum Error {
     #[error("no service for URI {0}")]
     #[cfg(feature = "http")]
     UnroutableUri(http::Uri),
+    /// An upstream URI a proxy cannot forward to (see
+    /// [`http::proxy::to_local`](crate::http::proxy::to_local)).
+    #[error("invalid upstream {uri}: {reason}")]
+    #[cfg(feature = "http")]
+    InvalidUpstream {
+        /// The URI given.
+        uri: http::Uri,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An entry of a trusted-proxy list is neither an IP address nor a CIDR block (see
+    /// [`http::forwarded::TrustedProxies`](crate::http::forwarded::TrustedProxies)).
+    #[error("{0:?} is not an IP address or CIDR block")]
+    #[cfg(feature = "http")]
+    InvalidTrustedProxy(String),
     /// [`Session::start`](crate::Session::start) was called a second time.
     #[error("session already started")]
     AlreadyStarted,

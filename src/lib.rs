@@ -15,8 +15,10 @@
 //!   for hyper and hyper-util's pooled client.
 //! - [`edge`]: the edge side: a `Router` of tower services, served with graceful shutdown,
 //!   and `Edge`, which stays connected to a relay (backoff, fatal vs transient errors).
-//! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route; on a relay, a
-//!   hardened public HTTP server and a pooled HTTP client per edge session.
+//! - [`http`]: any tower HTTP service (an axum `Router`) as an edge route; `http::proxy`
+//!   forwards HTTP (relay → edge, edge → local service) with forwarding headers and strict
+//!   authorities; on a relay, a hardened public HTTP server and a pooled HTTP client per
+//!   edge session.
 //! - [`quic`]: QUIC endpoints with TLS and transport limits suited to tunnels.
 //! - [`tcp`]: raw TCP through tunnels: the relay's public port, the edge's route to a
 //!   local service, PROXY protocol v2, a splice that never reports a cut as complete.

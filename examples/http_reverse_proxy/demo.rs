@@ -94,7 +94,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             server_name: "localhost".to_owned(),
             name: EDGE_NAME.to_owned(),
             token,
-            services: vec![("web".to_owned(), web_addr.to_string())],
+            services: vec![("web".to_owned(), format!("http://{web_addr}").parse()?)],
             rewrite_host: false,
             keepalive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),

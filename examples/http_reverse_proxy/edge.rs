@@ -9,29 +9,19 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use backhaul::edge::{Backoff, Edge, RegisterError, Router};
+use backhaul::http::proxy::{to_local, Timeouts};
 use backhaul::quic::load_certs;
 use backhaul::relay::{registration_metadata, EdgeName, REGISTER_SERVICE};
 use backhaul::{Config, Error, QuinnConnection, RejectCode, SessionClient};
 use clap::Args;
-use http::header::{HeaderValue, HOST};
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Uri;
 use rustls::pki_types::CertificateDer;
 use tracing::{info, warn};
 
-use crate::forward::{
-    boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
-    ProxyBody, UpstreamTimeouts,
-};
 use crate::{parse_duration, shutdown_signal, BoxError, Escaped};
 
 /// The relay refused the edge's credentials.
@@ -111,8 +101,8 @@ pub struct EdgeConfig {
     pub server_name: String,
     pub name: String,
     pub token: String,
-    /// (service name, local authority host:port)
-    pub services: Vec<(String, String)>,
+    /// (service name, local service `http://host:port`)
+    pub services: Vec<(String, Uri)>,
     pub rewrite_host: bool,
     pub keepalive: Duration,
     pub request_timeout: Duration,
@@ -151,27 +141,20 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
     run_edge(config, shutdown_signal()).await
 }
 
-/// Parses `NAME=http://HOST:PORT` into (NAME, HOST:PORT).
-fn parse_expose(spec: &str) -> Result<(String, String), String> {
+/// Parses `NAME=http://HOST:PORT`.
+fn parse_expose(spec: &str) -> Result<(String, Uri), String> {
     let (name, url) = spec
         .split_once('=')
         .ok_or_else(|| format!("--expose {spec:?} is not NAME=http://HOST:PORT"))?;
-    let uri: http::Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "--expose {spec:?}: only http:// services can be exposed"
-        ));
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| format!("--expose {spec:?}: no host"))?;
+    let uri: Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
+    to_local(uri.clone()).map_err(|e| format!("--expose {spec:?}: {e}"))?;
     // Service names become host labels (<service>.<edge>.<domain>).
     if !EdgeName::is_valid(name) {
         return Err(format!(
             "--expose {spec:?}: the service name must be a lowercase DNS label"
         ));
     }
-    Ok((name.to_owned(), authority.to_string()))
+    Ok((name.to_owned(), uri))
 }
 
 /// Runs until `shutdown` resolves (Ok), or until the relay refuses the credentials or
@@ -200,7 +183,7 @@ pub async fn run_edge(
         }))
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
         .drain_timeout(config.shutdown_timeout)
-        .build(build_router(&config))?
+        .build(build_router(&config)?)?
         .with_graceful_shutdown(shutdown);
     match edge.await {
         Ok(()) => Ok(()),
@@ -259,143 +242,30 @@ async fn register(
     }
 }
 
-fn build_router(config: &EdgeConfig) -> Router<QuinnConnection> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, ProxyBody> =
-        Client::builder(TokioExecutor::new()).build(connector);
+/// One route per exposed service: the library's `to_local`, which forwards tunnel
+/// requests to the local service (hop-by-hop headers, upgrades, idle limit) and answers
+/// its failures itself, naming the edge and the service (the relay passes them through).
+/// Headers pass through unchanged otherwise: the relay's forwarding headers and Host reach
+/// the service as the relay set them (Host is replaced only with --rewrite-host).
+fn build_router(config: &EdgeConfig) -> Result<Router<QuinnConnection>, Error> {
+    let timeouts = Timeouts {
+        response: config.request_timeout,
+        body_idle: config.upstream_idle_timeout,
+    };
     config
         .services
         .iter()
-        .fold(Router::new(), |router, (name, authority)| {
-            let local = LocalService {
-                edge: Arc::from(config.name.as_str()),
-                service: Arc::from(name.as_str()),
-                authority: authority.clone(),
-                client: client.clone(),
-                rewrite_host: config.rewrite_host,
-                timeouts: UpstreamTimeouts {
-                    response: config.request_timeout,
-                    body_idle: config.upstream_idle_timeout,
-                },
-            };
-            router.route(name.as_str(), backhaul::http::serve(local))
+        .try_fold(Router::new(), |router, (name, upstream)| {
+            let authority = upstream.authority().map_or("", |a| a.as_str());
+            let local = to_local(upstream.clone())?
+                .described_as(format!(
+                    "edge {:?}: local service {name:?} at {authority}",
+                    config.name
+                ))
+                .rewrite_host(config.rewrite_host)
+                .with_timeouts(timeouts);
+            Ok(router.route(name.as_str(), backhaul::http::serve(local)))
         })
-}
-
-/// Forwards requests from the tunnel to a local HTTP service.
-///
-/// Headers pass through unchanged except hop-by-hop ones: the relay's forwarding headers
-/// (X-Forwarded-*, X-Real-IP, Forwarded) and Host reach the service as the relay set them
-/// (Host is replaced only with --rewrite-host). Failures are answered by the edge itself
-/// (the relay passes them through), naming the edge and the service.
-#[derive(Clone)]
-struct LocalService {
-    edge: Arc<str>,
-    service: Arc<str>,
-    authority: String,
-    client: Client<HttpConnector, ProxyBody>,
-    rewrite_host: bool,
-    timeouts: UpstreamTimeouts,
-}
-
-type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
-
-impl tower::Service<Request<Incoming>> for LocalService {
-    type Response = Response<ProxyBody>;
-    type Error = std::convert::Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> ResponseFuture {
-        let local = self.clone();
-        Box::pin(async move { Ok(local.forward(request).await) })
-    }
-}
-
-impl LocalService {
-    async fn forward(self, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
-        // An HTTP/2 request carries its authority in the URI, not in Host: keep it as Host.
-        let public_host = request.headers().get(HOST).cloned().or_else(|| {
-            request
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let mut request = request.map(boxed);
-        if let Err(error) = retarget(&mut request, &self.authority) {
-            return text_response(
-                StatusCode::BAD_REQUEST,
-                format!("bad request target: {error}"),
-            );
-        }
-        let host = if self.rewrite_host {
-            HeaderValue::from_str(&self.authority).ok()
-        } else {
-            public_host
-        };
-        let set_headers = |headers: &mut http::HeaderMap| {
-            if let Some(host) = host {
-                headers.insert(HOST, host);
-            }
-        };
-        let on_idle = self.idle_hook();
-        match forward(
-            &self.client,
-            request,
-            upgrade,
-            set_headers,
-            self.timeouts,
-            on_idle,
-        )
-        .await
-        {
-            Ok(response) => response,
-            Err(error) => self.failure(error),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "edge {:?}: local service {:?} at {}",
-            self.edge, self.service, self.authority
-        )
-    }
-
-    fn failure(&self, error: ForwardError) -> Response<ProxyBody> {
-        let (status, message) = match error {
-            ForwardError::Timeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "{} did not answer within {:?}",
-                    self.describe(),
-                    self.timeouts.response
-                ),
-            ),
-            ForwardError::Upstream(error) => (
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "{} is unreachable: {}",
-                    self.describe(),
-                    error_chain(&error)
-                ),
-            ),
-        };
-        warn!(status = status.as_u16(), error = ?message, "forwarding to the local service failed");
-        text_response(status, message)
-    }
-
-    fn idle_hook(&self) -> IdleHook {
-        let what = self.describe();
-        Arc::new(move |idle| {
-            warn!(?idle, "{what} stalled mid-body: aborting the response");
-        })
-    }
 }
 
 #[cfg(test)]
@@ -406,10 +276,11 @@ mod tests {
     fn expose_specs_parse() {
         assert_eq!(
             parse_expose("web=http://127.0.0.1:3000").unwrap(),
-            ("web".to_owned(), "127.0.0.1:3000".to_owned())
+            ("web".to_owned(), Uri::from_static("http://127.0.0.1:3000"))
         );
         assert!(parse_expose("web").is_err());
         assert!(parse_expose("web=https://x").is_err());
+        assert!(parse_expose("web=http://127.0.0.1:3000/app").is_err());
         assert!(parse_expose("we\nb=http://127.0.0.1:1").is_err());
         assert!(parse_expose("Web=http://127.0.0.1:1").is_err());
     }

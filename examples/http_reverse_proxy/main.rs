@@ -9,15 +9,13 @@
 //!
 //! Layout: `relay` (QUIC listener for edges, HTTP listener for the public, admin listener
 //! with /healthz and /metrics), `edge` (dial, register, serve local services, reconnect),
-//! `forward` (HTTP forwarding shared by both: hop-by-hop headers, upgrades), `metrics`,
-//! `demo` (the all-in-one mode). Accepting and authenticating edges on the relay, and
-//! dialing and reconnecting on the edge, are the library's (`backhaul::relay`,
-//! `backhaul::edge`), and so are the hardened public HTTP server, the relay's saved
-//! identity and the per-edge pooled clients (`backhaul::http`, `backhaul::quic`).
+//! `metrics`, `demo` (the all-in-one mode). Accepting and authenticating edges on the
+//! relay, dialing and reconnecting on the edge, HTTP forwarding on both, the hardened
+//! public HTTP server, the relay's saved identity and the per-edge pooled clients are the
+//! library's (`backhaul::relay`, `backhaul::edge`, `backhaul::http`, `backhaul::quic`).
 
 mod demo;
 mod edge;
-mod forward;
 mod metrics;
 mod relay;
 

@@ -11,6 +11,14 @@
 //! keep-alive, or HTTP/2 when the relay speaks it), with upgrades such as WebSocket
 //! enabled. When the edge begins a graceful shutdown, each connection is told to finish
 //! its in-flight requests and stop keep-alive.
+//!
+//! For HTTP tunnel services: [`proxy`] forwards requests to an upstream (the relay to an
+//! edge, the edge to a local service), [`forwarded`] sets the forwarding headers with the
+//! proxy as trust boundary, and [`authority`] parses the authority a request is for.
+
+pub mod authority;
+pub mod forwarded;
+pub mod proxy;
 
 mod clients;
 pub mod server;

@@ -12,13 +12,11 @@
 
 mod admin;
 mod edges;
-mod forwarded;
 mod host;
 mod public;
 
 use admin::serve_admin;
 use edges::{follow_edges, EdgeEntry, MeteredClients};
-pub use forwarded::TrustedProxies;
 use public::serve_public;
 
 use std::convert::Infallible;
@@ -28,13 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
+pub use backhaul::http::forwarded::TrustedProxies;
 use backhaul::quic::{key_path_beside, Identity, DEFAULT_ALPN};
 use backhaul::relay::{
     AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
     DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
 };
 pub use backhaul::relay::{AdmissionConfig, Tokens};
-use backhaul::{Config, Error, RejectCode};
+use backhaul::{Config, Error};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
 use http::{Request, Response, StatusCode};
@@ -44,12 +43,9 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::forward::{
-    boxed, error_chain, forward, is_upgrade, retarget, text_response, ForwardError, IdleHook,
-    ProxyBody, UpstreamTimeouts,
-};
 use crate::metrics::{CountingBody, ListenerMetrics, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
+use backhaul::http::proxy::{text_response, ProxyBody};
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
@@ -355,7 +351,6 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         clients,
         metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
-        open_timeout: config.open_timeout,
         upstream_idle_timeout: config.upstream_idle_timeout,
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
@@ -426,7 +421,6 @@ struct RelayState {
     /// Serialises scrapes' metric updates (see `edges::sync_edge_metrics`).
     metrics_sync: Mutex<()>,
     request_timeout: Duration,
-    open_timeout: Duration,
     upstream_idle_timeout: Duration,
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,

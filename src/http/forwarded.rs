@@ -1,28 +1,34 @@
-//! The forwarding headers the relay sends to edges, and whom it believes.
+//! The forwarding headers a reverse proxy sends upstream, and whose it believes.
 //!
-//! The relay is the trust boundary: a backend must be able to trust what it receives. By
-//! default every client-supplied `Forwarded` (RFC 7239), `X-Forwarded-*` and `X-Real-IP`
-//! is dropped, and the relay sets its own:
+//! The proxy is the trust boundary: a backend must be able to trust what it receives. So
+//! by default every client-supplied `Forwarded` (RFC 7239), `X-Forwarded-*` and
+//! `X-Real-IP` is dropped, and the proxy sets its own:
 //!
 //! ```text
 //! X-Forwarded-For:   <client IP>
 //! X-Forwarded-Host:  <public authority>
-//! X-Forwarded-Proto: http
+//! X-Forwarded-Proto: http | https
 //! X-Real-IP:         <client IP>
 //! Forwarded:         for=<client IP>;host="<public authority>";proto=http
 //! ```
 //!
 //! (IPv6 addresses in `Forwarded` are bracketed and quoted: `for="[2001:db8::1]"`.)
 //!
-//! Only when the TCP peer is listed in `--trusted-proxies` (a load balancer in front of
-//! the relay) are its headers believed: the relay appends the peer to the
+//! Only when the TCP peer is one of the [`TrustedProxies`] (a load balancer in front of
+//! the proxy) are its headers believed: the proxy appends the peer to the
 //! `X-Forwarded-For` and `Forwarded` chains, and keeps the peer's `X-Forwarded-Host`,
 //! `X-Forwarded-Proto`, other `X-Forwarded-*` and `X-Real-IP` (setting its own where the
-//! peer sent none). Edges pass all of these to local services unchanged.
+//! peer sent none).
+//!
+//! Set these *after* [`strip_hop_by_hop`](crate::http::proxy::strip_hop_by_hop), so a
+//! client cannot name them in `Connection` to have them removed.
 
 use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::error::Error;
+use crate::http::authority::Authority;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -30,10 +36,42 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// The scheme clients reach the relay with (it has no TLS listener of its own).
-const PUBLIC_PROTO: &str = "http";
+/// The scheme the client used to reach the proxy (`proto` in `Forwarded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
 
-/// Addresses whose forwarding headers are believed (`--trusted-proxies`).
+impl Proto {
+    /// `"http"` or `"https"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// Addresses and CIDR blocks whose forwarding headers are believed; empty by default.
+///
+/// ```
+/// use backhaul::http::authority::Authority;
+/// use backhaul::http::forwarded::{Proto, TrustedProxies};
+///
+/// let trusted = TrustedProxies::parse(["10.0.0.0/8", "2001:db8::/32"])?;
+/// assert!(trusted.contains("10.1.2.3".parse()?));
+///
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("x-forwarded-for", "6.6.6.6".parse()?); // a client's lie
+/// let public: Authority = "demo.example.com".parse()?;
+/// trusted.set_forwarding_headers(&mut headers, "203.0.113.9".parse()?, &public, Proto::Http);
+/// assert_eq!(headers["x-forwarded-for"], "203.0.113.9");
+/// assert_eq!(headers["forwarded"], "for=203.0.113.9;host=demo.example.com;proto=http");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
 
@@ -45,24 +83,68 @@ struct IpNet {
 }
 
 impl TrustedProxies {
-    /// Parses IPs and CIDR blocks (`10.0.0.0/8`, `192.0.2.7`, `2001:db8::/32`).
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
-        entries
-            .iter()
-            .map(|entry| entry.trim())
-            .filter(|entry| !entry.is_empty())
-            .map(|entry| {
-                IpNet::parse(entry).ok_or_else(|| {
-                    format!("--trusted-proxies: {entry:?} is not an IP address or CIDR block")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self)
+    /// No trusted proxies: every client's forwarding headers are replaced.
+    pub fn none() -> Self {
+        Self::default()
     }
 
+    /// Parses IPs and CIDR blocks (`10.0.0.0/8`, `192.0.2.7`, `2001:db8::/32`); blank
+    /// entries are skipped.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTrustedProxy`] naming the first entry that is neither.
+    pub fn parse<I>(entries: I) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut nets = Vec::new();
+        for entry in entries {
+            let entry = entry.as_ref().trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let net =
+                IpNet::parse(entry).ok_or_else(|| Error::InvalidTrustedProxy(entry.to_owned()))?;
+            nets.push(net);
+        }
+        Ok(Self(nets))
+    }
+
+    /// True if `ip` (IPv4-mapped IPv6 counts as IPv4) is in one of the blocks.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.0.iter().any(|net| net.contains(ip))
+    }
+
+    /// Sets the forwarding headers of a request from `peer` (the TCP peer) for
+    /// `authority`, reached over `proto`; see the [module docs](self).
+    pub fn set_forwarding_headers(
+        &self,
+        headers: &mut HeaderMap,
+        peer: IpAddr,
+        authority: &Authority,
+        proto: Proto,
+    ) {
+        let peer = peer.to_canonical();
+        let client = ip_value(peer);
+        let authority_value = authority.to_header_value();
+        let proto_value = HeaderValue::from_static(proto.as_str());
+        let element = forwarded_element(peer, authority, proto);
+        if self.contains(peer) {
+            append_to_chain(headers, X_FORWARDED_FOR, &client);
+            append_to_chain(headers, FORWARDED, &element);
+            set_if_absent(headers, X_FORWARDED_HOST, authority_value);
+            set_if_absent(headers, X_FORWARDED_PROTO, proto_value);
+            set_if_absent(headers, X_REAL_IP, client);
+            return;
+        }
+        drop_client_forwarding_headers(headers);
+        headers.insert(X_FORWARDED_FOR, client.clone());
+        headers.insert(X_FORWARDED_HOST, authority_value);
+        headers.insert(X_FORWARDED_PROTO, proto_value);
+        headers.insert(X_REAL_IP, client);
+        headers.insert(FORWARDED, element);
     }
 }
 
@@ -103,30 +185,8 @@ fn same_prefix(a: u128, b: u128, prefix: u8) -> bool {
     a & mask == b & mask
 }
 
-/// Sets the forwarding headers for a request from `peer` (the TCP peer) to `authority`.
-/// Runs after hop-by-hop stripping, so nothing the client names in `Connection` can
-/// remove them.
-pub fn set_forwarding_headers(
-    headers: &mut HeaderMap,
-    peer: IpAddr,
-    authority: &str,
-    peer_is_trusted: bool,
-) {
-    let peer = peer.to_canonical();
-    if peer_is_trusted {
-        append_to_chain(headers, X_FORWARDED_FOR, peer.to_string());
-        append_to_chain(headers, FORWARDED, forwarded_element(peer, authority));
-        set_if_absent(headers, X_FORWARDED_HOST, authority);
-        set_if_absent(headers, X_FORWARDED_PROTO, PUBLIC_PROTO);
-        set_if_absent(headers, X_REAL_IP, &peer.to_string());
-        return;
-    }
-    drop_client_forwarding_headers(headers);
-    set(headers, X_FORWARDED_FOR, &peer.to_string());
-    set(headers, X_FORWARDED_HOST, authority);
-    set(headers, X_FORWARDED_PROTO, PUBLIC_PROTO);
-    set(headers, X_REAL_IP, &peer.to_string());
-    set(headers, FORWARDED, &forwarded_element(peer, authority));
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
 }
 
 fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
@@ -143,14 +203,15 @@ fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
 }
 
 /// One `Forwarded` element (RFC 7239 §4): IPv6 nodes are bracketed and quoted, and the
-/// host is quoted when it is not a token (a port's colon).
-fn forwarded_element(peer: IpAddr, authority: &str) -> String {
+/// host is quoted when it is not a token (a port's colon, an IPv6 literal).
+fn forwarded_element(peer: IpAddr, authority: &Authority, proto: Proto) -> HeaderValue {
     let node = match peer {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
-    // The authority is validated (LDH, dots, digits, brackets, colons): quoting needs no
-    // escapes.
+    // A validated authority holds only LDH, dots, digits, brackets and colons: quoting
+    // needs no escapes.
+    let authority = authority.as_str();
     let is_token = authority
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
@@ -159,34 +220,24 @@ fn forwarded_element(peer: IpAddr, authority: &str) -> String {
     } else {
         format!("\"{authority}\"")
     };
-    format!("for={node};host={host};proto={PUBLIC_PROTO}")
+    let element = format!("for={node};host={host};proto={}", proto.as_str());
+    HeaderValue::from_str(&element).expect("built from validated parts")
 }
 
 /// Appends `element` to a comma-separated chain, joining earlier lines of it.
-fn append_to_chain(headers: &mut HeaderMap, name: HeaderName, element: String) {
+fn append_to_chain(headers: &mut HeaderMap, name: HeaderName, element: &HeaderValue) {
     let mut chain: Vec<u8> = Vec::new();
     for earlier in headers.get_all(&name) {
         chain.extend_from_slice(earlier.as_bytes());
         chain.extend_from_slice(b", ");
     }
     chain.extend_from_slice(element.as_bytes());
-    match HeaderValue::from_bytes(&chain) {
-        Ok(value) => {
-            headers.insert(name, value);
-        }
-        Err(_) => set(headers, name, &element),
-    }
+    let value = HeaderValue::from_bytes(&chain).unwrap_or_else(|_| element.clone());
+    headers.insert(name, value);
 }
 
-fn set_if_absent(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+fn set_if_absent(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
     if !headers.contains_key(&name) {
-        set(headers, name, value);
-    }
-}
-
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    // Every value here is an IP or a validated authority: always a valid header value.
-    if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
     }
 }
@@ -196,17 +247,20 @@ mod tests {
     use super::*;
 
     fn trusted(entries: &[&str]) -> TrustedProxies {
-        let entries: Vec<String> = entries.iter().map(|e| (*e).to_owned()).collect();
-        TrustedProxies::parse(&entries).expect("valid entries")
+        TrustedProxies::parse(entries).expect("valid entries")
     }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("an IP")
     }
 
+    fn authority(text: &str) -> Authority {
+        text.parse().expect("an authority")
+    }
+
     #[test]
     fn trusted_proxies_match_addresses_and_blocks() {
-        let proxies = trusted(&["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", " ::1 "]);
+        let proxies = trusted(&["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", " ::1 ", ""]);
         assert!(proxies.contains(ip("10.1.2.3")));
         assert!(proxies.contains(ip("192.0.2.7")));
         assert!(!proxies.contains(ip("192.0.2.8")));
@@ -217,7 +271,7 @@ mod tests {
         // An IPv4 client on a dual-stack socket shows up IPv4-mapped.
         assert!(proxies.contains(ip("::ffff:10.9.9.9")));
         assert!(trusted(&["0.0.0.0/0"]).contains(ip("8.8.8.8")));
-        assert!(!trusted(&[]).contains(ip("127.0.0.1")));
+        assert!(!TrustedProxies::none().contains(ip("127.0.0.1")));
         for bad in [
             "10.0.0.0/33",
             "::/129",
@@ -226,10 +280,10 @@ mod tests {
             "example.com",
             "10.0.0.0/8/8",
         ] {
-            assert!(
-                TrustedProxies::parse(&[bad.to_owned()]).is_err(),
-                "{bad:?} must be refused"
-            );
+            match TrustedProxies::parse([bad]) {
+                Err(Error::InvalidTrustedProxy(entry)) => assert_eq!(entry, bad),
+                other => panic!("{bad:?} must be refused, got {other:?}"),
+            }
         }
     }
 
@@ -259,13 +313,13 @@ mod tests {
     }
 
     #[test]
-    fn untrusted_clients_get_only_the_relays_headers() {
+    fn untrusted_clients_get_only_the_proxys_headers() {
         let mut headers = client_headers();
-        set_forwarding_headers(
+        TrustedProxies::none().set_forwarding_headers(
             &mut headers,
             ip("203.0.113.9"),
-            "demo.localhost:8080",
-            false,
+            &authority("demo.localhost:8080"),
+            Proto::Http,
         );
         assert_eq!(values(&headers, "x-forwarded-for"), ["203.0.113.9"]);
         assert_eq!(
@@ -283,23 +337,48 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_are_quoted_in_forwarded() {
+    fn the_scheme_is_a_parameter() {
         let mut headers = HeaderMap::new();
-        set_forwarding_headers(&mut headers, ip("2001:db8::1"), "demo.localhost", false);
+        TrustedProxies::none().set_forwarding_headers(
+            &mut headers,
+            ip("192.0.2.1"),
+            &authority("demo.localhost"),
+            Proto::Https,
+        );
+        assert_eq!(values(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(
+            values(&headers, "forwarded"),
+            ["for=192.0.2.1;host=demo.localhost;proto=https"]
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        let none = TrustedProxies::none();
+        let mut headers = HeaderMap::new();
+        let host = authority("demo.localhost");
+        none.set_forwarding_headers(&mut headers, ip("2001:db8::1"), &host, Proto::Http);
         assert_eq!(
             values(&headers, "forwarded"),
             ["for=\"[2001:db8::1]\";host=demo.localhost;proto=http"]
         );
         assert_eq!(values(&headers, "x-forwarded-for"), ["2001:db8::1"]);
         let mut headers = HeaderMap::new();
-        set_forwarding_headers(&mut headers, ip("::ffff:192.0.2.1"), "a.localhost", false);
+        let literal = authority("[2001:db8::2]:8080");
+        none.set_forwarding_headers(&mut headers, ip("::ffff:192.0.2.1"), &literal, Proto::Http);
         assert_eq!(values(&headers, "x-real-ip"), ["192.0.2.1"]);
+        assert_eq!(
+            values(&headers, "forwarded"),
+            ["for=192.0.2.1;host=\"[2001:db8::2]:8080\";proto=http"]
+        );
     }
 
     #[test]
     fn trusted_proxies_extend_the_chain() {
+        let proxies = trusted(&["10.0.0.0/8"]);
+        let host = authority("demo.localhost");
         let mut headers = client_headers();
-        set_forwarding_headers(&mut headers, ip("10.0.0.2"), "demo.localhost", true);
+        proxies.set_forwarding_headers(&mut headers, ip("10.0.0.2"), &host, Proto::Http);
         assert_eq!(
             values(&headers, "x-forwarded-for"),
             ["6.6.6.6, 7.7.7.7, 10.0.0.2"]
@@ -313,9 +392,9 @@ mod tests {
         assert_eq!(values(&headers, "x-forwarded-port"), ["443"]);
         assert_eq!(values(&headers, "x-real-ip"), ["6.6.6.6"]);
 
-        // A trusted proxy that sent nothing: the relay's own values.
+        // A trusted proxy that sent nothing: the proxy's own values.
         let mut headers = HeaderMap::new();
-        set_forwarding_headers(&mut headers, ip("10.0.0.2"), "demo.localhost", true);
+        proxies.set_forwarding_headers(&mut headers, ip("10.0.0.2"), &host, Proto::Http);
         assert_eq!(values(&headers, "x-forwarded-for"), ["10.0.0.2"]);
         assert_eq!(values(&headers, "x-forwarded-host"), ["demo.localhost"]);
         assert_eq!(values(&headers, "x-real-ip"), ["10.0.0.2"]);

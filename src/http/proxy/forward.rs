@@ -1,0 +1,241 @@
+//! [`ReverseProxy`]: forwarding as a tower service over hyper-util's pooled client.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Body;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::connect::Connect;
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Sleep;
+use tower::Service;
+
+use super::hop_by_hop::{is_upgrade, strip_hop_by_hop};
+use super::idle::{IdleHook, IdleTimeoutBody};
+use super::upgrade::spawn_splice;
+use super::{boxed, BoxError, ProxyBody};
+
+/// How long an upstream may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Until the response head arrives. Default 60 s.
+    pub response: Duration,
+    /// Between two frames of the response body, counted from when the downstream asks for
+    /// the next one (see [`IdleTimeoutBody`]). Default 60 s.
+    pub body_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            response: Duration::from_secs(60),
+            body_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why forwarding a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// The upstream sent no response head within [`Timeouts::response`].
+    #[error("no response head within {0:?}")]
+    Timeout(Duration),
+    /// The upstream, or the way to it, failed; the chain holds the cause (a crate
+    /// [`Error`](crate::Error) for a tunnel that could not be opened, an `io::Error` for
+    /// a refused TCP connection, a `hyper::Error`…).
+    #[error(transparent)]
+    Upstream(#[from] legacy::Error),
+}
+
+impl ForwardError {
+    /// True for [`ForwardError::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout(_))
+    }
+}
+
+/// A reverse proxy: a `tower::Service` that forwards each request to the URI it carries
+/// with a pooled hyper-util [`Client`] and answers with the upstream's response.
+///
+/// On the way: hop-by-hop headers are dropped both ways (see [`strip_hop_by_hop`]; a
+/// caller adding headers a client must not remove strips first), the request goes out as
+/// HTTP/1.1 or HTTP/2 as the client's connection speaks, a `101` splices the downstream
+/// and upstream connections (see [`splice`](super::splice)), and [`Timeouts`] bound the
+/// response head and each body frame. The request's URI must be absolute (see
+/// [`retarget`](super::retarget)); its Host header, if any, is sent as is.
+///
+/// `poll_ready` is always ready, as hyper-util's client is: requests wait for a pooled
+/// or new connection inside the call, where the connector's own limits apply (backhaul's
+/// [`Connector`](crate::connector::Connector) bounds the opens in flight).
+///
+/// ```no_run
+/// use backhaul::connector::Connector;
+/// use backhaul::http::proxy::{retarget, ReverseProxy, Timeouts};
+/// use backhaul::{QuinnConnection, SessionClient};
+/// use tower::ServiceExt;
+///
+/// # async fn relay(edge: SessionClient<QuinnConnection>,
+/// #     mut request: http::Request<hyper::body::Incoming>)
+/// #     -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// // On the relay: the edge's "web" service, reached through the tunnel.
+/// let proxy = ReverseProxy::new(Connector::new(edge)).with_timeouts(Timeouts::default());
+/// retarget(&mut request, "web")?;
+/// let response = proxy.oneshot(request).await?;
+/// println!("{}", response.status());
+/// # Ok(()) }
+/// ```
+pub struct ReverseProxy<C> {
+    client: Client<C, ProxyBody>,
+    timeouts: Timeouts,
+    on_idle: Option<IdleHook>,
+}
+
+impl<C: Clone> Clone for ReverseProxy<C> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            timeouts: self.timeouts,
+            on_idle: self.on_idle.clone(),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for ReverseProxy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReverseProxy")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> ReverseProxy<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    /// A proxy with a default pooled client over `connector`.
+    pub fn new(connector: C) -> Self {
+        Self::with_client(Client::builder(TokioExecutor::new()).build(connector))
+    }
+}
+
+impl<C> ReverseProxy<C> {
+    /// A proxy sending with `client` (its pool, HTTP/2 and buffer settings).
+    pub fn with_client(client: Client<C, ProxyBody>) -> Self {
+        Self {
+            client,
+            timeouts: Timeouts::default(),
+            on_idle: None,
+        }
+    }
+
+    /// Replaces the [`Timeouts`].
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Calls `hook` (to log, to count) when a response body is cut for stalling.
+    #[must_use]
+    pub fn on_body_idle(mut self, hook: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        self.on_idle = Some(Arc::new(hook));
+        self
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The client requests are sent with.
+    pub fn client(&self) -> &Client<C, ProxyBody> {
+        &self.client
+    }
+}
+
+impl<C, B> Service<Request<B>> for ReverseProxy<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ForwardError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> ResponseFuture {
+        let downstream_upgrade =
+            is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        strip_hop_by_hop(request.headers_mut(), downstream_upgrade.is_some());
+        // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
+        // HTTP/1.1 connection would be refused.
+        *request.version_mut() = Version::HTTP_11;
+        ResponseFuture {
+            response: self.client.request(request.map(boxed)),
+            deadline: Box::pin(tokio::time::sleep(self.timeouts.response)),
+            timeouts: self.timeouts,
+            downstream_upgrade,
+            on_idle: self.on_idle.clone(),
+        }
+    }
+}
+
+/// The response of a [`ReverseProxy`] call.
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture {
+    response: legacy::ResponseFuture,
+    deadline: Pin<Box<Sleep>>,
+    timeouts: Timeouts,
+    downstream_upgrade: Option<OnUpgrade>,
+    on_idle: Option<IdleHook>,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ProxyBody>, ForwardError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut response = match Pin::new(&mut this.response).poll(cx) {
+            Poll::Ready(Ok(response)) => response,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+            Poll::Pending => {
+                return match this.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Err(ForwardError::Timeout(this.timeouts.response)))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        };
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(downstream) = this.downstream_upgrade.take() {
+                spawn_splice(downstream, hyper::upgrade::on(&mut response));
+            }
+        }
+        strip_hop_by_hop(response.headers_mut(), switching);
+        let (idle, on_idle) = (this.timeouts.body_idle, this.on_idle.take());
+        Poll::Ready(Ok(response.map(|body| {
+            boxed(IdleTimeoutBody::new(body, idle).on_idle(on_idle))
+        })))
+    }
+}

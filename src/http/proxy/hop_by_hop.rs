@@ -1,0 +1,169 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, so a proxy drops
+//! them both ways, except that a protocol upgrade (WebSocket) keeps its `Connection:
+//! upgrade` + `Upgrade`. `Upgrade: h2c` is not an upgrade a proxy that splices bytes can
+//! take part in: it is dropped with its `HTTP2-Settings`, and the request goes on as the
+//! plain HTTP/1.1 request it also is.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    // Belongs to an `Upgrade: h2c` (RFC 7540 §3.2), which is never passed on.
+    HeaderName::from_static("http2-settings"),
+];
+
+const H2C: &str = "h2c";
+
+/// The comma-separated tokens of every `name` header.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// The protocols `Upgrade` asks for, minus `h2c`.
+fn upgrade_protocols(headers: &HeaderMap) -> Vec<&str> {
+    tokens(headers, header::UPGRADE)
+        .filter(|protocol| !protocol.eq_ignore_ascii_case(H2C))
+        .collect()
+}
+
+/// True if the headers ask to switch to a protocol a proxy can splice (not h2c): an
+/// `Upgrade` besides h2c and `upgrade` among the `Connection` options.
+///
+/// ```
+/// use backhaul::http::proxy::is_upgrade;
+///
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("connection", "Upgrade".parse()?);
+/// headers.insert("upgrade", "websocket".parse()?);
+/// assert!(is_upgrade(&headers));
+/// headers.insert("upgrade", "h2c".parse()?);
+/// assert!(!is_upgrade(&headers));
+/// # Ok::<(), http::header::InvalidHeaderValue>(())
+/// ```
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    !upgrade_protocols(headers).is_empty()
+        && tokens(headers, header::CONNECTION).any(|token| token.eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers, including any named in `Connection` except Host (a client
+/// must not be able to make the next hop lose the request's authority). With
+/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` (without h2c) survive.
+///
+/// Stripping twice changes nothing, so a caller can strip, add headers of its own that a
+/// client must not be able to remove (forwarding headers, Host), and then hand the request
+/// to [`ReverseProxy`](super::ReverseProxy), which strips again.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| upgrade_protocols(headers).join(", "))
+        .filter(|protocols| !protocols.is_empty())
+        .and_then(|protocols| HeaderValue::from_str(&protocols).ok());
+    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter(|name| name != header::HOST)
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-custom", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        // Stripping again (after a caller's own headers) keeps the upgrade.
+        strip_hop_by_hop(&mut headers, true);
+        assert!(is_upgrade(&headers));
+        // Without `keep_upgrade` an upgrade is dropped like any hop-by-hop header.
+        strip_hop_by_hop(&mut headers, false);
+        assert!(headers.is_empty(), "{headers:?}");
+    }
+
+    #[test]
+    fn h2c_upgrades_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
+        assert!(!is_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert!(headers.is_empty(), "{headers:?}");
+
+        // Offered beside a protocol the proxy can splice, only h2c goes.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c, websocket"));
+        assert!(is_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, X-Forwarded-For, not a header name"),
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("demo.localhost"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers[header::HOST], "demo.localhost");
+        assert!(!headers.contains_key("x-forwarded-for"));
+    }
+}

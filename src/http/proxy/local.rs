@@ -1,0 +1,267 @@
+//! The edge's route to a local HTTP service: [`to_local`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Body;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::Service;
+use tracing::warn;
+
+use super::failure::error_chain;
+use super::forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
+use super::{retarget, text_response, BoxError, ProxyBody};
+use crate::error::Error;
+
+/// A route to the HTTP service at `upstream` (`http://host:port`), for an edge's
+/// [`Router`](crate::edge::Router) via [`serve`](crate::http::serve).
+///
+/// Each request from the tunnel is forwarded with a [`ReverseProxy`] over TCP: headers
+/// pass through except hop-by-hop ones (the relay's forwarding headers and Host reach the
+/// service as the relay set them; an HTTP/2 request's `:authority` becomes Host), bodies
+/// stream both ways, WebSocket upgrades are spliced, and a stalled response body aborts
+/// the response. Failures are answered here, naming the service: 502 when it cannot be
+/// reached, 504 when it does not answer in time.
+///
+/// ```
+/// use backhaul::edge::Router;
+/// use backhaul::http::proxy::{to_local, Timeouts};
+/// use backhaul::QuinnConnection;
+/// use std::time::Duration;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let web = to_local("http://127.0.0.1:3000".parse()?)?
+///     .described_as("local service \"web\" at 127.0.0.1:3000")
+///     .with_timeouts(Timeouts { response: Duration::from_secs(30), ..Timeouts::default() });
+/// let router: Router<QuinnConnection> = Router::new().route("web", backhaul::http::serve(web));
+/// # drop(router); Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidUpstream`] if `upstream` is not `http://` with a host and nothing after
+/// the authority (no path but `/`, no query).
+pub fn to_local(upstream: Uri) -> Result<LocalUpstream, Error> {
+    let invalid = |reason| Error::InvalidUpstream {
+        uri: upstream.clone(),
+        reason,
+    };
+    if upstream.scheme_str() != Some("http") {
+        return Err(invalid("only http:// upstreams are supported"));
+    }
+    let Some(authority) = upstream.authority().cloned() else {
+        return Err(invalid("no host"));
+    };
+    if upstream
+        .path_and_query()
+        .is_some_and(|path| path.as_str() != "/")
+    {
+        return Err(invalid("a path or query cannot be forwarded to"));
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    Ok(LocalUpstream {
+        description: Arc::from(format!("local service at {authority}")),
+        authority,
+        proxy: ReverseProxy::with_client(client),
+        rewrite_host: false,
+    })
+}
+
+/// A route to a local HTTP service; made by [`to_local`].
+#[derive(Clone)]
+pub struct LocalUpstream {
+    authority: Authority,
+    proxy: ReverseProxy<HttpConnector>,
+    description: Arc<str>,
+    rewrite_host: bool,
+}
+
+impl std::fmt::Debug for LocalUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalUpstream")
+            .field("authority", &self.authority)
+            .field("description", &self.description)
+            .field("rewrite_host", &self.rewrite_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalUpstream {
+    /// How failures and logs name the service (default `local service at HOST:PORT`);
+    /// e.g. `edge "kiosk": local service "web" at 127.0.0.1:3000`.
+    #[must_use]
+    pub fn described_as(mut self, description: impl Into<String>) -> Self {
+        self.description = Arc::from(description.into());
+        self
+    }
+
+    /// Sends the upstream's own authority as Host instead of the public one (for services
+    /// that only answer to their own name). Off by default.
+    #[must_use]
+    pub fn rewrite_host(mut self, rewrite: bool) -> Self {
+        self.rewrite_host = rewrite;
+        self
+    }
+
+    /// Replaces the [`Timeouts`] (60 s each by default).
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.proxy = self.proxy.with_timeouts(timeouts);
+        self
+    }
+
+    /// Sends with `client` (pool and connector settings) instead of a default one.
+    #[must_use]
+    pub fn with_client(mut self, client: Client<HttpConnector, ProxyBody>) -> Self {
+        let timeouts = self.proxy.timeouts();
+        self.proxy = ReverseProxy::with_client(client).with_timeouts(timeouts);
+        self
+    }
+}
+
+/// The answer when forwarding to the service `description` failed.
+fn failure(description: &str, error: &ForwardError) -> Response<ProxyBody> {
+    let (status, message) = match error {
+        ForwardError::Timeout(limit) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("{description} did not answer within {limit:?}"),
+        ),
+        error => (
+            StatusCode::BAD_GATEWAY,
+            format!("{description} is unreachable: {}", error_chain(error)),
+        ),
+    };
+    // The message may hold text from the upstream: Debug escapes it in the log.
+    warn!(status = status.as_u16(), error = ?message, "forwarding to the local service failed");
+    text_response(status, message)
+}
+
+impl<B> Service<Request<B>> for LocalUpstream
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = LocalFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> LocalFuture {
+        // HTTP/2 carries the authority in the URI, not in Host: keep it as Host.
+        let public_host = request.headers().get(HOST).cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        if let Err(error) = retarget(&mut request, self.authority.as_str()) {
+            let answer = text_response(
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {error}"),
+            );
+            return LocalFuture::answered(answer);
+        }
+        let host = if self.rewrite_host {
+            HeaderValue::from_str(self.authority.as_str()).ok()
+        } else {
+            public_host
+        };
+        if let Some(host) = host {
+            request.headers_mut().insert(HOST, host);
+        }
+        let description = Arc::clone(&self.description);
+        let mut proxy = self.proxy.clone().on_body_idle(move |idle| {
+            warn!(
+                ?idle,
+                "{description} stalled mid-body: aborting the response"
+            );
+        });
+        LocalFuture {
+            state: State::Forwarding {
+                response: proxy.call(request),
+                description: Arc::clone(&self.description),
+            },
+        }
+    }
+}
+
+/// The response of a [`LocalUpstream`] call: the service's, or one describing why it
+/// could not be had.
+#[must_use = "futures do nothing unless polled"]
+pub struct LocalFuture {
+    state: State,
+}
+
+enum State {
+    Forwarding {
+        response: ResponseFuture,
+        description: Arc<str>,
+    },
+    Answered(Option<Response<ProxyBody>>),
+}
+
+impl LocalFuture {
+    fn answered(response: Response<ProxyBody>) -> Self {
+        Self {
+            state: State::Answered(Some(response)),
+        }
+    }
+}
+
+impl std::fmt::Debug for LocalFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for LocalFuture {
+    type Output = Result<Response<ProxyBody>, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            State::Forwarding {
+                response,
+                description,
+            } => match Pin::new(response).poll(cx) {
+                Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                Poll::Ready(Err(error)) => Poll::Ready(Ok(failure(description, &error))),
+                Poll::Pending => Poll::Pending,
+            },
+            State::Answered(response) => Poll::Ready(Ok(response
+                .take()
+                .expect("LocalFuture polled after completion"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_must_be_plain_http_authorities() {
+        assert!(to_local("http://127.0.0.1:3000".parse().expect("a URI")).is_ok());
+        assert!(to_local("http://127.0.0.1:3000/".parse().expect("a URI")).is_ok());
+        for bad in [
+            "https://127.0.0.1:3000",
+            "/just/a/path",
+            "http://127.0.0.1:3000/app",
+            "http://127.0.0.1:3000/?x=1",
+        ] {
+            match to_local(bad.parse().expect("a URI")) {
+                Err(Error::InvalidUpstream { uri, .. }) => assert_eq!(uri, bad),
+                other => panic!("{bad:?} must be refused, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! `backhaul::http::proxy` end to end over real quinn + TLS on 127.0.0.1: a public hyper
+//! server on the relay forwards with `ReverseProxy` through the tunnel to an edge whose
+//! `to_local` route forwards to a real axum backend over TCP.
+//!
+//! ```text
+//! hyper client ─TCP─▶ relay (ReverseProxy) ═QUIC═▶ edge (to_local) ─TCP─▶ axum backend
+//! ```
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ::http::header::{CONNECTION, HOST};
+use ::http::{Request, Response, StatusCode, Uri};
+use backhaul::connector::Connector;
+use backhaul::edge::Router;
+use backhaul::http::authority::{request_authority, Host};
+use backhaul::http::forwarded::{Proto, TrustedProxies};
+use backhaul::http::proxy::{
+    boxed, forward_failure, is_upgrade, retarget, strip_hop_by_hop, text_response, to_local,
+    ProxyBody, ReverseProxy, Timeouts,
+};
+use backhaul::{QuinnConnection, SessionClient};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::future::IntoFuture;
+use support::http::{checksum_body, PatternBody};
+use support::proxy::Backend;
+use support::*;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tower::ServiceExt;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const EDGE: &str = "alpha";
+/// What the stalling route sends before it stops.
+const STALL_PREFIX: usize = 1024;
+
+/// A backend whose `/stall` sends `STALL_PREFIX` bytes and then nothing.
+async fn stalling_backend(tasks: &mut JoinSet<()>) -> SocketAddr {
+    let stall = || async {
+        let prefix = futures_util::stream::once(async {
+            Ok::<_, Infallible>(Bytes::from(vec![b'x'; STALL_PREFIX]))
+        });
+        axum::body::Body::from_stream(prefix.chain(futures_util::stream::pending()))
+    };
+    let app = axum::Router::new().route("/stall", axum::routing::get(stall));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tasks.spawn(async move {
+        let _ = axum::serve(listener, app).into_future().await;
+    });
+    addr
+}
+
+fn http_uri(addr: SocketAddr) -> Uri {
+    format!("http://{addr}").parse().expect("a URI")
+}
+
+/// The relay's public side: the service is the Host's first label (`web.test` → `web`).
+async fn relay_request(
+    proxy: ReverseProxy<Connector<QuinnConnection>>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let authority = match request_authority(request.version(), request.uri(), request.headers()) {
+        Ok(Some(authority)) => authority,
+        other => return Ok(text_response(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+    };
+    let service = match authority.host() {
+        Host::Name(name) => name.split('.').next().unwrap_or_default().to_owned(),
+        Host::Ip(_) => return Ok(text_response(StatusCode::NOT_FOUND, "no service")),
+    };
+    retarget(&mut request, &service).expect("a service name is an authority");
+    let headers = request.headers_mut();
+    strip_hop_by_hop(headers, is_upgrade(headers));
+    TrustedProxies::none().set_forwarding_headers(headers, peer.ip(), &authority, Proto::Http);
+    headers.insert(HOST, authority.to_header_value());
+    Ok(match proxy.oneshot(request).await {
+        Ok(response) => response,
+        Err(error) => forward_failure(&error, EDGE, &service).into_response(),
+    })
+}
+
+/// A relay + edge over real quinn, the edge's routes forwarding to local upstreams, and
+/// the relay's public HTTP listener.
+struct Tunnel {
+    public: SocketAddr,
+    client: Client<HttpConnector, ProxyBody>,
+    _relay: SessionClient<QuinnConnection>,
+    _quic: QuicPair,
+    _backend: Option<Backend>,
+    _tasks: JoinSet<()>,
+}
+
+/// The edge routes `web` to `web` (a test backend if `None`) and `stall` to a backend
+/// that stalls mid-body.
+async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeouts) -> Tunnel {
+    let mut tasks = JoinSet::new();
+    let backend = match web {
+        Some(_) => None,
+        None => Some(Backend::start("web").await),
+    };
+    let web = web.unwrap_or_else(|| http_uri(backend.as_ref().expect("a backend").addr));
+    let stall = http_uri(stalling_backend(&mut tasks).await);
+    let SessionPair {
+        relay,
+        edge,
+        edge_events,
+        quic,
+    } = session_pair().await;
+    let mut router: Router<QuinnConnection> = Router::new();
+    for (name, upstream) in [("web", web), ("stall", stall)] {
+        let authority = upstream.authority().expect("an authority").to_string();
+        let local = to_local(upstream)
+            .expect("an http upstream")
+            .described_as(format!(
+                "edge {EDGE:?}: local service {name:?} at {authority}"
+            ))
+            .with_timeouts(edge_timeouts);
+        router = router.route(name, backhaul::http::serve(local));
+    }
+    tasks.spawn(async move {
+        let _ = router.serve(edge, edge_events).into_future().await;
+    });
+
+    let proxy = ReverseProxy::new(Connector::new(relay.clone())).with_timeouts(relay_timeouts);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let public = listener.local_addr().expect("addr");
+    tasks.spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let proxy = proxy.clone();
+            let service = hyper::service::service_fn(move |request| {
+                relay_request(proxy.clone(), request, peer)
+            });
+            connections.spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    Tunnel {
+        public,
+        client,
+        _relay: relay,
+        _quic: quic,
+        _backend: backend,
+        _tasks: tasks,
+    }
+}
+
+async fn default_tunnel() -> Tunnel {
+    tunnel(None, Timeouts::default(), Timeouts::default()).await
+}
+
+impl Tunnel {
+    fn request(
+        &self,
+        method: &str,
+        service: &str,
+        path: &str,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.public))
+            .header(HOST, format!("{service}.test"))
+            .body(body)
+            .expect("a request")
+    }
+
+    async fn send(&self, request: Request<ProxyBody>) -> Response<Incoming> {
+        within(LIMIT, self.client.request(request))
+            .await
+            .expect("the relay answers")
+    }
+
+    async fn get_text(&self, service: &str, path: &str) -> (StatusCode, String) {
+        let request = self.request("GET", service, path, boxed(Empty::new()));
+        let response = self.send(request).await;
+        (response.status(), text(response).await)
+    }
+}
+
+/// A response's whole body as text.
+async fn text(response: Response<Incoming>) -> String {
+    let body = within(LIMIT, response.into_body().collect())
+        .await
+        .expect("a complete body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_each_way_arrive_intact() {
+    const LEN: u64 = 16 * 1024 * 1024;
+    let tunnel = default_tunnel().await;
+    let expected = PatternBody::checksum(LEN);
+
+    let upload = tunnel.request("POST", "web", "/upload", boxed(PatternBody::new(LEN)));
+    let response = tunnel.send(upload).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        text(response).await,
+        expected.header(),
+        "the backend saw the upload intact"
+    );
+
+    let download = tunnel.request(
+        "GET",
+        "web",
+        &format!("/download/{LEN}"),
+        boxed(Empty::new()),
+    );
+    let response = tunnel.send(download).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let received = within(LIMIT, checksum_body(response.into_body()))
+        .await
+        .expect("body");
+    assert_eq!(received, expected, "the download arrived intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_is_spliced_end_to_end() {
+    let tunnel = default_tunnel().await;
+    let tcp = tokio::net::TcpStream::connect(tunnel.public)
+        .await
+        .expect("connect");
+    let request = "ws://web.test/ws".into_client_request().expect("a request");
+    let (mut socket, response) = within(LIMIT, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .expect("the upgrade through relay and edge");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for n in 0..20 {
+        socket
+            .send(Message::text(format!("ping {n}")))
+            .await
+            .expect("send");
+        let reply = within(LIMIT, socket.next())
+            .await
+            .expect("a reply")
+            .expect("a message");
+        assert_eq!(reply, Message::text(format!("echo: ping {n}")));
+    }
+    let large: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    socket
+        .send(Message::binary(large.clone()))
+        .await
+        .expect("send");
+    let reply = within(LIMIT, socket.next())
+        .await
+        .expect("a reply")
+        .expect("a message");
+    assert_eq!(reply.into_data(), large, "256 KiB echoed intact");
+    socket.close(None).await.expect("close");
+}
+
+/// Shared body: the stalled backend's response starts (200, the first bytes), then the
+/// body fails, so the client sees an aborted response, never a complete one.
+async fn a_stalled_upstream_aborts_the_client(relay_idle: Duration, edge_idle: Duration) {
+    let timeouts = |body_idle| Timeouts {
+        body_idle,
+        ..Timeouts::default()
+    };
+    let tunnel = tunnel(None, timeouts(relay_idle), timeouts(edge_idle)).await;
+    let started = Instant::now();
+    let response = tunnel
+        .send(tunnel.request("GET", "stall", "/stall", boxed(Empty::new())))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = 0;
+    let ending = within(LIMIT, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => received += frame.into_data().map_or(0, |data| data.len()),
+                Some(Err(error)) => break Err(error),
+                None => break Ok(()),
+            }
+        }
+    })
+    .await;
+    assert!(
+        ending.is_err(),
+        "a stalled body must fail, not end ({received} bytes)"
+    );
+    assert_eq!(
+        received, STALL_PREFIX,
+        "the bytes sent before the stall got through"
+    );
+    assert!(started.elapsed() >= relay_idle.min(edge_idle));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_local_service_is_cut_by_the_edge_and_the_client_sees_it() {
+    a_stalled_upstream_aborts_the_client(Duration::from_secs(600), Duration::from_millis(500))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_edge_is_cut_by_the_relay() {
+    a_stalled_upstream_aborts_the_client(Duration::from_millis(500), Duration::from_secs(600))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upstream_is_a_502_naming_the_service() {
+    // A port that was free a moment ago: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let upstream = http_uri(closed_addr);
+    let tunnel = tunnel(Some(upstream), Timeouts::default(), Timeouts::default()).await;
+    let (status, body) = tunnel.get_text("web", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let named = format!("edge \"alpha\": local service \"web\" at {closed_addr} is unreachable");
+    assert!(body.starts_with(&named), "{body}");
+    assert!(body.to_lowercase().contains("refused"), "{body}");
+
+    // A service the edge does not have: the relay's mapping of the tunnel's refusal.
+    let (status, body) = tunnel.get_text("nope", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body, "edge \"alpha\" has no service \"nope\"\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not() {
+    let tunnel = default_tunnel().await;
+    let mut request = tunnel.request("GET", "web", "/headers", boxed(Empty::new()));
+    let headers = request.headers_mut();
+    headers.insert(
+        CONNECTION,
+        "x-forwarded-for, x-secret".parse().expect("a value"),
+    );
+    headers.insert("x-forwarded-for", "6.6.6.6".parse().expect("a value"));
+    headers.insert("x-secret", "hop".parse().expect("a value"));
+    let response = tunnel.send(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = text(response).await;
+    let lines: Vec<&str> = seen.lines().collect();
+    for expected in [
+        "host: web.test",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-host: web.test",
+        "x-forwarded-proto: http",
+        "forwarded: for=127.0.0.1;host=web.test;proto=http",
+    ] {
+        assert!(
+            lines.contains(&expected),
+            "{expected:?} missing from\n{seen}"
+        );
+    }
+    assert!(
+        !seen.contains("x-secret") && !seen.contains("6.6.6.6"),
+        "{seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_requests_are_all_answered_correctly() {
+    let tunnel = std::sync::Arc::new(default_tunnel().await);
+    let requests: Vec<_> = (0..300)
+        .map(|n| {
+            let tunnel = std::sync::Arc::clone(&tunnel);
+            tokio::spawn(async move { (n, tunnel.get_text("web", &format!("/n/{n}")).await) })
+        })
+        .collect();
+    within(LIMIT, async {
+        for request in requests {
+            let (n, (status, body)) = request.await.expect("a request task");
+            assert_eq!(status, StatusCode::OK, "request {n}: {body}");
+            assert_eq!(
+                body,
+                format!("reply {n}"),
+                "request {n} got another's answer"
+            );
+        }
+    })
+    .await;
+}
