@@ -67,7 +67,7 @@ pub enum Error {
     #[error("no service for URI {0}")]
     #[cfg(feature = "http")]
     UnroutableUri(http::Uri),
-    /// [`Session::start`](crate::Session::start) was called a second time.
+    /// [`Session::start`](crate::session::Session::start) was called a second time.
     #[error("session already started")]
     AlreadyStarted,
     /// The configuration cannot work.
