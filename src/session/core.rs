@@ -2,10 +2,10 @@
 //! tasks and every [`SessionClient`](crate::session::SessionClient) clone, and the
 //! performing of the machine's actions.
 //!
-//! Every operation is one short critical section (a machine step plus the waiter
-//! completions and state changes it asks for, see [`waiters`](super::waiters)), then the
-//! I/O outside the lock: frames queued for the writer task, data streams reset, events
-//! delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
+//! Every operation is one short critical section (a machine step, the state changes it
+//! asks for, and taking out the senders of the waiters it completes, see
+//! [`waiters`](super::waiters)), then everything else outside the lock: waiters woken,
+//! frames queued for the writer task, data streams reset, events delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
 //! that wait; a future that gives up tells the machine so (`abandon_open`, `abandon_ping`).
 
 use std::sync::{Arc, Mutex};
@@ -84,9 +84,9 @@ impl<C: Connection> SessionCore<C> {
         &self.shared.config
     }
 
-    /// Runs `input` on the machine under the lock, completes the waiters and makes the
-    /// state changes it asks for there, and returns its result with the actions left to
-    /// perform outside the lock.
+    /// Runs `input` on the machine under the lock, makes the state changes it asks for
+    /// there, wakes the waiters it completes once the lock is released, and returns its
+    /// result with the actions left to perform.
     pub(crate) fn step<R>(
         &self,
         input: impl FnOnce(&mut Locked<C>, &mut Actions<Stream<C>>) -> R,
@@ -97,9 +97,18 @@ impl<C: Connection> SessionCore<C> {
         if actions.is_empty() {
             return (result, actions);
         }
-        let Locked { machine, waiters } = &mut *locked;
-        let rest = waiters.complete(machine, &self.shared, actions);
+        let (completions, mut rest) = locked.waiters.complete(&self.shared, actions);
         drop(locked);
+        for completion in completions {
+            if let Some((stream, logical_stream_id)) = completion.fire() {
+                // Its open gave up in the same instant: rare, so locking again is fine.
+                lock(&self.locked).machine.stream_undeliverable(
+                    stream,
+                    logical_stream_id,
+                    &mut rest,
+                );
+            }
+        }
         (result, rest)
     }
 

@@ -2,17 +2,18 @@
 //! machine, by the ids the machine names them with.
 //!
 //! The machine decides *when* a waiter completes and with what; this table only finds the
-//! channel. Completions run under the session lock, in the same critical section as the
-//! machine step that produced them, so an open answered `Accepted` has its stream channel
-//! in place before any other task can route the data stream to it. State changes are made
-//! there too, so a waiter failed by the session's end already sees the final state.
+//! channel. Senders are taken out (and an accepted open's stream channel put in) under the
+//! session lock, in the same critical section as the machine step that asked, so the data
+//! stream cannot be routed before its channel is in place; they are fired after the lock
+//! is released, since waking a task can wake a thread. State changes are made under the
+//! lock too, so a waiter failed by the session's end already sees the final state.
 
 use std::collections::HashMap;
 
 use tokio::sync::oneshot;
 
 use super::core::Stream;
-use super::machine::{Action, Actions, OpenAnswer, SessionMachine};
+use super::machine::{Action, Actions, Batch, OpenAnswer};
 use super::{SessionShared, State};
 use crate::error::Error;
 use crate::protocol::RejectCode;
@@ -38,6 +39,37 @@ pub(crate) enum OpenReply<C: Connection> {
         code: RejectCode,
         reason: Option<String>,
     },
+}
+
+/// A waiter's sender with what to send it, taken out under the lock.
+pub(crate) enum Completion<C: Connection> {
+    Open(Reply<OpenReply<C>>, Result<OpenReply<C>, Error>),
+    Bind(Reply<Stream<C>>, Result<Stream<C>, Error>),
+    Ping(Reply<()>, Result<(), Error>),
+}
+
+impl<C: Connection> Completion<C> {
+    /// Wakes the waiter. Returns the data stream (and its id, when known) if the waiter
+    /// gave up in the meantime and the stream must be refused.
+    pub(crate) fn fire(self) -> Option<(Stream<C>, Option<u64>)> {
+        match self {
+            Self::Open(reply, answer) => match reply.send(answer) {
+                Err(Ok(OpenReply::Bound {
+                    logical_stream_id,
+                    stream,
+                })) => Some((stream, Some(logical_stream_id))),
+                _ => None,
+            },
+            Self::Bind(reply, stream) => match reply.send(stream) {
+                Err(Ok(stream)) => Some((stream, None)),
+                _ => None,
+            },
+            Self::Ping(reply, result) => {
+                let _ = reply.send(result);
+                None
+            }
+        }
+    }
 }
 
 /// Senders of the futures waiting on the machine.
@@ -67,53 +99,50 @@ impl<C: Connection> Waiters<C> {
         self.binds.remove(&request_id);
     }
 
-    /// Performs the waiter completions and state changes among `actions` and returns the
-    /// others, in order. A stream its open can no longer take goes back to `machine` to be
-    /// refused.
+    /// Makes the state changes among `actions` and takes out the senders of the waiters
+    /// they complete; returns those completions, to fire once the lock is released, and
+    /// the other actions, in order.
     pub(crate) fn complete(
         &mut self,
-        machine: &mut SessionMachine<Stream<C>>,
         shared: &SessionShared<C>,
         actions: Actions<Stream<C>>,
-    ) -> Actions<Stream<C>> {
+    ) -> (Batch<Completion<C>>, Actions<Stream<C>>) {
+        let mut completions = Batch::new();
         let mut rest = Actions::new();
         for action in actions {
             match action {
                 Action::Closing => shared.set_state(State::Closing),
                 Action::Ended(terminal) => shared.set_state(terminal.state()),
                 Action::AnswerOpen { request_id, answer } => {
-                    self.answer_open(machine, request_id, answer, &mut rest);
+                    if let Some(reply) = self.opens.remove(&request_id) {
+                        let answer = self.open_reply(request_id, answer);
+                        completions.push(Completion::Open(reply, answer));
+                    }
                 }
                 Action::BindOpen { request_id, stream } => {
-                    let Some(reply) = self.binds.remove(&request_id) else {
-                        continue;
-                    };
-                    if let Err(Ok(stream)) = reply.send(stream) {
-                        machine.stream_undeliverable(stream, None, &mut rest);
+                    if let Some(reply) = self.binds.remove(&request_id) {
+                        completions.push(Completion::Bind(reply, stream));
                     }
                 }
                 Action::AnswerPing { sequence, result } => {
                     if let Some(reply) = self.pings.remove(&sequence) {
-                        let _ = reply.send(result);
+                        completions.push(Completion::Ping(reply, result));
                     }
                 }
                 other => rest.push(other),
             }
         }
-        rest
+        (completions, rest)
     }
 
-    fn answer_open(
+    /// What an open future receives for `answer`, with a channel in place for a stream
+    /// still to come.
+    fn open_reply(
         &mut self,
-        machine: &mut SessionMachine<Stream<C>>,
         request_id: u64,
         answer: Result<OpenAnswer<Stream<C>>, Error>,
-        rest: &mut Actions<Stream<C>>,
-    ) {
-        let Some(reply) = self.opens.remove(&request_id) else {
-            return;
-        };
-        let reply_answer = answer.map(|answer| match answer {
+    ) -> Result<OpenReply<C>, Error> {
+        answer.map(|answer| match answer {
             OpenAnswer::Bound {
                 logical_stream_id,
                 stream,
@@ -130,13 +159,6 @@ impl<C: Connection> Waiters<C> {
                 }
             }
             OpenAnswer::Rejected { code, reason } => OpenReply::Rejected { code, reason },
-        });
-        if let Err(Ok(OpenReply::Bound {
-            logical_stream_id,
-            stream,
-        })) = reply.send(reply_answer)
-        {
-            machine.stream_undeliverable(stream, Some(logical_stream_id), rest);
-        }
+        })
     }
 }

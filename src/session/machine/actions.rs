@@ -1,6 +1,6 @@
 //! What the machine asks its driver to do: [`Action`]s, collected in [`Actions`].
 //!
-//! Nearly every input yields one to three actions, so [`Actions`] keeps the first few
+//! Nearly every input yields one to three actions, so a [`Batch`] keeps the first few
 //! inline and only a session's end or an expiry sweep (one action per waiter or held
 //! stream) spills to the heap: feeding the machine costs no allocation on the open path.
 
@@ -115,20 +115,23 @@ impl Refusal {
 }
 
 /// The actions of one or more inputs, in order.
-pub(crate) struct Actions<S> {
-    inline: [Option<Action<S>>; INLINE_ACTIONS],
+pub(crate) type Actions<S> = Batch<Action<S>>;
+
+/// A few items in order, kept inline until there are more than a few.
+pub(crate) struct Batch<T> {
+    inline: [Option<T>; INLINE_ACTIONS],
     len: usize,
-    spilled: Vec<Action<S>>,
+    spilled: Vec<T>,
 }
 
-impl<S> Default for Actions<S> {
+impl<T> Default for Batch<T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<S> Actions<S> {
-    /// No actions.
+impl<T> Batch<T> {
+    /// Empty.
     pub(crate) const fn new() -> Self {
         Self {
             inline: [const { None }; INLINE_ACTIONS],
@@ -137,27 +140,27 @@ impl<S> Actions<S> {
         }
     }
 
-    /// Appends `action`.
-    pub(crate) fn push(&mut self, action: Action<S>) {
+    /// Appends `item`.
+    pub(crate) fn push(&mut self, item: T) {
         if self.len < INLINE_ACTIONS {
-            self.inline[self.len] = Some(action);
+            self.inline[self.len] = Some(item);
         } else {
-            self.spilled.push(action);
+            self.spilled.push(item);
         }
         self.len += 1;
     }
 
-    /// True without actions.
+    /// True without items.
     pub(crate) const fn is_empty(&self) -> bool {
         self.len == 0
     }
 }
 
-impl<S> IntoIterator for Actions<S> {
-    type Item = Action<S>;
-    type IntoIter = IntoIter<S>;
+impl<T> IntoIterator for Batch<T> {
+    type Item = T;
+    type IntoIter = IntoIter<T>;
 
-    fn into_iter(self) -> IntoIter<S> {
+    fn into_iter(self) -> IntoIter<T> {
         IntoIter {
             inline: self.inline,
             next: 0,
@@ -166,17 +169,17 @@ impl<S> IntoIterator for Actions<S> {
     }
 }
 
-/// The actions of an [`Actions`], first pushed first.
-pub(crate) struct IntoIter<S> {
-    inline: [Option<Action<S>>; INLINE_ACTIONS],
+/// The items of a [`Batch`], first pushed first.
+pub(crate) struct IntoIter<T> {
+    inline: [Option<T>; INLINE_ACTIONS],
     next: usize,
-    spilled: std::vec::IntoIter<Action<S>>,
+    spilled: std::vec::IntoIter<T>,
 }
 
-impl<S> Iterator for IntoIter<S> {
-    type Item = Action<S>;
+impl<T> Iterator for IntoIter<T> {
+    type Item = T;
 
-    fn next(&mut self) -> Option<Action<S>> {
+    fn next(&mut self) -> Option<T> {
         while self.next < INLINE_ACTIONS {
             let slot = self.inline[self.next].take();
             self.next += 1;
@@ -188,7 +191,7 @@ impl<S> Iterator for IntoIter<S> {
     }
 }
 
-impl<S: std::fmt::Debug> std::fmt::Debug for Actions<S> {
+impl<T: std::fmt::Debug> std::fmt::Debug for Batch<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
             .entries(self.inline.iter().flatten())

@@ -42,7 +42,7 @@ use crate::session::events::{ClientEvent, ControlEvent};
 use crate::session::State;
 
 pub(crate) use accepts::{RequestedStream, Undeliverable};
-pub(crate) use actions::{Action, Actions, OpenAnswer, Refusal};
+pub(crate) use actions::{Action, Actions, Batch, OpenAnswer, Refusal};
 use opens::{EarlyStream, OpenPhase};
 use retired::RetiredIds;
 
