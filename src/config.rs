@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::protocol::{Features, PROTOCOL_VERSION};
 
-/// Settings of one [`Session`](crate::Session).
+/// Settings of one [`Session`](crate::session::Session).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Protocol versions offered, in preference order. Default: `[1]`.
@@ -24,13 +24,13 @@ pub struct Config {
     /// Bound on the whole Hello/HelloAck handshake. Default: 30 s.
     pub negotiation_timeout: Duration,
     /// Opens of this side waiting for an answer or a data stream at once. One more fails at
-    /// once with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded); the tower
+    /// once with [`Error::CapacityExceeded`](crate::error::Error::CapacityExceeded); the tower
     /// connector waits for a slot instead. Default: 100.
     pub max_inflight_opens: usize,
     /// Streams the peer may have open to this side at once. A request past it is rejected
-    /// with [`RejectCode::LimitExceeded`](crate::RejectCode::LimitExceeded), so a flood of
+    /// with [`RejectCode::LimitExceeded`](crate::protocol::RejectCode::LimitExceeded), so a flood of
     /// requests cannot grow memory without bound. A request holds its slot from arrival;
-    /// a stream from [`SessionClient::accept_stream`](crate::SessionClient::accept_stream)
+    /// a stream from [`SessionClient::accept_stream`](crate::session::SessionClient::accept_stream)
     /// keeps it until the stream is dropped (and, under the edge
     /// [`Router`](crate::edge::Router), until its service returns), while streams bound by
     /// hand with `bind_stream` free it once bound (the session cannot see when they end).

@@ -82,7 +82,7 @@ pub enum Error {
     #[error("{0:?} is not an IP address or CIDR block")]
     #[cfg(feature = "http")]
     InvalidTrustedProxy(String),
-    /// [`Session::start`](crate::Session::start) was called a second time.
+    /// [`Session::start`](crate::session::Session::start) was called a second time.
     #[error("session already started")]
     AlreadyStarted,
     /// The configuration cannot work.

@@ -8,8 +8,9 @@
 //! # Layout
 //! - [`protocol`]: the wire format: messages, codec, framing, `StreamBind`. Bytes only.
 //! - [`transport`]: the `Connection`/`SendStream`/`RecvStream` traits, quinn and in-memory.
-//! - [`session`]: the handshake and the tasks that drive a session's control stream.
-//! - [`SessionClient`]: the cloneable handle to open, accept, ping and close.
+//! - [`session`]: the handshake, the session's state machine (no I/O) and the driver that
+//!   performs its actions; [`SessionClient`], the cloneable handle to open, accept, ping
+//!   and close.
 //! - [`stream`]: `TunnelStream`, a bound data stream for tokio and hyper alike.
 //! - [`connector`]: the relay side as `tower::Service<ServiceId>` and `Service<Uri>`,
 //!   for hyper and hyper-util's pooled client.
@@ -68,7 +69,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-mod client;
 mod config;
 pub mod connector;
 pub mod edge;
@@ -87,7 +87,6 @@ pub mod tcp;
 pub mod tls;
 pub mod transport;
 
-pub use client::SessionClient;
 pub use config::{Config, ConfigError};
 pub use error::{Error, TimeoutKind};
 pub use protocol::{
@@ -95,7 +94,8 @@ pub use protocol::{
     PROTOCOL_VERSION,
 };
 pub use session::{
-    ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle, SessionStats, State,
+    ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionClient, SessionHandle,
+    SessionStats, State,
 };
 pub use transport::{Connection, RecvStream, SendStream};
 #[cfg(feature = "quinn")]

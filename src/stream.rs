@@ -16,9 +16,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use crate::client::AcceptedSlot;
-use crate::client::SessionClient;
 use crate::protocol::{Metadata, ServiceId};
+use crate::session::{AcceptedSlot, SessionClient};
 use crate::transport::{Connection, DefaultConnection};
 
 /// What an open said about a stream.

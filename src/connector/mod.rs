@@ -29,9 +29,9 @@ use tower::Service;
 
 pub use future::ConnectFuture;
 
-use crate::client::SessionClient;
 use crate::error::Error;
 use crate::protocol::{Metadata, ServiceId};
+use crate::session::SessionClient;
 use crate::stream::{TunnelInfo, TunnelStream};
 use crate::transport::{Connection, DefaultConnection};
 

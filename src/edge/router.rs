@@ -7,9 +7,9 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use super::Serve;
-use crate::client::SessionClient;
 use crate::protocol::ServiceId;
 use crate::session::ClientEvent;
+use crate::session::SessionClient;
 use crate::stream::TunnelStream;
 use crate::transport::{Connection, DefaultConnection};
 

@@ -13,10 +13,10 @@ use tower::Service;
 use tracing::{debug, error, warn, Instrument};
 
 use super::router::{Route, Router};
-use crate::client::SessionClient;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::session::ClientEvent;
+use crate::session::SessionClient;
 use crate::transport::{Connection, DefaultConnection};
 
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.

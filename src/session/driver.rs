@@ -1,6 +1,8 @@
 //! The tasks that drive a session: control reader, control writer, data-stream acceptor
 //! and keep-alive. Each task ends by itself once the session reaches a final state, and
-//! all of them are aborted when the last [`SessionClient`](crate::SessionClient) is dropped.
+//! all of them are aborted when the last [`SessionClient`](super::SessionClient) is dropped.
+//! What each event means is the machine's business: the tasks only move bytes and streams
+//! between the connection and [`SessionCore`].
 
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -11,16 +13,18 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
-use tokio::time::{interval_at, timeout, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, sleep, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, trace, warn};
 
 use super::control::ControlReader;
 use super::core::{
-    SessionCore, Stream, Terminal, WriterCommand, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE,
+    SessionCore, Stream, WriterCommand, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE,
 };
-use super::{ClientEvent, ControlEvent, SessionShared, State};
+use super::events::ClientEvent;
+use super::machine::Terminal;
+use super::{SessionShared, State};
 use crate::error::{Error, TimeoutKind};
-use crate::protocol::{Features, Pong, ProtocolMessage, StreamBind};
+use crate::protocol::{Features, StreamBind};
 use crate::transport::{Connection, SendStream};
 
 /// How long the acceptor, on seeing the connection end, waits for the control reader to
@@ -105,7 +109,7 @@ async fn read_control<C: Connection>(
             () = session_ended(&mut state) => return,
         };
         let outcome = match message {
-            Ok(Some(message)) => dispatch(&core, message, &events).await,
+            Ok(Some(message)) => core.dispatch(message, &events).await,
             Ok(None) => {
                 debug!("peer finished the control stream");
                 Err(Terminal::Closed)
@@ -126,83 +130,6 @@ async fn read_control<C: Connection>(
             return;
         }
     }
-}
-
-async fn dispatch<C: Connection>(
-    core: &SessionCore<C>,
-    message: ProtocolMessage,
-    events: &mpsc::Sender<ClientEvent>,
-) -> Result<(), Terminal> {
-    trace!(kind = message.kind(), "control message");
-    let observe = |event: ControlEvent| {
-        if core.control_events.receiver_count() > 0 {
-            let _ = core.control_events.send(event);
-        }
-    };
-    match message {
-        ProtocolMessage::Hello(_) | ProtocolMessage::HelloAck(_) => {
-            return Err(Terminal::Violation("handshake message after negotiation"));
-        }
-        ProtocolMessage::OpenRequest(request) => {
-            observe(ControlEvent::OpenRequest {
-                request_id: request.request_id,
-                service: request.service.clone(),
-                metadata: request.metadata.clone(),
-            });
-            if let Some(rejection) = core.on_open_request(request, events) {
-                let _ = core.send(&ProtocolMessage::OpenResponse(rejection)).await;
-            }
-        }
-        ProtocolMessage::OpenResponse(response) => {
-            observe(ControlEvent::OpenResponseReceived {
-                request_id: response.request_id,
-                accepted: matches!(response.status, crate::protocol::OpenStatus::Accepted),
-            });
-            core.on_open_response(response);
-        }
-        ProtocolMessage::StreamClose(close) if close.logical_stream_id == 0 => {
-            debug!(code = %close.code, reason = ?close.reason, "peer closed the session");
-            observe(ControlEvent::CloseReceived {
-                code: close.code,
-                reason: close.reason.clone(),
-            });
-            core.on_session_close();
-            let _ = events.try_send(ClientEvent::Closing {
-                code: close.code,
-                reason: close.reason,
-            });
-        }
-        ProtocolMessage::StreamClose(close) => {
-            observe(ControlEvent::StreamClose {
-                logical_stream_id: close.logical_stream_id,
-                code: close.code,
-            });
-            core.on_stream_close(close.logical_stream_id);
-            let _ = events.try_send(ClientEvent::StreamClosed {
-                logical_stream_id: close.logical_stream_id,
-                code: close.code,
-            });
-        }
-        ProtocolMessage::Ping(ping) => {
-            observe(ControlEvent::Ping {
-                sequence: ping.sequence,
-            });
-            let pong = Pong {
-                sequence: ping.sequence,
-            };
-            let _ = core.send(&ProtocolMessage::Pong(pong)).await;
-            let _ = events.try_send(ClientEvent::PingReceived {
-                sequence: ping.sequence,
-            });
-        }
-        ProtocolMessage::Pong(pong) => {
-            observe(ControlEvent::Pong {
-                sequence: pong.sequence,
-            });
-            core.on_pong(pong);
-        }
-    }
-    Ok(())
 }
 
 async fn write_control<C: Connection>(
@@ -255,9 +182,11 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
     // than in-flight opens is plenty; past that a flood of streams is refused at once.
     let max_header_reads = core.config().max_inflight_opens.saturating_mul(2).max(16);
     let mut header_reads = JoinSet::new();
+    // Held streams are swept at the machine's next deadline, and at least this often to
+    // catch streams held since the last sweep (re-arming per stream would cost a lock).
     let sweep_every = (bind_timeout / 4).max(Duration::from_millis(50));
-    let mut sweep = interval_at(Instant::now() + sweep_every, sweep_every);
-    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let sweep = sleep(sweep_every);
+    tokio::pin!(sweep);
     let mut state = core.shared.state.subscribe();
     loop {
         tokio::select! {
@@ -292,7 +221,11 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
                 }
             },
             Some(_) = header_reads.join_next(), if !header_reads.is_empty() => {}
-            _ = sweep.tick() => core.expire_early_streams(),
+            () = &mut sweep => {
+                let next_expiry = core.expire_early_streams().map(Instant::from_std);
+                let latest = Instant::now() + sweep_every;
+                sweep.as_mut().reset(next_expiry.map_or(latest, |at| at.min(latest)));
+            }
             () = session_ended(&mut state) => return,
         }
     }

@@ -1,7 +1,7 @@
 //! What a session tells the application.
 use crate::protocol::{CloseCode, Metadata, ServiceId};
 
-/// Events delivered by [`SessionClient::with_events`](crate::SessionClient::with_events).
+/// Events delivered by [`SessionClient::with_events`](crate::session::SessionClient::with_events).
 #[derive(Debug, Clone)]
 pub enum ClientEvent {
     /// The peer wants a stream to one of our services: answer with `accept_open` (then open
@@ -36,7 +36,7 @@ pub enum ClientEvent {
 }
 
 /// Every message seen on the control stream after the handshake, for observers such as
-/// metrics and audit logs ([`SessionClient::control_events`](crate::SessionClient::control_events)).
+/// metrics and audit logs ([`SessionClient::control_events`](crate::session::SessionClient::control_events)).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ControlEvent {

@@ -1,27 +1,40 @@
-//! A quic-reverse session over one connection: handshake, then the control-stream driver.
+//! A quic-reverse session over one connection: handshake, then a state machine and the
+//! driver that does its I/O.
 //!
 //! [`Session::start`] runs the Hello/HelloAck handshake and yields a [`SessionHandle`];
-//! [`SessionClient`](crate::SessionClient) turns the handle into running tasks:
+//! [`SessionClient`] turns the handle into a running session. As in quinn-proto and quinn,
+//! the session is split in two:
 //!
-//! - a **reader** of the control stream, which answers pings, resolves pending opens and
-//!   pings, and turns open requests into [`ClientEvent`]s;
-//! - a **writer** that owns the control stream's sending half and batches frames;
-//! - an **acceptor** that takes every incoming data stream, reads its `StreamBind` header
-//!   and hands it to the open waiting for that logical stream id (holding it briefly if it
-//!   overtook its `OpenResponse`);
-//! - a **keep-alive** task when `ping_interval` is set.
+//! - **`machine`**, the protocol without I/O: pending opens by request id, logical stream
+//!   ids and the data streams bound to them, streams that overtook their `OpenResponse`,
+//!   retired ids, the peer's requests and their `max_concurrent_streams` slots, pings, and
+//!   how the session ended. Events go in (a control message, a bound data stream, a call
+//!   of the application, the time), actions come out (send this, complete that waiter,
+//!   refuse this stream, tell the application). No tokio, no locks, no clock: its rules
+//!   are unit- and property-tested by feeding events and reading actions.
+//! - **the driver**, everything that touches tokio: `core` holds the machine behind one
+//!   lock (a short critical section per event, never across an await) and performs its
+//!   actions; `waiters` keeps the channels of the futures that wait, by the ids the machine
+//!   names them with; `driver` runs the tasks: a **reader** of the control stream, a
+//!   **writer** that owns its sending half and batches frames, an **acceptor** that reads
+//!   each data stream's `StreamBind` header and hands the stream to the machine, and a
+//!   **keep-alive** task when `ping_interval` is set; `client` is the handle over them.
 //!
-//! All shared bookkeeping lives in one table set (`core::Tables`) behind one lock, so the moment the
-//! session ends every waiter is failed in one place with one typed error.
+//! Keeping the rules in one place without I/O is what makes them hold: an open is
+//! registered only while the session is live, and the moment it ends every waiter is
+//! failed once, with one typed error, in one step.
 
+mod client;
 pub(crate) mod control;
 pub(crate) mod core;
 pub(crate) mod driver;
 mod events;
+mod machine;
 mod negotiation;
 mod state;
 #[cfg(test)]
 mod tests;
+mod waiters;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -34,8 +47,10 @@ use crate::error::{Error, TimeoutKind};
 use crate::transport::{Connection, SendStream as _};
 use control::ControlReader;
 
-pub use core::SessionStats;
+pub(crate) use client::AcceptedSlot;
+pub use client::SessionClient;
 pub use events::{ClientEvent, ControlEvent};
+pub use machine::SessionStats;
 pub use negotiation::NegotiatedParams;
 pub use state::State;
 
@@ -238,7 +253,7 @@ impl<C: Connection> Session<C> {
     }
 }
 
-/// A negotiated session, ready to be driven by a [`SessionClient`](crate::SessionClient).
+/// A negotiated session, ready to be driven by a [`SessionClient`].
 pub struct SessionHandle<C: Connection> {
     pub(crate) shared: Arc<SessionShared<C>>,
     pub(crate) control_send: C::SendStream,

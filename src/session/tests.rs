@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::Config;
+use crate::error::Error;
+use crate::protocol::{CloseCode, Metadata};
+use crate::session::{ClientEvent, Role, Session, SessionClient, State};
 use crate::transport::mem::{memory_connection_pair, MemoryConnection};
 use crate::transport::Connection;
-use crate::{ClientEvent, CloseCode, Config, Error, Metadata, Role, Session, SessionClient, State};
 
 async fn pair() -> (
     SessionClient<MemoryConnection>,

@@ -12,7 +12,7 @@ use http::{Response, StatusCode};
 
 use super::forward::ForwardError;
 use super::{text_response, ProxyBody};
-use crate::client::SessionClient;
+use crate::session::SessionClient;
 use crate::error::Error;
 use crate::protocol::RejectCode;
 use crate::transport::Connection;

@@ -1,4 +1,4 @@
-//! [`SessionClient`]: the cloneable handle applications use, over the session's tasks.
+//! [`SessionClient`]: the cloneable handle applications use, over the session's driver.
 //!
 //! The API is quic-reverse 0.1.2's, method for method, so code written for that crate
 //! compiles against this one. What differs is underneath: data streams are matched to
@@ -14,14 +14,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
 use tracing::debug;
 
+use super::core::{write_stream_bind, SessionCore, Stream, WriterCommand};
+use super::events::{ClientEvent, ControlEvent};
+use super::machine::SessionStats;
+use super::{driver, lock, NegotiatedParams, Role, Session, SessionHandle, State};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, OpenFlags, RejectCode, ServiceId};
-use crate::session::core::{write_stream_bind, SessionCore, Stream, WriterCommand};
-use crate::session::{
-    driver, ClientEvent, ControlEvent, NegotiatedParams, Role, Session, SessionHandle,
-    SessionStats, State,
-};
 use crate::stream::{TunnelInfo, TunnelStream};
 use crate::transport::{Connection, DefaultConnection};
 
@@ -106,7 +105,7 @@ impl SessionClient<crate::transport::QuinnConnection> {
     /// ```
     ///
     /// # Errors
-    /// As [`Session::start`](crate::Session::start).
+    /// As [`Session::start`](crate::session::Session::start).
     pub async fn start(
         connection: quinn::Connection,
         role: Role,
@@ -126,7 +125,7 @@ impl<C: Connection> SessionClient<C> {
     /// [`start`](SessionClient::start) for quinn connections.
     ///
     /// # Errors
-    /// As [`Session::start`](crate::Session::start).
+    /// As [`Session::start`](crate::session::Session::start).
     pub async fn start_on(
         connection: C,
         role: Role,
@@ -139,7 +138,7 @@ impl<C: Connection> SessionClient<C> {
     /// What the handshake agreed on (versions, features, the peer's agent string).
     #[must_use]
     pub fn negotiated_params(&self) -> Option<NegotiatedParams> {
-        crate::session::lock(&self.core.shared.negotiated).clone()
+        lock(&self.core.shared.negotiated).clone()
     }
 
     /// Starts the session's tasks for a side that only opens streams. Open requests from
@@ -201,8 +200,8 @@ impl<C: Connection> SessionClient<C> {
     /// # Errors
     /// [`Error::CapacityExceeded`] at once when `max_inflight_opens` opens are pending;
     /// [`Error::StreamRejected`] with the peer's code and reason;
-    /// [`Error::Timeout`] ([`OpenRequest`](crate::TimeoutKind::OpenRequest) or
-    /// [`StreamBind`](crate::TimeoutKind::StreamBind)); [`Error::SessionClosed`] or
+    /// [`Error::Timeout`] ([`OpenRequest`](crate::error::TimeoutKind::OpenRequest) or
+    /// [`StreamBind`](crate::error::TimeoutKind::StreamBind)); [`Error::SessionClosed`] or
     /// [`Error::Disconnected`] when the session ended, also while waiting.
     pub async fn open(
         &self,
@@ -315,11 +314,11 @@ impl<C: Connection> SessionClient<C> {
     /// session's end error.
     pub async fn accept_stream(&self, request_id: u64) -> Result<TunnelStream<C>, Error> {
         let logical_stream_id = self.allocate_stream_id();
-        let requested = self.core.admit_accept(request_id, logical_stream_id)?;
+        let (requested, response) = self.core.admit_accept(request_id, logical_stream_id)?;
         // From here the slot is ours: the guard frees it on every path, also when this
         // future is dropped, and the stream carries it once bound.
         let mut slot = AcceptedSlot::new(self.clone(), logical_stream_id);
-        self.core.send_accept(request_id, logical_stream_id).await?;
+        self.core.perform(response, None).await?;
         let bound = async {
             let (mut send, recv) = self
                 .connection()
@@ -392,7 +391,7 @@ impl<C: Connection> SessionClient<C> {
     /// Pings the peer and returns the round-trip time.
     ///
     /// # Errors
-    /// [`Error::Timeout`] with [`Ping`](crate::TimeoutKind::Ping) after `ping_timeout`, or
+    /// [`Error::Timeout`] with [`Ping`](crate::error::TimeoutKind::Ping) after `ping_timeout`, or
     /// the session's end error.
     pub async fn ping(&self) -> Result<Duration, Error> {
         self.core.ping().await
@@ -438,7 +437,7 @@ impl<C: Connection> SessionClient<C> {
 
     /// Waits until the session has ended, and says why: [`Error::SessionClosed`] after a
     /// graceful close, [`Error::Disconnected`] when the connection was lost,
-    /// [`Error::Timeout`] with [`Ping`](crate::TimeoutKind::Ping) when the peer stopped
+    /// [`Error::Timeout`] with [`Ping`](crate::error::TimeoutKind::Ping) when the peer stopped
     /// answering keep-alives, [`Error::Protocol`] or [`Error::ProtocolViolation`] when the
     /// peer broke the protocol.
     pub async fn closed(&self) -> Error {
