@@ -163,16 +163,37 @@ impl PeerConnector {
         let pool = self.pool.clone();
         ConnectFuture::new(async move {
             let (client, opened) = match opening {
-                Some((client, opening)) => (client, opening.await),
-                None => {
-                    let client = pool.session(relay).await?;
-                    let opened = Connector::new(client.clone()).connect(target).await;
-                    (client, opened)
-                }
+                Some((client, opening)) => match opening.await {
+                    // The pooled session was lost before the open completed (often before
+                    // its loss was noticed). No byte of the caller's went anywhere, so
+                    // one more open, on a new session, is safe.
+                    Err(Error::Disconnected | Error::SessionClosed) => {
+                        dial_and_open(&pool, relay, target).await?
+                    }
+                    opened => (client, opened),
+                },
+                None => dial_and_open(&pool, relay, target).await?,
             };
             opened.map_err(|error| forwarded_error(error, &client, relay, &edge))
         })
     }
+}
+
+/// The session with `relay` (dialed if need be) and an open on it.
+async fn dial_and_open(
+    pool: &PeerPool,
+    relay: SocketAddr,
+    target: OpenTarget,
+) -> Result<
+    (
+        SessionClient<QuinnConnection>,
+        Result<TunnelStream<QuinnConnection>, Error>,
+    ),
+    Error,
+> {
+    let client = pool.session(relay).await?;
+    let opened = Connector::new(client.clone()).connect(target).await;
+    Ok((client, opened))
 }
 
 /// What an open through `relay` failed with, in the terms of the module.
