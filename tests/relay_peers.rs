@@ -336,7 +336,7 @@ async fn hundreds_of_concurrent_requests_share_one_dial_and_one_session() {
                 let (mut sender, connection) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await
-                        .map_err(|e| Error::transport(e))?;
+                        .map_err(Error::transport)?;
                 tokio::spawn(connection);
                 let request = Request::get(format!("http://web/n/{n}"))
                     .body(Empty::<Bytes>::new())

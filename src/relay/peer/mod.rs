@@ -39,10 +39,10 @@
 //!   accepts both protocols on one port and dispatches on the negotiated ALPN.
 //! - **Failures are typed and bounded.** A peer that cannot be dialed within
 //!   [`PeerPool::with_connect_timeout`], or whose session is lost, is
-//!   [`Error::PeerUnreachable`](crate::Error::PeerUnreachable); a refused secret is
-//!   [`Error::PeerRefused`](crate::Error::PeerRefused); an edge A does not hold is
-//!   [`Error::EdgeNotAttached`](crate::Error::EdgeNotAttached); the edge's own refusal
-//!   stays [`Error::StreamRejected`](crate::Error::StreamRejected). Peer connections use
+//!   [`Error::PeerUnreachable`]; a refused secret is
+//!   [`Error::PeerRefused`]; an edge A does not hold is
+//!   [`Error::EdgeNotAttached`]; the edge's own refusal
+//!   stays [`Error::StreamRejected`]. Peer connections use
 //!   a short QUIC idle timeout ([`DEFAULT_IDLE_TIMEOUT`]), so a peer that vanished
 //!   without a word fails its streams within it rather than hanging them.
 //!
