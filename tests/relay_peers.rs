@@ -775,3 +775,50 @@ async fn small_requests_through_a_peer_cost_one_more_hop() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_ends_every_peer_task_and_b_sees_the_peer_gone() {
+    within(LIMIT, async {
+        let cluster = cluster().await;
+        let baseline = support::alive_tasks();
+        // A second peer server for A's registry, stopped gracefully.
+        let identity = Identity::self_signed(&["localhost"]).unwrap();
+        let trusted = identity.cert_chain.clone();
+        let endpoint = peer::server_endpoint("127.0.0.1:0".parse().unwrap(), identity).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let registry = cluster.relay_a.registry.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            PeerServer::new(registry, ClusterSecret::new(SECRET).unwrap())
+                .serve(endpoint)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                }),
+        );
+        let pool = pool_with(&trusted, SECRET);
+        let http: PeerClient<Empty<Bytes>> = http_client(&pool, addr);
+        for n in 0..20 {
+            let response = http
+                .get(format!("http://web/n/{n}").parse().unwrap())
+                .await
+                .expect("request");
+            assert_eq!(text(response).await, format!("reply {n}"));
+        }
+        let _ = stop.send(());
+        within(WAIT, serving).await.expect("serving ends");
+        let mut connector = pool.connector(addr, kiosk());
+        let started = Instant::now();
+        assert!(matches!(
+            connector.connect("web").await,
+            Err(Error::PeerUnreachable { .. })
+        ));
+        assert!(started.elapsed() < CONNECT_BOUND + SLACK);
+        drop((http, connector, pool));
+        let settled = support::settle_tasks(baseline).await;
+        assert!(
+            settled <= baseline,
+            "{settled} tasks alive, {baseline} before"
+        );
+    })
+    .await;
+}

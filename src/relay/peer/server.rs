@@ -111,6 +111,7 @@ pub struct PeerServer {
     shared: Arc<Shared>,
 }
 
+#[derive(Clone)]
 struct Shared {
     registry: Registry,
     secret: ClusterSecret,
@@ -146,8 +147,8 @@ impl PeerServer {
     }
 
     fn shared_mut(&mut self) -> &mut Shared {
-        // Builders run before serving, while the server is not shared yet.
-        Arc::get_mut(&mut self.shared).expect("configure a PeerServer before cloning it")
+        // A clone configured on its own gets its own settings (its counters stay shared).
+        Arc::make_mut(&mut self.shared)
     }
 
     /// The peer sessions' configuration (default [`Config::new`]); its
