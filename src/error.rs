@@ -201,6 +201,44 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another relay of the cluster could not be reached: the dial, the QUIC or session
+    /// handshake failed or took longer than its bound, or the session to it was lost.
+    /// The edge may be fine; the relays are cut off from each other.
+    #[error("relay {relay} is unreachable: {source}")]
+    PeerUnreachable {
+        /// The peer relay's address.
+        relay: std::net::SocketAddr,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Another relay refused this relay as a peer (a wrong or missing cluster secret).
+    /// Retrying cannot help until the secrets agree.
+    #[error("relay {relay} refused this relay as a peer{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    PeerRefused {
+        /// The peer relay's address.
+        relay: std::net::SocketAddr,
+        /// Its explanation.
+        reason: Option<String>,
+    },
+    /// A peer relay does not have the edge attached (the directory that sent us there
+    /// was stale, or the edge left meanwhile).
+    #[error("edge {edge:?} is not attached to relay {relay}")]
+    EdgeNotAttached {
+        /// The edge's name.
+        edge: String,
+        /// The peer relay's address.
+        relay: std::net::SocketAddr,
+    },
+    /// A forwarded open claimed more relay-to-relay hops than allowed (a loop, or a
+    /// forged count).
+    #[error("forwarded open refused: {hops} relay hops, at most {limit} allowed")]
+    HopLimitExceeded {
+        /// The hops claimed.
+        hops: i64,
+        /// The most allowed.
+        limit: u8,
+    },
 }
 
 impl Error {
@@ -222,7 +260,9 @@ impl Error {
             | Self::CapacityExceeded { .. }
             | Self::Disconnected
             | Self::RegistrationFailed(_)
-            | Self::EdgeNameTaken { .. } => true,
+            | Self::EdgeNameTaken { .. }
+            | Self::PeerUnreachable { .. }
+            | Self::EdgeNotAttached { .. } => true,
             Self::StreamRejected { code, .. } => {
                 matches!(
                     code,
@@ -247,6 +287,10 @@ impl From<Error> for io::Error {
             }
             Error::Unauthorized { .. } => io::ErrorKind::PermissionDenied,
             Error::EdgeNameTaken { .. } => io::ErrorKind::AddrInUse,
+            Error::PeerUnreachable { .. } => io::ErrorKind::NotConnected,
+            Error::PeerRefused { .. } => io::ErrorKind::PermissionDenied,
+            Error::EdgeNotAttached { .. } => io::ErrorKind::NotFound,
+            Error::HopLimitExceeded { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, error)

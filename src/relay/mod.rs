@@ -14,7 +14,10 @@
 //!   comes with a [`Connector`](crate::connector::Connector); changes are published as
 //!   [`RegistryEvent`]s;
 //! - callers look edges up through the [`Directory`] trait, so a directory shared by
-//!   several relays replaces the in-process [`Registry`] without changing them.
+//!   several relays replaces the in-process [`Registry`] without changing them;
+//! - [`peer`] reaches edges attached to another relay of the cluster: a [`PeerPool`]
+//!   of authenticated sessions to peer relays, and a [`PeerServer`] serving this relay's
+//!   edges to them.
 //!
 //! What to route where (Host headers, paths, forwarding headers) stays the application's.
 //!
@@ -57,6 +60,7 @@ pub mod admission;
 pub mod auth;
 pub mod directory;
 mod name;
+pub mod peer;
 pub mod registry;
 
 pub use accept::{
@@ -68,6 +72,7 @@ pub use admission::{Admission, AdmissionConfig, Refusal, Source};
 pub use auth::{registration_metadata, AuthRequest, Tokens, REGISTER_SERVICE};
 pub use directory::{Directory, Location, RelayId};
 pub use name::{EdgeName, MAX_EDGE_NAME_LEN};
+pub use peer::{ClusterSecret, PeerConnector, PeerPool, PeerServer};
 pub use registry::{
     Attachment, DetachReason, EdgeHandle, Epoch, Registry, RegistryEvent, TakeoverPolicy,
     CLOSE_REPLACED, DEFAULT_TAKEOVER_PING_TIMEOUT,
