@@ -127,6 +127,14 @@ pub enum Error {
         /// The name.
         name: String,
     },
+    /// A shared directory of edges (Redis, see `relay::cluster`) could not be reached or
+    /// did not answer in time; relays keep answering lookups from their cache meanwhile.
+    #[error("the shared edge directory is unavailable: {0}")]
+    DirectoryUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A relay id that a shared directory cannot store: ids are 1 to 128 printable ASCII
+    /// characters without spaces.
+    #[error("relay id {0:?} is not 1 to 128 printable ASCII characters without spaces")]
+    InvalidRelayId(String),
 }
 
 impl Error {
@@ -140,7 +148,7 @@ impl Error {
 
     /// True for failures where the same request may succeed later on this or a new session
     /// (timeouts, full limits, lost connections, a peer's `LimitExceeded`/`ServiceUnavailable`,
-    /// an edge name whose live holder may go away).
+    /// an edge name whose live holder may go away, a shared directory unreachable).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -148,7 +156,8 @@ impl Error {
             | Self::CapacityExceeded { .. }
             | Self::Disconnected
             | Self::RegistrationFailed(_)
-            | Self::EdgeNameTaken { .. } => true,
+            | Self::EdgeNameTaken { .. }
+            | Self::DirectoryUnavailable(_) => true,
             Self::StreamRejected { code, .. } => {
                 matches!(
                     code,

@@ -14,7 +14,9 @@
 //!   comes with a [`Connector`](crate::connector::Connector); changes are published as
 //!   [`RegistryEvent`]s;
 //! - callers look edges up through the [`Directory`] trait, so a directory shared by
-//!   several relays replaces the in-process [`Registry`] without changing them.
+//!   several relays replaces the in-process [`Registry`] without changing them;
+//! - [`NameClaims`] lets such a directory refuse a name another edge holds on another
+//!   relay ([`Acceptor::with_claims`]); `cluster` (feature `redis`) is one, in Redis.
 //!
 //! What to route where (Host headers, paths, forwarding headers) stays the application's.
 //!
@@ -55,6 +57,9 @@
 pub mod accept;
 pub mod admission;
 pub mod auth;
+pub mod claims;
+#[cfg(feature = "redis")]
+pub mod cluster;
 pub mod directory;
 mod name;
 pub mod registry;
@@ -66,6 +71,7 @@ pub use accept::{
 };
 pub use admission::{Admission, AdmissionConfig, Refusal, Source};
 pub use auth::{registration_metadata, AuthRequest, Tokens, REGISTER_SERVICE};
+pub use claims::{Claim, EdgeInstance, LocalClaims, NameClaims, INSTANCE_FIELD};
 pub use directory::{Directory, Location, RelayId};
 pub use name::{EdgeName, MAX_EDGE_NAME_LEN};
 pub use registry::{
