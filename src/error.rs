@@ -131,10 +131,15 @@ pub enum Error {
     /// did not answer in time; relays keep answering lookups from their cache meanwhile.
     #[error("the shared edge directory is unavailable: {0}")]
     DirectoryUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A relay id that a shared directory cannot store: ids are 1 to 128 printable ASCII
-    /// characters without spaces.
-    #[error("relay id {0:?} is not 1 to 128 printable ASCII characters without spaces")]
-    InvalidRelayId(String),
+    /// A setting of a shared directory that it cannot use: a relay id or key prefix that is
+    /// not 1 to 128 of `A-Z a-z 0-9 . _ : -`, a Redis URL that does not parse.
+    #[error("invalid {what}: {value}")]
+    InvalidClusterSetting {
+        /// Which setting.
+        what: &'static str,
+        /// The value, quoted (a URL is not shown: it may hold a password).
+        value: String,
+    },
 }
 
 impl Error {
