@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use backhaul::relay::auth::{EDGE_FIELD, TOKEN_FIELD};
 use backhaul::relay::cluster::{ClusterConfig, RedisDirectory, CLOSE_CLAIM_LOST};
 use backhaul::relay::{
-    Attachment, Claim, Directory, EdgeInstance, EdgeName, Location, NameClaims, Registry,
-    RelayId, TakeoverPolicy, INSTANCE_FIELD, REGISTER_SERVICE,
+    Attachment, Claim, Directory, EdgeInstance, EdgeName, Location, NameClaims, Registry, RelayId,
+    TakeoverPolicy, INSTANCE_FIELD, REGISTER_SERVICE,
 };
 use backhaul::{Error, Metadata, MetadataValue, QuinnConnection, SessionClient};
 use redis::Commands;
@@ -229,8 +229,14 @@ async fn an_edge_on_two_relays_is_listed_twice_and_found_locally_first() {
             node(&redis, "relay-c", LEASE),
         );
         all_synced(&[&a, &b, &c]).await;
-        let (to_a, to_b, to_c) = (session_pair().await, session_pair().await, session_pair().await);
-        let on_a = attach(&a, "kiosk", "kiosk-box", &to_a.relay).await.expect("a");
+        let (to_a, to_b, to_c) = (
+            session_pair().await,
+            session_pair().await,
+            session_pair().await,
+        );
+        let on_a = attach(&a, "kiosk", "kiosk-box", &to_a.relay)
+            .await
+            .expect("a");
         let on_b = attach(&b, "kiosk", "kiosk-box", &to_b.relay)
             .await
             .expect("the same instance may attach to a second relay");
@@ -328,15 +334,20 @@ async fn two_edges_racing_for_one_name_on_two_relays_end_with_one_owner() {
             assert_eq!(owner_of(&redis, &edge), Some(format!("{side}-{i}")));
             let (winner, loser) = if *side == "a" { (&a, &b) } else { (&b, &a) };
             assert!(winner.registry.contains(&edge));
-            assert!(!loser.registry.contains(&edge), "the loser's attach is undone");
+            assert!(
+                !loser.registry.contains(&edge),
+                "the loser's attach is undone"
+            );
         }
         for (i, side) in &winners {
             let edge = format!("race-{i}");
             let (winner, loser) = if *side == "a" { (&a, &b) } else { (&b, &a) };
             assert_eq!(located(winner, &edge).await, "local");
-            eventually(PROPAGATION, "the loser's relay finds the winner", || async {
-                located(loser, &edge).await == winner.id.as_str()
-            })
+            eventually(
+                PROPAGATION,
+                "the loser's relay finds the winner",
+                || async { located(loser, &edge).await == winner.id.as_str() },
+            )
             .await;
         }
     })
@@ -402,7 +413,8 @@ async fn a_relay_killed_without_a_goodbye_vanishes_within_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted_loses_nothing_and_a_name_taken_twice_meanwhile_ends_with_one_holder() {
+async fn redis_killed_and_restarted_loses_nothing_and_a_name_taken_twice_meanwhile_ends_with_one_holder(
+) {
     let Some(mut redis) = RedisServer::start() else {
         return;
     };
@@ -494,7 +506,9 @@ async fn a_stale_release_or_claim_never_undoes_a_newer_attachment() {
         let old = node(&redis, "relay-a", LEASE);
         all_synced(&[&old, &b]).await;
         let (first, second) = (session_pair().await, session_pair().await);
-        let stale = attach(&old, "kiosk", "kiosk-box", &first.relay).await.expect("old");
+        let stale = attach(&old, "kiosk", "kiosk-box", &first.relay)
+            .await
+            .expect("old");
         let restarted = node(&redis, "relay-a", LEASE);
         all_synced(&[&restarted, &b]).await;
         let newer = attach(&restarted, "kiosk", "kiosk-box", &second.relay)
@@ -506,7 +520,11 @@ async fn a_stale_release_or_claim_never_undoes_a_newer_attachment() {
         drop(stale);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let after: Option<String> = redis.connection().get(key).expect("GET");
-        assert_eq!(after, Some(value), "a stale release removed a newer attachment");
+        assert_eq!(
+            after,
+            Some(value),
+            "a stale release removed a newer attachment"
+        );
         assert_eq!(owner_of(&redis, "kiosk").as_deref(), Some("kiosk-box"));
         assert_eq!(located(&b, "kiosk").await, "relay-a");
         drop(old);
@@ -520,9 +538,15 @@ async fn a_stale_release_or_claim_never_undoes_a_newer_attachment() {
         );
         all_synced(&[&replacing]).await;
         let (third, fourth) = (session_pair().await, session_pair().await);
-        let older = replacing.registry.attach(name("panel"), third.relay.clone()).await.expect("attach");
+        let older = replacing
+            .registry
+            .attach(name("panel"), third.relay.clone())
+            .await
+            .expect("attach");
         let older_epoch = older.epoch();
-        let newest = attach(&replacing, "panel", "panel-box", &fourth.relay).await.expect("newer");
+        let newest = attach(&replacing, "panel", "panel-box", &fourth.relay)
+            .await
+            .expect("newer");
         let late = replacing
             .directory
             .claim(Claim {
@@ -536,7 +560,10 @@ async fn a_stale_release_or_claim_never_undoes_a_newer_attachment() {
             .connection()
             .get("backhaul:edge:{panel}:at:relay-c")
             .expect("GET");
-        assert!(value.starts_with(&format!("panel-box {} ", newest.epoch())), "{value}");
+        assert!(
+            value.starts_with(&format!("panel-box {} ", newest.epoch())),
+            "{value}"
+        );
         drop((newer, older, newest));
     })
     .await;
@@ -555,8 +582,12 @@ async fn steady_state_lookups_send_nothing_to_redis() {
         let b = node(&redis, "relay-b", lease);
         all_synced(&[&a, &b]).await;
         let pair = session_pair().await;
-        let _here = attach(&a, "here", "here-box", &pair.relay).await.expect("here");
-        let _there = attach(&b, "there", "there-box", &pair.relay).await.expect("there");
+        let _here = attach(&a, "here", "here-box", &pair.relay)
+            .await
+            .expect("here");
+        let _there = attach(&b, "there", "there-box", &pair.relay)
+            .await
+            .expect("there");
         eventually(PROPAGATION, "a sees b's edge", || async {
             located(&a, "there").await == "relay-b"
         })
@@ -619,7 +650,11 @@ async fn hundreds_of_concurrent_claims_and_lookups_on_three_relays() {
             .map(|id| Arc::new(node(&redis, id, LEASE)))
             .collect();
         all_synced(&nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>()).await;
-        let pairs: Vec<SessionPair> = vec![session_pair().await, session_pair().await, session_pair().await];
+        let pairs: Vec<SessionPair> = vec![
+            session_pair().await,
+            session_pair().await,
+            session_pair().await,
+        ];
         let mut tasks = JoinSet::new();
         for (n, node) in nodes.iter().enumerate() {
             for i in 0..PER_RELAY {
@@ -667,7 +702,11 @@ async fn hundreds_of_concurrent_claims_and_lookups_on_three_relays() {
                     let mut all = true;
                     for i in 0..PER_RELAY {
                         let at = located(viewer, &format!("many-{n}-{i}")).await;
-                        all &= if viewer.id == node.id { at == "local" } else { at == node.id.as_str() };
+                        all &= if viewer.id == node.id {
+                            at == "local"
+                        } else {
+                            at == node.id.as_str()
+                        };
                     }
                     all
                 })
@@ -682,7 +721,11 @@ async fn hundreds_of_concurrent_claims_and_lookups_on_three_relays() {
 /// Registration metadata naming the edge's instance.
 fn registration(edge: &str, token: &str, instance: &str) -> Metadata {
     let mut fields = HashMap::new();
-    for (key, value) in [(EDGE_FIELD, edge), (TOKEN_FIELD, token), (INSTANCE_FIELD, instance)] {
+    for (key, value) in [
+        (EDGE_FIELD, edge),
+        (TOKEN_FIELD, token),
+        (INSTANCE_FIELD, instance),
+    ] {
         fields.insert(key.to_owned(), MetadataValue::String(value.to_owned()));
     }
     Metadata::Structured(fields)
@@ -710,7 +753,9 @@ async fn the_acceptor_refuses_an_edge_whose_name_another_edge_holds_on_another_r
             let endpoint = relay.endpoint_from("127.0.0.1");
             let (addr, metadata) = (relay.addr, registration("kiosk", "s3cret", instance));
             async move {
-                let edge = relay_fixture::connect(&endpoint, addr).await.expect("connect");
+                let edge = relay_fixture::connect(&endpoint, addr)
+                    .await
+                    .expect("connect");
                 let opened = edge.client.open(REGISTER_SERVICE, metadata).await;
                 (opened, edge, endpoint)
             }

@@ -114,7 +114,10 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            assert!(Instant::now() < deadline, "{REDIS_SERVER} did not answer PING");
+            assert!(
+                Instant::now() < deadline,
+                "{REDIS_SERVER} did not answer PING"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(cache.elsewhere("kiosk", &me, later), None);
         // …unless the cache is frozen (our subscription is down).
         cache.set_frozen(true);
-        assert_eq!(cache.elsewhere("kiosk", &me, later), Some(RelayId::new("c")));
+        assert_eq!(
+            cache.elsewhere("kiosk", &me, later),
+            Some(RelayId::new("c"))
+        );
         cache.purge(later);
         assert!(cache.is_live(&RelayId::new("c"), later));
         cache.set_frozen(false);
@@ -259,13 +262,22 @@ mod tests {
         };
         let later = now + Duration::from_secs(5);
         cache.replace(snapshot, later, Duration::from_secs(2));
-        assert_eq!(cache.elsewhere("old", &me, later), None, "b's own list wins");
+        assert_eq!(
+            cache.elsewhere("old", &me, later),
+            None,
+            "b's own list wins"
+        );
         assert_eq!(cache.elsewhere("new", &me, later), Some(RelayId::new("b")));
         // c was live when frozen: kept for the grace, then lapses.
         assert_eq!(cache.elsewhere("kept", &me, later), Some(RelayId::new("c")));
         let after_grace = later + Duration::from_millis(2001);
         assert_eq!(cache.elsewhere("kept", &me, after_grace), None);
-        cache.apply(Notice::Gone { relay: RelayId::new("b") }, later);
+        cache.apply(
+            Notice::Gone {
+                relay: RelayId::new("b"),
+            },
+            later,
+        );
         assert_eq!(cache.elsewhere("new", &me, later), None);
     }
 }

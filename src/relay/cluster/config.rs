@@ -128,11 +128,9 @@ impl ClusterConfig {
                 });
             }
         }
-        redis::Client::open(self.redis_url.as_str()).map_err(|error| {
-            Error::InvalidClusterSetting {
-                what: "Redis URL",
-                value: format!("(not shown: it may hold a password) {}", error.category()),
-            }
+        redis::Client::open(self.redis_url.as_str()).map_err(|error| Error::InvalidClusterSetting {
+            what: "Redis URL",
+            value: format!("(not shown: it may hold a password) {}", error.category()),
         })
     }
 }

@@ -314,7 +314,9 @@ async fn claim_name<C: Connection>(state: Arc<State<C>>, claim: Claim) -> Result
     };
     let name = claim.name;
     let outcome = if state.is_reachable() {
-        state.claim_once(name.as_str(), &state.held(&published)).await
+        state
+            .claim_once(name.as_str(), &state.held(&published))
+            .await
     } else {
         Err(Error::DirectoryUnavailable(
             "Redis did not answer the last request".into(),

@@ -200,9 +200,7 @@ impl<C: Connection> State<C> {
     pub(super) async fn claim_once(&self, name: &str, held: &Held) -> Result<ClaimOutcome, Error> {
         let invocation = self.claim_invocation(name, held);
         let mut redis = self.redis.clone();
-        let answer: (i64, String) = self
-            .round_trip(invocation.invoke_async(&mut redis))
-            .await?;
+        let answer: (i64, String) = self.round_trip(invocation.invoke_async(&mut redis)).await?;
         Ok(ClaimOutcome::from_answer(answer))
     }
 
@@ -211,9 +209,7 @@ impl<C: Connection> State<C> {
         count(&self.stats.counters().releases);
         let invocation = self.release_invocation(name, held);
         let mut redis = self.redis.clone();
-        let removed: i64 = self
-            .round_trip(invocation.invoke_async(&mut redis))
-            .await?;
+        let removed: i64 = self.round_trip(invocation.invoke_async(&mut redis)).await?;
         Ok(removed == 1)
     }
 }

@@ -42,7 +42,9 @@ pub(super) async fn follow<C: Connection>(state: Arc<State<C>>) {
             Err(error) => debug!(error = %error, "not subscribed to the edge directory"),
         }
         if state.synced.swap(false, Ordering::Relaxed) {
-            info!("lost the edge directory's notices; answering from the cache until Redis is back");
+            info!(
+                "lost the edge directory's notices; answering from the cache until Redis is back"
+            );
         }
         state.cache_mut().set_frozen(true);
         tokio::time::sleep(delay).await;
