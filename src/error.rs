@@ -239,6 +239,19 @@ pub enum Error {
         /// The most allowed.
         limit: u8,
     },
+    /// A shared directory of edges (Redis, see `relay::cluster`) could not be reached or
+    /// did not answer in time; relays keep answering lookups from their cache meanwhile.
+    #[error("the shared edge directory is unavailable: {0}")]
+    DirectoryUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A setting of a shared directory that it cannot use: a relay id or key prefix that is
+    /// not 1 to 128 of `A-Z a-z 0-9 . _ : -`, a Redis URL that does not parse.
+    #[error("invalid {what}: {value}")]
+    InvalidClusterSetting {
+        /// Which setting.
+        what: &'static str,
+        /// The value, quoted (a URL is not shown: it may hold a password).
+        value: String,
+    },
 }
 
 impl Error {
@@ -252,7 +265,7 @@ impl Error {
 
     /// True for failures where the same request may succeed later on this or a new session
     /// (timeouts, full limits, lost connections, a peer's `LimitExceeded`/`ServiceUnavailable`,
-    /// an edge name whose live holder may go away).
+    /// an edge name whose live holder may go away, a shared directory unreachable).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -262,7 +275,8 @@ impl Error {
             | Self::RegistrationFailed(_)
             | Self::EdgeNameTaken { .. }
             | Self::PeerUnreachable { .. }
-            | Self::EdgeNotAttached { .. } => true,
+            | Self::EdgeNotAttached { .. }
+            | Self::DirectoryUnavailable(_) => true,
             Self::StreamRejected { code, .. } => {
                 matches!(
                     code,

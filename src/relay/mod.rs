@@ -18,6 +18,8 @@
 //! - [`peer`] reaches edges attached to another relay of the cluster: a [`PeerPool`]
 //!   of authenticated sessions to peer relays, and a [`PeerServer`] serving this relay's
 //!   edges to them.
+//! - [`NameClaims`] lets such a directory refuse a name another edge holds on another
+//!   relay ([`Acceptor::with_claims`]); `cluster` (feature `redis`) is one, in Redis.
 //!
 //! What to route where (Host headers, paths, forwarding headers) stays the application's.
 //!
@@ -58,6 +60,9 @@
 pub mod accept;
 pub mod admission;
 pub mod auth;
+pub mod claims;
+#[cfg(feature = "redis")]
+pub mod cluster;
 pub mod directory;
 mod name;
 pub mod peer;
@@ -70,6 +75,7 @@ pub use accept::{
 };
 pub use admission::{Admission, AdmissionConfig, Refusal, Source};
 pub use auth::{registration_metadata, AuthRequest, Tokens, REGISTER_SERVICE};
+pub use claims::{Claim, EdgeInstance, LocalClaims, NameClaims, INSTANCE_FIELD};
 pub use directory::{Directory, Location, RelayId};
 pub use name::{EdgeName, MAX_EDGE_NAME_LEN};
 pub use peer::{ClusterSecret, PeerConnector, PeerPool, PeerServer};

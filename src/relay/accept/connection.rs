@@ -17,6 +17,7 @@ use super::{AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHU
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
 use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
+use crate::relay::claims::{Claim, DynClaims, EdgeInstance};
 use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
@@ -31,6 +32,7 @@ pub(super) struct Shared {
     pub(super) session_config: Config,
     pub(super) register_timeout: Duration,
     pub(super) registered_max_streams: u32,
+    pub(super) claims: Arc<dyn DynClaims>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -288,6 +290,7 @@ where
             .await;
         return Err(Refused::Answered(client));
     };
+    let instance = EdgeInstance::from_metadata(&metadata);
     let request = AuthRequest {
         edge: edge.clone(),
         metadata,
@@ -317,22 +320,34 @@ where
     let attachment = match shared.registry.attach(name.clone(), client.clone()).await {
         Ok(attachment) => attachment,
         Err(Error::EdgeNameTaken { .. }) => {
-            AcceptStats::count(&counters.name_taken);
-            warn!(
-                edge = %name,
-                "refusing a second edge under a name whose holder is alive (two edges share a name?)"
-            );
-            let reason = Some(format!(
-                "edge name {:?} is already connected",
-                name.as_str()
-            ));
+            return Err(refuse_taken(shared, &client, request_id, &name).await);
+        }
+        Err(_) => return Err(Refused::Gone),
+    };
+    // Attached here first, so the claim carries this attach's epoch; the edge is not told
+    // it is registered until the cluster agrees, and dropping the attachment undoes it.
+    let claim = Claim {
+        name: name.clone(),
+        instance,
+        epoch: attachment.epoch(),
+    };
+    match shared.claims.claim_boxed(claim).await {
+        Ok(()) => {}
+        Err(Error::EdgeNameTaken { .. }) => {
+            drop(attachment);
+            return Err(refuse_taken(shared, &client, request_id, &name).await);
+        }
+        Err(error) => {
+            drop(attachment);
+            AcceptStats::count(&counters.directory_unavailable);
+            warn!(edge = %name, error = ?error.to_string(), "the name's cluster claim failed; the edge is told to retry");
+            let reason = Some("the edge directory is unavailable; try again later".to_owned());
             let _ = client
                 .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
                 .await;
             return Err(Refused::Answered(client));
         }
-        Err(_) => return Err(Refused::Gone),
-    };
+    }
     // Proven: from now on the edge may open as many streams as any tunnel, and send as
     // much as its streams' windows allow.
     connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.registered_max_streams));
@@ -346,6 +361,28 @@ where
         events,
         attachment,
     })
+}
+
+/// Refuses an edge whose name a live edge holds, here or elsewhere in the cluster.
+async fn refuse_taken(
+    shared: &Shared,
+    client: &SessionClient<QuinnConnection>,
+    request_id: u64,
+    name: &EdgeName,
+) -> Refused {
+    AcceptStats::count(&shared.stats.counters.name_taken);
+    warn!(
+        edge = %name,
+        "refusing a second edge under a name whose holder is alive (two edges share a name?)"
+    );
+    let reason = Some(format!(
+        "edge name {:?} is already connected",
+        name.as_str()
+    ));
+    let _ = client
+        .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
+        .await;
+    Refused::Answered(client.clone())
 }
 
 /// The reason of an authenticator's refusal ([`Error::Unauthorized`]), or the error that

@@ -38,6 +38,7 @@ use connection::{handle_connection, turn_away, Shared};
 
 use super::admission::{Admission, AdmissionConfig, LogSummary};
 use super::auth::{AuthRequest, Tokens};
+use super::claims::{DynClaims, LocalClaims, NameClaims};
 use super::name::EdgeName;
 use super::registry::Registry;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
@@ -116,6 +117,7 @@ struct Counters {
     unauthorized: AtomicU64,
     auth_unavailable: AtomicU64,
     name_taken: AtomicU64,
+    directory_unavailable: AtomicU64,
     unregistered: AtomicUsize,
 }
 
@@ -141,8 +143,12 @@ pub struct AcceptCounts {
     pub unauthorized: u64,
     /// Registrations answered "unavailable" because the authenticator failed.
     pub auth_unavailable: u64,
-    /// Registrations refused because a live edge holds the name.
+    /// Registrations refused because a live edge holds the name (here, or elsewhere in
+    /// the cluster: see [`Acceptor::with_claims`]).
     pub name_taken: u64,
+    /// Registrations answered "unavailable" because the shared directory could not decide
+    /// the name's claim.
+    pub directory_unavailable: u64,
     /// Connections not registered yet, now.
     pub unregistered: usize,
 }
@@ -164,6 +170,7 @@ impl AcceptStats {
             unauthorized: get(&c.unauthorized),
             auth_unavailable: get(&c.auth_unavailable),
             name_taken: get(&c.name_taken),
+            directory_unavailable: get(&c.directory_unavailable),
             unregistered: c.unregistered.load(Ordering::Relaxed),
         }
     }
@@ -204,6 +211,7 @@ pub struct Acceptor<A = Tokens> {
     register_timeout: Duration,
     log_summary_interval: Duration,
     registered_max_streams: u32,
+    claims: Arc<dyn DynClaims>,
     stats: AcceptStats,
 }
 
@@ -236,8 +244,18 @@ where
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
             registered_max_streams: DEFAULT_MAX_STREAMS,
+            claims: Arc::new(LocalClaims),
             stats: AcceptStats::default(),
         }
+    }
+
+    /// Claims each edge's name cluster-wide before telling the edge it is registered
+    /// (default [`LocalClaims`]: no claim); a refused claim refuses the edge as a name
+    /// taken on this relay would be. See [`claims`](super::claims).
+    #[must_use]
+    pub fn with_claims(mut self, claims: impl NameClaims) -> Self {
+        self.claims = Arc::new(claims);
+        self
     }
 
     /// The admission limits (default [`AdmissionConfig::default`]).
@@ -310,6 +328,7 @@ where
             register_timeout,
             log_summary_interval,
             registered_max_streams,
+            claims,
             stats,
         } = self;
         let shared = Arc::new(Shared {
@@ -320,6 +339,7 @@ where
             session_config,
             register_timeout,
             registered_max_streams,
+            claims,
         });
         let (stop, stopped) = watch::channel(false);
         let mut connections = JoinSet::new();
