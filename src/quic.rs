@@ -4,7 +4,7 @@
 //! one long-lived connection, so it needs more concurrent streams, a keep-alive shorter
 //! than the idle timeout (NAT bindings expire), and larger flow-control windows.
 //! These helpers build endpoints with those settings; anything else can still be built by
-//! hand with quinn and wrapped in [`QuinnConnection`](crate::QuinnConnection).
+//! hand with quinn and wrapped in [`QuinnConnection`](crate::transport::QuinnConnection).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -124,7 +124,7 @@ async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeo
         let authority = upstream.authority().expect("an authority").to_string();
         let local = to_local(upstream)
             .expect("an http upstream")
-            .described_as(format!(
+            .with_description(format!(
                 "edge {EDGE:?}: local service {name:?} at {authority}"
             ))
             .with_timeouts(edge_timeouts);

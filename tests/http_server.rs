@@ -130,8 +130,8 @@ async fn start(limits: Limits) -> TestServer {
     let server = Server::bind(([127, 0, 0, 1], 0))
         .await
         .expect("binding")
-        .limits(limits)
-        .observer(Arc::clone(&recorder));
+        .with_limits(limits)
+        .with_observer(Arc::clone(&recorder));
     let addr = server.local_addr().expect("address");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(

@@ -258,11 +258,11 @@ fn build_router(config: &EdgeConfig) -> Result<Router<QuinnConnection>, Error> {
         .try_fold(Router::new(), |router, (name, upstream)| {
             let authority = upstream.authority().map_or("", |a| a.as_str());
             let local = to_local(upstream.clone())?
-                .described_as(format!(
+                .with_description(format!(
                     "edge {:?}: local service {name:?} at {authority}",
                     config.name
                 ))
-                .rewrite_host(config.rewrite_host)
+                .with_host_rewrite(config.rewrite_host)
                 .with_timeouts(timeouts);
             Ok(router.route(name.as_str(), backhaul::http::serve(local)))
         })

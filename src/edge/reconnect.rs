@@ -33,11 +33,13 @@ use tower::{Service, ServiceExt};
 use tracing::{debug, info, warn};
 
 use super::{Backoff, Router, DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};
+use crate::config::Config;
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::RejectCode;
 use crate::quic::{client_config, client_endpoint, DEFAULT_ALPN};
+use crate::session::SessionClient;
 use crate::session::{Role, Session};
 use crate::transport::QuinnConnection;
-use crate::{Config, Error, SessionClient, TimeoutKind};
 
 /// How long one QUIC handshake with a relay may take, by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -25,8 +25,8 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::name::EdgeName;
+use crate::error::Error;
 use crate::protocol::{Metadata, MetadataValue};
-use crate::Error;
 
 /// The relay service an edge registers through.
 pub const REGISTER_SERVICE: &str = "_register";

@@ -26,8 +26,8 @@ use std::sync::OnceLock;
 
 use super::name::EdgeName;
 use super::registry::Epoch;
+use crate::error::Error;
 use crate::protocol::Metadata;
-use crate::Error;
 
 /// The registration metadata field naming the edge's instance (see [`EdgeInstance`]).
 pub const INSTANCE_FIELD: &str = "instance";

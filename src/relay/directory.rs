@@ -15,8 +15,9 @@ use std::fmt;
 use std::future::{ready, Future, Ready};
 
 use super::registry::{EdgeHandle, Registry};
+use crate::error::Error;
 use crate::transport::Connection;
-use crate::{Error, QuinnConnection};
+use crate::transport::QuinnConnection;
 
 /// Another relay, as a shared directory names it (an address, a node id…).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -8,7 +8,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
 
-use crate::Error;
+use crate::error::Error;
 
 /// Longest edge name: a DNS label's limit.
 pub const MAX_EDGE_NAME_LEN: usize = 63;

@@ -32,8 +32,10 @@ use tracing::{debug, warn};
 
 use super::name::EdgeName;
 use crate::connector::Connector;
+use crate::error::Error;
+use crate::session::SessionClient;
 use crate::transport::Connection;
-use crate::{Error, QuinnConnection, SessionClient};
+use crate::transport::QuinnConnection;
 
 /// QUIC close code for an edge replaced by a newer connection under the same name.
 pub const CLOSE_REPLACED: u32 = 0x11;

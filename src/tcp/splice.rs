@@ -150,8 +150,9 @@ mod tests {
 
     #[tokio::test]
     async fn both_directions_arrive_and_half_close_is_kept() {
-        let (mut a, mut a_far) = tokio::io::duplex(1024);
-        let (mut b, mut b_far) = tokio::io::duplex(1024);
+        // Buffers larger than the transfer: the far ends read only after writing all.
+        let (mut a, mut a_far) = tokio::io::duplex(64 * 1024);
+        let (mut b, mut b_far) = tokio::io::duplex(64 * 1024);
         let splice = tokio::spawn(async move { splice(&mut a, &mut b).await });
         // The far end of `a` sends and half-closes; it can still read the answer.
         a_far.write_all(&[7; 5000]).await.unwrap();

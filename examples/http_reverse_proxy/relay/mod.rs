@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backhaul::http::server::{ConnectionInfo, Limits, Server};
 pub use backhaul::http::forwarded::TrustedProxies;
+use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::quic::{key_path_beside, Identity, DEFAULT_ALPN};
 use backhaul::relay::{
     AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
@@ -403,8 +403,8 @@ async fn serve_http<S>(
     S::Future: Send + 'static,
 {
     Server::from_listener(listener)
-        .limits(limits)
-        .observer(observer)
+        .with_limits(limits)
+        .with_observer(observer)
         .serve(service)
         .with_graceful_shutdown(async move { until_stopped(&mut stop).await })
         .await;

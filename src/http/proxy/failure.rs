@@ -12,9 +12,9 @@ use http::{Response, StatusCode};
 
 use super::forward::ForwardError;
 use super::{text_response, ProxyBody};
-use crate::session::SessionClient;
 use crate::error::Error;
 use crate::protocol::RejectCode;
+use crate::session::SessionClient;
 use crate::transport::Connection;
 
 /// A failed forward, as the client and the log see it.

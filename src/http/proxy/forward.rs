@@ -48,7 +48,7 @@ pub enum ForwardError {
     #[error("no response head within {0:?}")]
     Timeout(Duration),
     /// The upstream, or the way to it, failed; the chain holds the cause (a crate
-    /// [`Error`](crate::Error) for a tunnel that could not be opened, an `io::Error` for
+    /// [`Error`](crate::error::Error) for a tunnel that could not be opened, an `io::Error` for
     /// a refused TCP connection, a `hyper::Error`…).
     #[error(transparent)]
     Upstream(#[from] legacy::Error),

@@ -39,7 +39,7 @@ use crate::error::Error;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let web = to_local("http://127.0.0.1:3000".parse()?)?
-///     .described_as("local service \"web\" at 127.0.0.1:3000")
+///     .with_description("local service \"web\" at 127.0.0.1:3000")
 ///     .with_timeouts(Timeouts { response: Duration::from_secs(30), ..Timeouts::default() });
 /// let router: Router<QuinnConnection> = Router::new().route("web", backhaul::http::serve(web));
 /// # drop(router); Ok(()) }
@@ -99,7 +99,7 @@ impl LocalUpstream {
     /// How failures and logs name the service (default `local service at HOST:PORT`);
     /// e.g. `edge "kiosk": local service "web" at 127.0.0.1:3000`.
     #[must_use]
-    pub fn described_as(mut self, description: impl Into<String>) -> Self {
+    pub fn with_description(mut self, description: impl Into<String>) -> Self {
         self.description = Arc::from(description.into());
         self
     }
@@ -107,7 +107,7 @@ impl LocalUpstream {
     /// Sends the upstream's own authority as Host instead of the public one (for services
     /// that only answer to their own name). Off by default.
     #[must_use]
-    pub fn rewrite_host(mut self, rewrite: bool) -> Self {
+    pub fn with_host_rewrite(mut self, rewrite: bool) -> Self {
         self.rewrite_host = rewrite;
         self
     }

@@ -46,7 +46,7 @@
 //! });
 //! let server = Server::bind(([127, 0, 0, 1], 0))
 //!     .await?
-//!     .limits(Limits { header_timeout: Duration::from_secs(5), ..Limits::DEFAULT });
+//!     .with_limits(Limits { header_timeout: Duration::from_secs(5), ..Limits::DEFAULT });
 //! let addr = server.local_addr()?;
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let serving = tokio::spawn(
@@ -143,7 +143,7 @@ impl Server {
 
     /// Replaces the [`Limits`].
     #[must_use]
-    pub fn limits(mut self, limits: Limits) -> Self {
+    pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
     }
@@ -151,7 +151,7 @@ impl Server {
     /// Reports connections to `observer` (one for the whole server; share state inside it,
     /// or pass an `Arc`).
     #[must_use]
-    pub fn observer(mut self, observer: impl Observer) -> Self {
+    pub fn with_observer(mut self, observer: impl Observer) -> Self {
         self.observer = Arc::new(observer);
         self
     }

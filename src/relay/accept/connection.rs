@@ -14,6 +14,8 @@ use tower::{BoxError, Service, ServiceExt};
 use tracing::{debug, info, warn};
 
 use super::{AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE};
+use crate::config::Config;
+use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
 use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
@@ -21,7 +23,8 @@ use crate::relay::claims::{Claim, DynClaims, EdgeInstance};
 use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
-use crate::{ClientEvent, Config, Error, QuinnConnection, Role, Session, SessionClient};
+use crate::session::{ClientEvent, Role, Session, SessionClient};
+use crate::transport::QuinnConnection;
 
 /// What every connection task shares.
 pub(super) struct Shared {

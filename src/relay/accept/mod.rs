@@ -41,8 +41,9 @@ use super::auth::{AuthRequest, Tokens};
 use super::claims::{DynClaims, LocalClaims, NameClaims};
 use super::name::EdgeName;
 use super::registry::Registry;
+use crate::config::Config;
+use crate::error::Error;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
-use crate::{Config, Error};
 
 /// Streams an unregistered peer may open: the control stream, with room to spare.
 pub const UNREGISTERED_STREAMS: u32 = 4;

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::keys::is_valid_id;
+use crate::error::Error;
 use crate::relay::directory::RelayId;
-use crate::Error;
 
 /// How long an attachment or a relay's liveness lasts without a refresh, by default. A
 /// relay killed without a goodbye vanishes from the directory within this bound.
@@ -98,7 +98,7 @@ impl ClusterConfig {
     /// What claims do while Redis is unreachable (default
     /// [`WhileUnreachable::AllowLocally`]).
     #[must_use]
-    pub fn while_unreachable(mut self, policy: WhileUnreachable) -> Self {
+    pub fn with_unreachable_policy(mut self, policy: WhileUnreachable) -> Self {
         self.while_unreachable = policy;
         self
     }

@@ -70,7 +70,7 @@
 //!
 //! [`Registry`]: crate::relay::Registry
 //! [`Acceptor::with_claims`]: crate::relay::Acceptor::with_claims
-//! [`Error::EdgeNameTaken`]: crate::Error::EdgeNameTaken
+//! [`Error::EdgeNameTaken`]: crate::error::Error::EdgeNameTaken
 //! [`Directory::locate`]: crate::relay::Directory::locate
 
 mod cache;
@@ -103,11 +103,12 @@ pub use stats::{DirectoryCounts, DirectoryStats};
 use self::notice::Notice;
 use self::state::{ClaimOutcome, Published, State};
 use self::stats::count;
+use crate::error::Error;
 use crate::relay::claims::{process_nonce, Claim, EdgeInstance, NameClaims};
 use crate::relay::directory::{Directory, Location, RelayId};
 use crate::relay::registry::Registry;
 use crate::transport::Connection;
-use crate::{Error, QuinnConnection};
+use crate::transport::QuinnConnection;
 
 /// QUIC close code for a local edge disconnected because another edge holds its name in
 /// the cluster (found when Redis came back after an outage).

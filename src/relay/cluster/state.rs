@@ -16,12 +16,12 @@ use super::keys::Keys;
 use super::notice::Held;
 use super::scripts::{CLAIM, RELEASE};
 use super::stats::{count, DirectoryStats};
+use crate::error::Error;
 use crate::relay::claims::EdgeInstance;
 use crate::relay::directory::RelayId;
 use crate::relay::name::EdgeName;
 use crate::relay::registry::{Epoch, Registry};
 use crate::transport::Connection;
-use crate::Error;
 
 /// A local attachment this relay claimed (or will claim when Redis returns).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,9 +20,9 @@ use super::cache::Snapshot;
 use super::notice::{Held, Notice};
 use super::state::State;
 use super::stats::count;
+use crate::error::Error;
 use crate::relay::directory::RelayId;
 use crate::transport::Connection;
-use crate::Error;
 
 /// First wait before subscribing again; doubles up to [`MAX_RESUBSCRIBE_DELAY`].
 const MIN_RESUBSCRIBE_DELAY: Duration = Duration::from_millis(50);

@@ -13,10 +13,12 @@ use tower::Service;
 use super::pool::PeerPool;
 use super::wire::{forward_metadata, refusal_error};
 use crate::connector::{ConnectFuture, Connector, OpenTarget};
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Metadata, ServiceId};
 use crate::relay::name::EdgeName;
+use crate::session::SessionClient;
 use crate::stream::TunnelStream;
-use crate::{Error, QuinnConnection, SessionClient, TimeoutKind};
+use crate::transport::QuinnConnection;
 
 #[cfg(feature = "http")]
 type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;

@@ -90,8 +90,8 @@ pub use server::{PeerCounts, PeerServer, PeerStats, ServePeerConnection, ServePe
 pub use splice::SPLICE_FAILED;
 pub use wire::{MAX_HOPS, PEER_SERVICE};
 
+use crate::error::Error;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
-use crate::Error;
 
 /// The ALPN protocol of relay-to-relay connections.
 pub const PEER_ALPN: &[u8] = b"backhaul-peer/1";

@@ -13,11 +13,14 @@ use tracing::{debug, warn};
 use super::connector::PeerConnector;
 use super::wire::{hello, PEER_SERVICE};
 use super::{ClusterSecret, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OPEN_TIMEOUT};
+use crate::config::Config;
 use crate::edge::Backoff;
+use crate::error::{Error, TimeoutKind};
 use crate::protocol::RejectCode;
 use crate::relay::directory::RelayId;
 use crate::relay::name::EdgeName;
-use crate::{Config, Error, QuinnConnection, Role, SessionClient, TimeoutKind};
+use crate::session::{Role, SessionClient};
+use crate::transport::QuinnConnection;
 
 /// The first window between dials to a peer that failed: 100 ms, doubling.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);

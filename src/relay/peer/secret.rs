@@ -7,9 +7,9 @@
 
 use std::fmt;
 
+use crate::error::Error;
 use crate::relay::auth::Tokens;
 use crate::relay::name::EdgeName;
-use crate::Error;
 
 /// The name the secret is filed under in the [`Tokens`] table it reuses (never sent).
 const CLUSTER_ENTRY: &str = "cluster";

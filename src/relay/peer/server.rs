@@ -17,14 +17,17 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::splice::{splice, Ended, SPLICE_FAILED};
 use super::wire::{check_hello, parse_forward, Refusal, MAX_HOPS, PEER_SERVICE};
 use super::{ClusterSecret, CLOSE_PEER_REFUSED};
+use crate::config::Config;
 use crate::connector::OpenTarget;
+use crate::error::Error;
 use crate::protocol::{Metadata, RejectCode, ServiceId};
 use crate::relay::accept::{CLOSE_SHUTDOWN, DEFAULT_REGISTER_TIMEOUT};
 use crate::relay::directory::RelayId;
 use crate::relay::registry::Registry;
+use crate::session::{ClientEvent, Role, SessionClient};
 use crate::stream::TunnelStream;
+use crate::transport::QuinnConnection;
 use crate::transport::{RecvStream, SendStream};
-use crate::{ClientEvent, Config, Error, QuinnConnection, Role, SessionClient};
 
 /// How long a refused peer gets to read the refusal before its connection is closed.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);

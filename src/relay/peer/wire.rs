@@ -16,11 +16,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::secret::ClusterSecret;
+use crate::error::Error;
 use crate::protocol::{Metadata, MetadataValue, RejectCode};
 use crate::relay::auth::metadata_text;
 use crate::relay::directory::RelayId;
 use crate::relay::name::EdgeName;
-use crate::Error;
 
 /// The service a relay opens first on a peer, to present the cluster secret.
 pub const PEER_SERVICE: &str = "_peer";
