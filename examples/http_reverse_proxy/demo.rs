@@ -82,6 +82,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         trusted_proxies: Default::default(),
         edge_limits: EdgeLimits::default(),
         list_edges: true,
+        cluster: None,
     })
     .await?;
 

@@ -15,8 +15,12 @@ use std::time::Duration;
 use backhaul::edge::{Backoff, Edge, RegisterError, Router};
 use backhaul::http::proxy::{to_local, Timeouts};
 use backhaul::quic::load_certs;
-use backhaul::relay::{registration_metadata, EdgeName, REGISTER_SERVICE};
-use backhaul::{Config, Error, QuinnConnection, RejectCode, SessionClient};
+use backhaul::relay::{
+    registration_metadata, EdgeInstance, EdgeName, INSTANCE_FIELD, REGISTER_SERVICE,
+};
+use backhaul::{
+    Config, Error, Metadata, MetadataValue, QuinnConnection, RejectCode, SessionClient,
+};
 use clap::Args;
 use http::Uri;
 use rustls::pki_types::CertificateDer;
@@ -45,7 +49,9 @@ pub struct UntrustedRelay {
 
 #[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
-    /// The relay's QUIC address (host:port).
+    /// The relay's QUIC address (host:port); several, comma-separated, are tried in turn
+    /// on every (re)connection, the first that answers is used (failover between the
+    /// relays of a cluster).
     #[arg(long, default_value = "127.0.0.1:4433", env = "BACKHAUL_RELAY")]
     pub relay: String,
     /// Certificate (PEM or DER) to trust for the relay.
@@ -169,17 +175,27 @@ pub async fn run_edge(
         .with_ping_interval(config.keepalive)
         .with_ping_timeout(config.keepalive)
         .with_max_concurrent_streams(config.max_streams);
+    let relays = config
+        .relay
+        .split(',')
+        .map(str::trim)
+        .filter(|relay| !relay.is_empty());
+    // One id for this process's life: every session (to any relay of a cluster) registers
+    // as the same edge instance, so a reconnection to another relay is not refused as
+    // another edge taking the name.
+    let instance: Arc<str> = Arc::from(EdgeInstance::generate().as_str());
     let edge = Edge::builder()
-        .relay(&config.relay)
+        .relays(relays)
         .trust(config.trusted.clone())
         .server_name(&config.server_name)
         .config(session_config)
         .register(tower::service_fn({
-            let (edge, token) = (
-                Arc::from(config.name.as_str()),
-                Arc::from(config.token.as_str()),
-            );
-            move |client| register(client, Arc::clone(&edge), Arc::clone(&token))
+            let identity = Registration {
+                edge: Arc::from(config.name.as_str()),
+                token: Arc::from(config.token.as_str()),
+                instance,
+            };
+            move |client| register(client, identity.clone())
         }))
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
         .drain_timeout(config.shutdown_timeout)
@@ -198,19 +214,38 @@ pub async fn run_edge(
     }
 }
 
+/// What the edge registers with: its name, token and instance id.
+#[derive(Clone)]
+struct Registration {
+    edge: Arc<str>,
+    token: Arc<str>,
+    instance: Arc<str>,
+}
+
+impl Registration {
+    /// The library's registration metadata plus the instance field.
+    fn metadata(&self) -> Metadata {
+        let mut metadata = registration_metadata(&self.edge, &self.token);
+        if let Metadata::Structured(fields) = &mut metadata {
+            fields.insert(
+                INSTANCE_FIELD.to_owned(),
+                MetadataValue::String(self.instance.to_string()),
+            );
+        }
+        metadata
+    }
+}
+
 /// The registration run on every new session: open the relay's `_register` service with
 /// this edge's name and token. A refusal of the credentials is final; a name held by a
 /// live edge is retried (with a loud warning), so this edge takes over once the other is
 /// gone.
 async fn register(
     client: SessionClient<QuinnConnection>,
-    edge: Arc<str>,
-    token: Arc<str>,
+    registration: Registration,
 ) -> Result<(), RegisterError> {
-    match client
-        .open(REGISTER_SERVICE, registration_metadata(&edge, &token))
-        .await
-    {
+    let edge = &registration.edge;
+    match client.open(REGISTER_SERVICE, registration.metadata()).await {
         Ok(_) => {
             info!(edge = %edge, "registered with the relay");
             Ok(())
