@@ -103,6 +103,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             upstream_idle_timeout: Duration::from_secs(60),
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
         },
         async {
             let _ = edge_stopped.await;

@@ -95,6 +95,10 @@ pub struct EdgeArgs {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// How long one QUIC handshake with a relay may take before the next relay of
+    /// --relay is tried.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
 }
 
 /// Everything an edge needs to run.
@@ -116,6 +120,7 @@ pub struct EdgeConfig {
     pub upstream_idle_timeout: Duration,
     pub max_streams: usize,
     pub max_backoff: Duration,
+    pub connect_timeout: Duration,
 }
 
 pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
@@ -143,6 +148,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         upstream_idle_timeout: args.upstream_idle_timeout,
         max_streams: args.max_streams,
         max_backoff: args.max_backoff,
+        connect_timeout: args.connect_timeout,
     };
     run_edge(config, shutdown_signal()).await
 }
@@ -198,6 +204,7 @@ pub async fn run_edge(
             move |client| register(client, identity.clone())
         }))
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
+        .connect_timeout(config.connect_timeout)
         .drain_timeout(config.shutdown_timeout)
         .build(build_router(&config)?)?
         .with_graceful_shutdown(shutdown);
