@@ -210,6 +210,7 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         let killed = Instant::now();
         let mut slowest_answer = Duration::ZERO;
         let mut answers = 0;
+        let mut meanwhile = std::collections::BTreeSet::new();
         for (r, public) in publics.iter().enumerate().skip(1) {
             loop {
                 let asked = Instant::now();
@@ -223,6 +224,16 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
                 if status == StatusCode::OK && body == "alpha" {
                     break;
                 }
+                // Only the relay's own answers: the peer is gone, or alpha is not yet
+                // attached anywhere.
+                assert_eq!(status, StatusCode::BAD_GATEWAY, "r{}: {body}", r + 1);
+                assert!(
+                    body.contains("relay r1 is unreachable (cluster)")
+                        || body.contains("is not connected"),
+                    "r{}: {body}",
+                    r + 1
+                );
+                meanwhile.insert(format!("r{}: {status} {body}", r + 1));
                 assert!(
                     killed.elapsed() < FAILOVER_BOUND,
                     "alpha not reachable through r{} {FAILOVER_BOUND:?} after the kill: {status} {body}",
@@ -236,6 +247,7 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             "failover after SIGKILL of alpha's relay: {failover:?} until r2 and r3 both reach \
              alpha ({answers} requests meanwhile, slowest answer {slowest_answer:?})"
         );
+        println!("answers during the failover: {meanwhile:#?}");
         relays[1].wait_edges(2).await;
         for public in &publics[1..] {
             for label in ["alpha", "beta"] {

@@ -127,11 +127,15 @@ pub(super) struct StartedCluster {
 impl Cluster {
     /// Joins the directory in Redis over `registry`, serves this relay's edges to peers on
     /// `settings.peer_listen` until `stop`, and prepares the pool that dials peers.
+    /// Peer sessions are pinged every `keepalive` (as edges are), so a peer that vanished
+    /// fails requests through it within about two of them instead of hanging them.
     pub(super) fn start(
         settings: ClusterSettings,
         registry: &Registry,
         identity: &Identity,
         server_name: &str,
+        keepalive: Duration,
+        open_timeout: Duration,
         mut stop: watch::Receiver<bool>,
     ) -> Result<StartedCluster, BoxError> {
         let config = ClusterConfig::new(
@@ -151,9 +155,17 @@ impl Cluster {
         let peer_task = tokio::spawn(serving);
         let mut trusted = identity.cert_chain.clone();
         trusted.extend(settings.peer_certs);
+        let idle_timeout = (keepalive * 3).min(peer::DEFAULT_IDLE_TIMEOUT);
+        let session_config = Config::new()
+            .with_agent(concat!("backhaul-relay/", env!("CARGO_PKG_VERSION")))
+            .with_ping_interval(keepalive)
+            .with_ping_timeout(keepalive);
         let pool = PeerPool::new(peer::client_endpoint(&trusted)?, settings.secret)
             .with_relay_id(settings.relay_id)
-            .with_server_name(server_name);
+            .with_server_name(server_name)
+            .with_client_config(peer::client_config(&trusted, idle_timeout)?)
+            .with_session_config(session_config)
+            .with_open_timeout(open_timeout);
         Ok(StartedCluster {
             cluster: Self {
                 directory,
@@ -219,21 +231,31 @@ async fn resolve(address: &str) -> Result<SocketAddr, BoxError> {
 }
 
 /// What went wrong forwarding through a peer: the peer gone or refusing us is the
-/// cluster's problem (502 naming the relay), an edge the peer does not hold means the
-/// directory was stale; anything else is the edge's, as for a local edge.
+/// cluster's problem (502 naming the relay; a request cut by the loss of the peer's
+/// session counts as that too), an edge the peer does not hold means the directory was
+/// stale; anything else is the edge's, as for a local edge.
 pub(super) fn peer_failure(
+    cluster: &Cluster,
     route: &PeerRoute,
     error: &ForwardError,
     edge: &str,
     service: &str,
 ) -> Failure {
     let relay = &route.relay;
-    match find_cause::<Error>(error) {
-        Some(Error::PeerUnreachable { .. } | Error::PeerRefused { .. }) => Failure::new(
+    let unreachable = || {
+        Failure::new(
             StatusCode::BAD_GATEWAY,
             format!("relay {relay} is unreachable (cluster)"),
             error_chain(error),
-        ),
+        )
+    };
+    match find_cause::<Error>(error) {
+        Some(
+            Error::PeerUnreachable { .. }
+            | Error::PeerRefused { .. }
+            | Error::SessionClosed
+            | Error::Disconnected,
+        ) => unreachable(),
         Some(Error::EdgeNotAttached { .. }) => Failure::new(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -242,6 +264,7 @@ pub(super) fn peer_failure(
             ),
             error_chain(error),
         ),
+        None if cluster.pool.live_session(route.address).is_none() => unreachable(),
         _ => forward_failure(error, edge, service),
     }
 }

@@ -365,6 +365,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
             &registry,
             &config.identity,
             &config.domain,
+            config.keepalive,
+            config.open_timeout,
             edges_stopped.clone(),
         )?),
         None => None,

@@ -172,12 +172,13 @@ async fn route(
             forwarded.with_label_values(&[route.relay.as_str()]).inc();
             match forward(state, route.http.clone(), request, &edge_name, &service).await {
                 Ok(response) => return response,
-                Err(error) => {
-                    if let Some(cluster) = &state.cluster {
+                Err(error) => match &state.cluster {
+                    Some(cluster) => {
                         cluster.forget(route.address, &edge_name);
+                        peer_failure(cluster, &route, &error, &edge_name, &service)
                     }
-                    peer_failure(&route, &error, &edge_name, &service)
-                }
+                    None => forward_failure(&error, &edge_name, &service),
+                },
             }
         }
     };
