@@ -5,7 +5,9 @@
 //! attached there or to another relay (large bodies both ways, the client's address, a
 //! WebSocket); and when the relay an edge is attached to is SIGKILLed, the edge moves to
 //! the next relay of its list and requests through the surviving relays succeed again
-//! within a bound, every request meanwhile answered (never a hang). Timings are printed.
+//! within a bound, every request meanwhile answered (never a hang); an edge attached to
+//! two relays at once (`--attach-all`) stays reachable without a gap through the one that
+//! survives. Timings are printed.
 #![cfg(feature = "redis")]
 
 #[path = "support/redis.rs"]
@@ -144,7 +146,11 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         let dir = TempDir::new("proxy-cluster");
         // One identity for every relay: each trusts its peers as itself.
         let (cert, key) = write_cert_and_key(dir.path());
-        let tokens = [("alpha", "alpha-token"), ("beta", "beta-token")];
+        let tokens = [
+            ("alpha", "alpha-token"),
+            ("beta", "beta-token"),
+            ("gamma", "gamma-token"),
+        ];
         let mut relays = Vec::new();
         for id in ["r1", "r2", "r3"] {
             let args = relay_args(&redis, id, free_udp_addr());
@@ -169,8 +175,19 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             &[("web", beta_app.addr)],
             &edge_args,
         );
-        relays[0].wait_edges(1).await;
+        // gamma holds sessions to r1 and r3 at once (one process, one instance id).
+        let gamma_app = Backend::start("gamma").await;
+        let gamma_args = [&edge_args[..], &["--attach-all"]].concat();
+        let _gamma: Proc = relays[0].spawn_edge_with_fallbacks(
+            &[relays[2].spec.quic],
+            "gamma",
+            "gamma-token",
+            &[("web", gamma_app.addr)],
+            &gamma_args,
+        );
+        relays[0].wait_edges(2).await;
         relays[1].wait_edges(1).await;
+        relays[2].wait_edges(1).await;
         let publics: Vec<Public> = relays.iter().map(Relay::public).collect();
 
         // Every relay reaches every edge, local or not.
@@ -208,6 +225,13 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         // SIGKILL alpha's relay: alpha moves to r2; r2 and r3 reach it again.
         relays[0].proc.kill();
         let killed = Instant::now();
+        // gamma is attached to r3 as well: no gap there.
+        for _ in 0..5 {
+            assert_eq!(
+                publics[2].get("gamma", "/whoami").await,
+                (StatusCode::OK, "gamma".to_owned())
+            );
+        }
         let mut slowest_answer = Duration::ZERO;
         let mut answers = 0;
         let mut meanwhile = std::collections::BTreeSet::new();
@@ -250,8 +274,15 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         println!("answers during the failover: {meanwhile:#?}");
         relays[1].wait_edges(2).await;
         for public in &publics[1..] {
-            for label in ["alpha", "beta"] {
-                assert_eq!(public.get(label, "/whoami").await, (StatusCode::OK, label.to_owned()));
+            for label in ["alpha", "beta", "gamma"] {
+                let what = format!("{label} after the failover");
+                eventually(Duration::from_secs(10), &what, || async {
+                    match try_get(public, label, "/whoami", Duration::from_secs(5)).await {
+                        Some((StatusCode::OK, body)) if body == label => Some(()),
+                        _ => None,
+                    }
+                })
+                .await;
             }
         }
     })

@@ -104,6 +104,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            attach_all: false,
         },
         async {
             let _ = edge_stopped.await;

@@ -26,7 +26,9 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use tracing::{info, warn};
 
-use crate::{parse_duration, shutdown_signal, BoxError, Escaped};
+use crate::{parse_duration, shutdown_signal, until_stopped, BoxError, Escaped};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// The relay refused the edge's credentials.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,11 @@ pub struct EdgeArgs {
     /// --relay is tried.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// With several --relay addresses: hold a session to every one of them at once (the
+    /// relays of a cluster then all have this edge attached, and losing one changes
+    /// nothing for the others) instead of using the first that answers.
+    #[arg(long)]
+    pub attach_all: bool,
 }
 
 /// Everything an edge needs to run.
@@ -121,6 +128,8 @@ pub struct EdgeConfig {
     pub max_streams: usize,
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
+    /// One session per relay of `relay` at once, rather than failover between them.
+    pub attach_all: bool,
 }
 
 pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
@@ -149,6 +158,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         max_streams: args.max_streams,
         max_backoff: args.max_backoff,
         connect_timeout: args.connect_timeout,
+        attach_all: args.attach_all,
     };
     run_edge(config, shutdown_signal()).await
 }
@@ -176,20 +186,70 @@ pub async fn run_edge(
     config: EdgeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
+    let relays: Vec<String> = config
+        .relay
+        .split(',')
+        .map(str::trim)
+        .filter(|relay| !relay.is_empty())
+        .map(str::to_owned)
+        .collect();
+    // One id for this process's life: every session (to any relay of a cluster) registers
+    // as the same edge instance, so a reconnection to another relay, or a session to each
+    // relay with --attach-all, is not refused as another edge taking the name.
+    let instance: Arc<str> = Arc::from(EdgeInstance::generate().as_str());
+    if !config.attach_all || relays.len() < 2 {
+        return run_sessions(&config, relays, instance, shutdown).await;
+    }
+    // One library `Edge` per relay, each with the same services and instance id.
+    let (stop, stopped) = watch::channel(false);
+    let mut edges = JoinSet::new();
+    for relay in relays {
+        let (config, instance, mut stopped) = (config.clone(), instance.clone(), stopped.clone());
+        edges.spawn(async move {
+            let stop = async move { until_stopped(&mut stopped).await };
+            run_sessions(&config, vec![relay], instance, stop).await
+        });
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if !*stop.borrow() => {
+                let _ = stop.send(true);
+            }
+            joined = edges.join_next() => {
+                let outcome = match joined {
+                    None => break,
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) => Err(error.into()),
+                };
+                // One relay refusing the credentials or the certificate stops them all,
+                // as it would stop a single edge.
+                if let Err(error) = outcome {
+                    let _ = stop.send(true);
+                    if result.is_ok() {
+                        result = Err(error);
+                    }
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Runs one library [`Edge`] over `relays` (tried in order on each connection) until
+/// `shutdown` or a fatal refusal.
+async fn run_sessions(
+    config: &EdgeConfig,
+    relays: Vec<String>,
+    instance: Arc<str>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
     let session_config = Config::new()
         .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
         .with_ping_timeout(config.keepalive)
         .with_max_concurrent_streams(config.max_streams);
-    let relays = config
-        .relay
-        .split(',')
-        .map(str::trim)
-        .filter(|relay| !relay.is_empty());
-    // One id for this process's life: every session (to any relay of a cluster) registers
-    // as the same edge instance, so a reconnection to another relay is not refused as
-    // another edge taking the name.
-    let instance: Arc<str> = Arc::from(EdgeInstance::generate().as_str());
     let edge = Edge::builder()
         .relays(relays)
         .trust(config.trusted.clone())
@@ -206,7 +266,7 @@ pub async fn run_edge(
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
         .connect_timeout(config.connect_timeout)
         .drain_timeout(config.shutdown_timeout)
-        .build(build_router(&config)?)?
+        .build(build_router(config)?)?
         .with_graceful_shutdown(shutdown);
     match edge.await {
         Ok(()) => Ok(()),
@@ -214,7 +274,7 @@ pub async fn run_edge(
         Err(Error::RegistrationRefused(refusal)) => Err(refusal),
         Err(Error::UntrustedCertificate { relay, reason, .. }) => Err(Box::new(UntrustedRelay {
             relay: relay.to_string(),
-            trusted: config.trusted_from,
+            trusted: config.trusted_from.clone(),
             reason,
         })),
         Err(error) => Err(error.into()),

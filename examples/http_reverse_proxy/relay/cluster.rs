@@ -29,7 +29,12 @@ use super::*;
 pub struct ClusterArgs {
     /// Redis holding the cluster's shared directory of edges (redis://HOST:PORT/). Off by
     /// default: the relay then knows only its own edges.
-    #[arg(long, env = "BACKHAUL_REDIS", requires = "cluster_secret")]
+    #[arg(
+        long,
+        env = "BACKHAUL_REDIS",
+        hide_env_values = true,
+        requires = "cluster_secret"
+    )]
     pub redis: Option<String>,
     /// This relay's id in the cluster (default: its --peer-address, unique in the
     /// cluster by construction).
