@@ -82,6 +82,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         trusted_proxies: Default::default(),
         edge_limits: EdgeLimits::default(),
         list_edges: true,
+        cluster: None,
     })
     .await?;
 
@@ -102,6 +103,8 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             upstream_idle_timeout: Duration::from_secs(60),
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            attach_all: false,
         },
         async {
             let _ = edge_stopped.await;

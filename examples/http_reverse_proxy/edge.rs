@@ -15,14 +15,20 @@ use std::time::Duration;
 use backhaul::edge::{Backoff, Edge, RegisterError, Router};
 use backhaul::http::proxy::{to_local, Timeouts};
 use backhaul::quic::load_certs;
-use backhaul::relay::{registration_metadata, EdgeName, REGISTER_SERVICE};
-use backhaul::{Config, Error, QuinnConnection, RejectCode, SessionClient};
+use backhaul::relay::{
+    registration_metadata, EdgeInstance, EdgeName, INSTANCE_FIELD, REGISTER_SERVICE,
+};
+use backhaul::{
+    Config, Error, Metadata, MetadataValue, QuinnConnection, RejectCode, SessionClient,
+};
 use clap::Args;
 use http::Uri;
 use rustls::pki_types::CertificateDer;
 use tracing::{info, warn};
 
-use crate::{parse_duration, shutdown_signal, BoxError, Escaped};
+use crate::{parse_duration, shutdown_signal, until_stopped, BoxError, Escaped};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// The relay refused the edge's credentials.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +51,9 @@ pub struct UntrustedRelay {
 
 #[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
-    /// The relay's QUIC address (host:port).
+    /// The relay's QUIC address (host:port); several, comma-separated, are tried in turn
+    /// on every (re)connection, the first that answers is used (failover between the
+    /// relays of a cluster).
     #[arg(long, default_value = "127.0.0.1:4433", env = "BACKHAUL_RELAY")]
     pub relay: String,
     /// Certificate (PEM or DER) to trust for the relay.
@@ -89,6 +97,15 @@ pub struct EdgeArgs {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// How long one QUIC handshake with a relay may take before the next relay of
+    /// --relay is tried.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// With several --relay addresses: hold a session to every one of them at once (the
+    /// relays of a cluster then all have this edge attached, and losing one changes
+    /// nothing for the others) instead of using the first that answers.
+    #[arg(long)]
+    pub attach_all: bool,
 }
 
 /// Everything an edge needs to run.
@@ -110,6 +127,9 @@ pub struct EdgeConfig {
     pub upstream_idle_timeout: Duration,
     pub max_streams: usize,
     pub max_backoff: Duration,
+    pub connect_timeout: Duration,
+    /// One session per relay of `relay` at once, rather than failover between them.
+    pub attach_all: bool,
 }
 
 pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
@@ -137,6 +157,8 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         upstream_idle_timeout: args.upstream_idle_timeout,
         max_streams: args.max_streams,
         max_backoff: args.max_backoff,
+        connect_timeout: args.connect_timeout,
+        attach_all: args.attach_all,
     };
     run_edge(config, shutdown_signal()).await
 }
@@ -164,26 +186,87 @@ pub async fn run_edge(
     config: EdgeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
+    let relays: Vec<String> = config
+        .relay
+        .split(',')
+        .map(str::trim)
+        .filter(|relay| !relay.is_empty())
+        .map(str::to_owned)
+        .collect();
+    // One id for this process's life: every session (to any relay of a cluster) registers
+    // as the same edge instance, so a reconnection to another relay, or a session to each
+    // relay with --attach-all, is not refused as another edge taking the name.
+    let instance: Arc<str> = Arc::from(EdgeInstance::generate().as_str());
+    if !config.attach_all || relays.len() < 2 {
+        return run_sessions(&config, relays, instance, shutdown).await;
+    }
+    // One library `Edge` per relay, each with the same services and instance id.
+    let (stop, stopped) = watch::channel(false);
+    let mut edges = JoinSet::new();
+    for relay in relays {
+        let (config, instance, mut stopped) = (config.clone(), instance.clone(), stopped.clone());
+        edges.spawn(async move {
+            let stop = async move { until_stopped(&mut stopped).await };
+            run_sessions(&config, vec![relay], instance, stop).await
+        });
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if !*stop.borrow() => {
+                let _ = stop.send(true);
+            }
+            joined = edges.join_next() => {
+                let outcome = match joined {
+                    None => break,
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) => Err(error.into()),
+                };
+                // One relay refusing the credentials or the certificate stops them all,
+                // as it would stop a single edge.
+                if let Err(error) = outcome {
+                    let _ = stop.send(true);
+                    if result.is_ok() {
+                        result = Err(error);
+                    }
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Runs one library [`Edge`] over `relays` (tried in order on each connection) until
+/// `shutdown` or a fatal refusal.
+async fn run_sessions(
+    config: &EdgeConfig,
+    relays: Vec<String>,
+    instance: Arc<str>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
     let session_config = Config::new()
         .with_agent(concat!("backhaul-edge/", env!("CARGO_PKG_VERSION")))
         .with_ping_interval(config.keepalive)
         .with_ping_timeout(config.keepalive)
         .with_max_concurrent_streams(config.max_streams);
     let edge = Edge::builder()
-        .relay(&config.relay)
+        .relays(relays)
         .trust(config.trusted.clone())
         .server_name(&config.server_name)
         .config(session_config)
         .register(tower::service_fn({
-            let (edge, token) = (
-                Arc::from(config.name.as_str()),
-                Arc::from(config.token.as_str()),
-            );
-            move |client| register(client, Arc::clone(&edge), Arc::clone(&token))
+            let identity = Registration {
+                edge: Arc::from(config.name.as_str()),
+                token: Arc::from(config.token.as_str()),
+                instance,
+            };
+            move |client| register(client, identity.clone())
         }))
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
+        .connect_timeout(config.connect_timeout)
         .drain_timeout(config.shutdown_timeout)
-        .build(build_router(&config)?)?
+        .build(build_router(config)?)?
         .with_graceful_shutdown(shutdown);
     match edge.await {
         Ok(()) => Ok(()),
@@ -191,10 +274,32 @@ pub async fn run_edge(
         Err(Error::RegistrationRefused(refusal)) => Err(refusal),
         Err(Error::UntrustedCertificate { relay, reason, .. }) => Err(Box::new(UntrustedRelay {
             relay: relay.to_string(),
-            trusted: config.trusted_from,
+            trusted: config.trusted_from.clone(),
             reason,
         })),
         Err(error) => Err(error.into()),
+    }
+}
+
+/// What the edge registers with: its name, token and instance id.
+#[derive(Clone)]
+struct Registration {
+    edge: Arc<str>,
+    token: Arc<str>,
+    instance: Arc<str>,
+}
+
+impl Registration {
+    /// The library's registration metadata plus the instance field.
+    fn metadata(&self) -> Metadata {
+        let mut metadata = registration_metadata(&self.edge, &self.token);
+        if let Metadata::Structured(fields) = &mut metadata {
+            fields.insert(
+                INSTANCE_FIELD.to_owned(),
+                MetadataValue::String(self.instance.to_string()),
+            );
+        }
+        metadata
     }
 }
 
@@ -204,13 +309,10 @@ pub async fn run_edge(
 /// gone.
 async fn register(
     client: SessionClient<QuinnConnection>,
-    edge: Arc<str>,
-    token: Arc<str>,
+    registration: Registration,
 ) -> Result<(), RegisterError> {
-    match client
-        .open(REGISTER_SERVICE, registration_metadata(&edge, &token))
-        .await
-    {
+    let edge = &registration.edge;
+    match client.open(REGISTER_SERVICE, registration.metadata()).await {
         Ok(_) => {
             info!(edge = %edge, "registered with the relay");
             Ok(())

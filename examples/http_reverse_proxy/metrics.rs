@@ -25,6 +25,8 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// Public requests forwarded to an edge attached to another relay, by that relay.
+    pub requests_forwarded: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_cut: IntCounterVec,
     /// Edge response bodies cut because the edge stalled mid-body.
@@ -101,6 +103,14 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let requests_forwarded = IntCounterVec::new(
+            Opts::new(
+                "backhaul_requests_forwarded_total",
+                "Public requests forwarded to an edge attached to another relay of the cluster, by that relay's id",
+            ),
+            &["relay"],
+        )?;
+        registry.register(Box::new(requests_forwarded.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_cut.clone()))?;
         let upstream_idle_timeouts = IntCounter::new(
@@ -126,6 +136,7 @@ impl Metrics {
             bytes,
             requests,
             request_duration,
+            requests_forwarded,
             connections_open,
             connections_cut,
             upstream_idle_timeouts,

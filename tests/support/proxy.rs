@@ -623,11 +623,28 @@ impl Relay {
         services: &[(&str, SocketAddr)],
         extra: &[&str],
     ) -> Proc {
+        self.spawn_edge_with_fallbacks(&[], name, token, services, extra)
+    }
+
+    /// Like [`spawn_edge`](Self::spawn_edge), with the relays at `fallbacks` (QUIC
+    /// addresses) after this one in `--relay`: the edge fails over to them in order.
+    pub fn spawn_edge_with_fallbacks(
+        &self,
+        fallbacks: &[SocketAddr],
+        name: &str,
+        token: &str,
+        services: &[(&str, SocketAddr)],
+        extra: &[&str],
+    ) -> Proc {
         let n = self.edges_started.fetch_add(1, Ordering::Relaxed);
+        let relays: Vec<String> = std::iter::once(self.spec.quic)
+            .chain(fallbacks.iter().copied())
+            .map(|addr| addr.to_string())
+            .collect();
         let mut args: Vec<String> = vec![
             "edge".into(),
             "--relay".into(),
-            self.spec.quic.to_string(),
+            relays.join(","),
             "--relay-cert".into(),
             path_arg(&self.cert),
             "--name".into(),

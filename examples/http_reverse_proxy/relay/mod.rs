@@ -11,11 +11,14 @@
 //! self-signed identity with `Identity::load_or_generate`.
 
 mod admin;
+mod cluster;
 mod edges;
 mod host;
 mod public;
 
 use admin::serve_admin;
+use cluster::{Cluster, PeerRoute, StartedCluster};
+pub use cluster::{ClusterArgs, ClusterSettings};
 use edges::{follow_edges, EdgeEntry, MeteredClients};
 use public::serve_public;
 
@@ -45,7 +48,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics::{CountingBody, ListenerMetrics, Metrics};
 use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
-use backhaul::http::proxy::{text_response, ProxyBody};
+use backhaul::http::proxy::{
+    error_chain, find_cause, forward_failure, text_response, Failure, ForwardError, ProxyBody,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
@@ -172,9 +177,10 @@ pub struct RelayArgs {
     /// (comma-separated). From anyone else those headers are replaced by the relay's own.
     #[arg(long, value_delimiter = ',', env = "BACKHAUL_TRUSTED_PROXIES")]
     pub trusted_proxies: Vec<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
-/// Everything a relay needs to start.
 /// Everything a relay needs to start.
 pub struct RelayConfig {
     pub quic_listen: SocketAddr,
@@ -194,6 +200,8 @@ pub struct RelayConfig {
     pub trusted_proxies: TrustedProxies,
     pub edge_limits: EdgeLimits,
     pub list_edges: bool,
+    /// With `--redis`: serve as one with the other relays of the cluster.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// How the relay treats edges before and while they register (the library acceptor's
@@ -270,6 +278,7 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)?,
         edge_limits,
         list_edges: args.list_edges,
+        cluster: args.cluster.settings()?,
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -290,6 +299,9 @@ pub struct RunningRelay {
     edges_task: JoinHandle<()>,
     /// Follows the registry (per-edge clients, memory trims).
     follow_task: JoinHandle<()>,
+    /// Serves this relay's edges to peer relays, in a cluster.
+    peer_task: Option<JoinHandle<()>>,
+    state: Arc<RelayState>,
 }
 
 impl RunningRelay {
@@ -300,6 +312,13 @@ impl RunningRelay {
         while self.tasks.join_next().await.is_some() {}
         let _ = self.stop_edges.send(true);
         let _ = (&mut self.edges_task).await;
+        if let Some(peer_task) = &mut self.peer_task {
+            let _ = peer_task.await;
+        }
+        if let Some(cluster) = &self.state.cluster {
+            // Tells the other relays at once rather than letting the leases run out.
+            cluster.directory.shutdown().await;
+        }
         self.follow_task.abort();
     }
 }
@@ -308,13 +327,17 @@ impl Drop for RunningRelay {
     fn drop(&mut self) {
         self.edges_task.abort();
         self.follow_task.abort();
+        if let Some(peer_task) = &self.peer_task {
+            peer_task.abort();
+        }
     }
 }
 
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     let quic_listen = config.quic_listen;
-    let endpoint = backhaul::relay::server_endpoint(quic_listen, config.identity, DEFAULT_ALPN)
-        .map_err(|e| format!("binding the QUIC listener on {quic_listen}: {e}"))?;
+    let endpoint =
+        backhaul::relay::server_endpoint(quic_listen, config.identity.clone(), DEFAULT_ALPN)
+            .map_err(|e| format!("binding the QUIC listener on {quic_listen}: {e}"))?;
     let http = TcpListener::bind(config.http_listen)
         .await
         .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
@@ -335,13 +358,38 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         ping_timeout: limits.takeover_ping_timeout,
     });
     let registry_events = registry.subscribe();
-    let acceptor = EdgeAcceptor::new(endpoint, registry.clone(), config.tokens)
+    let (stop_edges, edges_stopped) = watch::channel(false);
+    let started_cluster = match config.cluster {
+        Some(settings) => Some(Cluster::start(
+            settings,
+            &registry,
+            &config.identity,
+            &config.domain,
+            config.keepalive,
+            config.open_timeout,
+            edges_stopped.clone(),
+        )?),
+        None => None,
+    };
+    let mut acceptor = EdgeAcceptor::new(endpoint, registry.clone(), config.tokens);
+    if let Some(started) = &started_cluster {
+        acceptor = acceptor.with_claims(started.cluster.directory.clone());
+    }
+    let acceptor = acceptor
         .with_admission(limits.admission)
         .with_session_config(session_config)
         .with_register_timeout(limits.register_timeout)
         .with_log_summary_interval(limits.log_summary_interval);
     let metrics = Metrics::new()?;
     let clients = edges::clients(registry.clone(), &metrics);
+    let (cluster, peer_task, peer_addr) = match started_cluster {
+        Some(StartedCluster {
+            cluster,
+            peer_task,
+            peer_addr,
+        }) => (Some(cluster), Some(peer_task), Some(peer_addr)),
+        None => (None, None, None),
+    };
     let state = Arc::new(RelayState {
         domain: config.domain,
         default_service: config.default_service,
@@ -355,9 +403,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
         list_edges: config.list_edges,
+        cluster,
     });
     let (stop, stopped) = watch::channel(false);
-    let (stop_edges, mut edges_stopped) = watch::channel(false);
+    let mut edges_stopped = edges_stopped;
     let serving = acceptor
         .serve()
         .with_graceful_shutdown(async move { until_stopped(&mut edges_stopped).await });
@@ -375,7 +424,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         stopped.clone(),
     ));
     tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
-    info!(%quic_addr, %http_addr, %admin_addr, domain = %state.domain, "relay listening");
+    info!(%quic_addr, %http_addr, %admin_addr, ?peer_addr, domain = %state.domain, "relay listening");
     Ok(RunningRelay {
         quic_addr,
         http_addr,
@@ -385,6 +434,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         stop_edges,
         edges_task,
         follow_task,
+        peer_task,
+        state,
     })
 }
 
@@ -425,6 +476,16 @@ struct RelayState {
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,
     list_edges: bool,
+    /// With `--redis`: the shared directory and the way to peer relays.
+    cluster: Option<Cluster>,
+}
+
+/// Where a request for an edge goes.
+enum EdgeRoute {
+    /// The edge is attached here.
+    Local(EdgeEntry),
+    /// The edge is attached to another relay of the cluster.
+    Peer(PeerRoute),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -434,14 +495,31 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RelayState {
-    /// The edge called `name` with its HTTP client, if it is connected here.
-    async fn edge(&self, name: &str) -> Result<Option<EdgeEntry>, Error> {
-        match self.registry.locate(name).await? {
-            Location::Local(handle) => Ok(Some(EdgeEntry {
+    /// Where the edge called `name` is, with the HTTP client to reach it: `Ok(None)` if it
+    /// is connected nowhere, `Err` with the answer if it cannot be reached.
+    async fn edge(&self, name: &str) -> Result<Option<EdgeRoute>, Failure> {
+        let located = match &self.cluster {
+            Some(cluster) => cluster.directory.locate(name).await,
+            None => self.registry.locate(name).await,
+        };
+        let location = located.map_err(|error| {
+            warn!(error = ?error_chain(&error), "looking the edge up failed");
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("edge {name:?} cannot be looked up now: try again later"),
+                error_chain(&error),
+            )
+        })?;
+        match (location, &self.cluster) {
+            (Location::Local(handle), _) => Ok(Some(EdgeRoute::Local(EdgeEntry {
                 http: self.clients.client(&handle),
                 handle,
-            })),
-            // One relay: nothing is elsewhere.
+            }))),
+            (Location::Elsewhere(relay), Some(cluster)) => cluster
+                .route(relay, name)
+                .await
+                .map(EdgeRoute::Peer)
+                .map(Some),
             _ => Ok(None),
         }
     }

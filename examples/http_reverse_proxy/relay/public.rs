@@ -15,12 +15,13 @@
 use backhaul::http::authority::{request_authority, Authority};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{
-    boxed, error_chain, find_cause, forward_failure, is_upgrade, retarget, strip_hop_by_hop,
-    Failure, ForwardError, ReverseProxy, Timeouts,
+    boxed, is_upgrade, retarget, strip_hop_by_hop, ReverseProxy, Timeouts,
 };
 use http::Method;
+use hyper_util::client::legacy::connect::Connect;
 use tower::ServiceExt;
 
+use super::cluster::peer_failure;
 use super::host::{resolve_host, Target};
 use super::*;
 
@@ -136,12 +137,9 @@ async fn route(
                 format!("edge {edge_name:?} is not connected"),
             )
         }
-        Err(error) => {
-            warn!(error = ?error_chain(&error), "looking the edge up failed");
-            return text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("edge {edge_name:?} cannot be looked up now: try again later"),
-            );
+        Err(failure) => {
+            warn!(error = ?failure.detail, status = failure.status.as_u16(), "no way to the edge");
+            return failure.into_response();
         }
     };
     let to_edge = state.metrics.bytes_counter("to_edge");
@@ -160,24 +158,58 @@ async fn route(
     let trusted = &state.trusted_proxies;
     trusted.set_forwarding_headers(headers, remote.ip(), &authority, Proto::Http);
     headers.insert(HOST, authority.to_header_value());
-    let proxy = ReverseProxy::with_client(edge.http.clone())
+    let failure = match edge {
+        EdgeRoute::Local(edge) => {
+            match forward(state, edge.http.clone(), request, &edge_name, &service).await {
+                Ok(response) => return response,
+                Err(error) => explain_failure(state, &edge, &edge_name, &service, &error).await,
+            }
+        }
+        EdgeRoute::Peer(route) => {
+            // The far relay splices the stream to its edge untouched: the forwarding
+            // headers set above reach the edge as they are.
+            let forwarded = &state.metrics.requests_forwarded;
+            forwarded.with_label_values(&[route.relay.as_str()]).inc();
+            match forward(state, route.http.clone(), request, &edge_name, &service).await {
+                Ok(response) => return response,
+                Err(error) => match &state.cluster {
+                    Some(cluster) => {
+                        cluster.forget(route.address, &edge_name);
+                        peer_failure(cluster, &route, &error, &edge_name, &service)
+                    }
+                    None => forward_failure(&error, &edge_name, &service),
+                },
+            }
+        }
+    };
+    // The chain can hold text from the edge (a rejection reason): Debug escapes it.
+    warn!(error = ?failure.detail, status = failure.status.as_u16(), "forwarding to the edge failed");
+    failure.into_response()
+}
+
+/// Sends `request` with `client` (to a local edge or through a peer relay), with the
+/// relay's timeouts, counting the response body's bytes.
+async fn forward<C, B>(
+    state: &RelayState,
+    client: hyper_util::client::legacy::Client<C, ProxyBody>,
+    request: Request<B>,
+    edge: &str,
+    service: &str,
+) -> Result<Response<ProxyBody>, ForwardError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let proxy = ReverseProxy::with_client(client)
         .with_timeouts(Timeouts {
             response: state.request_timeout,
             body_idle: state.upstream_idle_timeout,
         })
-        .on_body_idle(idle_hook(state, &edge_name, &service));
-    match proxy.oneshot(request).await {
-        Ok(response) => {
-            let from_edge = state.metrics.bytes_counter("from_edge");
-            response.map(|body| boxed(CountingBody::new(body, from_edge)))
-        }
-        Err(error) => {
-            let failure = explain_failure(state, &edge, &edge_name, &service, &error).await;
-            // The chain can hold text from the edge (a rejection reason): Debug escapes it.
-            warn!(error = ?failure.detail, status = failure.status.as_u16(), "forwarding to the edge failed");
-            failure.into_response()
-        }
-    }
+        .on_body_idle(idle_hook(state, edge, service));
+    let response = proxy.oneshot(request).await?;
+    let from_edge = state.metrics.bytes_counter("from_edge");
+    Ok(response.map(|body| boxed(CountingBody::new(body, from_edge))))
 }
 
 /// Logs and counts an edge response body cut for stalling.

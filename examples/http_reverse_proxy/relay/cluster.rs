@@ -1,0 +1,275 @@
+//! Several relays serving as one (`--redis`): the library's shared directory of edges
+//! (`backhaul::relay::cluster::RedisDirectory`) and relay-to-relay streams
+//! (`backhaul::relay::peer`), wired into the proxy.
+//!
+//! Each relay publishes its own edges in Redis and answers lookups from a local cache of
+//! everyone's. A request for an edge attached here goes to it as on a lone relay; one for
+//! an edge attached to another relay goes through that relay's peer endpoint (one QUIC
+//! connection per peer, [`PeerPool`]), which splices the stream to its edge byte for byte.
+//! The forwarding headers this relay set (the client's address) therefore reach the edge
+//! as they were sent: the far relay never parses the request. Each (peer, edge) pair has
+//! a pooled hyper client, as a local edge has, so keep-alive connections reuse streams;
+//! a client that failed is dropped and made again on the next request.
+
+use std::collections::HashMap;
+
+use backhaul::http::proxy::Failure;
+use backhaul::quic::load_certs;
+use backhaul::relay::cluster::{ClusterConfig, RedisDirectory};
+use backhaul::relay::peer::{self, ClusterSecret, PeerConnector, PeerPool, PeerServer};
+use backhaul::relay::{EdgeName, RelayId};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+
+use super::*;
+
+/// The relay's cluster flags; all but `--redis` matter only with it.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Redis holding the cluster's shared directory of edges (redis://HOST:PORT/). Off by
+    /// default: the relay then knows only its own edges.
+    #[arg(
+        long,
+        env = "BACKHAUL_REDIS",
+        hide_env_values = true,
+        requires = "cluster_secret"
+    )]
+    pub redis: Option<String>,
+    /// This relay's id in the cluster (default: its --peer-address, unique in the
+    /// cluster by construction).
+    #[arg(long, env = "BACKHAUL_RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// UDP address other relays dial to reach this relay's edges (QUIC, ALPN
+    /// backhaul-peer/1, the same certificate as the edge listener).
+    #[arg(long, default_value = "0.0.0.0:4434", env = "BACKHAUL_PEER_LISTEN")]
+    pub peer_listen: SocketAddr,
+    /// The address other relays dial for this one, as published in the directory
+    /// (default: --peer-listen; set it when that is a wildcard address).
+    #[arg(long, env = "BACKHAUL_PEER_ADDRESS")]
+    pub peer_address: Option<String>,
+    /// The secret relays of the cluster present to each other (required with --redis).
+    #[arg(long, env = "BACKHAUL_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Certificates (PEM or DER) of peer relays to trust besides this relay's own (repeat);
+    /// relays sharing one certificate need none. Checked against --domain.
+    #[arg(long = "peer-cert")]
+    pub peer_certs: Vec<PathBuf>,
+    /// How long the directory keeps a relay's edges after its last sign of life (a
+    /// relay killed without a goodbye is forgotten within it).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub cluster_lease: Duration,
+}
+
+/// What a clustered relay needs (from [`ClusterArgs`]).
+pub struct ClusterSettings {
+    pub redis_url: String,
+    pub relay_id: RelayId,
+    pub peer_listen: SocketAddr,
+    pub peer_address: String,
+    pub secret: ClusterSecret,
+    /// Peer certificates trusted besides the relay's own.
+    pub peer_certs: Vec<CertificateDer<'static>>,
+    pub lease: Duration,
+}
+
+impl ClusterArgs {
+    /// The settings, or `None` without `--redis`.
+    pub fn settings(&self) -> Result<Option<ClusterSettings>, BoxError> {
+        let Some(redis_url) = self.redis.clone() else {
+            return Ok(None);
+        };
+        let secret = self
+            .cluster_secret
+            .as_deref()
+            .ok_or("--redis needs --cluster-secret")?;
+        let peer_address = self
+            .peer_address
+            .clone()
+            .unwrap_or_else(|| self.peer_listen.to_string());
+        let relay_id = RelayId::new(self.relay_id.clone().unwrap_or(peer_address.clone()));
+        let mut peer_certs = Vec::new();
+        for path in &self.peer_certs {
+            peer_certs.extend(load_certs(path)?);
+        }
+        Ok(Some(ClusterSettings {
+            redis_url,
+            relay_id,
+            peer_listen: self.peer_listen,
+            peer_address,
+            secret: ClusterSecret::new(secret)?,
+            peer_certs,
+            lease: self.cluster_lease,
+        }))
+    }
+}
+
+/// A pooled HTTP client to one edge through one peer relay.
+pub(super) type PeerClient = Client<PeerConnector, ProxyBody>;
+
+/// This relay's part in the cluster.
+pub(super) struct Cluster {
+    pub(super) directory: RedisDirectory,
+    pool: PeerPool,
+    /// (peer address, edge) → client; an entry is dropped when a request through it fails.
+    clients: Mutex<HashMap<(SocketAddr, String), PeerClient>>,
+}
+
+/// Where a request for an edge in the cluster goes.
+pub(super) struct PeerRoute {
+    pub(super) relay: RelayId,
+    pub(super) address: SocketAddr,
+    pub(super) http: PeerClient,
+}
+
+/// A running cluster member: the directory and the peer server, with what stops them.
+pub(super) struct StartedCluster {
+    pub(super) cluster: Cluster,
+    pub(super) peer_task: JoinHandle<()>,
+    pub(super) peer_addr: SocketAddr,
+}
+
+impl Cluster {
+    /// Joins the directory in Redis over `registry`, serves this relay's edges to peers on
+    /// `settings.peer_listen` until `stop`, and prepares the pool that dials peers.
+    /// Peer sessions are pinged every `keepalive` (as edges are), so a peer that vanished
+    /// fails requests through it within about two of them instead of hanging them.
+    pub(super) fn start(
+        settings: ClusterSettings,
+        registry: &Registry,
+        identity: &Identity,
+        server_name: &str,
+        keepalive: Duration,
+        open_timeout: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<StartedCluster, BoxError> {
+        let config = ClusterConfig::new(
+            settings.redis_url,
+            settings.relay_id.clone(),
+            settings.peer_address,
+        )
+        .with_lease(settings.lease);
+        let directory = RedisDirectory::start(config, registry.clone())?;
+        let listen = settings.peer_listen;
+        let endpoint = peer::server_endpoint(listen, identity.clone())
+            .map_err(|e| format!("binding the peer listener on {listen}: {e}"))?;
+        let peer_addr = endpoint.local_addr()?;
+        let serving = PeerServer::new(registry.clone(), settings.secret.clone())
+            .serve(endpoint)
+            .with_graceful_shutdown(async move { until_stopped(&mut stop).await });
+        let peer_task = tokio::spawn(serving);
+        let mut trusted = identity.cert_chain.clone();
+        trusted.extend(settings.peer_certs);
+        let idle_timeout = (keepalive * 3).min(peer::DEFAULT_IDLE_TIMEOUT);
+        let session_config = Config::new()
+            .with_agent(concat!("backhaul-relay/", env!("CARGO_PKG_VERSION")))
+            .with_ping_interval(keepalive)
+            .with_ping_timeout(keepalive);
+        let pool = PeerPool::new(peer::client_endpoint(&trusted)?, settings.secret)
+            .with_relay_id(settings.relay_id)
+            .with_server_name(server_name)
+            .with_client_config(peer::client_config(&trusted, idle_timeout)?)
+            .with_session_config(session_config)
+            .with_open_timeout(open_timeout);
+        Ok(StartedCluster {
+            cluster: Self {
+                directory,
+                pool,
+                clients: Mutex::new(HashMap::new()),
+            },
+            peer_task,
+            peer_addr,
+        })
+    }
+
+    /// The route to `edge` through `relay`, or why there is none.
+    pub(super) async fn route(&self, relay: RelayId, edge: &str) -> Result<PeerRoute, Failure> {
+        let unreachable = |detail: String| {
+            Failure::new(
+                StatusCode::BAD_GATEWAY,
+                format!("relay {relay} is unreachable (cluster)"),
+                detail,
+            )
+        };
+        let Some(published) = self.directory.relay_address(&relay) else {
+            return Err(unreachable(format!(
+                "the directory has no address for relay {relay}"
+            )));
+        };
+        let address = match resolve(&published).await {
+            Ok(address) => address,
+            Err(error) => {
+                return Err(unreachable(format!(
+                    "relay {relay}'s address {published:?}: {error}"
+                )))
+            }
+        };
+        let name = EdgeName::new(edge).map_err(|error| unreachable(error.to_string()))?;
+        let http = lock(&self.clients)
+            .entry((address, edge.to_owned()))
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new()).build(self.pool.connector(address, name))
+            })
+            .clone();
+        Ok(PeerRoute {
+            relay,
+            address,
+            http,
+        })
+    }
+
+    /// Forgets the client to `edge` through `address` (after a failure through it).
+    pub(super) fn forget(&self, address: SocketAddr, edge: &str) {
+        lock(&self.clients).remove(&(address, edge.to_owned()));
+    }
+}
+
+/// A published peer address: `IP:PORT`, or `HOST:PORT` resolved now.
+async fn resolve(address: &str) -> Result<SocketAddr, BoxError> {
+    if let Ok(address) = address.parse() {
+        return Ok(address);
+    }
+    tokio::net::lookup_host(address)
+        .await?
+        .next()
+        .ok_or_else(|| "resolves to no address".into())
+}
+
+/// What went wrong forwarding through a peer: the peer gone or refusing us is the
+/// cluster's problem (502 naming the relay; a request cut by the loss of the peer's
+/// session counts as that too), an edge the peer does not hold means the directory was
+/// stale; anything else is the edge's, as for a local edge.
+pub(super) fn peer_failure(
+    cluster: &Cluster,
+    route: &PeerRoute,
+    error: &ForwardError,
+    edge: &str,
+    service: &str,
+) -> Failure {
+    let relay = &route.relay;
+    let unreachable = || {
+        Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("relay {relay} is unreachable (cluster)"),
+            error_chain(error),
+        )
+    };
+    match find_cause::<Error>(error) {
+        Some(
+            Error::PeerUnreachable { .. }
+            | Error::PeerRefused { .. }
+            | Error::SessionClosed
+            | Error::Disconnected,
+        ) => unreachable(),
+        Some(Error::EdgeNotAttached { .. }) => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "edge {edge:?} is no longer attached to relay {relay} (the cluster directory \
+                 was stale): try again"
+            ),
+            error_chain(error),
+        ),
+        None if cluster.pool.live_session(route.address).is_none() => unreachable(),
+        _ => forward_failure(error, edge, service),
+    }
+}

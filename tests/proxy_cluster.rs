@@ -1,0 +1,290 @@
+//! Three relays of the reverse proxy example serving as one (`relay --redis`): processes
+//! on loopback, one real redis-server, two edges each attached to one relay.
+//!
+//! What it proves: a request through any relay reaches any edge, whether the edge is
+//! attached there or to another relay (large bodies both ways, the client's address, a
+//! WebSocket); and when the relay an edge is attached to is SIGKILLed, the edge moves to
+//! the next relay of its list and requests through the surviving relays succeed again
+//! within a bound, every request meanwhile answered (never a hang); an edge attached to
+//! two relays at once (`--attach-all`) stays reachable without a gap through the one that
+//! survives. Timings are printed.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis.rs"]
+mod redis_fixture;
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use tokio_tungstenite::tungstenite::Message;
+
+use redis_fixture::RedisServer;
+use support::http::{checksum_body, PatternBody};
+use support::proxy::{
+    bounded, boxed, eventually, free_udp_addr, write_cert_and_key, Backend, Proc, Public, Relay,
+    TempDir,
+};
+
+/// Upper bound on the whole test (a loaded 2-core machine).
+const LIMIT: Duration = Duration::from_secs(120);
+/// The directory's lease: a SIGKILLed relay is forgotten within it.
+const LEASE: &str = "3s";
+/// Failover must complete within this (edge notices the loss within 2 keep-alives of 1 s,
+/// tries the dead relay for --connect-timeout 2 s, registers on the next; the other
+/// relays forget the dead one within the lease).
+const FAILOVER_BOUND: Duration = Duration::from_secs(20);
+/// Body size checked through every relay.
+const BODY: u64 = 8 << 20;
+const SECRET: &str = "cluster-secret-for-the-test";
+
+fn relay_args(redis: &RedisServer, id: &str, peer: SocketAddr) -> Vec<String> {
+    [
+        "--redis",
+        &redis.url(),
+        "--relay-id",
+        id,
+        "--peer-listen",
+        &peer.to_string(),
+        "--cluster-secret",
+        SECRET,
+        "--cluster-lease",
+        LEASE,
+        "--keepalive",
+        "1s",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}
+
+/// GET `path` on edge `label` through `public`: status and body, or `None` on no answer
+/// within `limit`.
+async fn try_get(
+    public: &Public,
+    label: &str,
+    path: &str,
+    limit: Duration,
+) -> Option<(StatusCode, String)> {
+    let request = public.request(
+        Method::GET,
+        &public.host(label),
+        path,
+        support::proxy::empty(),
+    );
+    let response = tokio::time::timeout(limit, public.client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    Some(support::proxy::text(response).await)
+}
+
+/// Median time of `n` GETs of `/whoami` on `label` through `public`.
+async fn median_latency(public: &Public, label: &str, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let (status, body) = public.get(label, "/whoami").await;
+        times.push(started.elapsed());
+        assert_eq!((status, body.as_str()), (StatusCode::OK, label));
+    }
+    times.sort();
+    times[n / 2]
+}
+
+/// An 8 MiB download and upload through `public` to `label`, checksummed.
+async fn check_bodies(public: &Public, label: &str) {
+    let request = public.request(
+        Method::GET,
+        &public.host(label),
+        &format!("/download/{BODY}"),
+        support::proxy::empty(),
+    );
+    let response = public.send(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sum = checksum_body(response.into_body())
+        .await
+        .expect("the download body");
+    assert_eq!(sum, PatternBody::checksum(BODY), "download from {label}");
+
+    let request = public.request(
+        Method::POST,
+        &public.host(label),
+        "/upload",
+        boxed(PatternBody::new(BODY)),
+    );
+    let (status, body) = support::proxy::text(public.send(request).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        PatternBody::checksum(BODY).header(),
+        "upload to {label}"
+    );
+}
+
+async fn check_websocket(relay: &Relay, label: &str) {
+    let tcp = tokio::net::TcpStream::connect(relay.spec.http)
+        .await
+        .expect("connecting to the relay");
+    let url = format!("ws://{}/ws", relay.host(label));
+    let (mut socket, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
+        .await
+        .expect("WebSocket handshake through the relay");
+    socket.send(Message::text("across")).await.expect("send");
+    let reply = socket.next().await.expect("a reply").expect("a message");
+    assert_eq!(reply, Message::text("echo: across"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    bounded(LIMIT, async {
+        let dir = TempDir::new("proxy-cluster");
+        // One identity for every relay: each trusts its peers as itself.
+        let (cert, key) = write_cert_and_key(dir.path());
+        let tokens = [
+            ("alpha", "alpha-token"),
+            ("beta", "beta-token"),
+            ("gamma", "gamma-token"),
+        ];
+        let mut relays = Vec::new();
+        for id in ["r1", "r2", "r3"] {
+            let args = relay_args(&redis, id, free_udp_addr());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            relays.push(Relay::start_with_cert(dir.path(), &tokens, &cert, &key, &args).await);
+        }
+        let alpha_app = Backend::start("alpha").await;
+        let beta_app = Backend::start("beta").await;
+        let edge_args = ["--keepalive", "1s", "--connect-timeout", "2s", "--max-backoff", "1s"];
+        // alpha on r1 (then r2), beta on r2 (then r3).
+        let _alpha: Proc = relays[0].spawn_edge_with_fallbacks(
+            &[relays[1].spec.quic],
+            "alpha",
+            "alpha-token",
+            &[("web", alpha_app.addr)],
+            &edge_args,
+        );
+        let _beta: Proc = relays[1].spawn_edge_with_fallbacks(
+            &[relays[2].spec.quic],
+            "beta",
+            "beta-token",
+            &[("web", beta_app.addr)],
+            &edge_args,
+        );
+        // gamma holds sessions to r1 and r3 at once (one process, one instance id).
+        let gamma_app = Backend::start("gamma").await;
+        let gamma_args = [&edge_args[..], &["--attach-all"]].concat();
+        let _gamma: Proc = relays[0].spawn_edge_with_fallbacks(
+            &[relays[2].spec.quic],
+            "gamma",
+            "gamma-token",
+            &[("web", gamma_app.addr)],
+            &gamma_args,
+        );
+        relays[0].wait_edges(2).await;
+        relays[1].wait_edges(1).await;
+        relays[2].wait_edges(1).await;
+        let publics: Vec<Public> = relays.iter().map(Relay::public).collect();
+
+        // Every relay reaches every edge, local or not.
+        for (r, public) in publics.iter().enumerate() {
+            for label in ["alpha", "beta"] {
+                let what = format!("{label} through r{}", r + 1);
+                eventually(Duration::from_secs(15), &what, || async {
+                    match try_get(public, label, "/whoami", Duration::from_secs(5)).await {
+                        Some((StatusCode::OK, body)) if body == label => Some(()),
+                        _ => None,
+                    }
+                })
+                .await;
+                check_bodies(public, label).await;
+            }
+        }
+        // The client's address travels to an edge behind another relay.
+        let (status, headers) = publics[2].get("alpha", "/headers").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            headers.contains("x-forwarded-for: 127.0.0.1"),
+            "forwarding headers through a peer relay: {headers}"
+        );
+        check_websocket(&relays[2], "alpha").await;
+        let forwarded = relays[2].metrics().await.get(
+            "backhaul_requests_forwarded_total",
+            &[("relay", "r1")],
+        );
+        assert!(forwarded >= 3.0, "r3 forwarded {forwarded} requests to r1");
+
+        let local = median_latency(&publics[0], "alpha", 21).await;
+        let forwarded = median_latency(&publics[2], "alpha", 21).await;
+        println!("median GET latency to alpha: local (r1) {local:?}, through a peer (r3 -> r1) {forwarded:?}");
+
+        // SIGKILL alpha's relay: alpha moves to r2; r2 and r3 reach it again.
+        relays[0].proc.kill();
+        let killed = Instant::now();
+        // gamma is attached to r3 as well: no gap there.
+        for _ in 0..5 {
+            assert_eq!(
+                publics[2].get("gamma", "/whoami").await,
+                (StatusCode::OK, "gamma".to_owned())
+            );
+        }
+        let mut slowest_answer = Duration::ZERO;
+        let mut answers = 0;
+        let mut meanwhile = std::collections::BTreeSet::new();
+        for (r, public) in publics.iter().enumerate().skip(1) {
+            loop {
+                let asked = Instant::now();
+                let answer = try_get(public, "alpha", "/whoami", Duration::from_secs(15)).await;
+                let took = asked.elapsed();
+                slowest_answer = slowest_answer.max(took);
+                let Some((status, body)) = answer else {
+                    panic!("r{}: no answer within 15 s during the failover", r + 1);
+                };
+                answers += 1;
+                if status == StatusCode::OK && body == "alpha" {
+                    break;
+                }
+                // Only the relay's own answers: the peer is gone, or alpha is not yet
+                // attached anywhere.
+                assert_eq!(status, StatusCode::BAD_GATEWAY, "r{}: {body}", r + 1);
+                assert!(
+                    body.contains("relay r1 is unreachable (cluster)")
+                        || body.contains("is not connected"),
+                    "r{}: {body}",
+                    r + 1
+                );
+                meanwhile.insert(format!("r{}: {status} {body}", r + 1));
+                assert!(
+                    killed.elapsed() < FAILOVER_BOUND,
+                    "alpha not reachable through r{} {FAILOVER_BOUND:?} after the kill: {status} {body}",
+                    r + 1
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let failover = killed.elapsed();
+        println!(
+            "failover after SIGKILL of alpha's relay: {failover:?} until r2 and r3 both reach \
+             alpha ({answers} requests meanwhile, slowest answer {slowest_answer:?})"
+        );
+        println!("answers during the failover: {meanwhile:#?}");
+        relays[1].wait_edges(2).await;
+        for public in &publics[1..] {
+            for label in ["alpha", "beta", "gamma"] {
+                let what = format!("{label} after the failover");
+                eventually(Duration::from_secs(10), &what, || async {
+                    match try_get(public, label, "/whoami", Duration::from_secs(5)).await {
+                        Some((StatusCode::OK, body)) if body == label => Some(()),
+                        _ => None,
+                    }
+                })
+                .await;
+            }
+        }
+    })
+    .await;
+}
