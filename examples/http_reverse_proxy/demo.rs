@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::edge::{run_edge, EdgeConfig};
+use crate::edge::{run_edge, EdgeConfig, Upstream};
 use backhaul::http::server::Limits;
 
 use crate::relay::{start, EdgeLimits, RelayConfig, Tokens};
@@ -65,6 +65,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     let token = format!("{:016x}", random_u64());
     let tokens = Tokens::new().with(EDGE_NAME, token.clone())?;
     let relay = start(RelayConfig {
+        tcp: Vec::new(),
         quic_listen: ([127, 0, 0, 1], 0).into(),
         http_listen,
         admin_listen: args.admin_listen,
@@ -95,7 +96,10 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             server_name: "localhost".to_owned(),
             name: EDGE_NAME.to_owned(),
             token,
-            services: vec![("web".to_owned(), format!("http://{web_addr}").parse()?)],
+            services: vec![(
+                "web".to_owned(),
+                Upstream::Http(format!("http://{web_addr}").parse()?),
+            )],
             rewrite_host: false,
             keepalive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),

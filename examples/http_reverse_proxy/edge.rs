@@ -18,6 +18,7 @@ use backhaul::quic::load_certs;
 use backhaul::relay::{
     registration_metadata, EdgeInstance, EdgeName, INSTANCE_FIELD, REGISTER_SERVICE,
 };
+use backhaul::tcp;
 use backhaul::{
     Config, Error, Metadata, MetadataValue, QuinnConnection, RejectCode, SessionClient,
 };
@@ -72,9 +73,15 @@ pub struct EdgeArgs {
     /// This edge's token, as configured on the relay.
     #[arg(long, env = "BACKHAUL_EDGE_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// A local service to expose, as NAME=http://HOST:PORT (repeat for more).
+    /// A local service to expose, as NAME=http://HOST:PORT (HTTP, reached by Host on the
+    /// relay) or NAME=tcp://HOST:PORT (raw TCP, reached on a relay port given with its
+    /// --tcp); repeat for more.
     #[arg(long = "expose", required = true)]
     pub expose: Vec<String>,
+    /// Send a PROXY protocol v2 header to this TCP service first, so it sees the public
+    /// client's address (repeat for more; the service must expect the header).
+    #[arg(long = "proxy-protocol", value_name = "NAME")]
+    pub proxy_protocol: Vec<String>,
     /// Send requests to local services with the local address as Host.
     #[arg(long)]
     pub rewrite_host: bool,
@@ -118,8 +125,8 @@ pub struct EdgeConfig {
     pub server_name: String,
     pub name: String,
     pub token: String,
-    /// (service name, local service `http://host:port`)
-    pub services: Vec<(String, Uri)>,
+    /// (service name, local service)
+    pub services: Vec<(String, Upstream)>,
     pub rewrite_host: bool,
     pub keepalive: Duration,
     pub request_timeout: Duration,
@@ -134,11 +141,21 @@ pub struct EdgeConfig {
 
 pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
     let trusted = load_certs(&args.relay_cert)?;
-    let services = args
+    let mut services = args
         .expose
         .iter()
         .map(|spec| parse_expose(spec))
         .collect::<Result<Vec<_>, _>>()?;
+    for name in &args.proxy_protocol {
+        match services.iter_mut().find(|(service, _)| service == name) {
+            Some((_, Upstream::Tcp { proxy_protocol, .. })) => *proxy_protocol = true,
+            _ => {
+                return Err(
+                    format!("--proxy-protocol {name:?}: no TCP service of that name").into(),
+                )
+            }
+        }
+    }
     if !EdgeName::is_valid(&args.name) {
         return Err(format!("edge name {:?} must be a lowercase DNS label", args.name).into());
     }
@@ -163,20 +180,45 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
     run_edge(config, shutdown_signal()).await
 }
 
-/// Parses `NAME=http://HOST:PORT`.
-fn parse_expose(spec: &str) -> Result<(String, Uri), String> {
+/// A local service an edge exposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// An HTTP service, forwarded request by request.
+    Http(Uri),
+    /// A TCP service (`host:port`), spliced byte for byte.
+    Tcp {
+        address: String,
+        proxy_protocol: bool,
+    },
+}
+
+/// Parses `NAME=http://HOST:PORT` or `NAME=tcp://HOST:PORT`.
+fn parse_expose(spec: &str) -> Result<(String, Upstream), String> {
     let (name, url) = spec
         .split_once('=')
         .ok_or_else(|| format!("--expose {spec:?} is not NAME=http://HOST:PORT"))?;
-    let uri: Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
-    to_local(uri.clone()).map_err(|e| format!("--expose {spec:?}: {e}"))?;
     // Service names become host labels (<service>.<edge>.<domain>).
     if !EdgeName::is_valid(name) {
         return Err(format!(
             "--expose {spec:?}: the service name must be a lowercase DNS label"
         ));
     }
-    Ok((name.to_owned(), uri))
+    if let Some(address) = url.strip_prefix("tcp://") {
+        let valid = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(format!("--expose {spec:?}: expected tcp://HOST:PORT"));
+        }
+        let upstream = Upstream::Tcp {
+            address: address.to_owned(),
+            proxy_protocol: false,
+        };
+        return Ok((name.to_owned(), upstream));
+    }
+    let uri: Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
+    to_local(uri.clone()).map_err(|e| format!("--expose {spec:?}: {e}"))?;
+    Ok((name.to_owned(), Upstream::Http(uri)))
 }
 
 /// Runs until `shutdown` resolves (Ok), or until the relay refuses the credentials or
@@ -358,6 +400,18 @@ fn build_router(config: &EdgeConfig) -> Result<Router<QuinnConnection>, Error> {
         .services
         .iter()
         .try_fold(Router::new(), |router, (name, upstream)| {
+            let upstream = match upstream {
+                Upstream::Http(uri) => uri,
+                Upstream::Tcp {
+                    address,
+                    proxy_protocol,
+                } => {
+                    let route = tcp::forward_to(address.as_str())
+                        .with_proxy_protocol(*proxy_protocol)
+                        .with_connect_timeout(config.request_timeout.min(Duration::from_secs(10)));
+                    return Ok(router.route(name.as_str(), route));
+                }
+            };
             let authority = upstream.authority().map_or("", |a| a.as_str());
             let local = to_local(upstream.clone())?
                 .with_description(format!(
@@ -378,8 +432,23 @@ mod tests {
     fn expose_specs_parse() {
         assert_eq!(
             parse_expose("web=http://127.0.0.1:3000").unwrap(),
-            ("web".to_owned(), Uri::from_static("http://127.0.0.1:3000"))
+            (
+                "web".to_owned(),
+                Upstream::Http(Uri::from_static("http://127.0.0.1:3000"))
+            )
         );
+        assert_eq!(
+            parse_expose("ssh=tcp://127.0.0.1:22").unwrap(),
+            (
+                "ssh".to_owned(),
+                Upstream::Tcp {
+                    address: "127.0.0.1:22".into(),
+                    proxy_protocol: false
+                }
+            )
+        );
+        assert!(parse_expose("ssh=tcp://127.0.0.1").is_err());
+        assert!(parse_expose("ssh=tcp://:22").is_err());
         assert!(parse_expose("web").is_err());
         assert!(parse_expose("web=https://x").is_err());
         assert!(parse_expose("web=http://127.0.0.1:3000/app").is_err());

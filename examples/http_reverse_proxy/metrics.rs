@@ -5,6 +5,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use backhaul::http::server::{ConnectionInfo, Cut, Observer};
+use backhaul::tcp::{Spliced, TcpFailure, TcpObserver};
+use backhaul::ServiceId;
 use bytes::Bytes;
 use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
@@ -27,6 +29,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// Public requests forwarded to an edge attached to another relay, by that relay.
     pub requests_forwarded: IntCounterVec,
+    /// Public TCP connections (`--tcp`) by edge, service and outcome.
+    pub tcp_connections: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_cut: IntCounterVec,
     /// Edge response bodies cut because the edge stalled mid-body.
@@ -111,6 +115,14 @@ impl Metrics {
             &["relay"],
         )?;
         registry.register(Box::new(requests_forwarded.clone()))?;
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "backhaul_tcp_connections_total",
+                "Public TCP connections by edge, service and outcome: closed (ended cleanly), or why they failed (edge_not_connected, backend_unavailable, tunnel_broken…)",
+            ),
+            &["edge", "service", "outcome"],
+        )?;
+        registry.register(Box::new(tcp_connections.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_cut.clone()))?;
         let upstream_idle_timeouts = IntCounter::new(
@@ -137,6 +149,7 @@ impl Metrics {
             requests,
             request_duration,
             requests_forwarded,
+            tcp_connections,
             connections_open,
             connections_cut,
             upstream_idle_timeouts,
@@ -148,6 +161,14 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// What the `--tcp` forwarders report.
+    pub fn tcp_observer(&self) -> TcpMetrics {
+        TcpMetrics {
+            connections: self.tcp_connections.clone(),
+            bytes: self.bytes.clone(),
+        }
     }
 
     /// A counter of bytes flowing in `direction`.
@@ -189,6 +210,30 @@ impl Observer for ListenerMetrics {
 
     fn connection_closed(&self, _: &ConnectionInfo) {
         self.open.dec();
+    }
+}
+
+/// Counts `--tcp` connections by outcome and their bytes with the HTTP bytes.
+pub struct TcpMetrics {
+    connections: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+impl TcpObserver for TcpMetrics {
+    fn closed(&self, edge: &str, service: &ServiceId, carried: Spliced) {
+        let labels = [edge, service.as_str(), "closed"];
+        self.connections.with_label_values(&labels).inc();
+        self.bytes
+            .with_label_values(&["to_edge"])
+            .inc_by(carried.forward);
+        self.bytes
+            .with_label_values(&["from_edge"])
+            .inc_by(carried.backward);
+    }
+
+    fn failed(&self, edge: &str, service: &ServiceId, failure: &TcpFailure) {
+        let labels = [edge, service.as_str(), failure.label()];
+        self.connections.with_label_values(&labels).inc();
     }
 }
 

@@ -31,11 +31,13 @@ use std::time::{Duration, Instant};
 pub use backhaul::http::forwarded::TrustedProxies;
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::quic::{key_path_beside, Identity, DEFAULT_ALPN};
+use backhaul::relay::EdgeName;
 use backhaul::relay::{
     AcceptStats, Acceptor as EdgeAcceptor, Directory, Location, Registry, TakeoverPolicy,
     DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
 };
 pub use backhaul::relay::{AdmissionConfig, Tokens};
+use backhaul::tcp::TcpForward;
 use backhaul::{Config, Error};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
@@ -177,6 +179,10 @@ pub struct RelayArgs {
     /// (comma-separated). From anyone else those headers are replaced by the relay's own.
     #[arg(long, value_delimiter = ',', env = "BACKHAUL_TRUSTED_PROXIES")]
     pub trusted_proxies: Vec<String>,
+    /// A public TCP port that reaches one service of one edge, as [ADDR:]PORT=EDGE/SERVICE
+    /// (e.g. 2222=kiosk/ssh; the edge exposes ssh=tcp://HOST:PORT); repeat for more.
+    #[arg(long = "tcp", value_name = "PORT=EDGE/SERVICE", value_parser = parse_tcp_forward)]
+    pub tcp: Vec<TcpForwardSpec>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -202,6 +208,37 @@ pub struct RelayConfig {
     pub list_edges: bool,
     /// With `--redis`: serve as one with the other relays of the cluster.
     pub cluster: Option<ClusterSettings>,
+    /// Public TCP ports and the edge services they reach.
+    pub tcp: Vec<TcpForwardSpec>,
+}
+
+/// A public TCP port and the edge service it reaches (`--tcp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpForwardSpec {
+    pub listen: SocketAddr,
+    pub edge: String,
+    pub service: String,
+}
+
+/// Parses `[ADDR:]PORT=EDGE/SERVICE`.
+fn parse_tcp_forward(text: &str) -> Result<TcpForwardSpec, String> {
+    let usage = || format!("--tcp {text:?} is not [ADDR:]PORT=EDGE/SERVICE");
+    let (listen, target) = text.split_once('=').ok_or_else(usage)?;
+    let (edge, service) = target.split_once('/').ok_or_else(usage)?;
+    let listen = match listen.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+        Err(_) => listen.parse().map_err(|_| usage())?,
+    };
+    if !EdgeName::is_valid(edge) || !EdgeName::is_valid(service) {
+        return Err(format!(
+            "--tcp {text:?}: edge and service names are lowercase DNS labels"
+        ));
+    }
+    Ok(TcpForwardSpec {
+        listen,
+        edge: edge.to_owned(),
+        service: service.to_owned(),
+    })
 }
 
 /// How the relay treats edges before and while they register (the library acceptor's
@@ -279,6 +316,7 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         edge_limits,
         list_edges: args.list_edges,
         cluster: args.cluster.settings()?,
+        tcp: args.tcp,
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -423,8 +461,23 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         public_limits,
         stopped.clone(),
     ));
+    let mut tcp_addrs = Vec::new();
+    for spec in config.tcp {
+        let listener = TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| format!("binding the TCP port {}: {e}", spec.listen))?;
+        tcp_addrs.push(listener.local_addr()?);
+        let mut stop = stopped.clone();
+        // Local edges only: TCP is not forwarded between the relays of a cluster yet.
+        let forward = TcpForward::new(listener, state.registry.clone(), spec.edge, spec.service)
+            .with_observer(state.metrics.tcp_observer())
+            .with_drain_timeout(config.shutdown_timeout)
+            .serve()
+            .with_graceful_shutdown(async move { until_stopped(&mut stop).await });
+        tasks.spawn(forward);
+    }
     tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
-    info!(%quic_addr, %http_addr, %admin_addr, ?peer_addr, domain = %state.domain, "relay listening");
+    info!(%quic_addr, %http_addr, %admin_addr, ?peer_addr, ?tcp_addrs, domain = %state.domain, "relay listening");
     Ok(RunningRelay {
         quic_addr,
         http_addr,
