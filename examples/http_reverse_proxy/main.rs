@@ -37,7 +37,7 @@ enum Command {
     /// Run a relay: accept edges over QUIC and serve the public over HTTP.
     Relay(Box<relay::RelayArgs>),
     /// Run an edge: dial a relay and expose local HTTP services through it.
-    Edge(edge::EdgeArgs),
+    Edge(Box<edge::EdgeArgs>),
     /// Relay, edge and a demo web app in one process on loopback (the default).
     Demo(demo::DemoArgs),
 }
@@ -60,7 +60,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Relay(args)) => relay::run(*args).await,
-            Some(Command::Edge(args)) => edge::run(args).await,
+            Some(Command::Edge(args)) => edge::run(*args).await,
             Some(Command::Demo(args)) => demo::run(args).await,
             None => demo::run(demo::DemoArgs::default()).await,
         }
