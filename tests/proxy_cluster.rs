@@ -7,7 +7,11 @@
 //! the next relay of its list and requests through the surviving relays succeed again
 //! within a bound, every request meanwhile answered (never a hang); an edge attached to
 //! two relays at once (`--attach-all`) stays reachable without a gap through the one that
-//! survives. Timings are printed.
+//! survives. Also: a fourth edge; 64 MiB each way through a relay the edge is not attached
+//! to; two different edge processes racing for one name on two relays end with exactly one
+//! attachment; no directory entry of the killed relay outlives its lease; Redis SIGKILLed
+//! and restarted: requests go on meanwhile and the directory is rebuilt from live
+//! sessions. Timings are printed.
 #![cfg(feature = "redis")]
 
 #[path = "support/redis.rs"]
@@ -94,12 +98,84 @@ async fn median_latency(public: &Public, label: &str, n: usize) -> Duration {
     times[n / 2]
 }
 
-/// An 8 MiB download and upload through `public` to `label`, checksummed.
+/// `total` GETs to `label`, `concurrency` at a time: requests/s, p50 and p99.
+async fn load(
+    public: &Public,
+    label: &str,
+    total: usize,
+    concurrency: usize,
+) -> (f64, Duration, Duration) {
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(total);
+    let mut running = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < total || !running.is_empty() {
+        while next < total && running.len() < concurrency {
+            let public = public.clone();
+            let label = label.to_owned();
+            running.spawn(async move {
+                let asked = Instant::now();
+                let (status, body) = public.get(&label, "/whoami").await;
+                assert_eq!((status, body.as_str()), (StatusCode::OK, label.as_str()));
+                asked.elapsed()
+            });
+            next += 1;
+        }
+        if let Some(done) = running.join_next().await {
+            times.push(done.expect("request"));
+        }
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    times.sort();
+    (rate, times[total / 2], times[total * 99 / 100])
+}
+
+/// Directory keys of attachments in Redis (`backhaul:edge:{name}:at:relay`), sorted.
+fn attachment_keys(redis: &RedisServer) -> Vec<String> {
+    let mut connection = redis.connection();
+    let mut keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("backhaul:edge:*:at:*")
+        .query(&mut connection)
+        .expect("KEYS");
+    keys.sort();
+    keys
+}
+
+/// The attachment key of edge `name` on relay `relay`.
+fn attachment(name: &str, relay: &str) -> String {
+    format!("backhaul:edge:{{{name}}}:at:{relay}")
+}
+
+/// Waits until `check` holds for the directory's keys, or fails after `limit`.
+async fn until_keys(
+    redis: &RedisServer,
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&[String]) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        let keys = attachment_keys(redis);
+        if check(&keys) {
+            return;
+        }
+        assert!(started.elapsed() < limit, "{what}: keys now {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A download and upload of `BODY` bytes through `public` to `label`, checksummed.
 async fn check_bodies(public: &Public, label: &str) {
+    check_bodies_of(public, label, BODY).await;
+}
+
+/// A download and upload of `size` bytes through `public` to `label`, checksummed.
+async fn check_bodies_of(public: &Public, label: &str, size: u64) {
+    let body = size;
     let request = public.request(
         Method::GET,
         &public.host(label),
-        &format!("/download/{BODY}"),
+        &format!("/download/{body}"),
         support::proxy::empty(),
     );
     let response = public.send(request).await;
@@ -107,19 +183,19 @@ async fn check_bodies(public: &Public, label: &str) {
     let sum = checksum_body(response.into_body())
         .await
         .expect("the download body");
-    assert_eq!(sum, PatternBody::checksum(BODY), "download from {label}");
+    assert_eq!(sum, PatternBody::checksum(body), "download from {label}");
 
     let request = public.request(
         Method::POST,
         &public.host(label),
         "/upload",
-        boxed(PatternBody::new(BODY)),
+        boxed(PatternBody::new(body)),
     );
-    let (status, body) = support::proxy::text(public.send(request).await).await;
+    let (status, answer) = support::proxy::text(public.send(request).await).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        body,
-        PatternBody::checksum(BODY).header(),
+        answer,
+        PatternBody::checksum(body).header(),
         "upload to {label}"
     );
 }
@@ -150,6 +226,8 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             ("alpha", "alpha-token"),
             ("beta", "beta-token"),
             ("gamma", "gamma-token"),
+            ("delta", "delta-token"),
+            ("epsilon", "epsilon-token"),
         ];
         let mut relays = Vec::new();
         for id in ["r1", "r2", "r3"] {
@@ -185,9 +263,46 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             &[("web", gamma_app.addr)],
             &gamma_args,
         );
+        // delta on r3 (then r1).
+        let delta_app = Backend::start("delta").await;
+        let _delta: Proc = relays[2].spawn_edge_with_fallbacks(
+            &[relays[0].spec.quic],
+            "delta",
+            "delta-token",
+            &[("web", delta_app.addr)],
+            &edge_args,
+        );
         relays[0].wait_edges(2).await;
         relays[1].wait_edges(1).await;
-        relays[2].wait_edges(1).await;
+        relays[2].wait_edges(2).await;
+
+        // Two different edge processes race for "epsilon" on r2 and r3: one name, one
+        // owner, cluster-wide.
+        let epsilon_app = Backend::start("epsilon").await;
+        let _epsilon_on_r2: Proc = relays[1].spawn_edge(
+            "epsilon",
+            "epsilon-token",
+            &[("web", epsilon_app.addr)],
+            &edge_args,
+        );
+        let _epsilon_on_r3: Proc = relays[2].spawn_edge(
+            "epsilon",
+            "epsilon-token",
+            &[("web", epsilon_app.addr)],
+            &edge_args,
+        );
+        until_keys(&redis, Duration::from_secs(15), "epsilon attached", |keys| {
+            keys.iter().any(|key| key.contains("{epsilon}"))
+        })
+        .await;
+        // Both keep trying for a while (the loser every second): still exactly one.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let epsilon: Vec<String> = attachment_keys(&redis)
+            .into_iter()
+            .filter(|key| key.contains("{epsilon}"))
+            .collect();
+        assert_eq!(epsilon.len(), 1, "two edges racing for one name: {epsilon:?}");
+        println!("epsilon race won by {}", epsilon[0]);
         let publics: Vec<Public> = relays.iter().map(Relay::public).collect();
 
         // Every relay reaches every edge, local or not.
@@ -204,6 +319,8 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
                 check_bodies(public, label).await;
             }
         }
+        // 64 MiB each way through a relay the edge is not attached to.
+        check_bodies_of(&publics[2], "alpha", 64 << 20).await;
         // The client's address travels to an edge behind another relay.
         let (status, headers) = publics[2].get("alpha", "/headers").await;
         assert_eq!(status, StatusCode::OK);
@@ -221,6 +338,10 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         let local = median_latency(&publics[0], "alpha", 21).await;
         let forwarded = median_latency(&publics[2], "alpha", 21).await;
         println!("median GET latency to alpha: local (r1) {local:?}, through a peer (r3 -> r1) {forwarded:?}");
+        for (way, public) in [("local (r1)", &publics[0]), ("through a peer (r3 -> r1)", &publics[2])] {
+            let (rate, p50, p99) = load(public, "alpha", 600, 16).await;
+            println!("alpha {way}: {rate:.0} requests/s, p50 {p50:?}, p99 {p99:?} (600 GETs, 16 at a time)");
+        }
 
         // SIGKILL alpha's relay: alpha moves to r2; r2 and r3 reach it again.
         relays[0].proc.kill();
@@ -272,9 +393,20 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
              alpha ({answers} requests meanwhile, slowest answer {slowest_answer:?})"
         );
         println!("answers during the failover: {meanwhile:#?}");
-        relays[1].wait_edges(2).await;
+        until_keys(&redis, Duration::from_secs(10), "alpha attached to r2", |keys| {
+            keys.contains(&attachment("alpha", "r2"))
+        })
+        .await;
+        // No directory entry outlives the dead relay's lease.
+        let lease_bound = Duration::from_secs(3 + 3);
+        let remaining = lease_bound.saturating_sub(killed.elapsed());
+        until_keys(&redis, remaining, "r1's entries past its lease", |keys| {
+            !keys.iter().any(|key| key.ends_with(":at:r1"))
+        })
+        .await;
+        println!("r1's directory entries gone {:?} after the kill", killed.elapsed());
         for public in &publics[1..] {
-            for label in ["alpha", "beta", "gamma"] {
+            for label in ["alpha", "beta", "gamma", "delta"] {
                 let what = format!("{label} after the failover");
                 eventually(Duration::from_secs(10), &what, || async {
                     match try_get(public, label, "/whoami", Duration::from_secs(5)).await {
@@ -283,6 +415,43 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
                     }
                 })
                 .await;
+            }
+        }
+
+        // Redis SIGKILLed: the relays serve from their caches meanwhile.
+        let mut redis = redis;
+        redis.kill();
+        for public in &publics[1..] {
+            for label in ["alpha", "beta", "gamma", "delta"] {
+                let answer = try_get(public, label, "/whoami", Duration::from_secs(10)).await;
+                assert_eq!(
+                    answer,
+                    Some((StatusCode::OK, label.to_owned())),
+                    "{label} while Redis is down"
+                );
+            }
+        }
+        // Restarted empty on the same port: every live attachment is published again.
+        let restarted = Instant::now();
+        redis.restart();
+        let expected = [
+            attachment("alpha", "r2"),
+            attachment("beta", "r2"),
+            attachment("gamma", "r3"),
+            attachment("delta", "r3"),
+        ];
+        until_keys(&redis, Duration::from_secs(20), "directory rebuilt", |keys| {
+            expected.iter().all(|key| keys.contains(key))
+                && keys.iter().filter(|key| key.contains("{epsilon}")).count() == 1
+        })
+        .await;
+        println!("directory rebuilt {:?} after Redis restarted", restarted.elapsed());
+        for public in &publics[1..] {
+            for label in ["alpha", "beta", "gamma", "delta"] {
+                assert_eq!(
+                    public.get(label, "/whoami").await,
+                    (StatusCode::OK, label.to_owned())
+                );
             }
         }
     })
