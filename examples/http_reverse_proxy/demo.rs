@@ -66,6 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     let tokens = Tokens::new().with(EDGE_NAME, token.clone())?;
     let relay = start(RelayConfig {
         tcp: Vec::new(),
+        https: None,
         quic_listen: ([127, 0, 0, 1], 0).into(),
         http_listen,
         admin_listen: args.admin_listen,

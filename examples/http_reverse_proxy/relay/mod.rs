@@ -38,6 +38,7 @@ use backhaul::relay::{
 };
 pub use backhaul::relay::{AdmissionConfig, Tokens};
 use backhaul::tcp::TcpForward;
+use backhaul::tls::{CertificateFiles, ReloadableCertificates, HTTP_ALPN};
 use backhaul::{Config, Error};
 use clap::Args;
 use http::header::{HeaderValue, HOST};
@@ -62,6 +63,20 @@ pub struct RelayArgs {
     /// TCP address of the public HTTP listener.
     #[arg(long, default_value = "0.0.0.0:8080", env = "BACKHAUL_HTTP_LISTEN")]
     pub http_listen: SocketAddr,
+    /// Also serve HTTPS here (HTTP/2 and HTTP/1.1 by ALPN), with --tls-cert/--tls-key.
+    #[arg(long, requires = "tls_cert", env = "BACKHAUL_HTTPS_LISTEN")]
+    pub https_listen: Option<SocketAddr>,
+    /// A PEM certificate chain for HTTPS (repeat for more; each with its --tls-key, in
+    /// order). The certificate for each connection is chosen by the name the client asks
+    /// for (SNI), wildcards included; SIGHUP re-reads the files.
+    #[arg(long, requires = "https_listen")]
+    pub tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same position.
+    #[arg(long)]
+    pub tls_key: Vec<PathBuf>,
+    /// Answer plain HTTP requests with a redirect to HTTPS (308).
+    #[arg(long, requires = "https_listen")]
+    pub redirect_http: bool,
     /// TCP address of the admin listener (/healthz, /metrics).
     #[arg(long, default_value = "127.0.0.1:9090", env = "BACKHAUL_ADMIN_LISTEN")]
     pub admin_listen: SocketAddr,
@@ -210,6 +225,17 @@ pub struct RelayConfig {
     pub cluster: Option<ClusterSettings>,
     /// Public TCP ports and the edge services they reach.
     pub tcp: Vec<TcpForwardSpec>,
+    /// With `--https-listen`.
+    pub https: Option<HttpsSettings>,
+}
+
+/// The HTTPS listener and its certificates.
+#[derive(Debug, Clone)]
+pub struct HttpsSettings {
+    pub listen: SocketAddr,
+    pub certificates: Vec<CertificateFiles>,
+    /// Plain HTTP requests are redirected to HTTPS.
+    pub redirect_http: bool,
 }
 
 /// A public TCP port and the edge service it reaches (`--tcp`).
@@ -317,6 +343,25 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         list_edges: args.list_edges,
         cluster: args.cluster.settings()?,
         tcp: args.tcp,
+        https: match args.https_listen {
+            None => None,
+            Some(listen) => {
+                if args.tls_cert.len() != args.tls_key.len() {
+                    return Err("give one --tls-key for each --tls-cert, in the same order".into());
+                }
+                let certificates = args
+                    .tls_cert
+                    .iter()
+                    .zip(&args.tls_key)
+                    .map(|(chain, key)| CertificateFiles::new(chain, key))
+                    .collect();
+                Some(HttpsSettings {
+                    listen,
+                    certificates,
+                    redirect_http: args.redirect_http,
+                })
+            }
+        },
     };
     let relay = start(config).await?;
     shutdown_signal().await;
@@ -384,6 +429,17 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         .map_err(|e| format!("binding the admin listener on {}: {e}", config.admin_listen))?;
     let quic_addr = endpoint.local_addr()?;
     let http_addr = http.local_addr()?;
+    let https = match &config.https {
+        Some(settings) => {
+            let certificates = ReloadableCertificates::load(settings.certificates.clone())
+                .map_err(|e| format!("loading the HTTPS certificates: {e}"))?;
+            let listener = TcpListener::bind(settings.listen)
+                .await
+                .map_err(|e| format!("binding the HTTPS listener on {}: {e}", settings.listen))?;
+            Some((listener, certificates))
+        }
+        None => None,
+    };
     let admin_addr = admin.local_addr()?;
     let session_config = Config::new()
         .with_agent(concat!("backhaul-relay/", env!("CARGO_PKG_VERSION")))
@@ -455,12 +511,34 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         shutdown_timeout: config.shutdown_timeout,
         ..config.public_limits
     };
+    let redirect_to = match (&https, &config.https) {
+        (Some((listener, _)), Some(settings)) if settings.redirect_http => {
+            Some(listener.local_addr()?.port())
+        }
+        _ => None,
+    };
     tasks.spawn(serve_public(
         http,
         Arc::clone(&state),
         public_limits,
+        None,
+        redirect_to,
         stopped.clone(),
     ));
+    let mut https_addr = None;
+    if let Some((listener, certificates)) = https {
+        https_addr = Some(listener.local_addr()?);
+        let tls = certificates.server_config(&HTTP_ALPN);
+        tasks.spawn(serve_public(
+            listener,
+            Arc::clone(&state),
+            public_limits,
+            Some(tls),
+            None,
+            stopped.clone(),
+        ));
+        tasks.spawn(reload_on_sighup(certificates, stopped.clone()));
+    }
     let mut tcp_addrs = Vec::new();
     for spec in config.tcp {
         let listener = TcpListener::bind(spec.listen)
@@ -477,7 +555,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         tasks.spawn(forward);
     }
     tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
-    info!(%quic_addr, %http_addr, %admin_addr, ?peer_addr, ?tcp_addrs, domain = %state.domain, "relay listening");
+    info!(%quic_addr, %http_addr, ?https_addr, %admin_addr, ?peer_addr, ?tcp_addrs, domain = %state.domain, "relay listening");
     Ok(RunningRelay {
         quic_addr,
         http_addr,
@@ -492,11 +570,47 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     })
 }
 
-/// Serves `service` on `listener` with `limits` until `stop`.
+/// Re-reads the HTTPS certificates on each SIGHUP until `stop`; a failed reload keeps the
+/// certificates in use and says why. Connections already open keep theirs.
+async fn reload_on_sighup(
+    certificates: Arc<ReloadableCertificates>,
+    mut stop: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            warn!("cannot watch SIGHUP: certificates will not be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = until_stopped(&mut stop) => return,
+                received = hangups.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    match certificates.reload() {
+                        Ok(count) => info!(count, "SIGHUP: HTTPS certificates reloaded"),
+                        Err(error) => warn!(%error, "SIGHUP: reloading the HTTPS certificates failed; keeping the current ones"),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = certificates;
+        until_stopped(&mut stop).await;
+    }
+}
+
+/// Serves `service` on `listener` with `limits` (over TLS with `tls`) until `stop`.
 async fn serve_http<S>(
     listener: TcpListener,
     limits: Limits,
     observer: ListenerMetrics,
+    tls: Option<Arc<rustls::ServerConfig>>,
     service: S,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -506,9 +620,13 @@ async fn serve_http<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    Server::from_listener(listener)
+    let mut server = Server::from_listener(listener)
         .with_limits(limits)
-        .with_observer(observer)
+        .with_observer(observer);
+    if let Some(tls) = tls {
+        server = server.with_tls(tls);
+    }
+    server
         .serve(service)
         .with_graceful_shutdown(async move { until_stopped(&mut stop).await })
         .await;

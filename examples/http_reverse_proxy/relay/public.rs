@@ -12,7 +12,7 @@
 //! happened) and logged with their full error chain; a timeout is followed by a short
 //! ping, so an edge that does not answer it is "not responding" (502), not slow (504).
 
-use backhaul::http::authority::{request_authority, Authority};
+use backhaul::http::authority::{request_authority, Authority, Host};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{
     boxed, is_upgrade, retarget, strip_hop_by_hop, ReverseProxy, Timeouts,
@@ -25,28 +25,75 @@ use super::cluster::peer_failure;
 use super::host::{resolve_host, Target};
 use super::*;
 
+/// Serves the public on `listener`: over TLS with `tls`; with `redirect_to`, every plain
+/// HTTP request is answered with a redirect to HTTPS on that port instead.
 pub(super) async fn serve_public(
     listener: TcpListener,
     state: Arc<RelayState>,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    redirect_to: Option<u16>,
     stop: watch::Receiver<bool>,
 ) {
-    let observer = ListenerMetrics::new(&state.metrics, "public");
+    let observer = ListenerMetrics::new(
+        &state.metrics,
+        if tls.is_some() { "https" } else { "public" },
+    );
     let service = tower::service_fn(move |request: Request<Incoming>| {
         // The server puts the connection's addresses in every request.
-        let remote = request.extensions().get::<ConnectionInfo>().map_or(
-            SocketAddr::from(([0, 0, 0, 0], 0)),
-            ConnectionInfo::peer_addr,
-        );
-        handle_request(Arc::clone(&state), request, remote)
+        let info = request.extensions().get::<ConnectionInfo>().copied();
+        let remote = info.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.peer_addr());
+        let proto = match info {
+            Some(info) if info.is_secure() => Proto::Https,
+            _ => Proto::Http,
+        };
+        let state = Arc::clone(&state);
+        async move {
+            if let Some(port) = redirect_to {
+                return Ok(redirect_to_https(&request, port));
+            }
+            handle_request(state, request, remote, proto).await
+        }
     });
-    serve_http(listener, limits, observer, service, stop).await;
+    serve_http(listener, limits, observer, tls, service, stop).await;
+}
+
+/// A 308 to the same authority and path over HTTPS on `port`.
+fn redirect_to_https(request: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
+    let authority = request_authority(request.version(), request.uri(), request.headers());
+    let Ok(Some(authority)) = authority else {
+        return text_response(StatusCode::BAD_REQUEST, "a request needs one valid Host");
+    };
+    let host = match authority.host() {
+        Host::Name(name) => name.clone(),
+        Host::Ip(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Host::Ip(ip) => ip.to_string(),
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let location = format!("https://{host}{port}{path}");
+    let mut response = text_response(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("moved to {location}"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(http::header::LOCATION, value);
+    }
+    response
 }
 
 async fn handle_request(
     state: Arc<RelayState>,
     request: Request<Incoming>,
     remote: SocketAddr,
+    proto: Proto,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let span = info_span!(
@@ -57,7 +104,7 @@ async fn handle_request(
         edge = tracing::field::Empty,
         service = tracing::field::Empty,
     );
-    let response = checked_route(&state, request, remote)
+    let response = checked_route(&state, request, remote, proto)
         .instrument(span.clone())
         .await;
     let status = response.status();
@@ -82,6 +129,7 @@ async fn checked_route(
     state: &RelayState,
     request: Request<Incoming>,
     remote: SocketAddr,
+    proto: Proto,
 ) -> Response<ProxyBody> {
     if request.method() == Method::CONNECT {
         let mut response = text_response(
@@ -105,7 +153,7 @@ async fn checked_route(
         // Validated: only LDH, dots, digits, brackets and colons, safe to log as is.
         tracing::Span::current().record("host", authority.as_str());
     }
-    route(state, request, remote, authority).await
+    route(state, request, remote, authority, proto).await
 }
 
 async fn route(
@@ -113,6 +161,7 @@ async fn route(
     request: Request<Incoming>,
     remote: SocketAddr,
     authority: Option<Authority>,
+    proto: Proto,
 ) -> Response<ProxyBody> {
     let target = resolve_host(authority.as_ref(), &state.domain, &state.default_service);
     let (edge_name, service, authority) = match (target, authority) {
@@ -154,9 +203,8 @@ async fn route(
     // name them away; Host is the public authority whatever the client's HTTP version.
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, is_upgrade(headers));
-    // The relay has no TLS listener of its own (yet): clients reach it over plain HTTP.
     let trusted = &state.trusted_proxies;
-    trusted.set_forwarding_headers(headers, remote.ip(), &authority, Proto::Http);
+    trusted.set_forwarding_headers(headers, remote.ip(), &authority, proto);
     headers.insert(HOST, authority.to_header_value());
     let failure = match edge {
         EdgeRoute::Local(edge) => {

@@ -29,6 +29,18 @@ pub(super) struct Shared {
     pub(super) observer: Arc<dyn Observer>,
     /// Cancelled when the server shuts down.
     pub(super) stop: CancellationToken,
+    /// TLS first, when the server serves HTTPS.
+    #[cfg(feature = "tls")]
+    pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Shared {
+    fn secure(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        return false;
+    }
 }
 
 /// A connection counted open: tells the observer it closed (even if its task is
@@ -64,7 +76,7 @@ pub(super) async fn serve_connection<S, B>(
     let local = tcp
         .local_addr()
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let info = ConnectionInfo::new(peer, local);
+    let info = ConnectionInfo::new(peer, local, shared.secure());
     shared.observer.connection_opened(&info);
     let open = Open {
         shared: Arc::clone(&shared),
@@ -86,7 +98,56 @@ pub(super) async fn serve_connection<S, B>(
             Ok::<_, S::Error>(response.map(|body| InFlightBody::new(body, in_flight)))
         }
     });
-    let io = TokioIo::new(WatchedIo::new(tcp, Arc::clone(&activity), shared.limits));
+    let watched_io = WatchedIo::new(tcp, Arc::clone(&activity), shared.limits);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &shared.tls {
+        // The handshake's bytes are the first of a request head to the watcher, so a
+        // client that stalls it is cut at the header timeout like a slow head.
+        match tls.accept(watched_io).await {
+            Ok(stream) => {
+                drive(
+                    TokioIo::new(stream),
+                    hyper_service,
+                    &shared,
+                    &activity,
+                    &info,
+                )
+                .await
+            }
+            Err(error) => report_end(&shared, &activity, &info, Err(Box::new(error))),
+        }
+        drop(open);
+        return;
+    }
+    drive(
+        TokioIo::new(watched_io),
+        hyper_service,
+        &shared,
+        &activity,
+        &info,
+    )
+    .await;
+    drop(open);
+}
+
+/// Serves HTTP on `io` until the connection ends, is cut, or the server shuts down.
+async fn drive<I, H, B>(
+    io: I,
+    hyper_service: H,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    info: &ConnectionInfo,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: hyper::service::Service<Request<Incoming>, Response = Response<InFlightBody<B>>>
+        + Send
+        + 'static,
+    H::Future: Send + 'static,
+    H::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let connection = shared
         .builder
         .serve_connection_with_upgrades(io, hyper_service);
@@ -103,13 +164,22 @@ pub(super) async fn serve_connection<S, B>(
             connection.await
         }
     };
+    report_end(shared, activity, info, result);
+}
+
+/// Tells the observer how a connection ended: cut (and why), refused by hyper, failed.
+fn report_end(
+    shared: &Shared,
+    activity: &Activity,
+    info: &ConnectionInfo,
+    result: Result<(), BoxError>,
+) {
     if let Some(cut) = activity.cut() {
         debug!(peer = %info.peer_addr(), reason = %cut, "connection cut");
-        shared.observer.connection_cut(&info, cut);
+        shared.observer.connection_cut(info, cut);
     } else if let Err(error) = result {
-        account_failure(shared.observer.as_ref(), &info, error.as_ref());
+        account_failure(shared.observer.as_ref(), info, error.as_ref());
     }
-    drop(open);
 }
 
 /// Reports the requests hyper answered by itself (400 for an unparsable head, 431 for one

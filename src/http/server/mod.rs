@@ -99,6 +99,8 @@ pub struct Server {
     acceptor: Acceptor,
     limits: Limits,
     observer: Arc<dyn Observer>,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Server {
@@ -130,6 +132,8 @@ impl Server {
             acceptor: Acceptor::new(listener),
             limits: Limits::DEFAULT,
             observer: Arc::new(()),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -153,6 +157,21 @@ impl Server {
     #[must_use]
     pub fn with_observer(mut self, observer: impl Observer) -> Self {
         self.observer = Arc::new(observer);
+        self
+    }
+
+    /// Serves HTTPS: each connection's TLS handshake first (bounded by the header timeout,
+    /// like a request head), then HTTP/2 or HTTP/1.1 as the client chose by ALPN. Build
+    /// `config` with [`ReloadableCertificates::server_config`] and
+    /// [`HTTP_ALPN`](crate::tls::HTTP_ALPN) to pick certificates by SNI and reload them
+    /// without a restart. Requests carry a [`ConnectionInfo`] whose
+    /// [`is_secure`](ConnectionInfo::is_secure) is true.
+    ///
+    /// [`ReloadableCertificates::server_config`]: crate::tls::ReloadableCertificates::server_config
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
         self
     }
 

@@ -25,11 +25,25 @@ use super::Cut;
 pub struct ConnectionInfo {
     peer: SocketAddr,
     local: SocketAddr,
+    secure: bool,
 }
 
 impl ConnectionInfo {
-    pub(super) fn new(peer: SocketAddr, local: SocketAddr) -> Self {
-        Self { peer, local }
+    pub(super) fn new(peer: SocketAddr, local: SocketAddr, secure: bool) -> Self {
+        Self {
+            peer,
+            local,
+            secure,
+        }
+    }
+
+    /// True if the connection is TLS (the server was given [`with_tls`]), so a handler
+    /// can tell `https` from `http` for its forwarding headers or redirects.
+    ///
+    /// [`with_tls`]: super::Server::with_tls
+    #[must_use]
+    pub fn is_secure(&self) -> bool {
+        self.secure
     }
 
     /// The client's address.

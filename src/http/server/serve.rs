@@ -118,12 +118,16 @@ where
         mut acceptor,
         limits,
         observer,
+        #[cfg(feature = "tls")]
+        tls,
     } = server;
     let shared = Arc::new(Shared {
         builder: limits.http_builder(),
         limits,
         observer,
         stop: CancellationToken::new(),
+        #[cfg(feature = "tls")]
+        tls,
     });
     let max_connections = limits.connection_slots();
     let slots = Arc::new(Semaphore::new(max_connections));
