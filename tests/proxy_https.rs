@@ -2,7 +2,7 @@
 //! --tls-key`), checked with curl as a user would: HTTP/2 and HTTP/1.1 by ALPN, the
 //! certificate chosen by SNI (a wildcard), `X-Forwarded-Proto: https` at the edge's
 //! service, plain HTTP redirected, and certificates reloaded on SIGHUP without dropping a
-//! request in flight.
+//! request in flight; and server-sent events cross the relay unbuffered.
 
 mod support;
 
@@ -170,6 +170,79 @@ async fn https_serves_h2_and_h1_redirects_and_reloads_on_sighup() {
         assert!(
             relay.proc.logs().contains("HTTPS certificates reloaded"),
             "the relay says it reloaded"
+        );
+    })
+    .await;
+}
+
+/// Server-sent events cross relay and edge unbuffered: the first event reaches the client
+/// while the backend is still holding the stream open, seconds before the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_arrive_unbuffered() {
+    use axum::response::sse::{Event, Sse};
+    use http_body_util::BodyExt;
+
+    bounded(LIMIT, async {
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::get(|| async {
+                let events = futures_util::stream::unfold(0u32, |sent| async move {
+                    match sent {
+                        0 => Some((
+                            Ok::<_, std::convert::Infallible>(Event::default().data("one")),
+                            1,
+                        )),
+                        1 => {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                            Some((Ok(Event::default().data("two")), 2))
+                        }
+                        _ => None,
+                    }
+                });
+                Sse::new(events)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let dir = TempDir::new("sse");
+        let mut relay = Relay::start(dir.path(), &[("feed", "feed-token")], &[]).await;
+        let _edge = relay.spawn_edge("feed", "feed-token", &[("web", backend)], &[]);
+        relay.wait_edges(1).await;
+        let public = relay.public();
+        let request = public.request(
+            Method::GET,
+            &public.host("feed"),
+            "/events",
+            support::proxy::empty(),
+        );
+        let asked = std::time::Instant::now();
+        let response = public.send(request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut seen = String::new();
+        while !seen.contains("data: one") {
+            let frame = body.frame().await.expect("a frame").expect("a good frame");
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        let first = asked.elapsed();
+        assert!(
+            first < Duration::from_secs(2),
+            "the first event took {first:?}: buffered behind the second"
+        );
+        assert!(!seen.contains("two"), "{seen}");
+        while !seen.contains("data: two") {
+            let frame = body.frame().await.expect("a frame").expect("a good frame");
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        println!(
+            "first event after {first:?}, second after {:?}",
+            asked.elapsed()
         );
     })
     .await;
