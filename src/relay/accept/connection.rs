@@ -355,10 +355,12 @@ where
     // much as its streams' windows allow.
     connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.registered_max_streams));
     connection.set_receive_window(VarInt::MAX);
+    // Counted as decided, before the edge hears it: whoever the edge tells (a test, an
+    // operator reading metrics) already sees it counted.
+    AcceptStats::count(&counters.registered);
     if !accept_registration(&client, request_id).await {
         return Err(Refused::Gone);
     }
-    AcceptStats::count(&counters.registered);
     Ok(Registered {
         client,
         events,

@@ -138,7 +138,7 @@ pub struct AcceptCounts {
     pub handshake_failed: u64,
     /// Admitted connections that did not register within the registration timeout.
     pub timed_out: u64,
-    /// Edges registered.
+    /// Edges registered (counted when the relay accepts, before the edge hears it).
     pub registered: u64,
     /// Registrations refused: bad credentials, or no proper `_register` first.
     pub unauthorized: u64,
