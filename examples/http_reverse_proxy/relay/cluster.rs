@@ -24,6 +24,9 @@ use rustls::pki_types::CertificateDer;
 
 use super::*;
 
+/// Pooled clients to edges behind other relays kept at once (one per relay and edge).
+const MAX_PEER_CLIENTS: usize = 4096;
+
 /// The relay's cluster flags; all but `--redis` matter only with it.
 #[derive(Debug, Clone, Args)]
 pub struct ClusterArgs {
@@ -205,12 +208,19 @@ impl Cluster {
             }
         };
         let name = EdgeName::new(edge).map_err(|error| unreachable(error.to_string()))?;
-        let http = lock(&self.clients)
+        let mut clients = lock(&self.clients);
+        // Bounded: edges come and go between relays; a full table starts over (the
+        // clients' pooled streams close as their last users finish).
+        if clients.len() >= MAX_PEER_CLIENTS && !clients.contains_key(&(address, edge.to_owned())) {
+            clients.clear();
+        }
+        let http = clients
             .entry((address, edge.to_owned()))
             .or_insert_with(|| {
                 Client::builder(TokioExecutor::new()).build(self.pool.connector(address, name))
             })
             .clone();
+        drop(clients);
         Ok(PeerRoute {
             relay,
             address,
