@@ -75,6 +75,8 @@ pub mod edge;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "quinn")]
+mod lazy_serve;
 pub mod protocol;
 #[cfg(feature = "quinn")]
 pub mod quic;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -21,6 +21,7 @@ use super::{
 };
 use crate::connector::OpenTarget;
 use crate::error::Error;
+use crate::lazy_serve::{LazyServe, Signal};
 use crate::protocol::ServiceId;
 use crate::relay::{Directory, Location};
 use crate::stream::TunnelStream;
@@ -195,16 +196,12 @@ where
     /// Accepts and forwards connections until the returned future is dropped, or until
     /// the signal given to [`ServeTcp::with_graceful_shutdown`] fires.
     pub fn serve(self) -> ServeTcp {
-        let (stop, stopped) = oneshot::channel::<()>();
         ServeTcp {
-            inner: Box::pin(self.run(async move {
-                let _ = stopped.await;
-            })),
-            stop: Some(stop),
+            inner: LazyServe::new(move |signal| self.run(signal)),
         }
     }
 
-    async fn run<F: Future<Output = ()> + Send + 'static>(self, signal: F) {
+    async fn run(self, signal: Signal) {
         let Self {
             listener,
             directory,
@@ -277,32 +274,18 @@ where
 /// The running forwarder made by [`TcpForward::serve`]; resolves after shutdown.
 #[must_use = "futures do nothing unless polled"]
 pub struct ServeTcp {
-    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
-    stop: Option<oneshot::Sender<()>>,
+    inner: LazyServe,
 }
 
 impl ServeTcp {
     /// Stops accepting when `signal` resolves; open connections then get the drain
-    /// timeout to finish, and what is left is reset.
+    /// timeout to finish, and what is left is reset. Set it before the first poll.
     pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = self.stop.take();
-        let mut inner = self.inner;
-        Self {
-            inner: Box::pin(async move {
-                tokio::select! {
-                    () = &mut inner => return,
-                    () = signal => {}
-                }
-                if let Some(stop) = stop {
-                    let _ = stop.send(());
-                }
-                inner.await;
-            }),
-            stop: None,
-        }
+        self.inner.set_shutdown(signal);
+        self
     }
 }
 
@@ -316,7 +299,7 @@ impl Future for ServeTcp {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.inner.as_mut().poll(cx)
+        self.inner.poll(cx)
     }
 }
 

@@ -43,6 +43,7 @@ use super::name::EdgeName;
 use super::registry::Registry;
 use crate::config::Config;
 use crate::error::Error;
+use crate::lazy_serve::{LazyServe, Signal};
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
 
 /// Streams an unregistered peer may open: the control stream, with room to spare.
@@ -313,9 +314,7 @@ where
     /// Serves until the endpoint is closed or the graceful shutdown signal fires.
     pub fn serve(self) -> ServeEdges {
         ServeEdges {
-            start: Some(Box::new(move |shutdown| Box::pin(self.run(shutdown)))),
-            shutdown: None,
-            running: None,
+            inner: LazyServe::new(move |shutdown| self.run(shutdown)),
         }
     }
 
@@ -398,24 +397,18 @@ fn log_panic(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
-type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
-type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
-type Start = Box<dyn FnOnce(Signal) -> Running + Send>;
-
 /// Accepting edges, from [`Acceptor::serve`]; `.await` it or spawn it. Resolves after a
 /// graceful shutdown, or when the endpoint was closed. Dropping it stops accepting and
 /// aborts every edge connection's task (their edges are detached).
 #[must_use = "futures do nothing unless polled"]
 pub struct ServeEdges {
-    start: Option<Start>,
-    shutdown: Option<Signal>,
-    running: Option<Running>,
+    inner: LazyServe,
 }
 
 impl fmt::Debug for ServeEdges {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServeEdges")
-            .field("started", &self.running.is_some())
+            .field("started", &self.inner.is_started())
             .finish_non_exhaustive()
     }
 }
@@ -428,7 +421,7 @@ impl ServeEdges {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.shutdown = Some(Box::pin(signal));
+        self.inner.set_shutdown(signal);
         self
     }
 }
@@ -437,17 +430,6 @@ impl Future for ServeEdges {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        if let Some(start) = this.start.take() {
-            let shutdown = this
-                .shutdown
-                .take()
-                .unwrap_or_else(|| Box::pin(std::future::pending()));
-            this.running = Some(start(shutdown));
-        }
-        match &mut this.running {
-            Some(running) => running.as_mut().poll(cx),
-            None => Poll::Ready(()),
-        }
+        self.inner.poll(cx)
     }
 }

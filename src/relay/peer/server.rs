@@ -20,6 +20,7 @@ use super::{ClusterSecret, CLOSE_PEER_REFUSED};
 use crate::config::Config;
 use crate::connector::OpenTarget;
 use crate::error::Error;
+use crate::lazy_serve::{LazyServe, Signal};
 use crate::protocol::{Metadata, RejectCode, ServiceId};
 use crate::relay::accept::{CLOSE_SHUTDOWN, DEFAULT_REGISTER_TIMEOUT};
 use crate::relay::directory::RelayId;
@@ -181,9 +182,7 @@ impl PeerServer {
     /// shutdown signal fires.
     pub fn serve(self, endpoint: quinn::Endpoint) -> ServePeers {
         ServePeers {
-            start: Some((self, endpoint)),
-            shutdown: None,
-            running: None,
+            inner: LazyServe::new(move |shutdown| self.run(endpoint, shutdown)),
         }
     }
 
@@ -480,7 +479,6 @@ fn abandon(stream: TunnelStream<QuinnConnection>) {
     recv.stop(SPLICE_FAILED);
 }
 
-type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serving peer relays, from [`PeerServer::serve`]; `.await` it or spawn it. Resolves
@@ -488,15 +486,13 @@ type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// peer connection's task.
 #[must_use = "futures do nothing unless polled"]
 pub struct ServePeers {
-    start: Option<(PeerServer, quinn::Endpoint)>,
-    shutdown: Option<Signal>,
-    running: Option<Running>,
+    inner: LazyServe,
 }
 
 impl fmt::Debug for ServePeers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServePeers")
-            .field("started", &self.running.is_some())
+            .field("started", &self.inner.is_started())
             .finish_non_exhaustive()
     }
 }
@@ -509,7 +505,7 @@ impl ServePeers {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.shutdown = Some(Box::pin(signal));
+        self.inner.set_shutdown(signal);
         self
     }
 }
@@ -518,18 +514,7 @@ impl Future for ServePeers {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        if let Some((server, endpoint)) = this.start.take() {
-            let shutdown = this
-                .shutdown
-                .take()
-                .unwrap_or_else(|| Box::pin(std::future::pending()));
-            this.running = Some(Box::pin(server.run(endpoint, shutdown)));
-        }
-        match &mut this.running {
-            Some(running) => running.as_mut().poll(cx),
-            None => Poll::Ready(()),
-        }
+        self.inner.poll(cx)
     }
 }
 
