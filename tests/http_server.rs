@@ -582,3 +582,99 @@ async fn binding_a_taken_address_is_a_typed_error() {
         other => panic!("expected Error::Listen, got {other:?}"),
     }
 }
+
+/// Over TLS, a client that trickles its handshake is held to the header timeout like a
+/// slow request head, while clients that complete theirs are served (HTTP/1.1 over TLS),
+/// and requests say they came over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_tls_handshake_is_cut_at_the_header_timeout() {
+    bounded(async {
+        let identity = backhaul::quic::Identity::self_signed(&["localhost"]).expect("certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+            .expect("server config");
+        let recorder = Arc::new(Recorder::default());
+        let service = tower::service_fn(|request: Request<Incoming>| async move {
+            let secure = request
+                .extensions()
+                .get::<ConnectionInfo>()
+                .is_some_and(ConnectionInfo::is_secure);
+            Ok::<_, Infallible>(Response::new(full(format!("hello, secure: {secure}"))))
+        });
+        let server = Server::bind(([127, 0, 0, 1], 0))
+            .await
+            .expect("binding")
+            .with_limits(Limits {
+                header_timeout: Duration::from_secs(1),
+                ..patient()
+            })
+            .with_observer(Arc::clone(&recorder))
+            .with_tls(Arc::new(server_config));
+        let addr = server.local_addr().expect("address");
+        let task = tokio::spawn(server.serve(service).into_future());
+
+        let mut trickling = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            trickling.spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.expect("connecting");
+                // A TLS record header announcing a ClientHello, then a byte at a time.
+                stream
+                    .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+                    .await
+                    .expect("first bytes");
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if stream.write_all(&[0x01]).await.is_err() {
+                        return;
+                    }
+                    let mut byte = [0; 1];
+                    let read = tokio::time::timeout(Duration::ZERO, stream.read(&mut byte)).await;
+                    if matches!(read, Ok(Ok(0) | Err(_))) {
+                        return;
+                    }
+                }
+            });
+        }
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(identity.cert_chain[0].clone()).expect("root");
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let started = tokio::time::Instant::now();
+        let mut served = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            let tcp = TcpStream::connect(addr).await.expect("connecting");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(connection);
+            let response = sender.send_request(request("/")).await.expect("response");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(&body[..], b"hello, secure: true");
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served > 0);
+        while let Some(ended) = trickling.join_next().await {
+            ended.expect("a trickling client");
+        }
+        assert_eq!(recorder.cuts(Cut::Header), 10, "{:?}", recorder.events());
+        task.abort();
+    })
+    .await;
+}
