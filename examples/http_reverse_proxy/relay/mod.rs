@@ -549,6 +549,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         // Local edges only: TCP is not forwarded between the relays of a cluster yet.
         let forward = TcpForward::new(listener, state.registry.clone(), spec.edge, spec.service)
             .with_observer(state.metrics.tcp_observer())
+            .with_open_timeout(config.open_timeout)
+            .with_max_connections(config.public_limits.max_connections)
             .with_drain_timeout(config.shutdown_timeout)
             .serve()
             .with_graceful_shutdown(async move { until_stopped(&mut stop).await });
