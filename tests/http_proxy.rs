@@ -5,6 +5,9 @@
 //! ```text
 //! hyper client ─TCP─▶ relay (ReverseProxy) ═QUIC═▶ edge (to_local) ─TCP─▶ axum backend
 //! ```
+//!
+//! What holds for both edge routes runs twice: once with `to_local` (HTTP parsed on the
+//! edge) and once with `pass_through` (tunnel streams spliced to the backend unparsed).
 
 mod support;
 
@@ -19,8 +22,8 @@ use backhaul::edge::Router;
 use backhaul::http::authority::{request_authority, Host};
 use backhaul::http::forwarded::{Proto, TrustedProxies};
 use backhaul::http::proxy::{
-    boxed, forward_failure, is_upgrade, retarget, strip_hop_by_hop, text_response, to_local,
-    ProxyBody, ReverseProxy, Timeouts,
+    boxed, forward_failure, is_upgrade, pass_through, retarget, strip_hop_by_hop, text_response,
+    to_local, ProxyBody, ReverseProxy, Timeouts,
 };
 use backhaul::{QuinnConnection, SessionClient};
 use bytes::Bytes;
@@ -103,9 +106,23 @@ struct Tunnel {
     _tasks: JoinSet<()>,
 }
 
+/// How the edge reaches its local services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EdgeMode {
+    /// `to_local`: each request parsed and forwarded.
+    Parse,
+    /// `pass_through`: each stream spliced to a backend connection.
+    PassThrough,
+}
+
 /// The edge routes `web` to `web` (a test backend if `None`) and `stall` to a backend
 /// that stalls mid-body.
-async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeouts) -> Tunnel {
+async fn tunnel_with(
+    mode: EdgeMode,
+    web: Option<Uri>,
+    relay_timeouts: Timeouts,
+    edge_timeouts: Timeouts,
+) -> Tunnel {
     let mut tasks = JoinSet::new();
     let backend = match web {
         Some(_) => None,
@@ -122,13 +139,22 @@ async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeo
     let mut router: Router<QuinnConnection> = Router::new();
     for (name, upstream) in [("web", web), ("stall", stall)] {
         let authority = upstream.authority().expect("an authority").to_string();
-        let local = to_local(upstream)
-            .expect("an http upstream")
-            .with_description(format!(
-                "edge {EDGE:?}: local service {name:?} at {authority}"
-            ))
-            .with_timeouts(edge_timeouts);
-        router = router.route(name, backhaul::http::serve(local));
+        let description = format!("edge {EDGE:?}: local service {name:?} at {authority}");
+        router = match mode {
+            EdgeMode::Parse => {
+                let local = to_local(upstream)
+                    .expect("an http upstream")
+                    .with_description(description)
+                    .with_timeouts(edge_timeouts);
+                router.route(name, backhaul::http::serve(local))
+            }
+            EdgeMode::PassThrough => {
+                let local = pass_through(upstream)
+                    .expect("an http upstream")
+                    .with_description(description);
+                router.route(name, local)
+            }
+        };
     }
     tasks.spawn(async move {
         let _ = router.serve(edge, edge_events).into_future().await;
@@ -162,8 +188,24 @@ async fn tunnel(web: Option<Uri>, relay_timeouts: Timeouts, edge_timeouts: Timeo
     }
 }
 
-async fn default_tunnel() -> Tunnel {
-    tunnel(None, Timeouts::default(), Timeouts::default()).await
+async fn default_tunnel(mode: EdgeMode) -> Tunnel {
+    tunnel_with(mode, None, Timeouts::default(), Timeouts::default()).await
+}
+
+/// Two tests from one body taking an [`EdgeMode`]: `$parse` runs it with `to_local`,
+/// `$pass` with `pass_through`.
+macro_rules! both_edge_modes {
+    ($body:ident, $parse:ident, $pass:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $parse() {
+            $body(EdgeMode::Parse).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pass() {
+            $body(EdgeMode::PassThrough).await;
+        }
+    };
 }
 
 impl Tunnel {
@@ -204,10 +246,15 @@ async fn text(response: Response<Incoming>) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_mib_each_way_arrive_intact() {
+both_edge_modes!(
+    sixteen_mib_each_way_arrive_intact,
+    sixteen_mib_each_way_arrive_intact_parsed,
+    sixteen_mib_each_way_arrive_intact_passed_through
+);
+
+async fn sixteen_mib_each_way_arrive_intact(mode: EdgeMode) {
     const LEN: u64 = 16 * 1024 * 1024;
-    let tunnel = default_tunnel().await;
+    let tunnel = default_tunnel(mode).await;
     let expected = PatternBody::checksum(LEN);
 
     let upload = tunnel.request("POST", "web", "/upload", boxed(PatternBody::new(LEN)));
@@ -233,9 +280,14 @@ async fn sixteen_mib_each_way_arrive_intact() {
     assert_eq!(received, expected, "the download arrived intact");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_upgrade_is_spliced_end_to_end() {
-    let tunnel = default_tunnel().await;
+both_edge_modes!(
+    a_websocket_upgrade_is_spliced_end_to_end,
+    a_websocket_upgrade_is_spliced_end_to_end_parsed,
+    a_websocket_upgrade_is_spliced_end_to_end_passed_through
+);
+
+async fn a_websocket_upgrade_is_spliced_end_to_end(mode: EdgeMode) {
+    let tunnel = default_tunnel(mode).await;
     let tcp = tokio::net::TcpStream::connect(tunnel.public)
         .await
         .expect("connect");
@@ -271,11 +323,19 @@ async fn a_websocket_upgrade_is_spliced_end_to_end() {
 /// Shared body: the stalled backend's response starts (200, the first bytes), then the
 /// body fails, so the client sees an aborted response, never a complete one.
 async fn a_stalled_upstream_aborts_the_client(relay_idle: Duration, edge_idle: Duration) {
+    a_stalled_upstream_aborts_the_client_with(EdgeMode::Parse, relay_idle, edge_idle).await;
+}
+
+async fn a_stalled_upstream_aborts_the_client_with(
+    mode: EdgeMode,
+    relay_idle: Duration,
+    edge_idle: Duration,
+) {
     let timeouts = |body_idle| Timeouts {
         body_idle,
         ..Timeouts::default()
     };
-    let tunnel = tunnel(None, timeouts(relay_idle), timeouts(edge_idle)).await;
+    let tunnel = tunnel_with(mode, None, timeouts(relay_idle), timeouts(edge_idle)).await;
     let started = Instant::now();
     let response = tunnel
         .send(tunnel.request("GET", "stall", "/stall", boxed(Empty::new())))
@@ -317,13 +377,34 @@ async fn a_stalled_edge_is_cut_by_the_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_upstream_is_a_502_naming_the_service() {
+async fn a_stalled_service_behind_a_pass_through_edge_is_cut_by_the_relay() {
+    a_stalled_upstream_aborts_the_client_with(
+        EdgeMode::PassThrough,
+        Duration::from_millis(500),
+        Duration::from_secs(600),
+    )
+    .await;
+}
+
+both_edge_modes!(
+    a_refused_upstream_is_a_502_naming_the_service,
+    a_refused_upstream_is_a_502_naming_the_service_parsed,
+    a_refused_upstream_is_a_502_naming_the_service_passed_through
+);
+
+async fn a_refused_upstream_is_a_502_naming_the_service(mode: EdgeMode) {
     // A port that was free a moment ago: nothing listens there.
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let closed_addr = closed.local_addr().expect("addr");
     drop(closed);
     let upstream = http_uri(closed_addr);
-    let tunnel = tunnel(Some(upstream), Timeouts::default(), Timeouts::default()).await;
+    let tunnel = tunnel_with(
+        mode,
+        Some(upstream),
+        Timeouts::default(),
+        Timeouts::default(),
+    )
+    .await;
     let (status, body) = tunnel.get_text("web", "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let named = format!("edge \"alpha\": local service \"web\" at {closed_addr} is unreachable");
@@ -336,9 +417,14 @@ async fn a_refused_upstream_is_a_502_naming_the_service() {
     assert_eq!(body, "edge \"alpha\" has no service \"nope\"\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not() {
-    let tunnel = default_tunnel().await;
+both_edge_modes!(
+    forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not,
+    forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not_parsed,
+    forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not_passed_through
+);
+
+async fn forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not(mode: EdgeMode) {
+    let tunnel = default_tunnel(mode).await;
     let mut request = tunnel.request("GET", "web", "/headers", boxed(Empty::new()));
     let headers = request.headers_mut();
     headers.insert(
@@ -369,9 +455,14 @@ async fn forwarding_headers_reach_the_backend_and_hop_by_hop_ones_do_not() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundreds_of_concurrent_requests_are_all_answered_correctly() {
-    let tunnel = std::sync::Arc::new(default_tunnel().await);
+both_edge_modes!(
+    hundreds_of_concurrent_requests_are_all_answered_correctly,
+    hundreds_of_concurrent_requests_are_all_answered_correctly_parsed,
+    hundreds_of_concurrent_requests_are_all_answered_correctly_passed_through
+);
+
+async fn hundreds_of_concurrent_requests_are_all_answered_correctly(mode: EdgeMode) {
+    let tunnel = std::sync::Arc::new(default_tunnel(mode).await);
     let requests: Vec<_> = (0..300)
         .map(|n| {
             let tunnel = std::sync::Arc::clone(&tunnel);

@@ -46,6 +46,7 @@ pub use forward::{
     DEFAULT_TCP_DRAIN_TIMEOUT, DEFAULT_TCP_OPEN_TIMEOUT,
 };
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, SIGNATURE as PROXY_V2_SIGNATURE};
+pub(crate) use route::splice_aborting;
 pub use route::{forward_to, TcpRoute, TcpRouteFuture, DEFAULT_BACKEND_CONNECT_TIMEOUT};
 pub use splice::{splice, Side, SpliceError, Spliced};
 

@@ -141,15 +141,25 @@ impl TcpRoute {
                 return Err(error.into());
             }
         }
-        match splice(&mut stream, &mut backend).await {
-            Ok(_) => Ok(()),
-            Err(failure) => {
-                match failure.side {
-                    Side::First => abort_tcp(backend),
-                    Side::Second => stream.reset(CONNECTION_BROKEN),
-                }
-                Err(failure.into())
+        splice_aborting(&mut stream, backend).await?;
+        Ok(())
+    }
+}
+
+/// Splices a tunnel stream with a backend connection; when one side breaks, the other is
+/// aborted (TCP reset, stream reset with [`CONNECTION_BROKEN`]), never closed gracefully.
+pub(crate) async fn splice_aborting<C: Connection>(
+    stream: &mut TunnelStream<C>,
+    mut backend: TcpStream,
+) -> Result<super::Spliced, super::SpliceError> {
+    match splice(stream, &mut backend).await {
+        Ok(carried) => Ok(carried),
+        Err(failure) => {
+            match failure.side {
+                Side::First => abort_tcp(backend),
+                Side::Second => stream.reset(CONNECTION_BROKEN),
             }
+            Err(failure)
         }
     }
 }

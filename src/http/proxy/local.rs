@@ -49,22 +49,7 @@ use crate::error::Error;
 /// [`Error::InvalidUpstream`] if `upstream` is not `http://` with a host and nothing after
 /// the authority (no path but `/`, no query).
 pub fn to_local(upstream: Uri) -> Result<LocalUpstream, Error> {
-    let invalid = |reason| Error::InvalidUpstream {
-        uri: upstream.clone(),
-        reason,
-    };
-    if upstream.scheme_str() != Some("http") {
-        return Err(invalid("only http:// upstreams are supported"));
-    }
-    let Some(authority) = upstream.authority().cloned() else {
-        return Err(invalid("no host"));
-    };
-    if upstream
-        .path_and_query()
-        .is_some_and(|path| path.as_str() != "/")
-    {
-        return Err(invalid("a path or query cannot be forwarded to"));
-    }
+    let authority = validate_upstream(&upstream)?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build(connector);
@@ -126,6 +111,27 @@ impl LocalUpstream {
         self.proxy = ReverseProxy::with_client(client).with_timeouts(timeouts);
         self
     }
+}
+
+/// The authority of a local upstream given as `http://host:port`, nothing after it.
+pub(super) fn validate_upstream(upstream: &Uri) -> Result<Authority, Error> {
+    let invalid = |reason| Error::InvalidUpstream {
+        uri: upstream.clone(),
+        reason,
+    };
+    if upstream.scheme_str() != Some("http") {
+        return Err(invalid("only http:// upstreams are supported"));
+    }
+    let Some(authority) = upstream.authority().cloned() else {
+        return Err(invalid("no host"));
+    };
+    if upstream
+        .path_and_query()
+        .is_some_and(|path| path.as_str() != "/")
+    {
+        return Err(invalid("a path or query cannot be forwarded to"));
+    }
+    Ok(authority)
 }
 
 /// The answer when forwarding to the service `description` failed.

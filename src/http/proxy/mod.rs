@@ -8,7 +8,8 @@
 //!   upstream switches protocols, and bounds how long the response head and each body
 //!   frame may take.
 //! - [`to_local`] is the edge's route to a local HTTP service, answering failures itself
-//!   (502/504 naming the service).
+//!   (502/504 naming the service); [`pass_through`] is the lighter layer-4 alternative,
+//!   which splices each tunnel stream to the service without parsing HTTP on the edge.
 //! - The pieces, for proxies of your own: [`strip_hop_by_hop`], [`is_upgrade`],
 //!   [`retarget`], [`splice`], [`IdleTimeoutBody`], and the failure mapping
 //!   ([`forward_failure`], [`tunnel_failure`], [`find_cause`], [`error_chain`]).
@@ -39,6 +40,8 @@ mod forward;
 mod hop_by_hop;
 mod idle;
 mod local;
+#[cfg(feature = "tcp")]
+mod pass_through;
 mod upgrade;
 
 use bytes::Bytes;
@@ -51,7 +54,11 @@ pub use failure::{error_chain, find_cause, forward_failure, tunnel_failure, Fail
 pub use forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
 pub use hop_by_hop::{is_upgrade, strip_hop_by_hop};
 pub use idle::{BodyIdleTimeout, IdleHook, IdleTimeoutBody};
+#[cfg(feature = "tcp")]
+use local::validate_upstream;
 pub use local::{to_local, LocalFuture, LocalUpstream};
+#[cfg(feature = "tcp")]
+pub use pass_through::{pass_through, PassThrough, PassThroughFuture};
 pub use upgrade::splice;
 
 /// Errors of bodies in flight, boxed.
