@@ -48,12 +48,15 @@ pub(super) async fn serve_public(
             _ => Proto::Http,
         };
         let state = Arc::clone(&state);
-        async move {
+        // Boxed: the forwarding future is several KiB, and hyper moves the service's
+        // future into its dispatcher; a pointer is cheaper to move than the state machine
+        // (the copies showed in profiles as ~5 % of the relay's CPU).
+        Box::pin(async move {
             if let Some(port) = redirect_to {
                 return Ok(redirect_to_https(&request, port));
             }
             handle_request(state, request, remote, proto).await
-        }
+        })
     });
     serve_http(listener, limits, observer, tls, service, stop).await;
 }
