@@ -394,6 +394,8 @@ where
 pub struct RunningRelay {
     pub quic_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// With `--https-listen`.
+    pub https_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -596,6 +598,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     Ok(RunningRelay {
         quic_addr,
         http_addr,
+        https_addr,
         admin_addr,
         stop,
         tasks,
