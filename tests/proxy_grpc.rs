@@ -323,7 +323,8 @@ async fn calls_cross_the_relay(mut client: GrpcClient, first_seen: &Notify, prot
         Checksum::of(&sent).header().as_str()
     );
     assert_eq!(
-        text(&metadata, "x-seen-proto"), proto,
+        text(&metadata, "x-seen-proto"),
+        proto,
         "X-Forwarded-Proto at the server"
     );
 

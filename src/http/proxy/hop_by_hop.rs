@@ -83,7 +83,8 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, including any named in `Connection` except Host (a client
 /// must not be able to make the next hop lose the request's authority). With
 /// `keep_upgrade`, `Connection: upgrade` and `Upgrade` (without h2c) survive. A `TE` that
-/// lists `trailers` becomes `TE: trailers` (see the [module docs](self)).
+/// lists `trailers` becomes `TE: trailers`: the proxy passes trailers through, so it may
+/// promise the next hop to take them (gRPC servers want it; HTTP/2 allows no other `TE`).
 ///
 /// Stripping twice changes nothing, so a caller can strip, add headers of its own that a
 /// client must not be able to remove (forwarding headers, Host), and then hand the request
