@@ -259,8 +259,8 @@ impl Cluster {
 
 /// What went wrong forwarding through a peer: the peer gone or refusing us is the
 /// cluster's problem (502 naming the relay; a request cut by the loss of the peer's
-/// session counts as that too), an edge the peer does not hold means the directory was
-/// stale; anything else is the edge's, as for a local edge.
+/// session or QUIC connection counts as that too), an edge the peer does not hold means
+/// the directory was stale; anything else is the edge's, as for a local edge.
 pub(super) fn peer_failure(
     cluster: &Cluster,
     route: &PeerRoute,
@@ -276,6 +276,12 @@ pub(super) fn peer_failure(
             error_chain(error),
         )
     };
+    // The QUIC connection of a peer route is the one to the peer relay (an edge lost
+    // behind it resets the stream instead): its loss, however the chain reports it, is the
+    // peer's, even before the pool has noticed.
+    if find_cause::<quinn::ConnectionError>(error).is_some() {
+        return unreachable();
+    }
     match find_cause::<Error>(error) {
         Some(
             Error::PeerUnreachable { .. }
