@@ -30,10 +30,9 @@ use redis_fixture::RedisServer;
 use support::http::{checksum_body, Checksum, PatternBody};
 use support::pattern;
 use support::proxy::{
-    bounded, boxed, echo_backend, eventually, free_tcp_addr, free_udp_addr, write_cert_and_key,
-    Backend, Proc, Public, Relay, TempDir,
+    bounded, boxed, echo_backend, echo_through, eventually, free_tcp_addr, free_udp_addr,
+    write_cert_and_key, Backend, Proc, Public, Relay, TempDir,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bound on the whole test (a loaded 2-core machine).
 const LIMIT: Duration = Duration::from_secs(120);
@@ -232,14 +231,7 @@ async fn check_tcp(relay: &Relay, port: SocketAddr, holder: &str) {
     let data = pattern(b"cluster-tcp", 8 << 20);
     let client = tokio::net::TcpStream::connect(port).await.expect("connect");
     let me = client.local_addr().expect("address");
-    let (mut reader, mut writer) = client.into_split();
-    let write = async {
-        writer.write_all(&data).await.expect("write");
-        writer.shutdown().await.expect("half-close");
-    };
-    let mut echoed = Vec::new();
-    let (_, read) = tokio::join!(write, reader.read_to_end(&mut echoed));
-    read.expect("read to the end");
+    let echoed = echo_through(client, &data).await;
     let line = format!("{me}\n");
     assert!(
         echoed.starts_with(line.as_bytes()),

@@ -928,6 +928,11 @@ pub async fn echo_round(public: SocketAddr, data: &[u8]) -> Vec<u8> {
     let client = tokio::net::TcpStream::connect(public)
         .await
         .expect("connect");
+    echo_through(client, data).await
+}
+
+/// [`echo_round`] on a connection already made (whose address the caller may need).
+pub async fn echo_through(client: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
     let (mut reader, mut writer) = client.into_split();
     let write = async {
         writer.write_all(data).await.expect("write");
