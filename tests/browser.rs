@@ -4,6 +4,11 @@
 //! the DevTools protocol. `*.localhost` resolves to loopback inside Chromium by itself: no
 //! resolver flags are passed.
 //!
+//! Twice: over plain HTTP, and over the relay's HTTPS listener (`demo --https-listen`)
+//! with a certificate made by the test, which Chromium trusts by its public key's hash
+//! (`--ignore-certificate-errors-spki-list`, honoured with a `--user-data-dir`); there the
+//! page must open its WebSocket as `wss://` (a `ws://` one from an HTTPS page is blocked).
+//!
 //! Chromium is required in CI (`.ci/run` installs the Debian package `chromium` and sets
 //! `CI`, so there a missing browser fails the test); on a developer's machine
 //! without it the test says so and skips.
@@ -25,6 +30,67 @@ const ECHO: &str = "echo: hello through the tunnel";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_a_page_through_the_tunnel_and_its_websocket_echoes() {
+    chromium_through_the_demo(Scheme::Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_over_https_and_its_secure_websocket_echoes() {
+    chromium_through_the_demo(Scheme::Https).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// A certificate for `*.localhost` written to `dir` as PEM files, and the base64 SHA-256
+/// of its public key (SubjectPublicKeyInfo), as Chromium's SPKI list takes it.
+fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let names = vec!["*.localhost".to_owned(), "demo.localhost".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).expect("a certificate");
+    let cert = dir.join("https-cert.pem");
+    let key = dir.join("https-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("writing the key");
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .expect("a TLS 1.3 suite")
+        .common
+        .hash_provider;
+    let spki = sha256.hash(&certified.key_pair.public_key_der());
+    (cert, key, base64(spki.as_ref()))
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let word = chunk.iter().enumerate().fold(0u32, |word, (i, byte)| {
+            word | u32::from(*byte) << (16 - 8 * i)
+        });
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(word >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn chromium_through_the_demo(scheme: Scheme) {
     let Some(chromium) = find_chromium() else {
         support::skip_or_fail(
             "Chromium is not installed (no `chromium` on the PATH, and $CHROMIUM unset): this \
@@ -33,25 +99,36 @@ async fn chromium_loads_a_page_through_the_tunnel_and_its_websocket_echoes() {
         return;
     };
     bounded(Duration::from_secs(60), async {
-        let dir = TempDir::new("browser");
+        let dir = TempDir::new(&format!("browser-{}", scheme.as_str()));
         let http = free_tcp_addr();
         let admin = free_tcp_addr();
-        let mut demo = Proc::spawn(
-            "demo",
-            dir.path(),
-            &[
-                "demo".to_owned(),
-                "--http-listen".to_owned(),
-                http.to_string(),
-                "--admin-listen".to_owned(),
-                admin.to_string(),
-            ],
-        );
-        // The demo prints its URL once its self-check through the tunnel has run.
-        let url = wait_for_url(&mut demo).await;
-        assert!(url.starts_with("http://demo.localhost:"), "{url}");
+        let mut args = vec![
+            "demo".to_owned(),
+            "--http-listen".to_owned(),
+            http.to_string(),
+            "--admin-listen".to_owned(),
+            admin.to_string(),
+        ];
+        let mut browser_args = Vec::new();
+        if scheme == Scheme::Https {
+            let (cert, key, spki) = localhost_certificate(dir.path());
+            args.extend([
+                "--https-listen".to_owned(),
+                free_tcp_addr().to_string(),
+                "--tls-cert".to_owned(),
+                cert.display().to_string(),
+                "--tls-key".to_owned(),
+                key.display().to_string(),
+            ]);
+            browser_args.push(format!("--ignore-certificate-errors-spki-list={spki}"));
+        }
+        let mut demo = Proc::spawn("demo", dir.path(), &args);
+        // The demo prints its URLs once its self-check through the tunnel has run.
+        let url = wait_for_url(&mut demo, scheme).await;
+        let expected_start = format!("{}://demo.localhost:", scheme.as_str());
+        assert!(url.starts_with(&expected_start), "{url}");
 
-        let browser = Chromium::start(&chromium, dir.path(), &url);
+        let browser = Chromium::start(&chromium, dir.path(), &url, &browser_args);
         let page = browser.page_socket(&url).await;
         let mut devtools = DevTools::connect(&page).await;
         let started = Instant::now();
@@ -74,7 +151,8 @@ async fn chromium_loads_a_page_through_the_tunnel_and_its_websocket_echoes() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         eprintln!(
-            "Chromium showed the WebSocket echo {:?} after DevTools attached",
+            "Chromium showed the WebSocket echo over {} {:?} after DevTools attached",
+            scheme.as_str(),
             started.elapsed()
         );
         assert_eq!(dom, format!("{url}|echo received|{ECHO}"));
@@ -94,6 +172,11 @@ async fn chromium_loads_a_page_through_the_tunnel_and_its_websocket_echoes() {
         assert!(metrics.get("backhaul_http_requests_total", &[("code", "101")]) >= 1.0);
         // The demo's self-check and the browser's page load.
         assert!(metrics.get("backhaul_http_requests_total", &[("code", "200")]) >= 2.0);
+        if scheme == Scheme::Https {
+            // The open WebSocket holds a connection on the HTTPS listener.
+            let open = metrics.get("backhaul_connections_open", &[("listener", "https")]);
+            assert!(open >= 1.0, "HTTPS connections open: {open}");
+        }
 
         drop(devtools);
         drop(browser);
@@ -115,8 +198,9 @@ fn find_chromium() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Reads the demo's stdout until it prints the page's URL.
-async fn wait_for_url(demo: &mut Proc) -> String {
+/// Reads the demo's stdout until it prints the page's URL for `scheme`.
+async fn wait_for_url(demo: &mut Proc, scheme: Scheme) -> String {
+    let prefix = format!("{}://", scheme.as_str());
     let started = Instant::now();
     loop {
         let stdout = demo.stdout();
@@ -124,8 +208,10 @@ async fn wait_for_url(demo: &mut Proc) -> String {
             assert!(!stdout.contains("FAILED"), "{}", demo.logs());
             let url = stdout
                 .lines()
-                .find_map(|line| line.trim().strip_prefix("open"))
-                .map(|url| url.trim().to_owned());
+                .filter_map(|line| line.trim().strip_prefix("open"))
+                .map(str::trim)
+                .find(|url| url.starts_with(&prefix))
+                .map(str::to_owned);
             if let Some(url) = url {
                 return url;
             }
@@ -147,7 +233,7 @@ struct Chromium {
 }
 
 impl Chromium {
-    fn start(program: &Path, dir: &Path, url: &str) -> Self {
+    fn start(program: &Path, dir: &Path, url: &str, extra: &[String]) -> Self {
         let profile = dir.join("chromium-profile");
         std::fs::create_dir_all(&profile).expect("creating the profile dir");
         let log = dir.join("chromium.log");
@@ -165,6 +251,7 @@ impl Chromium {
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(output.try_clone().expect("log handle"))
@@ -341,6 +428,16 @@ fn json_field(json: &str, key: &str) -> Option<String> {
             c => value.push(c),
         }
     }
+}
+
+#[test]
+fn base64_matches_the_standard() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
 }
 
 #[test]

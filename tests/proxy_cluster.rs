@@ -11,7 +11,8 @@
 //! to; two different edge processes racing for one name on two relays end with exactly one
 //! attachment; no directory entry of the killed relay outlives its lease; Redis SIGKILLed
 //! and restarted: requests go on meanwhile and the directory is rebuilt from live
-//! sessions. Timings are printed.
+//! sessions. A TCP port of one relay (`--tcp`) reaches an edge attached to another, and
+//! follows it when it fails over. Timings are printed.
 #![cfg(feature = "redis")]
 
 #[path = "support/redis.rs"]
@@ -26,10 +27,11 @@ use http::{Method, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
 
 use redis_fixture::RedisServer;
-use support::http::{checksum_body, PatternBody};
+use support::http::{checksum_body, Checksum, PatternBody};
+use support::pattern;
 use support::proxy::{
-    bounded, boxed, eventually, free_udp_addr, write_cert_and_key, Backend, Proc, Public, Relay,
-    TempDir,
+    bounded, boxed, echo_backend, echo_through, eventually, free_tcp_addr, free_udp_addr,
+    write_cert_and_key, Backend, Proc, Public, Relay, TempDir,
 };
 
 /// Upper bound on the whole test (a loaded 2-core machine).
@@ -213,6 +215,48 @@ async fn check_websocket(relay: &Relay, label: &str) {
     assert_eq!(reply, Message::text("echo: across"));
 }
 
+/// Through `relay`'s TCP port for alpha's `echo` service (a PROXY v2 echo backend), with
+/// alpha attached to relay `holder`: 8 MiB echoed intact after a half-close, the client's
+/// address announced to the backend, the connection counted as closed.
+async fn check_tcp(relay: &Relay, port: SocketAddr, holder: &str) {
+    let labels = [
+        ("edge", "alpha"),
+        ("service", "echo"),
+        ("outcome", "closed"),
+    ];
+    let before = relay
+        .metrics()
+        .await
+        .get("backhaul_tcp_connections_total", &labels);
+    let data = pattern(b"cluster-tcp", 8 << 20);
+    let client = tokio::net::TcpStream::connect(port).await.expect("connect");
+    let me = client.local_addr().expect("address");
+    let echoed = echo_through(client, &data).await;
+    let line = format!("{me}\n");
+    assert!(
+        echoed.starts_with(line.as_bytes()),
+        "the backend names the client through {holder}: {:?}",
+        String::from_utf8_lossy(&echoed[..echoed.len().min(64)])
+    );
+    assert_eq!(
+        Checksum::of(&echoed[line.len()..]),
+        Checksum::of(&data),
+        "8 MiB echoed through a TCP port of a relay the edge is not attached to ({holder})"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the TCP connection counted",
+        || async {
+            let now = relay
+                .metrics()
+                .await
+                .get("backhaul_tcp_connections_total", &labels);
+            (now == before + 1.0).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
     let Some(redis) = RedisServer::start() else {
@@ -229,9 +273,14 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             ("delta", "delta-token"),
             ("epsilon", "epsilon-token"),
         ];
+        // r3 has a TCP port for alpha's "echo" service; alpha is attached to r1.
+        let tcp_port = free_tcp_addr();
         let mut relays = Vec::new();
         for id in ["r1", "r2", "r3"] {
-            let args = relay_args(&redis, id, free_udp_addr());
+            let mut args = relay_args(&redis, id, free_udp_addr());
+            if id == "r3" {
+                args.extend(["--tcp".to_owned(), format!("{tcp_port}=alpha/echo")]);
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             relays.push(Relay::start_with_cert(dir.path(), &tokens, &cert, &key, &args).await);
         }
@@ -239,12 +288,19 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         let beta_app = Backend::start("beta").await;
         let edge_args = ["--keepalive", "1s", "--connect-timeout", "2s", "--max-backoff", "1s"];
         // alpha on r1 (then r2), beta on r2 (then r3).
+        let echo = echo_backend(true).await;
+        let echo_expose = format!("echo=tcp://{echo}");
+        let alpha_args = [
+            &edge_args[..],
+            &["--expose", &echo_expose, "--proxy-protocol", "echo"],
+        ]
+        .concat();
         let _alpha: Proc = relays[0].spawn_edge_with_fallbacks(
             &[relays[1].spec.quic],
             "alpha",
             "alpha-token",
             &[("web", alpha_app.addr)],
-            &edge_args,
+            &alpha_args,
         );
         let _beta: Proc = relays[1].spawn_edge_with_fallbacks(
             &[relays[2].spec.quic],
@@ -329,6 +385,7 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             "forwarding headers through a peer relay: {headers}"
         );
         check_websocket(&relays[2], "alpha").await;
+        check_tcp(&relays[2], tcp_port, "r1").await;
         let forwarded = relays[2].metrics().await.get(
             "backhaul_requests_forwarded_total",
             &[("relay", "r1")],
@@ -405,6 +462,8 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
         })
         .await;
         println!("r1's directory entries gone {:?} after the kill", killed.elapsed());
+        // r3's TCP port follows alpha to r2.
+        check_tcp(&relays[2], tcp_port, "r2").await;
         for public in &publics[1..] {
             for label in ["alpha", "beta", "gamma", "delta"] {
                 let what = format!("{label} after the failover");

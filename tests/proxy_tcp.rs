@@ -4,67 +4,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use backhaul::tcp::ProxyHeader;
 use support::http::Checksum;
-use support::proxy::{free_tcp_addr, Relay, TempDir};
+use support::proxy::{echo_backend, echo_round, free_tcp_addr, Relay, TempDir};
 use support::{pattern, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// An echo backend; with `proxy_protocol`, it first reads a PROXY v2 header and writes
-/// back the client address it names, then echoes.
-async fn echo_backend(proxy_protocol: bool) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if proxy_protocol {
-                    let mut header = Vec::new();
-                    let parsed = loop {
-                        let mut byte = [0; 1];
-                        if stream.read_exact(&mut byte).await.is_err() {
-                            return;
-                        }
-                        header.push(byte[0]);
-                        if let Some(parsed) = ProxyHeader::parse(&header).expect("PROXY v2") {
-                            break parsed.0;
-                        }
-                    };
-                    let ProxyHeader::Proxy { source, .. } = parsed else {
-                        panic!("expected a proxied connection, got {parsed:?}");
-                    };
-                    let line = format!("{source}\n");
-                    stream.write_all(line.as_bytes()).await.unwrap();
-                }
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    address
-}
-
-/// Connects to the relay's TCP port until the edge is there to answer (the port is open
-/// as soon as the relay starts; before the edge registers, connections are cut at once).
-async fn echo_round(public: SocketAddr, data: &[u8]) -> Vec<u8> {
-    let client = TcpStream::connect(public).await.expect("connect");
-    let (mut reader, mut writer) = client.into_split();
-    let write = async {
-        writer.write_all(data).await.expect("write");
-        writer.shutdown().await.expect("half-close");
-    };
-    let mut echoed = Vec::new();
-    let (_, read) = tokio::join!(write, reader.read_to_end(&mut echoed));
-    read.expect("read");
-    echoed
-}
 
 /// 8 MiB echoed through relay and edge processes, checksummed; 100 connections at once;
 /// a PROXY v2 header naming the client; a backend that is gone cuts the client at once and

@@ -19,8 +19,9 @@ use backhaul::quic::Identity;
 use backhaul::relay::peer::{
     self, ClusterSecret, PeerPool, PeerServer, PeerStats, CLOSE_PEER_REFUSED, PEER_SERVICE,
 };
-use backhaul::relay::{EdgeName, Registry, RelayId};
+use backhaul::relay::{Directory, EdgeName, Location, Registry, RelayId};
 use backhaul::stream::TunnelStream;
+use backhaul::tcp::{Spliced, TcpFailure, TcpForward, TcpObserver};
 use backhaul::{
     Config, Error, Metadata, MetadataValue, QuinnConnection, RejectCode, Role, SessionClient,
 };
@@ -34,7 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::{JoinHandle, JoinSet};
 
 use relay_fixture::{close_code, eventually, register, Blackhole, TestRelay};
-use support::http::{app, checksum_body, PatternBody};
+use support::http::{app, checksum_body, Checksum, PatternBody};
 use support::within;
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -144,6 +145,11 @@ fn test_app() -> axum::Router {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with_tcp(None).await
+}
+
+/// [`cluster`], with a raw TCP service `tcp` reaching `tcp_backend` if given.
+async fn cluster_with_tcp(tcp_backend: Option<SocketAddr>) -> Cluster {
     let registry = Registry::new();
     let relay_a = TestRelay::start(&[&format!("{EDGE}={TOKEN}")], registry.clone(), |a| a);
     let peers_a = PeerHost::start(registry.clone());
@@ -157,9 +163,12 @@ async fn cluster() -> Cluster {
         std::future::pending::<()>().await;
         Ok::<(), std::io::Error>(())
     });
-    let router = Router::new()
+    let mut router = Router::new()
         .route("web", backhaul::http::serve(test_app()))
         .route("drip", drip);
+    if let Some(backend) = tcp_backend {
+        router = router.route("tcp", backhaul::tcp::forward_to(backend.to_string()));
+    }
     let relay_fixture::TestEdge {
         connection,
         client,
@@ -819,6 +828,172 @@ async fn a_graceful_shutdown_ends_every_peer_task_and_b_sees_the_peer_gone() {
             settled <= baseline,
             "{settled} tasks alive, {baseline} before"
         );
+    })
+    .await;
+}
+
+/// Relay B's directory: `kiosk` is attached to relay A (`relay-a`), `ghost` to relay A too
+/// (which does not hold it), `stray` to a relay nobody knows the address of.
+struct PeerDirectory;
+
+impl Directory for PeerDirectory {
+    type Future = std::future::Ready<Result<Location, Error>>;
+
+    fn locate(&self, edge: &str) -> Self::Future {
+        std::future::ready(Ok(match edge {
+            EDGE | "ghost" => Location::Elsewhere(RelayId::new("relay-a")),
+            "stray" => Location::Elsewhere(RelayId::new("relay-z")),
+            _ => Location::Unknown,
+        }))
+    }
+}
+
+/// Failure labels a forwarder reported, and clean closes as `closed`.
+#[derive(Clone, Default)]
+struct TcpOutcomes(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl TcpOutcomes {
+    async fn wait_for(&self, label: &str) {
+        eventually(WAIT, label, || async {
+            self.0.lock().unwrap().iter().any(|seen| seen == label)
+        })
+        .await;
+    }
+}
+
+impl TcpObserver for TcpOutcomes {
+    fn closed(&self, _edge: &str, _service: &backhaul::ServiceId, _carried: Spliced) {
+        self.0.lock().unwrap().push("closed".into());
+    }
+
+    fn failed(&self, _edge: &str, _service: &backhaul::ServiceId, failure: &TcpFailure) {
+        self.0.lock().unwrap().push(failure.label().into());
+    }
+}
+
+/// Relay B's public TCP port for `edge`'s `tcp` service, reaching relay A through `pool`.
+async fn tcp_port_on_b(
+    edge: &str,
+    pool: &PeerPool,
+    relay_a: SocketAddr,
+) -> (SocketAddr, TcpOutcomes, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public = listener.local_addr().unwrap();
+    let outcomes = TcpOutcomes::default();
+    let peers = std::collections::HashMap::from([(RelayId::new("relay-a"), relay_a)]);
+    let forward = TcpForward::new(listener, PeerDirectory, edge, "tcp")
+        .with_peers(pool.clone(), peers)
+        .with_open_timeout(Duration::from_secs(10))
+        .with_observer(outcomes.clone());
+    (public, outcomes, tokio::spawn(forward.serve()))
+}
+
+/// Reads `reader` to its end, checksumming the first `len` bytes and returning the rest.
+async fn read_checksummed(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    len: usize,
+) -> (Checksum, Vec<u8>) {
+    let mut sum = Checksum::default();
+    let mut rest = Vec::new();
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = reader.read(&mut buffer).await.expect("read");
+        if read == 0 {
+            return (sum, rest);
+        }
+        let counted = usize::try_from(sum.len).unwrap();
+        let take = read.min(len - counted);
+        sum.update(&buffer[..take]);
+        rest.extend_from_slice(&buffer[take..read]);
+    }
+}
+
+/// A public TCP port on relay B reaches a TCP service of an edge attached to relay A:
+/// 16 MiB each way at once, checksummed at both ends, and half-close carried (the backend
+/// answers with the checksum of what it got only after the client's end reached it).
+/// An edge A does not hold, and a relay whose address is unknown, close the client at
+/// once and are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_ports_reach_edges_attached_to_a_peer() {
+    within(LIMIT, async {
+        const SIZE: usize = 16 * 1024 * 1024;
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = stream.into_split();
+                    let receive = read_checksummed(&mut reader, usize::MAX);
+                    let send = async {
+                        let block = support::pattern(b"down", 1024 * 1024);
+                        for _ in 0..SIZE / block.len() {
+                            writer.write_all(&block).await.expect("backend write");
+                        }
+                    };
+                    let ((got, _), ()) = tokio::join!(receive, send);
+                    // Only after the client's half-close: the answer crosses it.
+                    writer
+                        .write_all(got.header().as_bytes())
+                        .await
+                        .expect("answer");
+                    writer.shutdown().await.expect("backend shutdown");
+                });
+            }
+        });
+        let cluster = cluster_with_tcp(Some(backend_addr)).await;
+        let pool = pool_with(&cluster.peers_a.trusted(), SECRET);
+        let (public, outcomes, _forward) = tcp_port_on_b(EDGE, &pool, cluster.peers_a.addr).await;
+
+        let client = tokio::net::TcpStream::connect(public).await.unwrap();
+        let (mut reader, mut writer) = client.into_split();
+        let up_block = support::pattern(b"up", 1024 * 1024);
+        let send = async {
+            for _ in 0..SIZE / up_block.len() {
+                writer.write_all(&up_block).await.expect("client write");
+            }
+            writer.shutdown().await.expect("client half-close");
+        };
+        let ((down, answer), ()) = tokio::join!(read_checksummed(&mut reader, SIZE), send);
+
+        let (mut expected_down, mut expected_up) = (Checksum::default(), Checksum::default());
+        let down_block = support::pattern(b"down", 1024 * 1024);
+        for _ in 0..SIZE / up_block.len() {
+            expected_down.update(&down_block);
+            expected_up.update(&up_block);
+        }
+        assert_eq!(down, expected_down, "backend → client");
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            expected_up.header(),
+            "client → backend, answered after the client's half-close"
+        );
+        outcomes.wait_for("closed").await;
+        assert!(
+            pool.live_session(cluster.peers_a.addr).is_some(),
+            "the TCP stream went over the pool's session to A"
+        );
+
+        // Failures close the client promptly (never a hang), each counted.
+        for (edge, label) in [("ghost", "open_refused"), ("stray", "peer_unreachable")] {
+            let (public, outcomes, _forward) =
+                tcp_port_on_b(edge, &pool, cluster.peers_a.addr).await;
+            let started = Instant::now();
+            // The reset can come before `connect` returns: that is a close too.
+            if let Ok(mut client) = tokio::net::TcpStream::connect(public).await {
+                let mut buffer = [0u8; 16];
+                let read = client.read(&mut buffer).await;
+                assert!(
+                    matches!(read, Ok(0) | Err(_)),
+                    "{edge}: the client must be closed, got {read:?}"
+                );
+            }
+            assert!(
+                started.elapsed() < SLACK,
+                "{edge}: closed after {:?}",
+                started.elapsed()
+            );
+            outcomes.wait_for(label).await;
+        }
     })
     .await;
 }

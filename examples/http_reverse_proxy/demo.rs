@@ -2,9 +2,11 @@
 //! so a newcomer sees the whole path work with one command.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use backhaul::quic::Identity;
+use backhaul::tls::CertificateFiles;
 use bytes::Bytes;
 use clap::Args;
 use http::{Request, StatusCode};
@@ -17,7 +19,7 @@ use tracing::info;
 use crate::edge::{run_edge, EdgeConfig, Upstream};
 use backhaul::http::server::Limits;
 
-use crate::relay::{start, EdgeLimits, RelayConfig, Tokens};
+use crate::relay::{start, EdgeLimits, HttpsSettings, RelayConfig, Tokens};
 use crate::{shutdown_signal, BoxError};
 
 const EDGE_NAME: &str = "demo";
@@ -30,6 +32,16 @@ pub struct DemoArgs {
     /// Admin listener (/healthz, /metrics).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin_listen: SocketAddr,
+    /// Also serve HTTPS here, with --tls-cert and --tls-key (e.g. a certificate for
+    /// `*.localhost`).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub https_listen: Option<SocketAddr>,
+    /// The PEM certificate chain for --https-listen.
+    #[arg(long, requires = "https_listen")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key for --https-listen.
+    #[arg(long, requires = "https_listen")]
+    pub tls_key: Option<PathBuf>,
     /// Check the path once, then exit (status 0 if it works).
     #[arg(long)]
     pub exit_after_check: bool,
@@ -40,6 +52,9 @@ impl Default for DemoArgs {
         Self {
             http_listen: ([127, 0, 0, 1], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 0).into(),
+            https_listen: None,
+            tls_cert: None,
+            tls_key: None,
             exit_after_check: false,
         }
     }
@@ -64,9 +79,17 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     let trusted = identity.cert_chain.clone();
     let token = format!("{:016x}", random_u64());
     let tokens = Tokens::new().with(EDGE_NAME, token.clone())?;
+    let https = match (args.https_listen, args.tls_cert, args.tls_key) {
+        (Some(listen), Some(cert), Some(key)) => Some(HttpsSettings {
+            listen,
+            certificates: vec![CertificateFiles::new(cert, key)],
+            redirect_http: false,
+        }),
+        _ => None,
+    };
     let relay = start(RelayConfig {
         tcp: Vec::new(),
-        https: None,
+        https,
         quic_listen: ([127, 0, 0, 1], 0).into(),
         http_listen,
         admin_listen: args.admin_listen,
@@ -123,6 +146,12 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     println!("  backhaul demo: relay, edge \"{EDGE_NAME}\" and a web app, all on loopback");
     println!();
     println!("  open        {url}");
+    if let Some(https) = relay.https_addr {
+        println!(
+            "  open        https://{EDGE_NAME}.localhost:{}/",
+            https.port()
+        );
+    }
     println!("  metrics     http://{}/metrics", relay.admin_addr);
     println!(
         "  self-check  {}",
@@ -189,7 +218,8 @@ over the QUIC connection the edge dialed out.</p>
 <pre id="echo"></pre>
 <script>
   const status = document.getElementById("status");
-  const socket = new WebSocket(`ws://${location.host}/ws`);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws`);
   socket.onopen = () => { status.textContent = "open"; socket.send("hello through the tunnel"); };
   socket.onmessage = (event) => {
     document.getElementById("echo").textContent = event.data;

@@ -74,8 +74,9 @@ pub struct EdgeArgs {
     #[arg(long, env = "BACKHAUL_EDGE_TOKEN", hide_env_values = true)]
     pub token: String,
     /// A local service to expose, as NAME=http://HOST:PORT (HTTP, reached by Host on the
-    /// relay) or NAME=tcp://HOST:PORT (raw TCP, reached on a relay port given with its
-    /// --tcp); repeat for more.
+    /// relay), NAME=h2c://HOST:PORT (HTTP/2 with prior knowledge: gRPC servers) or
+    /// NAME=tcp://HOST:PORT (raw TCP, reached on a relay port given with its --tcp);
+    /// repeat for more.
     #[arg(long = "expose", required = true)]
     pub expose: Vec<String>,
     /// Send a PROXY protocol v2 header to this TCP service first, so it sees the public
@@ -211,7 +212,8 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
 /// A local service an edge exposes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
-    /// An HTTP service, forwarded request by request.
+    /// An HTTP service (`http://` or, HTTP/2 only, `h2c://`), forwarded request by
+    /// request.
     Http(Uri),
     /// An HTTP service whose streams are spliced to it unparsed (--pass-through).
     PassThrough(Uri),
@@ -222,7 +224,7 @@ pub enum Upstream {
     },
 }
 
-/// Parses `NAME=http://HOST:PORT` or `NAME=tcp://HOST:PORT`.
+/// Parses `NAME=http://HOST:PORT`, `NAME=h2c://HOST:PORT` or `NAME=tcp://HOST:PORT`.
 fn parse_expose(spec: &str) -> Result<(String, Upstream), String> {
     let (name, url) = spec
         .split_once('=')
@@ -487,6 +489,14 @@ mod tests {
                 }
             )
         );
+        assert_eq!(
+            parse_expose("grpc=h2c://127.0.0.1:50051").unwrap(),
+            (
+                "grpc".to_owned(),
+                Upstream::Http(Uri::from_static("h2c://127.0.0.1:50051"))
+            )
+        );
+        assert!(parse_expose("grpc=h2c://127.0.0.1:50051/pkg").is_err());
         assert!(parse_expose("ssh=tcp://127.0.0.1").is_err());
         assert!(parse_expose("ssh=tcp://:22").is_err());
         assert!(parse_expose("web").is_err());

@@ -1,5 +1,11 @@
 //! The relay's side of a TCP tunnel: a public listener whose connections reach one
-//! service of one edge.
+//! service of one edge, attached to this relay or, with [`TcpForward::with_peers`], to
+//! another relay of the cluster.
+//!
+//! Through a peer the stream is the same: the relay the edge is attached to splices it to
+//! the edge untouched (see [`relay::peer`](crate::relay::peer)), so the edge's status byte,
+//! the client's addresses in the open's metadata, half-close and resets all cross it as
+//! they would locally.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +29,8 @@ use crate::connector::OpenTarget;
 use crate::error::Error;
 use crate::lazy_serve::{LazyServe, Signal};
 use crate::protocol::ServiceId;
-use crate::relay::{Directory, Location};
+use crate::relay::peer::{resolve_peer_address, PeerAddresses, PeerPool};
+use crate::relay::{Directory, EdgeName, Location, RelayId};
 use crate::stream::TunnelStream;
 use crate::transport::QuinnConnection;
 
@@ -42,8 +49,17 @@ pub const DEFAULT_TCP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum TcpFailure {
     /// No edge by that name is connected here.
     EdgeNotConnected,
-    /// The edge is connected to another relay (forwarding TCP between relays is not done).
-    EdgeElsewhere(crate::relay::RelayId),
+    /// The edge is connected to another relay, and this forwarder has no way to peers
+    /// (see [`TcpForward::with_peers`]).
+    EdgeElsewhere(RelayId),
+    /// The edge is connected to another relay whose peer address is not known (it
+    /// published none, or it is no longer alive), or does not resolve (`source`).
+    PeerAddress {
+        /// The relay the edge is attached to.
+        relay: RelayId,
+        /// Why the published address could not be used, if one was published.
+        source: Option<std::io::Error>,
+    },
     /// The directory could not answer.
     Directory(Error),
     /// The edge refused the open (unknown service, at capacity…), or the session failed.
@@ -66,6 +82,10 @@ impl TcpFailure {
             Self::EdgeNotConnected => "edge_not_connected",
             Self::EdgeElsewhere(_) => "edge_elsewhere",
             Self::Directory(_) => "directory",
+            Self::PeerAddress { .. }
+            | Self::Open(Error::PeerUnreachable { .. } | Error::PeerRefused { .. }) => {
+                "peer_unreachable"
+            }
             Self::Open(_) => "open_refused",
             Self::OpenTimedOut => "open_timeout",
             Self::BackendUnavailable => "backend_unavailable",
@@ -79,7 +99,24 @@ impl std::fmt::Display for TcpFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::EdgeNotConnected => f.write_str("the edge is not connected"),
-            Self::EdgeElsewhere(relay) => write!(f, "the edge is connected to relay {relay}"),
+            Self::EdgeElsewhere(relay) => write!(
+                f,
+                "the edge is connected to relay {relay} (no forwarding to peers here)"
+            ),
+            Self::PeerAddress {
+                relay,
+                source: None,
+            } => write!(
+                f,
+                "the edge is connected to relay {relay}, whose peer address is unknown"
+            ),
+            Self::PeerAddress {
+                relay,
+                source: Some(error),
+            } => write!(
+                f,
+                "the edge is connected to relay {relay}, whose peer address does not resolve: {error}"
+            ),
             Self::Directory(error) => write!(f, "the directory did not answer: {error}"),
             Self::Open(error) => write!(f, "the edge refused the stream: {error}"),
             Self::OpenTimedOut => f.write_str("the edge did not answer the open in time"),
@@ -111,7 +148,8 @@ impl TcpObserver for Silent {}
 ///
 /// The edge is looked up per connection, so an edge that reconnects (or is replaced) is
 /// reached by the next connection; connections already forwarded stay on the session they
-/// started on.
+/// started on. With [`with_peers`](Self::with_peers), an edge the directory places on
+/// another relay is reached through that relay.
 pub struct TcpForward<D> {
     listener: TcpListener,
     directory: D,
@@ -121,6 +159,13 @@ pub struct TcpForward<D> {
     open_timeout: Duration,
     drain_timeout: Duration,
     observer: Arc<dyn TcpObserver>,
+    peers: Option<Arc<Peers>>,
+}
+
+/// The way to edges attached to other relays.
+struct Peers {
+    pool: PeerPool,
+    addresses: Box<dyn PeerAddresses>,
 }
 
 impl<D> std::fmt::Debug for TcpForward<D> {
@@ -153,7 +198,43 @@ where
             open_timeout: DEFAULT_TCP_OPEN_TIMEOUT,
             drain_timeout: DEFAULT_TCP_DRAIN_TIMEOUT,
             observer: Arc::new(Silent),
+            peers: None,
         }
+    }
+
+    /// Reaches an edge that the directory places on another relay
+    /// ([`Location::Elsewhere`]) through that relay: its peer address from `addresses`
+    /// (with a `RedisDirectory`, the directory itself), a session to it from `pool`
+    /// (shared with the relay's HTTP forwarding, so one QUIC connection per peer carries
+    /// both). Without it, such connections fail with [`TcpFailure::EdgeElsewhere`].
+    ///
+    /// ```no_run
+    /// use std::collections::HashMap;
+    /// use backhaul::relay::peer::PeerPool;
+    /// use backhaul::relay::{Directory, RelayId};
+    /// use backhaul::tcp::TcpForward;
+    ///
+    /// // `directory` is shared by the cluster (a `RedisDirectory`, which also knows the
+    /// // peer addresses); here the one peer's address is given.
+    /// async fn forward<D>(directory: D, pool: PeerPool, relay_a: std::net::SocketAddr)
+    ///     -> std::io::Result<()>
+    /// where
+    ///     D: Directory + Send + Sync + 'static,
+    /// {
+    ///     let peers = HashMap::from([(RelayId::new("relay-a"), relay_a)]);
+    ///     let listener = tokio::net::TcpListener::bind("0.0.0.0:2222").await?;
+    ///     let forward = TcpForward::new(listener, directory, "kiosk", "ssh").with_peers(pool, peers);
+    ///     tokio::spawn(forward.serve());
+    ///     Ok(())
+    /// }
+    /// ```
+    #[must_use]
+    pub fn with_peers(mut self, pool: PeerPool, addresses: impl PeerAddresses) -> Self {
+        self.peers = Some(Arc::new(Peers {
+            pool,
+            addresses: Box::new(addresses),
+        }));
+        self
     }
 
     /// At most `max` connections at once ([`DEFAULT_MAX_TCP_CONNECTIONS`]).
@@ -211,6 +292,7 @@ where
             open_timeout,
             drain_timeout,
             observer,
+            peers,
         } = self;
         let directory = Arc::new(directory);
         let slots = Arc::new(Semaphore::new(max_connections));
@@ -247,6 +329,7 @@ where
                 service: service.clone(),
                 open_timeout,
                 observer: Arc::clone(&observer),
+                peers: peers.clone(),
                 addresses: ConnectionAddresses {
                     client: client_address,
                     public,
@@ -310,6 +393,7 @@ struct Connection<D> {
     service: ServiceId,
     open_timeout: Duration,
     observer: Arc<dyn TcpObserver>,
+    peers: Option<Arc<Peers>>,
     addresses: ConnectionAddresses,
 }
 
@@ -344,20 +428,20 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
     }
 
     async fn open(&self) -> Result<TunnelStream<QuinnConnection>, TcpFailure> {
-        let handle = match self.directory.locate(&self.edge).await {
-            Ok(Location::Local(handle)) => handle,
-            Ok(Location::Elsewhere(relay)) => return Err(TcpFailure::EdgeElsewhere(relay)),
+        let location = match self.directory.locate(&self.edge).await {
+            Ok(Location::Local(handle)) => Ok(handle),
+            Ok(Location::Elsewhere(relay)) => Err(relay),
             Ok(_) => return Err(TcpFailure::EdgeNotConnected),
             Err(error) => return Err(TcpFailure::Directory(error)),
         };
         let target =
             OpenTarget::new(self.service.clone()).with_metadata(self.addresses.to_metadata());
         let open = async {
-            let mut stream = handle
-                .connector()
-                .oneshot(target)
-                .await
-                .map_err(TcpFailure::Open)?;
+            let opened = match location {
+                Ok(handle) => handle.connector().oneshot(target).await,
+                Err(relay) => self.open_through_peer(relay, target).await?,
+            };
+            let mut stream = opened.map_err(TcpFailure::Open)?;
             let mut status = [0u8; 1];
             match stream.read(&mut status).await {
                 Ok(1) if status[0] == STATUS_CONNECTED => Ok(stream),
@@ -374,6 +458,38 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
             Ok(result) => result,
             Err(_) => Err(TcpFailure::OpenTimedOut),
         }
+    }
+
+    /// Opens `target` through the relay the edge is attached to; the outer error is
+    /// about reaching that relay at all, the inner one the open's.
+    async fn open_through_peer(
+        &self,
+        relay: RelayId,
+        target: OpenTarget,
+    ) -> Result<Result<TunnelStream<QuinnConnection>, Error>, TcpFailure> {
+        let Some(peers) = &self.peers else {
+            return Err(TcpFailure::EdgeElsewhere(relay));
+        };
+        let Some(published) = peers.addresses.peer_address(&relay) else {
+            return Err(TcpFailure::PeerAddress {
+                relay,
+                source: None,
+            });
+        };
+        let address = match resolve_peer_address(&published).await {
+            Ok(address) => address,
+            Err(error) => {
+                return Err(TcpFailure::PeerAddress {
+                    relay,
+                    source: Some(error),
+                })
+            }
+        };
+        let edge = match EdgeName::new(&*self.edge) {
+            Ok(edge) => edge,
+            Err(error) => return Ok(Err(error)),
+        };
+        Ok(peers.pool.connector(address, edge).oneshot(target).await)
     }
 
     fn report(&self, failure: &TcpFailure) {

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The request body type of every client here.
@@ -882,4 +883,63 @@ pub fn cpu_time(pid: u32) -> Duration {
     let ticks: u64 =
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     Duration::from_millis(ticks * 10)
+}
+
+/// An echo backend; with `proxy_protocol`, it first reads a PROXY v2 header and writes
+/// back the client address it names, then echoes.
+pub async fn echo_backend(proxy_protocol: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if proxy_protocol {
+                    let mut header = Vec::new();
+                    let parsed = loop {
+                        let mut byte = [0; 1];
+                        if stream.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        header.push(byte[0]);
+                        if let Some(parsed) =
+                            backhaul::tcp::ProxyHeader::parse(&header).expect("PROXY v2")
+                        {
+                            break parsed.0;
+                        }
+                    };
+                    let backhaul::tcp::ProxyHeader::Proxy { source, .. } = parsed else {
+                        panic!("expected a proxied connection, got {parsed:?}");
+                    };
+                    let line = format!("{source}\n");
+                    stream.write_all(line.as_bytes()).await.unwrap();
+                }
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// Sends `data` to a relay's TCP port reaching an echo service, half-closes, and reads
+/// the echo to its end.
+pub async fn echo_round(public: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let client = tokio::net::TcpStream::connect(public)
+        .await
+        .expect("connect");
+    echo_through(client, data).await
+}
+
+/// [`echo_round`] on a connection already made (whose address the caller may need).
+pub async fn echo_through(client: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = client.into_split();
+    let write = async {
+        writer.write_all(data).await.expect("write");
+        writer.shutdown().await.expect("half-close");
+    };
+    let mut echoed = Vec::new();
+    let (_, read) = tokio::join!(write, reader.read_to_end(&mut echoed));
+    read.expect("read");
+    echoed
 }

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use backhaul::http::proxy::Failure;
 use backhaul::quic::load_certs;
 use backhaul::relay::cluster::{ClusterConfig, RedisDirectory};
-use backhaul::relay::peer::{self, ClusterSecret, PeerConnector, PeerPool, PeerServer};
+use backhaul::relay::peer::{
+    self, resolve_peer_address, ClusterSecret, PeerConnector, PeerPool, PeerServer,
+};
 use backhaul::relay::{EdgeName, RelayId};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -110,12 +112,16 @@ impl ClusterArgs {
 /// A pooled HTTP client to one edge through one peer relay.
 pub(super) type PeerClient = Client<PeerConnector, ProxyBody>;
 
+/// Peer clients by peer address, edge, and whether they speak HTTP/2.
+type PeerClientKey = (SocketAddr, String, bool);
+
 /// This relay's part in the cluster.
 pub(super) struct Cluster {
     pub(super) directory: RedisDirectory,
     pool: PeerPool,
-    /// (peer address, edge) → client; an entry is dropped when a request through it fails.
-    clients: Mutex<HashMap<(SocketAddr, String), PeerClient>>,
+    /// (peer address, edge, HTTP/2) → client; an entry is dropped when a request through
+    /// it fails.
+    clients: Mutex<HashMap<PeerClientKey, PeerClient>>,
 }
 
 /// Where a request for an edge in the cluster goes.
@@ -185,8 +191,14 @@ impl Cluster {
         })
     }
 
-    /// The route to `edge` through `relay`, or why there is none.
-    pub(super) async fn route(&self, relay: RelayId, edge: &str) -> Result<PeerRoute, Failure> {
+    /// The route to `edge` through `relay` (with an HTTP/2 client if `http2`), or why
+    /// there is none.
+    pub(super) async fn route(
+        &self,
+        relay: RelayId,
+        edge: &str,
+        http2: bool,
+    ) -> Result<PeerRoute, Failure> {
         let unreachable = |detail: String| {
             Failure::new(
                 StatusCode::BAD_GATEWAY,
@@ -199,7 +211,7 @@ impl Cluster {
                 "the directory has no address for relay {relay}"
             )));
         };
-        let address = match resolve(&published).await {
+        let address = match resolve_peer_address(&published).await {
             Ok(address) => address,
             Err(error) => {
                 return Err(unreachable(format!(
@@ -211,13 +223,16 @@ impl Cluster {
         let mut clients = lock(&self.clients);
         // Bounded: edges come and go between relays; a full table starts over (the
         // clients' pooled streams close as their last users finish).
-        if clients.len() >= MAX_PEER_CLIENTS && !clients.contains_key(&(address, edge.to_owned())) {
+        let key = (address, edge.to_owned(), http2);
+        if clients.len() >= MAX_PEER_CLIENTS && !clients.contains_key(&key) {
             clients.clear();
         }
         let http = clients
-            .entry((address, edge.to_owned()))
+            .entry(key)
             .or_insert_with(|| {
-                Client::builder(TokioExecutor::new()).build(self.pool.connector(address, name))
+                Client::builder(TokioExecutor::new())
+                    .http2_only(http2)
+                    .build(self.pool.connector(address, name))
             })
             .clone();
         drop(clients);
@@ -228,27 +243,24 @@ impl Cluster {
         })
     }
 
-    /// Forgets the client to `edge` through `address` (after a failure through it).
+    /// Forgets the clients to `edge` through `address` (after a failure through one).
     pub(super) fn forget(&self, address: SocketAddr, edge: &str) {
-        lock(&self.clients).remove(&(address, edge.to_owned()));
+        let mut clients = lock(&self.clients);
+        for http2 in [false, true] {
+            clients.remove(&(address, edge.to_owned(), http2));
+        }
     }
-}
 
-/// A published peer address: `IP:PORT`, or `HOST:PORT` resolved now.
-async fn resolve(address: &str) -> Result<SocketAddr, BoxError> {
-    if let Ok(address) = address.parse() {
-        return Ok(address);
+    /// The sessions to the other relays (for TCP ports, which open streams themselves).
+    pub(super) fn pool(&self) -> &PeerPool {
+        &self.pool
     }
-    tokio::net::lookup_host(address)
-        .await?
-        .next()
-        .ok_or_else(|| "resolves to no address".into())
 }
 
 /// What went wrong forwarding through a peer: the peer gone or refusing us is the
 /// cluster's problem (502 naming the relay; a request cut by the loss of the peer's
-/// session counts as that too), an edge the peer does not hold means the directory was
-/// stale; anything else is the edge's, as for a local edge.
+/// session or QUIC connection counts as that too), an edge the peer does not hold means
+/// the directory was stale; anything else is the edge's, as for a local edge.
 pub(super) fn peer_failure(
     cluster: &Cluster,
     route: &PeerRoute,
@@ -264,6 +276,12 @@ pub(super) fn peer_failure(
             error_chain(error),
         )
     };
+    // The QUIC connection of a peer route is the one to the peer relay (an edge lost
+    // behind it resets the stream instead): its loss, however the chain reports it, is the
+    // peer's, even before the pool has noticed.
+    if find_cause::<quinn::ConnectionError>(error).is_some() {
+        return unreachable();
+    }
     match find_cause::<Error>(error) {
         Some(
             Error::PeerUnreachable { .. }

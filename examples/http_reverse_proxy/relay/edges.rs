@@ -14,6 +14,7 @@ use backhaul::stream::TunnelStream;
 use backhaul::{QuinnConnection, SessionClient};
 use http::Uri;
 use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tower::{Layer, Service};
@@ -23,16 +24,23 @@ use super::*;
 /// The edges' pooled HTTP clients, one per session, counting opens.
 pub(super) type MeteredClients = EdgeClients<ProxyBody, MeterOpens>;
 
-/// The edges' clients, with opens counted in `metrics`.
-pub(super) fn clients(registry: Registry, metrics: &Metrics) -> MeteredClients {
-    EdgeClients::builder(registry)
-        .layer(MeterOpens {
-            opens: metrics.opens.clone(),
-        })
-        .build()
+/// The edges' clients, with opens counted in `metrics`: HTTP/1.1 ones, or with `http2`
+/// HTTP/2 ones (prior knowledge; for requests `tunnel_version` sends as HTTP/2).
+pub(super) fn clients(registry: Registry, metrics: &Metrics, http2: bool) -> MeteredClients {
+    let builder = EdgeClients::builder(registry).layer(MeterOpens {
+        opens: metrics.opens.clone(),
+    });
+    if !http2 {
+        return builder.build();
+    }
+    let mut client = Client::builder(TokioExecutor::new());
+    client
+        .pool_idle_timeout(backhaul::http::DEFAULT_POOL_IDLE_TIMEOUT)
+        .http2_only(true);
+    builder.client_builder(client).build()
 }
 
-/// A connected edge and its HTTP client.
+/// A connected edge and the HTTP client (HTTP/1.1 or HTTP/2) for one request.
 #[derive(Clone)]
 pub(super) struct EdgeEntry {
     pub(super) handle: EdgeHandle,

@@ -370,10 +370,32 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The relay's limits on `--tcp` connections.
+#[derive(Clone, Copy)]
+struct TcpLimits {
+    open_timeout: Duration,
+    max_connections: usize,
+    drain_timeout: Duration,
+}
+
+/// A `--tcp` forwarder with the relay's metrics and limits.
+fn tcp_settings<D>(forward: TcpForward<D>, state: &RelayState, limits: TcpLimits) -> TcpForward<D>
+where
+    D: backhaul::relay::Directory + Send + Sync + 'static,
+{
+    forward
+        .with_observer(state.metrics.tcp_observer())
+        .with_open_timeout(limits.open_timeout)
+        .with_max_connections(limits.max_connections)
+        .with_drain_timeout(limits.drain_timeout)
+}
+
 /// A running relay.
 pub struct RunningRelay {
     pub quic_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// With `--https-listen`.
+    pub https_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -475,7 +497,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         .with_register_timeout(limits.register_timeout)
         .with_log_summary_interval(limits.log_summary_interval);
     let metrics = Metrics::new()?;
-    let clients = edges::clients(registry.clone(), &metrics);
+    let clients = edges::clients(registry.clone(), &metrics, false);
+    let http2_clients = edges::clients(registry.clone(), &metrics, true);
     let (cluster, peer_task, peer_addr) = match started_cluster {
         Some(StartedCluster {
             cluster,
@@ -491,6 +514,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         registry,
         accept_stats: acceptor.stats(),
         clients,
+        http2_clients,
         metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
         upstream_idle_timeout: config.upstream_idle_timeout,
@@ -540,27 +564,41 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         tasks.spawn(reload_on_sighup(certificates, stopped.clone()));
     }
     let mut tcp_addrs = Vec::new();
+    let tcp_limits = TcpLimits {
+        open_timeout: config.open_timeout,
+        max_connections: config.public_limits.max_connections,
+        drain_timeout: config.shutdown_timeout,
+    };
     for spec in config.tcp {
         let listener = TcpListener::bind(spec.listen)
             .await
             .map_err(|e| format!("binding the TCP port {}: {e}", spec.listen))?;
         tcp_addrs.push(listener.local_addr()?);
         let mut stop = stopped.clone();
-        // Local edges only: TCP is not forwarded between the relays of a cluster yet.
-        let forward = TcpForward::new(listener, state.registry.clone(), spec.edge, spec.service)
-            .with_observer(state.metrics.tcp_observer())
-            .with_open_timeout(config.open_timeout)
-            .with_max_connections(config.public_limits.max_connections)
-            .with_drain_timeout(config.shutdown_timeout)
-            .serve()
-            .with_graceful_shutdown(async move { until_stopped(&mut stop).await });
-        tasks.spawn(forward);
+        let until_stop = async move { until_stopped(&mut stop).await };
+        let (edge, service) = (spec.edge, spec.service);
+        // In a cluster, an edge attached to another relay is reached through that relay,
+        // over the same peer sessions as HTTP requests.
+        let forward = match &state.cluster {
+            Some(cluster) => {
+                let directory = cluster.directory.clone();
+                let forward = TcpForward::new(listener, directory.clone(), edge, service)
+                    .with_peers(cluster.pool().clone(), directory);
+                tcp_settings(forward, &state, tcp_limits).serve()
+            }
+            None => {
+                let forward = TcpForward::new(listener, state.registry.clone(), edge, service);
+                tcp_settings(forward, &state, tcp_limits).serve()
+            }
+        };
+        tasks.spawn(forward.with_graceful_shutdown(until_stop));
     }
     tasks.spawn(serve_admin(admin, Arc::clone(&state), stopped));
     info!(%quic_addr, %http_addr, ?https_addr, %admin_addr, ?peer_addr, ?tcp_addrs, domain = %state.domain, "relay listening");
     Ok(RunningRelay {
         quic_addr,
         http_addr,
+        https_addr,
         admin_addr,
         stop,
         tasks,
@@ -642,6 +680,8 @@ struct RelayState {
     registry: Registry,
     accept_stats: AcceptStats,
     clients: MeteredClients,
+    /// For requests forwarded as HTTP/2 (see `backhaul::http::proxy::tunnel_version`).
+    http2_clients: MeteredClients,
     /// Serialises scrapes' metric updates (see `edges::sync_edge_metrics`).
     metrics_sync: Mutex<()>,
     request_timeout: Duration,
@@ -668,9 +708,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RelayState {
-    /// Where the edge called `name` is, with the HTTP client to reach it: `Ok(None)` if it
-    /// is connected nowhere, `Err` with the answer if it cannot be reached.
-    async fn edge(&self, name: &str) -> Result<Option<EdgeRoute>, Failure> {
+    /// Where the edge called `name` is, with the HTTP client to reach it with `version`
+    /// (HTTP/1.1 or HTTP/2): `Ok(None)` if it is connected nowhere, `Err` with the answer
+    /// if it cannot be reached.
+    async fn edge(&self, name: &str, version: http::Version) -> Result<Option<EdgeRoute>, Failure> {
+        let http2 = version == http::Version::HTTP_2;
         let located = match &self.cluster {
             Some(cluster) => cluster.directory.locate(name).await,
             None => self.registry.locate(name).await,
@@ -685,11 +727,15 @@ impl RelayState {
         })?;
         match (location, &self.cluster) {
             (Location::Local(handle), _) => Ok(Some(EdgeRoute::Local(EdgeEntry {
-                http: self.clients.client(&handle),
+                http: if http2 {
+                    self.http2_clients.client(&handle)
+                } else {
+                    self.clients.client(&handle)
+                },
                 handle,
             }))),
             (Location::Elsewhere(relay), Some(cluster)) => cluster
-                .route(relay, name)
+                .route(relay, name, http2)
                 .await
                 .map(EdgeRoute::Peer)
                 .map(Some),

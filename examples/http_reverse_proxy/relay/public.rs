@@ -5,7 +5,9 @@
 //! the edge receives: the request minus hop-by-hop headers (and any h2c upgrade), with
 //! Host set to the public authority whatever the client's HTTP version (the relay's
 //! client would otherwise derive it from the retargeted URI, i.e. the service name), and
-//! the library's forwarding headers (`backhaul::http::forwarded`).
+//! the library's forwarding headers (`backhaul::http::forwarded`). It goes to the edge as
+//! HTTP/1.1, or as HTTP/2 when it is an HTTP/2 request taking trailers (gRPC), so that
+//! trailers and full-duplex streams survive (`backhaul::http::proxy::tunnel_version`).
 //!
 //! Forwarding and failure mapping are the library's (`backhaul::http::proxy`): failures
 //! are answered in words an operator can act on (which edge, which service, what
@@ -15,7 +17,7 @@
 use backhaul::http::authority::{request_authority, Authority, Host};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{
-    boxed, is_upgrade, retarget, strip_hop_by_hop, ReverseProxy, Timeouts,
+    boxed, is_upgrade, retarget, strip_hop_by_hop, tunnel_version, ReverseProxy, Timeouts,
 };
 use http::Method;
 use hyper_util::client::legacy::connect::Connect;
@@ -181,7 +183,9 @@ async fn route(
     let span = tracing::Span::current();
     span.record("edge", edge_name.as_str());
     span.record("service", service.as_str());
-    let edge = match state.edge(&edge_name).await {
+    // HTTP/2 to the edge for what needs it (gRPC: trailers), HTTP/1.1 for the rest.
+    let version = tunnel_version(&request);
+    let edge = match state.edge(&edge_name, version).await {
         Ok(Some(edge)) => edge,
         Ok(None) => {
             return text_response(

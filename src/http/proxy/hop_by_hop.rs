@@ -3,6 +3,11 @@
 //! upgrade` + `Upgrade`. `Upgrade: h2c` is not an upgrade a proxy that splices bytes can
 //! take part in: it is dropped with its `HTTP2-Settings`, and the request goes on as the
 //! plain HTTP/1.1 request it also is.
+//!
+//! `TE: trailers` is the one hop-by-hop value kept (reduced to exactly that): it says the
+//! client takes trailers, and a proxy that streams bodies frame by frame passes trailers
+//! on, so it may make the same promise to the next hop. gRPC servers need it, and HTTP/2
+//! allows no other `TE`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -20,6 +25,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 const H2C: &str = "h2c";
+const TRAILERS: &str = "trailers";
 
 /// The comma-separated tokens of every `name` header.
 fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
@@ -37,6 +43,22 @@ fn upgrade_protocols(headers: &HeaderMap) -> Vec<&str> {
     tokens(headers, header::UPGRADE)
         .filter(|protocol| !protocol.eq_ignore_ascii_case(H2C))
         .collect()
+}
+
+/// True if `TE` lists `trailers`: the client takes trailer fields (gRPC clients always
+/// say so).
+///
+/// ```
+/// use backhaul::http::proxy::takes_trailers;
+///
+/// let mut headers = http::HeaderMap::new();
+/// assert!(!takes_trailers(&headers));
+/// headers.insert("te", "gzip, trailers".parse()?);
+/// assert!(takes_trailers(&headers));
+/// # Ok::<(), http::header::InvalidHeaderValue>(())
+/// ```
+pub fn takes_trailers(headers: &HeaderMap) -> bool {
+    tokens(headers, header::TE).any(|token| token.eq_ignore_ascii_case(TRAILERS))
 }
 
 /// True if the headers ask to switch to a protocol a proxy can splice (not h2c): an
@@ -60,7 +82,9 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers, including any named in `Connection` except Host (a client
 /// must not be able to make the next hop lose the request's authority). With
-/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` (without h2c) survive.
+/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` (without h2c) survive. A `TE` that
+/// lists `trailers` becomes `TE: trailers`: the proxy passes trailers through, so it may
+/// promise the next hop to take them (gRPC servers want it; HTTP/2 allows no other `TE`).
 ///
 /// Stripping twice changes nothing, so a caller can strip, add headers of its own that a
 /// client must not be able to remove (forwarding headers, Host), and then hand the request
@@ -70,12 +94,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .then(|| upgrade_protocols(headers).join(", "))
         .filter(|protocols| !protocols.is_empty())
         .and_then(|protocols| HeaderValue::from_str(&protocols).ok());
+    let trailers = takes_trailers(headers);
     let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .filter(|name| name != header::HOST)
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static(TRAILERS));
     }
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -100,7 +128,7 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
         headers.insert(
             header::PROXY_AUTHORIZATION,
             HeaderValue::from_static("Basic x"),
@@ -109,6 +137,20 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn te_trailers_is_kept_and_nothing_else_of_te() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        assert!(takes_trailers(&headers));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::TE], "trailers");
+        // Stripping again changes nothing.
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers[header::TE], "trailers");
     }
 
     #[test]

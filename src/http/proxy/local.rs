@@ -21,15 +21,19 @@ use super::forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
 use super::{retarget, text_response, BoxError, ProxyBody};
 use crate::error::Error;
 
-/// A route to the HTTP service at `upstream` (`http://host:port`), for an edge's
-/// [`Router`](crate::edge::Router) via [`serve`](crate::http::serve).
+/// A route to the HTTP service at `upstream`, for an edge's
+/// [`Router`](crate::edge::Router) via [`serve`](crate::http::serve): `http://host:port`
+/// speaks HTTP/1.1 to it (HTTP/2 if the service offers it by ALPN, which plain TCP has
+/// not), `h2c://host:port` HTTP/2 with prior knowledge, as gRPC servers (tonic, grpc-go)
+/// and other HTTP/2-only services want; trailers cross either way.
 ///
 /// Each request from the tunnel is forwarded with a [`ReverseProxy`] over TCP: headers
 /// pass through except hop-by-hop ones (the relay's forwarding headers and Host reach the
 /// service as the relay set them; an HTTP/2 request's `:authority` becomes Host), bodies
 /// stream both ways, WebSocket upgrades are spliced, and a stalled response body aborts
 /// the response. Failures are answered here, naming the service: 502 when it cannot be
-/// reached, 504 when it does not answer in time.
+/// reached, 504 when it does not answer in time. An `h2c://` service is reached over one
+/// pooled HTTP/2 connection, so WebSocket upgrades (HTTP/1.1) do not reach it.
 ///
 /// ```
 /// use backhaul::edge::Router;
@@ -41,23 +45,30 @@ use crate::error::Error;
 /// let web = to_local("http://127.0.0.1:3000".parse()?)?
 ///     .with_description("local service \"web\" at 127.0.0.1:3000")
 ///     .with_timeouts(Timeouts { response: Duration::from_secs(30), ..Timeouts::default() });
-/// let router: Router<QuinnConnection> = Router::new().route("web", backhaul::http::serve(web));
+/// // A gRPC server, spoken to in HTTP/2 with prior knowledge.
+/// let grpc = to_local("h2c://127.0.0.1:50051".parse()?)?;
+/// let router: Router<QuinnConnection> = Router::new()
+///     .route("web", backhaul::http::serve(web))
+///     .route("grpc", backhaul::http::serve(grpc));
 /// # drop(router); Ok(()) }
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidUpstream`] if `upstream` is not `http://` with a host and nothing after
-/// the authority (no path but `/`, no query).
+/// [`Error::InvalidUpstream`] if `upstream` is not `http://` or `h2c://` with a host and
+/// nothing after the authority (no path but `/`, no query).
 pub fn to_local(upstream: Uri) -> Result<LocalUpstream, Error> {
-    let authority = validate_upstream(&upstream)?;
+    let (authority, http2) = validate_upstream(&upstream, Scheme::HttpOrH2c)?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector);
     Ok(LocalUpstream {
         description: Arc::from(format!("local service at {authority}")),
         authority,
         proxy: ReverseProxy::with_client(client),
         rewrite_host: false,
+        http2,
     })
 }
 
@@ -68,6 +79,7 @@ pub struct LocalUpstream {
     proxy: ReverseProxy<HttpConnector>,
     description: Arc<str>,
     rewrite_host: bool,
+    http2: bool,
 }
 
 impl std::fmt::Debug for LocalUpstream {
@@ -76,6 +88,7 @@ impl std::fmt::Debug for LocalUpstream {
             .field("authority", &self.authority)
             .field("description", &self.description)
             .field("rewrite_host", &self.rewrite_host)
+            .field("http2", &self.http2)
             .finish_non_exhaustive()
     }
 }
@@ -104,7 +117,8 @@ impl LocalUpstream {
         self
     }
 
-    /// Sends with `client` (pool and connector settings) instead of a default one.
+    /// Sends with `client` (pool and connector settings) instead of a default one; for
+    /// an `h2c://` upstream, build it `http2_only`.
     #[must_use]
     pub fn with_client(mut self, client: Client<HttpConnector, ProxyBody>) -> Self {
         let timeouts = self.proxy.timeouts();
@@ -113,15 +127,33 @@ impl LocalUpstream {
     }
 }
 
-/// The authority of a local upstream given as `http://host:port`, nothing after it.
-pub(super) fn validate_upstream(upstream: &Uri) -> Result<Authority, Error> {
+/// Which schemes a local upstream may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scheme {
+    /// `http://` only.
+    Http,
+    /// `http://` or `h2c://` (HTTP/2 with prior knowledge).
+    HttpOrH2c,
+}
+
+/// The authority of a local upstream given as `http://host:port` (or `h2c://` where
+/// allowed), nothing after it, and whether it speaks HTTP/2 with prior knowledge.
+pub(super) fn validate_upstream(
+    upstream: &Uri,
+    schemes: Scheme,
+) -> Result<(Authority, bool), Error> {
     let invalid = |reason| Error::InvalidUpstream {
         uri: upstream.clone(),
         reason,
     };
-    if upstream.scheme_str() != Some("http") {
-        return Err(invalid("only http:// upstreams are supported"));
-    }
+    let http2 = match (upstream.scheme_str(), schemes) {
+        (Some("http"), _) => false,
+        (Some("h2c"), Scheme::HttpOrH2c) => true,
+        (_, Scheme::HttpOrH2c) => {
+            return Err(invalid("only http:// and h2c:// upstreams are supported"))
+        }
+        (_, Scheme::Http) => return Err(invalid("only http:// upstreams are supported")),
+    };
     let Some(authority) = upstream.authority().cloned() else {
         return Err(invalid("no host"));
     };
@@ -131,7 +163,7 @@ pub(super) fn validate_upstream(upstream: &Uri) -> Result<Authority, Error> {
     {
         return Err(invalid("a path or query cannot be forwarded to"));
     }
-    Ok(authority)
+    Ok((authority, http2))
 }
 
 /// The answer when forwarding to the service `description` failed.
@@ -258,8 +290,12 @@ mod tests {
     fn upstreams_must_be_plain_http_authorities() {
         assert!(to_local("http://127.0.0.1:3000".parse().expect("a URI")).is_ok());
         assert!(to_local("http://127.0.0.1:3000/".parse().expect("a URI")).is_ok());
+        let grpc = to_local("h2c://127.0.0.1:50051".parse().expect("a URI")).expect("h2c");
+        assert!(grpc.http2);
         for bad in [
             "https://127.0.0.1:3000",
+            "h2://127.0.0.1:3000",
+            "h2c://127.0.0.1:50051/pkg.Service",
             "/just/a/path",
             "http://127.0.0.1:3000/app",
             "http://127.0.0.1:3000/?x=1",

@@ -7,12 +7,26 @@
 //!   it strips hop-by-hop headers, sends the request, splices the two connections when the
 //!   upstream switches protocols, and bounds how long the response head and each body
 //!   frame may take.
-//! - [`to_local`] is the edge's route to a local HTTP service, answering failures itself
-//!   (502/504 naming the service); [`pass_through`] is the lighter layer-4 alternative,
-//!   which splices each tunnel stream to the service without parsing HTTP on the edge.
+//! - [`to_local`] is the edge's route to a local HTTP service (HTTP/1.1, or HTTP/2 with
+//!   prior knowledge for `h2c://` upstreams such as gRPC servers), answering failures
+//!   itself (502/504 naming the service); [`pass_through`] is the lighter layer-4
+//!   alternative, which splices each tunnel stream to the service without parsing HTTP on
+//!   the edge.
 //! - The pieces, for proxies of your own: [`strip_hop_by_hop`], [`is_upgrade`],
-//!   [`retarget`], [`splice`], [`IdleTimeoutBody`], and the failure mapping
-//!   ([`forward_failure`], [`tunnel_failure`], [`find_cause`], [`error_chain`]).
+//!   [`takes_trailers`], [`retarget`], [`tunnel_version`], [`splice`],
+//!   [`IdleTimeoutBody`], and the failure mapping ([`forward_failure`],
+//!   [`tunnel_failure`], [`find_cause`], [`error_chain`]).
+//!
+//! # HTTP versions through a tunnel
+//! A relay forwards most requests to the edge as HTTP/1.1, whatever the public client
+//! spoke: each request in flight then has a tunnel stream (a QUIC stream) of its own, so
+//! a slow download never holds up another request and each gets the stream's full flow
+//! control window. HTTP/2 towards the edge would multiplex every request to a service onto
+//! one pooled tunnel stream. What HTTP/1.1 cannot carry faithfully is what gRPC needs:
+//! trailers on every response and full-duplex streams. So [`tunnel_version`] picks
+//! HTTP/2 for an HTTP/2 request that takes trailers (`TE: trailers`, which every gRPC
+//! client sends), and the relay sends it with an HTTP/2 client; the edge's
+//! [`serve`](crate::http::serve) speaks both. Trailers, and `TE: trailers`, pass every hop.
 //!
 //! Bodies stream through without buffering. A stalled upstream body *fails* (rather than
 //! ends), so the server aborts the downstream connection and no client takes a truncated
@@ -52,7 +66,7 @@ use http_body_util::{BodyExt, Full};
 
 pub use failure::{error_chain, find_cause, forward_failure, tunnel_failure, Failure};
 pub use forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
-pub use hop_by_hop::{is_upgrade, strip_hop_by_hop};
+pub use hop_by_hop::{is_upgrade, strip_hop_by_hop, takes_trailers};
 pub use idle::{BodyIdleTimeout, IdleHook, IdleTimeoutBody};
 #[cfg(feature = "tcp")]
 use local::validate_upstream;
@@ -101,6 +115,34 @@ pub fn retarget<B>(request: &mut Request<B>, authority: &str) -> Result<(), http
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_11;
     Ok(())
+}
+
+/// The HTTP version a relay should forward `request` to an edge with: HTTP/2 for an
+/// HTTP/2 request that takes trailers ([`takes_trailers`]: gRPC), HTTP/1.1 for everything
+/// else (see the [module docs](self#http-versions-through-a-tunnel) for why). The caller
+/// sends HTTP/2 requests with a client that speaks HTTP/2 with prior knowledge
+/// (hyper-util's `http2_only`).
+///
+/// ```
+/// use backhaul::http::proxy::tunnel_version;
+/// use http::{Request, Version};
+///
+/// let grpc = Request::post("https://grpc.kiosk.example/pkg.Service/Method")
+///     .version(Version::HTTP_2)
+///     .header("te", "trailers")
+///     .header("content-type", "application/grpc")
+///     .body(())?;
+/// assert_eq!(tunnel_version(&grpc), Version::HTTP_2);
+/// let page = Request::get("https://kiosk.example/").version(Version::HTTP_2).body(())?;
+/// assert_eq!(tunnel_version(&page), Version::HTTP_11);
+/// # Ok::<(), http::Error>(())
+/// ```
+pub fn tunnel_version<B>(request: &Request<B>) -> http::Version {
+    if request.version() == http::Version::HTTP_2 && takes_trailers(request.headers()) {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    }
 }
 
 #[cfg(test)]

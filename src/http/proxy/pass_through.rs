@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::Service;
 
+use super::local::Scheme;
 use super::{text_response, validate_upstream};
 use crate::edge::RouteError;
 use crate::error::Error;
@@ -31,7 +32,9 @@ use crate::transport::Connection;
 /// - rewriting Host to the service's own name;
 /// - draining per request on shutdown: the edge cannot tell an idle kept-alive
 ///   connection from one mid-request, so it waits for the stream to end instead;
-/// - HTTP/2 to the edge: the service receives whatever the relay speaks on the stream.
+/// - HTTP/2 with prior knowledge (`h2c://`): the service receives whatever the relay
+///   speaks on the stream, HTTP/1.1 for most requests (see the [module docs](super) on
+///   versions), so only `http://` services can be passed through.
 ///
 /// A service that refuses the connection (or does not accept it within the connect
 /// timeout) is answered with one `502 Bad Gateway` naming it, as `to_local` does.
@@ -51,7 +54,7 @@ use crate::transport::Connection;
 /// [`Error::InvalidUpstream`] if `upstream` is not `http://` with a host and nothing after
 /// the authority.
 pub fn pass_through(upstream: Uri) -> Result<PassThrough, Error> {
-    let authority = validate_upstream(&upstream)?;
+    let (authority, _) = validate_upstream(&upstream, Scheme::Http)?;
     Ok(PassThrough {
         description: Arc::from(format!("local service at {authority}")),
         backend: Arc::from(authority.as_str()),

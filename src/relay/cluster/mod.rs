@@ -276,6 +276,13 @@ impl<C: Connection> Directory<C> for RedisDirectory<C> {
     }
 }
 
+/// The addresses relays publish in the directory ([`RedisDirectory::relay_address`]).
+impl<C: Connection> crate::relay::peer::PeerAddresses for RedisDirectory<C> {
+    fn peer_address(&self, relay: &RelayId) -> Option<String> {
+        self.relay_address(relay)
+    }
+}
+
 impl<C: Connection> NameClaims for RedisDirectory<C> {
     type Future = ClaimFuture;
 

@@ -77,6 +77,7 @@ mod server;
 pub mod splice;
 pub mod wire;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +93,7 @@ pub use wire::{MAX_HOPS, PEER_SERVICE};
 
 use crate::error::Error;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
+use crate::relay::RelayId;
 
 /// The ALPN protocol of relay-to-relay connections.
 pub const PEER_ALPN: &[u8] = b"backhaul-peer/1";
@@ -153,4 +155,44 @@ pub fn client_endpoint(trusted: &[CertificateDer<'static>]) -> Result<quinn::End
     let mut endpoint = crate::quic::client_endpoint(trusted, PEER_ALPN)?;
     endpoint.set_default_client_config(client_config(trusted, DEFAULT_IDLE_TIMEOUT)?);
     Ok(endpoint)
+}
+
+/// Where the relays of a cluster take peer connections: what a forwarder needs, besides a
+/// [`PeerPool`], to follow a [`Location::Elsewhere`](super::Location::Elsewhere) answer
+/// (e.g. [`TcpForward::with_peers`](crate::tcp::TcpForward::with_peers)).
+///
+/// The shared directory knows (`RedisDirectory`, feature `redis`, publishes each relay's
+/// address); a fixed cluster can use a `HashMap<RelayId, SocketAddr>`.
+pub trait PeerAddresses: Send + Sync + 'static {
+    /// The peer address `relay` published (`IP:PORT` or `HOST:PORT`), if it is known and
+    /// alive.
+    fn peer_address(&self, relay: &RelayId) -> Option<String>;
+}
+
+impl PeerAddresses for HashMap<RelayId, SocketAddr> {
+    fn peer_address(&self, relay: &RelayId) -> Option<String> {
+        self.get(relay).map(ToString::to_string)
+    }
+}
+
+impl<T: PeerAddresses + ?Sized> PeerAddresses for Arc<T> {
+    fn peer_address(&self, relay: &RelayId) -> Option<String> {
+        (**self).peer_address(relay)
+    }
+}
+
+/// A published peer address as a socket address: `IP:PORT` as is, `HOST:PORT` resolved
+/// now (the first address the resolver gives).
+///
+/// # Errors
+/// The resolver's error, or [`std::io::ErrorKind::NotFound`] if the name resolves to no
+/// address.
+pub async fn resolve_peer_address(address: &str) -> std::io::Result<SocketAddr> {
+    if let Ok(address) = address.parse() {
+        return Ok(address);
+    }
+    tokio::net::lookup_host(address)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "resolves to no address"))
 }
