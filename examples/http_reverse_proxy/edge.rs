@@ -165,26 +165,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
             }
         }
     }
-    for name in &args.pass_through {
-        let service = services.iter_mut().find(|(service, _)| service == name);
-        match service {
-            Some((_, upstream @ Upstream::Http(_))) if !args.rewrite_host => {
-                if let Upstream::Http(uri) = upstream {
-                    *upstream = Upstream::PassThrough(uri.clone());
-                }
-            }
-            Some((_, Upstream::Http(_))) => {
-                return Err(format!(
-                    "--pass-through {name:?}: the edge cannot rewrite Host (--rewrite-host) \
-                     on streams it does not parse"
-                )
-                .into())
-            }
-            _ => {
-                return Err(format!("--pass-through {name:?}: no HTTP service of that name").into())
-            }
-        }
-    }
+    mark_pass_through(&mut services, &args.pass_through, args.rewrite_host)?;
     if !EdgeName::is_valid(&args.name) {
         return Err(format!("edge name {:?} must be a lowercase DNS label", args.name).into());
     }
@@ -251,6 +232,38 @@ fn parse_expose(spec: &str) -> Result<(String, Upstream), String> {
     let uri: Uri = url.parse().map_err(|e| format!("--expose {spec:?}: {e}"))?;
     to_local(uri.clone()).map_err(|e| format!("--expose {spec:?}: {e}"))?;
     Ok((name.to_owned(), Upstream::Http(uri)))
+}
+
+/// Turns the HTTP services named by --pass-through into pass-through ones.
+fn mark_pass_through(
+    services: &mut [(String, Upstream)],
+    names: &[String],
+    rewrite_host: bool,
+) -> Result<(), String> {
+    for name in names {
+        let upstream = services
+            .iter_mut()
+            .find(|(service, _)| service == name)
+            .map(|(_, upstream)| upstream);
+        let uri = match upstream.as_deref() {
+            Some(Upstream::Http(uri)) if uri.scheme_str() == Some("http") => uri.clone(),
+            _ => {
+                return Err(format!(
+                    "--pass-through {name:?}: no http:// service of that name"
+                ))
+            }
+        };
+        if rewrite_host {
+            return Err(format!(
+                "--pass-through {name:?}: the edge cannot rewrite Host (--rewrite-host) on \
+                 streams it does not parse"
+            ));
+        }
+        if let Some(upstream) = upstream {
+            *upstream = Upstream::PassThrough(uri);
+        }
+    }
+    Ok(())
 }
 
 /// Runs until `shutdown` resolves (Ok), or until the relay refuses the credentials or
@@ -504,5 +517,35 @@ mod tests {
         assert!(parse_expose("web=http://127.0.0.1:3000/app").is_err());
         assert!(parse_expose("we\nb=http://127.0.0.1:1").is_err());
         assert!(parse_expose("Web=http://127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn pass_through_applies_to_plain_http_services_only() {
+        let services = || {
+            [
+                "web=http://127.0.0.1:3000",
+                "grpc=h2c://127.0.0.1:50051",
+                "ssh=tcp://127.0.0.1:22",
+            ]
+            .iter()
+            .map(|spec| parse_expose(spec).unwrap())
+            .collect::<Vec<_>>()
+        };
+        let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+
+        let mut marked = services();
+        mark_pass_through(&mut marked, &names(&["web"]), false).unwrap();
+        assert_eq!(
+            marked[0].1,
+            Upstream::PassThrough(Uri::from_static("http://127.0.0.1:3000"))
+        );
+        assert_eq!(marked[1..], services()[1..], "the others are untouched");
+
+        for name in ["grpc", "ssh", "nope"] {
+            let error = mark_pass_through(&mut services(), &names(&[name]), false).unwrap_err();
+            assert!(error.contains("no http:// service"), "{name}: {error}");
+        }
+        let error = mark_pass_through(&mut services(), &names(&["web"]), true).unwrap_err();
+        assert!(error.contains("--rewrite-host"), "{error}");
     }
 }
