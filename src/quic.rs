@@ -121,21 +121,29 @@ fn file_error(path: &std::path::Path, error: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Transport settings for a tunnel connection: `max_streams` concurrent bidirectional
-/// streams each way, keep-alives every 5 s, a 30 s idle timeout, and flow control sized so
-/// that no stream can block another (see [`STREAM_RECEIVE_WINDOW`]).
+/// Transport settings for a tunnel connection: the peer may open `initial_streams`
+/// bidirectional streams at once to begin with, keep-alives every 5 s, a 30 s idle
+/// timeout, and flow control sized so that no stream can block another (see
+/// [`STREAM_RECEIVE_WINDOW`]).
+///
+/// The stream limit starts small because quinn sets aside state for every stream the peer
+/// may open (about 80 bytes each, 330 KiB at 4 096), which idle tunnels would pay for
+/// nothing; a [`QuinnConnection`](crate::transport::QuinnConnection) raises it as its
+/// streams fill it, up to its [`StreamLimit`](crate::transport::StreamLimit) maximum
+/// ([`DEFAULT_MAX_STREAMS`] by default). The configs built here start at
+/// [`INITIAL_STREAMS`].
 ///
 /// The connection-wide receive window is left unlimited on purpose. With a finite one, a
 /// few streams whose reader stalls (a relay's public client that stops reading a large
 /// response) fill it with unread data, and then nothing else crosses the connection: not
 /// other responses, not the control stream's keep-alives, so the tunnel is declared dead.
-/// Memory stays bounded per stream instead: at most `max_streams` ×
+/// Memory stays bounded per stream instead: at most the stream limit ×
 /// [`STREAM_RECEIVE_WINDOW`] of unread data per connection, and only while readers stall.
 #[must_use]
-pub fn transport_config(max_streams: u32) -> TransportConfig {
+pub fn transport_config(initial_streams: u32) -> TransportConfig {
     let mut transport = TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_bidi_streams(VarInt::from_u32(initial_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
@@ -156,7 +164,10 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Stalled streams do not count against it: the peer acknowledges what it buffers.
 const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Default concurrent streams per connection for [`transport_config`].
+/// Concurrent streams the peer may open on a new tunnel connection, before any growth.
+pub const INITIAL_STREAMS: u32 = 64;
+
+/// Concurrent streams a tunnel connection's limit grows to at most, by default.
 pub const DEFAULT_MAX_STREAMS: u32 = 4096;
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -177,7 +188,7 @@ pub fn server_config(identity: Identity, alpn: &[u8]) -> Result<ServerConfig, Er
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(Error::transport)?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    config.transport_config(Arc::new(transport_config(INITIAL_STREAMS)));
     Ok(config)
 }
 
@@ -201,7 +212,7 @@ pub fn client_config(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(Error::transport)?;
     let mut config = ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    config.transport_config(Arc::new(transport_config(INITIAL_STREAMS)));
     Ok(config)
 }
 

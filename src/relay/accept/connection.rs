@@ -13,10 +13,14 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tower::{BoxError, Service, ServiceExt};
 use tracing::{debug, info, warn};
 
-use super::{AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE};
+use super::{
+    AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE,
+    UNREGISTERED_STREAMS,
+};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::quic::INITIAL_STREAMS;
 use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
 use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
 use crate::relay::claims::{Claim, DynClaims, EdgeInstance};
@@ -24,7 +28,7 @@ use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
 use crate::session::{ClientEvent, Role, Session, SessionClient};
-use crate::transport::QuinnConnection;
+use crate::transport::{QuinnConnection, StreamLimit};
 
 /// What every connection task shares.
 pub(super) struct Shared {
@@ -263,11 +267,9 @@ where
     A::Error: Into<BoxError>,
 {
     let counters = &shared.stats.counters;
-    let session = Session::new(
-        QuinnConnection::new(connection.clone()),
-        Role::Server,
-        shared.session_config.clone(),
-    );
+    let transport = QuinnConnection::new(connection.clone())
+        .with_stream_limit(StreamLimit::fixed(UNREGISTERED_STREAMS));
+    let session = Session::new(transport, Role::Server, shared.session_config.clone());
     let handle = match session.start().await {
         Ok(handle) => handle,
         Err(error) => {
@@ -353,7 +355,10 @@ where
     }
     // Proven: from now on the edge may open as many streams as any tunnel, and send as
     // much as its streams' windows allow.
-    connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.registered_max_streams));
+    client.connection().set_stream_limit(StreamLimit::new(
+        INITIAL_STREAMS,
+        shared.registered_max_streams,
+    ));
     connection.set_receive_window(VarInt::MAX);
     // Counted as decided, before the edge hears it: whoever the edge tells (a test, an
     // operator reading metrics) already sees it counted.
