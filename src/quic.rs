@@ -254,8 +254,9 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
-/// Socket buffers asked for on every endpoint's UDP socket (the kernel caps them at
-/// `net.core.rmem_max` / `wmem_max`).
+/// Socket buffers asked for on every endpoint's UDP socket. Linux caps them at
+/// `net.core.rmem_max` / `wmem_max` (often 208 KiB), except for a process allowed to
+/// administer the network (`CAP_NET_ADMIN`, root), which gets them anyway.
 ///
 /// The kernel's default receive buffer (about 208 KiB on Linux) holds a few hundred
 /// datagrams: a burst from many streams at once (or many edges connecting at once)
@@ -317,13 +318,102 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    // Larger buffers are an optimisation: a kernel that refuses them still works.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    request_buffers(&socket, UDP_SOCKET_BUFFER);
     if addr.is_ipv6() {
         // Dual-stack where the platform allows: an edge on [::] reaches IPv4 relays too.
         let _ = socket.set_only_v6(false);
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Asks for `bytes` of receive and send buffer. Larger buffers are an optimisation: a
+/// kernel that refuses them still works, so every failure is ignored.
+fn request_buffers(socket: &socket2::Socket, bytes: usize) {
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+    force_buffers(socket, bytes);
+}
+
+/// Past the system-wide cap where the process is allowed to (Linux reports twice the
+/// size it grants, for its own bookkeeping, so a granted request reads back doubled).
+#[cfg(target_os = "linux")]
+fn force_buffers(socket: &socket2::Socket, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let wanted = bytes.saturating_mul(2);
+    if socket
+        .recv_buffer_size()
+        .is_ok_and(|granted| granted < wanted)
+    {
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &bytes);
+    }
+    if socket
+        .send_buffer_size()
+        .is_ok_and(|granted| granted < wanted)
+    {
+        let _ = setsockopt(socket, sockopt::SndBufForce, &bytes);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_buffers(_socket: &socket2::Socket, _bytes: usize) {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn system_cap(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(212_992)
+    }
+
+    /// Whether this process holds `CAP_NET_ADMIN` (bit 12 of its effective capabilities).
+    fn privileged() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|bits| u64::from_str_radix(bits.trim(), 16).ok())
+            .is_some_and(|bits| bits & (1 << 12) != 0)
+    }
+
+    #[test]
+    fn udp_buffers_are_granted_up_to_the_cap_or_past_it_when_privileged() {
+        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).expect("socket");
+        let cap = system_cap("rmem_max");
+        let granted = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("SO_RCVBUF");
+        if privileged() || cap >= UDP_SOCKET_BUFFER {
+            assert!(granted >= 2 * UDP_SOCKET_BUFFER, "granted {granted}");
+        } else {
+            assert!(
+                granted >= 2 * cap.min(UDP_SOCKET_BUFFER),
+                "granted {granted}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_privileged_process_goes_past_the_system_cap() {
+        let beyond = system_cap("rmem_max").max(system_cap("wmem_max")) * 2;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        request_buffers(&socket, beyond);
+        let (receive, send) = (
+            socket.recv_buffer_size().expect("SO_RCVBUF"),
+            socket.send_buffer_size().expect("SO_SNDBUF"),
+        );
+        if privileged() {
+            assert!(
+                receive >= 2 * beyond && send >= 2 * beyond,
+                "{receive} {send}"
+            );
+        } else {
+            // Capped, and nothing failed.
+            assert!(receive < 2 * beyond, "{receive}");
+        }
+    }
 }
