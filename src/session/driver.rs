@@ -36,6 +36,8 @@ const FINISH_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames queued together are written with one call, up to this many bytes.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// A batch buffer larger than this is freed once written rather than kept for the next.
+const RETAINED_BATCH_BYTES: usize = 4 * 1024;
 
 /// Aborts the driver tasks when dropped.
 pub(crate) struct DriverTasks(Vec<AbortHandle>);
@@ -138,7 +140,9 @@ async fn write_control<C: Connection>(
     mut send: C::SendStream,
     mut commands: mpsc::Receiver<WriterCommand>,
 ) {
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    // Filled only when frames queue up behind one another, and given back after a large
+    // batch: an idle session holds no buffer.
+    let mut batch = BytesMut::new();
     let mut state = shared.state.subscribe();
     loop {
         let first = tokio::select! {
@@ -146,16 +150,22 @@ async fn write_control<C: Connection>(
             () = session_ended(&mut state) => None,
         };
         let Some(mut command) = first else { return };
+        let mut finish = None;
+        let mut lone = None;
         loop {
             match command {
-                WriterCommand::Frame(bytes) => batch.extend_from_slice(&bytes),
-                WriterCommand::Finish(done) => {
-                    let written = send.write_all(&batch).await;
-                    if written.is_ok() && send.finish().await.is_ok() {
-                        let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
+                WriterCommand::Frame(bytes) if batch.is_empty() && lone.is_none() => {
+                    lone = Some(bytes);
+                }
+                WriterCommand::Frame(bytes) => {
+                    if let Some(first) = lone.take() {
+                        batch.extend_from_slice(&first);
                     }
-                    let _ = done.send(());
-                    return;
+                    batch.extend_from_slice(&bytes);
+                }
+                WriterCommand::Finish(done) => {
+                    finish = Some(done);
+                    break;
                 }
             }
             if batch.len() >= WRITE_BATCH_BYTES {
@@ -166,13 +176,28 @@ async fn write_control<C: Connection>(
                 Err(_) => break,
             }
         }
-        if send.write_all(&batch).await.is_err() {
+        let written = match &lone {
+            Some(bytes) => send.write_all(bytes).await,
+            None => send.write_all(&batch).await,
+        };
+        if let Some(done) = finish {
+            if written.is_ok() && send.finish().await.is_ok() {
+                let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
+            }
+            let _ = done.send(());
+            return;
+        }
+        if written.is_err() {
             if let Some(core) = core.upgrade() {
                 core.terminate(Terminal::Disconnected);
             }
             return;
         }
-        batch.clear();
+        if batch.capacity() > RETAINED_BATCH_BYTES {
+            batch = BytesMut::new();
+        } else {
+            batch.clear();
+        }
     }
 }
 
