@@ -111,7 +111,9 @@ async fn read_control<C: Connection>(
             () = session_ended(&mut state) => return,
         };
         let outcome = match message {
-            Ok(Some(message)) => core.dispatch(message, &events).await,
+            // Boxed: handling a message holds far more state than waiting for one, and
+            // an idle session waits for its whole life in a task sized for the larger.
+            Ok(Some(message)) => Box::pin(core.dispatch(message, &events)).await,
             Ok(None) => {
                 debug!("peer finished the control stream");
                 Err(Terminal::Closed)
