@@ -264,6 +264,13 @@ pub fn client_endpoint(
 /// congestion window, on all streams of the connection, control stream included.
 pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// Receive buffer asked for on a relay's (server endpoint's) socket, where every edge's
+/// datagrams arrive: 5 000 edges connecting at once send about 12 MB of Initial packets
+/// (a 1 200-byte datagram takes about 2.3 KB of kernel buffer) faster than the
+/// handshakes are served, which overflowed [`UDP_SOCKET_BUFFER`] by thousands of
+/// datagrams. Memory is only used while datagrams wait.
+pub const RELAY_RECEIVE_BUFFER: usize = 32 * 1024 * 1024;
+
 /// Whether the kernel may hand several received datagrams over as one (Linux UDP GRO).
 ///
 /// quinn copies each such batch into one allocation and slices every datagram's stream
@@ -288,7 +295,12 @@ fn endpoint(
             "quinn endpoints need a tokio runtime",
         ))
     })?;
-    let socket = udp_socket(addr).map_err(Error::transport)?;
+    let receive_buffer = if server.is_some() {
+        RELAY_RECEIVE_BUFFER
+    } else {
+        UDP_SOCKET_BUFFER
+    };
+    let socket = udp_socket(addr, receive_buffer).map_err(Error::transport)?;
     // quinn turns coalescing on while adopting the socket: turn it off afterwards, through
     // a second handle on the same socket.
     let handle = socket.try_clone().map_err(Error::transport)?;
@@ -312,13 +324,13 @@ fn turn_off_coalescing(socket: &std::net::UdpSocket) {
 #[cfg(not(target_os = "linux"))]
 fn turn_off_coalescing(_socket: &std::net::UdpSocket) {}
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(addr: SocketAddr, receive_buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    request_buffers(&socket, UDP_SOCKET_BUFFER);
+    request_buffers(&socket, receive_buffer, UDP_SOCKET_BUFFER);
     if addr.is_ipv6() {
         // Dual-stack where the platform allows: an edge on [::] reaches IPv4 relays too.
         let _ = socket.set_only_v6(false);
@@ -327,36 +339,35 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// Asks for `bytes` of receive and send buffer. Larger buffers are an optimisation: a
+/// Asks for `receive` and `send` bytes of buffer. Larger buffers are an optimisation: a
 /// kernel that refuses them still works, so every failure is ignored.
-fn request_buffers(socket: &socket2::Socket, bytes: usize) {
-    let _ = socket.set_recv_buffer_size(bytes);
-    let _ = socket.set_send_buffer_size(bytes);
-    force_buffers(socket, bytes);
+fn request_buffers(socket: &socket2::Socket, receive: usize, send: usize) {
+    let _ = socket.set_recv_buffer_size(receive);
+    let _ = socket.set_send_buffer_size(send);
+    force_buffers(socket, receive, send);
 }
 
 /// Past the system-wide cap where the process is allowed to (Linux reports twice the
 /// size it grants, for its own bookkeeping, so a granted request reads back doubled).
 #[cfg(target_os = "linux")]
-fn force_buffers(socket: &socket2::Socket, bytes: usize) {
+fn force_buffers(socket: &socket2::Socket, receive: usize, send: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
-    let wanted = bytes.saturating_mul(2);
     if socket
         .recv_buffer_size()
-        .is_ok_and(|granted| granted < wanted)
+        .is_ok_and(|granted| granted < receive.saturating_mul(2))
     {
-        let _ = setsockopt(socket, sockopt::RcvBufForce, &bytes);
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &receive);
     }
     if socket
         .send_buffer_size()
-        .is_ok_and(|granted| granted < wanted)
+        .is_ok_and(|granted| granted < send.saturating_mul(2))
     {
-        let _ = setsockopt(socket, sockopt::SndBufForce, &bytes);
+        let _ = setsockopt(socket, sockopt::SndBufForce, &send);
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn force_buffers(_socket: &socket2::Socket, _bytes: usize) {}
+fn force_buffers(_socket: &socket2::Socket, _receive: usize, _send: usize) {}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
@@ -381,7 +392,7 @@ mod tests {
 
     #[test]
     fn udp_buffers_are_granted_up_to_the_cap_or_past_it_when_privileged() {
-        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).expect("socket");
+        let socket = udp_socket("127.0.0.1:0".parse().unwrap(), UDP_SOCKET_BUFFER).expect("socket");
         let cap = system_cap("rmem_max");
         let granted = socket2::SockRef::from(&socket)
             .recv_buffer_size()
@@ -401,7 +412,7 @@ mod tests {
         let beyond = system_cap("rmem_max").max(system_cap("wmem_max")) * 2;
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
             .expect("socket");
-        request_buffers(&socket, beyond);
+        request_buffers(&socket, beyond, beyond);
         let (receive, send) = (
             socket.recv_buffer_size().expect("SO_RCVBUF"),
             socket.send_buffer_size().expect("SO_SNDBUF"),
