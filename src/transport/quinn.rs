@@ -16,6 +16,8 @@ use super::{Connection, RecvStream, SendStream};
 /// (see [`StreamLimit`]): the connection should start with a small limit, as
 /// [`quic::transport_config`](crate::quic::transport_config) sets it, and the limit
 /// doubles whenever three quarters of it are open, up to the [`StreamLimit`]'s maximum.
+/// Streams are counted by this wrapper and its clones: wrap a quinn connection once, and
+/// accept its streams through the wrapper.
 #[derive(Debug, Clone)]
 pub struct QuinnConnection {
     inner: quinn::Connection,
