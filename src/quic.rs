@@ -121,21 +121,29 @@ fn file_error(path: &std::path::Path, error: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Transport settings for a tunnel connection: `max_streams` concurrent bidirectional
-/// streams each way, keep-alives every 5 s, a 30 s idle timeout, and flow control sized so
-/// that no stream can block another (see [`STREAM_RECEIVE_WINDOW`]).
+/// Transport settings for a tunnel connection: the peer may open `initial_streams`
+/// bidirectional streams at once to begin with, keep-alives every 5 s, a 30 s idle
+/// timeout, and flow control sized so that no stream can block another (see
+/// [`STREAM_RECEIVE_WINDOW`]).
+///
+/// The stream limit starts small because quinn sets aside state for every stream the peer
+/// may open (about 80 bytes each, 330 KiB at 4 096), which idle tunnels would pay for
+/// nothing; a [`QuinnConnection`](crate::transport::QuinnConnection) raises it as its
+/// streams fill it, up to its [`StreamLimit`](crate::transport::StreamLimit) maximum
+/// ([`DEFAULT_MAX_STREAMS`] by default). The configs built here start at
+/// [`INITIAL_STREAMS`].
 ///
 /// The connection-wide receive window is left unlimited on purpose. With a finite one, a
 /// few streams whose reader stalls (a relay's public client that stops reading a large
 /// response) fill it with unread data, and then nothing else crosses the connection: not
 /// other responses, not the control stream's keep-alives, so the tunnel is declared dead.
-/// Memory stays bounded per stream instead: at most `max_streams` ×
+/// Memory stays bounded per stream instead: at most the stream limit ×
 /// [`STREAM_RECEIVE_WINDOW`] of unread data per connection, and only while readers stall.
 #[must_use]
-pub fn transport_config(max_streams: u32) -> TransportConfig {
+pub fn transport_config(initial_streams: u32) -> TransportConfig {
     let mut transport = TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_bidi_streams(VarInt::from_u32(initial_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
@@ -156,7 +164,10 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Stalled streams do not count against it: the peer acknowledges what it buffers.
 const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Default concurrent streams per connection for [`transport_config`].
+/// Concurrent streams the peer may open on a new tunnel connection, before any growth.
+pub const INITIAL_STREAMS: u32 = 64;
+
+/// Concurrent streams a tunnel connection's limit grows to at most, by default.
 pub const DEFAULT_MAX_STREAMS: u32 = 4096;
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -177,7 +188,7 @@ pub fn server_config(identity: Identity, alpn: &[u8]) -> Result<ServerConfig, Er
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(Error::transport)?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    config.transport_config(Arc::new(transport_config(INITIAL_STREAMS)));
     Ok(config)
 }
 
@@ -201,7 +212,7 @@ pub fn client_config(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(Error::transport)?;
     let mut config = ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(DEFAULT_MAX_STREAMS)));
+    config.transport_config(Arc::new(transport_config(INITIAL_STREAMS)));
     Ok(config)
 }
 
@@ -243,14 +254,22 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
-/// Socket buffers asked for on every endpoint's UDP socket (the kernel caps them at
-/// `net.core.rmem_max` / `wmem_max`).
+/// Socket buffers asked for on every endpoint's UDP socket. Linux caps them at
+/// `net.core.rmem_max` / `wmem_max` (often 208 KiB), except for a process allowed to
+/// administer the network (`CAP_NET_ADMIN`, root), which gets them anyway.
 ///
 /// The kernel's default receive buffer (about 208 KiB on Linux) holds a few hundred
 /// datagrams: a burst from many streams at once (or many edges connecting at once)
 /// overflows it, and every dropped datagram costs QUIC a loss-recovery delay and a smaller
 /// congestion window, on all streams of the connection, control stream included.
 pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Receive buffer asked for on a relay's (server endpoint's) socket, where every edge's
+/// datagrams arrive: 5 000 edges connecting at once send about 12 MB of Initial packets
+/// (a 1 200-byte datagram takes about 2.3 KB of kernel buffer) faster than the
+/// handshakes are served, which overflowed [`UDP_SOCKET_BUFFER`] by thousands of
+/// datagrams. Memory is only used while datagrams wait.
+pub const RELAY_RECEIVE_BUFFER: usize = 32 * 1024 * 1024;
 
 /// Whether the kernel may hand several received datagrams over as one (Linux UDP GRO).
 ///
@@ -276,7 +295,12 @@ fn endpoint(
             "quinn endpoints need a tokio runtime",
         ))
     })?;
-    let socket = udp_socket(addr).map_err(Error::transport)?;
+    let receive_buffer = if server.is_some() {
+        RELAY_RECEIVE_BUFFER
+    } else {
+        UDP_SOCKET_BUFFER
+    };
+    let socket = udp_socket(addr, receive_buffer).map_err(Error::transport)?;
     // quinn turns coalescing on while adopting the socket: turn it off afterwards, through
     // a second handle on the same socket.
     let handle = socket.try_clone().map_err(Error::transport)?;
@@ -300,19 +324,107 @@ fn turn_off_coalescing(socket: &std::net::UdpSocket) {
 #[cfg(not(target_os = "linux"))]
 fn turn_off_coalescing(_socket: &std::net::UdpSocket) {}
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(addr: SocketAddr, receive_buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    // Larger buffers are an optimisation: a kernel that refuses them still works.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    request_buffers(&socket, receive_buffer, UDP_SOCKET_BUFFER);
     if addr.is_ipv6() {
         // Dual-stack where the platform allows: an edge on [::] reaches IPv4 relays too.
         let _ = socket.set_only_v6(false);
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Asks for `receive` and `send` bytes of buffer. Larger buffers are an optimisation: a
+/// kernel that refuses them still works, so every failure is ignored.
+fn request_buffers(socket: &socket2::Socket, receive: usize, send: usize) {
+    let _ = socket.set_recv_buffer_size(receive);
+    let _ = socket.set_send_buffer_size(send);
+    force_buffers(socket, receive, send);
+}
+
+/// Past the system-wide cap where the process is allowed to (Linux reports twice the
+/// size it grants, for its own bookkeeping, so a granted request reads back doubled).
+#[cfg(target_os = "linux")]
+fn force_buffers(socket: &socket2::Socket, receive: usize, send: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if socket
+        .recv_buffer_size()
+        .is_ok_and(|granted| granted < receive.saturating_mul(2))
+    {
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &receive);
+    }
+    if socket
+        .send_buffer_size()
+        .is_ok_and(|granted| granted < send.saturating_mul(2))
+    {
+        let _ = setsockopt(socket, sockopt::SndBufForce, &send);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_buffers(_socket: &socket2::Socket, _receive: usize, _send: usize) {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn system_cap(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(212_992)
+    }
+
+    /// Whether this process holds `CAP_NET_ADMIN` (bit 12 of its effective capabilities).
+    fn privileged() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|bits| u64::from_str_radix(bits.trim(), 16).ok())
+            .is_some_and(|bits| bits & (1 << 12) != 0)
+    }
+
+    #[test]
+    fn udp_buffers_are_granted_up_to_the_cap_or_past_it_when_privileged() {
+        let socket = udp_socket("127.0.0.1:0".parse().unwrap(), UDP_SOCKET_BUFFER).expect("socket");
+        let cap = system_cap("rmem_max");
+        let granted = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("SO_RCVBUF");
+        if privileged() || cap >= UDP_SOCKET_BUFFER {
+            assert!(granted >= 2 * UDP_SOCKET_BUFFER, "granted {granted}");
+        } else {
+            assert!(
+                granted >= 2 * cap.min(UDP_SOCKET_BUFFER),
+                "granted {granted}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_privileged_process_goes_past_the_system_cap() {
+        let beyond = system_cap("rmem_max").max(system_cap("wmem_max")) * 2;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        request_buffers(&socket, beyond, beyond);
+        let (receive, send) = (
+            socket.recv_buffer_size().expect("SO_RCVBUF"),
+            socket.send_buffer_size().expect("SO_SNDBUF"),
+        );
+        if privileged() {
+            assert!(
+                receive >= 2 * beyond && send >= 2 * beyond,
+                "{receive} {send}"
+            );
+        } else {
+            // Capped, and nothing failed.
+            assert!(receive < 2 * beyond, "{receive}");
+        }
+    }
 }

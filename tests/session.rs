@@ -636,6 +636,50 @@ async fn keep_alives_keep_a_live_session_ready() {
     assert!(pongs >= 3, "keep-alives were answered: {pongs}");
 }
 
+/// The observers' channel is made by the first of them: three hundred subscribing at
+/// once, on several threads, all share it and each sees every ping that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hundred_observers_subscribing_at_once_each_see_every_event() {
+    let pair = session_pair_with(
+        Config::new().with_ping_interval(Duration::from_secs(60)),
+        Config::new().with_ping_interval(Duration::from_secs(60)),
+    )
+    .await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(300));
+    let subscribing: Vec<_> = (0..300)
+        .map(|_| {
+            let edge = pair.edge.clone();
+            let barrier = std::sync::Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                edge.control_events()
+            })
+        })
+        .collect();
+    let mut observers = Vec::new();
+    for subscribed in subscribing {
+        observers.push(subscribed.await.expect("subscribe"));
+    }
+    for _ in 0..3 {
+        pair.relay.ping().await.expect("ping");
+    }
+    for mut observed in observers {
+        let pings = within(LIMIT, async {
+            let mut pings = Vec::new();
+            while pings.len() < 3 {
+                if let backhaul::ControlEvent::Ping { sequence } =
+                    observed.recv().await.expect("event")
+                {
+                    pings.push(sequence);
+                }
+            }
+            pings
+        })
+        .await;
+        assert_eq!(pings, [1, 2, 3]);
+    }
+}
+
 #[tokio::test]
 async fn accept_open_refuses_unknown_requests_and_reserved_ids() {
     let mut pair = session_pair().await;

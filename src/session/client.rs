@@ -432,7 +432,7 @@ impl<C: Connection> SessionClient<C> {
     /// observer misses events rather than slowing the session.
     #[must_use]
     pub fn control_events(&self) -> broadcast::Receiver<ControlEvent> {
-        self.core.control_events.subscribe()
+        self.core.observe_control_events()
     }
 
     /// Waits until the session has ended, and says why: [`Error::SessionClosed`] after a

@@ -17,11 +17,17 @@ pub(crate) struct ControlReader<R> {
     buffer: BytesMut,
 }
 
+/// Bytes read at a time: control frames are tens of bytes, and an idle session keeps this
+/// buffer for its whole life (a frame larger than it grows it as needed).
+const READ_CHUNK: usize = 1024;
+/// Room below which the buffer is grown (or its consumed front reclaimed) before a read.
+const MIN_READ: usize = 256;
+
 impl<R: AsyncRead + Unpin> ControlReader<R> {
     pub(crate) fn new(recv: R) -> Self {
         Self {
             recv,
-            buffer: BytesMut::with_capacity(4096),
+            buffer: BytesMut::with_capacity(READ_CHUNK),
         }
     }
 
@@ -31,8 +37,8 @@ impl<R: AsyncRead + Unpin> ControlReader<R> {
             if let Some(message) = decode_frame(&mut self.buffer)? {
                 return Ok(Some(message));
             }
-            if self.buffer.capacity() - self.buffer.len() < 1024 {
-                self.buffer.reserve(4096);
+            if self.buffer.capacity() - self.buffer.len() < MIN_READ {
+                self.buffer.reserve(READ_CHUNK);
             }
             let read = self
                 .recv

@@ -8,7 +8,7 @@
 //! frames queued for the writer task, data streams reset, events delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
 //! that wait; a future that gives up tells the machine so (`abandon_open`, `abandon_ping`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,6 +41,9 @@ pub(crate) const PROTOCOL_ERROR_CODE: u32 = 0x5152_0002;
 /// Application error code used when closing a connection whose peer stopped answering pings.
 pub(crate) const KEEPALIVE_TIMEOUT_CODE: u32 = 0x5152_0003;
 
+/// Control events kept for observers that fall behind, before the oldest are dropped.
+const CONTROL_EVENTS_BUFFER: usize = 256;
+
 /// What goes to the writer task.
 pub(crate) enum WriterCommand {
     /// Bytes of one or more whole frames.
@@ -61,7 +64,9 @@ pub(crate) struct SessionCore<C: Connection> {
     locked: Mutex<Locked<C>>,
     writer: mpsc::Sender<WriterCommand>,
     pub(crate) open_slots: Arc<Semaphore>,
-    pub(crate) control_events: broadcast::Sender<ControlEvent>,
+    /// Made by the first observer: most sessions have none, and a channel costs its
+    /// buffer up front.
+    control_events: OnceLock<broadcast::Sender<ControlEvent>>,
 }
 
 impl<C: Connection> SessionCore<C> {
@@ -76,8 +81,15 @@ impl<C: Connection> SessionCore<C> {
             }),
             writer,
             open_slots,
-            control_events: broadcast::channel(256).0,
+            control_events: OnceLock::new(),
         }
+    }
+
+    /// A new observer of control events, from the next event on.
+    pub(crate) fn observe_control_events(&self) -> broadcast::Receiver<ControlEvent> {
+        self.control_events
+            .get_or_init(|| broadcast::channel(CONTROL_EVENTS_BUFFER).0)
+            .subscribe()
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -167,8 +179,10 @@ impl<C: Connection> SessionCore<C> {
                 refuse_stream::<C>(stream);
             }
             Action::Observe(event) => {
-                if self.control_events.receiver_count() > 0 {
-                    let _ = self.control_events.send(event);
+                if let Some(observers) = self.control_events.get() {
+                    if observers.receiver_count() > 0 {
+                        let _ = observers.send(event);
+                    }
                 }
             }
             Action::Send(message) => {
@@ -313,15 +327,21 @@ impl<C: Connection> SessionCore<C> {
         Ok(stream)
     }
 
-    /// Routes a data stream whose `StreamBind` names `logical_stream_id`.
-    pub(crate) fn on_bound_stream(&self, logical_stream_id: u64, stream: Stream<C>) {
+    /// Routes a data stream whose `StreamBind` names `logical_stream_id`; returns when it
+    /// expires if it was held for an open still to be answered.
+    pub(crate) fn on_bound_stream(
+        &self,
+        logical_stream_id: u64,
+        stream: Stream<C>,
+    ) -> Option<Instant> {
         let now = Instant::now();
-        let ((), actions) = self.step(|locked, out| {
+        let (expires, actions) = self.step(|locked, out| {
             locked
                 .machine
-                .handle_stream(logical_stream_id, stream, now, out);
+                .handle_stream(logical_stream_id, stream, now, out)
         });
         self.perform_all_now(actions);
+        expires
     }
 
     /// Counts and resets a data stream whose header was unusable.

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
-use tokio::time::{interval_at, sleep, timeout, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior, Sleep};
 use tracing::{debug, trace, warn};
 
 use super::control::ControlReader;
@@ -36,6 +36,8 @@ const FINISH_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames queued together are written with one call, up to this many bytes.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// A batch buffer larger than this is freed once written rather than kept for the next.
+const RETAINED_BATCH_BYTES: usize = 4 * 1024;
 
 /// Aborts the driver tasks when dropped.
 pub(crate) struct DriverTasks(Vec<AbortHandle>);
@@ -109,7 +111,9 @@ async fn read_control<C: Connection>(
             () = session_ended(&mut state) => return,
         };
         let outcome = match message {
-            Ok(Some(message)) => core.dispatch(message, &events).await,
+            // Boxed: handling a message holds far more state than waiting for one, and
+            // an idle session waits for its whole life in a task sized for the larger.
+            Ok(Some(message)) => Box::pin(core.dispatch(message, &events)).await,
             Ok(None) => {
                 debug!("peer finished the control stream");
                 Err(Terminal::Closed)
@@ -138,7 +142,9 @@ async fn write_control<C: Connection>(
     mut send: C::SendStream,
     mut commands: mpsc::Receiver<WriterCommand>,
 ) {
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    // Filled only when frames queue up behind one another, and given back after a large
+    // batch: an idle session holds no buffer.
+    let mut batch = BytesMut::new();
     let mut state = shared.state.subscribe();
     loop {
         let first = tokio::select! {
@@ -146,16 +152,22 @@ async fn write_control<C: Connection>(
             () = session_ended(&mut state) => None,
         };
         let Some(mut command) = first else { return };
+        let mut finish = None;
+        let mut lone = None;
         loop {
             match command {
-                WriterCommand::Frame(bytes) => batch.extend_from_slice(&bytes),
-                WriterCommand::Finish(done) => {
-                    let written = send.write_all(&batch).await;
-                    if written.is_ok() && send.finish().await.is_ok() {
-                        let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
+                WriterCommand::Frame(bytes) if batch.is_empty() && lone.is_none() => {
+                    lone = Some(bytes);
+                }
+                WriterCommand::Frame(bytes) => {
+                    if let Some(first) = lone.take() {
+                        batch.extend_from_slice(&first);
                     }
-                    let _ = done.send(());
-                    return;
+                    batch.extend_from_slice(&bytes);
+                }
+                WriterCommand::Finish(done) => {
+                    finish = Some(done);
+                    break;
                 }
             }
             if batch.len() >= WRITE_BATCH_BYTES {
@@ -166,13 +178,28 @@ async fn write_control<C: Connection>(
                 Err(_) => break,
             }
         }
-        if send.write_all(&batch).await.is_err() {
+        let written = match &lone {
+            Some(bytes) => send.write_all(bytes).await,
+            None => send.write_all(&batch).await,
+        };
+        if let Some(done) = finish {
+            if written.is_ok() && send.finish().await.is_ok() {
+                let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
+            }
+            let _ = done.send(());
+            return;
+        }
+        if written.is_err() {
             if let Some(core) = core.upgrade() {
                 core.terminate(Terminal::Disconnected);
             }
             return;
         }
-        batch.clear();
+        if batch.capacity() > RETAINED_BATCH_BYTES {
+            batch = BytesMut::new();
+        } else {
+            batch.clear();
+        }
     }
 }
 
@@ -182,11 +209,9 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
     // than in-flight opens is plenty; past that a flood of streams is refused at once.
     let max_header_reads = core.config().max_inflight_opens.saturating_mul(2).max(16);
     let mut header_reads = JoinSet::new();
-    // Held streams are swept at the machine's next deadline, and at least this often to
-    // catch streams held since the last sweep (re-arming per stream would cost a lock).
-    let sweep_every = (bind_timeout / 4).max(Duration::from_millis(50));
-    let sweep = sleep(sweep_every);
-    tokio::pin!(sweep);
+    // Set only while streams are held (for an open whose answer they overtook), for the
+    // first of them to expire: an idle session has no timer to wake it.
+    let mut sweep = SweepTimer::default();
     let mut state = core.shared.state.subscribe();
     loop {
         tokio::select! {
@@ -197,13 +222,13 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
                     let mut header = PartialHeader::default();
                     let (send, mut recv) = stream;
                     match header.poll_now(&mut recv) {
-                        Poll::Ready(result) => route(&core, result, (send, recv)),
+                        Poll::Ready(result) => sweep.hold_until(route(&core, result, (send, recv))),
                         Poll::Pending if header_reads.len() < max_header_reads => {
                             let core = Arc::clone(&core);
                             header_reads.spawn(async move {
                                 let read = timeout(bind_timeout, header.read(&mut recv)).await;
                                 let result = read.unwrap_or(Err(Error::Timeout(TimeoutKind::StreamBind)));
-                                route(&core, result, (send, recv));
+                                route(&core, result, (send, recv))
                             });
                         }
                         Poll::Pending => core.refuse_unbound_stream(
@@ -220,26 +245,69 @@ async fn accept_data_streams<C: Connection>(core: Arc<SessionCore<C>>) {
                     return;
                 }
             },
-            Some(_) = header_reads.join_next(), if !header_reads.is_empty() => {}
-            () = &mut sweep => {
-                let next_expiry = core.expire_early_streams().map(Instant::from_std);
-                let latest = Instant::now() + sweep_every;
-                sweep.as_mut().reset(next_expiry.map_or(latest, |at| at.min(latest)));
+            Some(joined) = header_reads.join_next(), if !header_reads.is_empty() => {
+                if let Ok(expires) = joined {
+                    sweep.hold_until(expires);
+                }
+            }
+            () = sweep.expired() => {
+                sweep.reset(core.expire_early_streams());
             }
             () = session_ended(&mut state) => return,
         }
     }
 }
 
-/// Hands a data stream to its open, or refuses it if its header was unusable.
+/// The acceptor's timer for held streams: off, or set for the first to expire.
+#[derive(Default)]
+struct SweepTimer {
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl SweepTimer {
+    /// Makes sure the timer fires by `expires`, when a stream was held.
+    fn hold_until(&mut self, expires: Option<std::time::Instant>) {
+        let Some(expires) = expires.map(Instant::from_std) else {
+            return;
+        };
+        match &mut self.deadline {
+            Some(sleep) if sleep.deadline() <= expires => {}
+            Some(sleep) => sleep.as_mut().reset(expires),
+            None => self.deadline = Some(Box::pin(sleep_until(expires))),
+        }
+    }
+
+    /// Sets the timer for `next` (the machine's next expiry), or turns it off.
+    fn reset(&mut self, next: Option<std::time::Instant>) {
+        match (next.map(Instant::from_std), &mut self.deadline) {
+            (Some(next), Some(sleep)) => sleep.as_mut().reset(next),
+            (Some(next), None) => self.deadline = Some(Box::pin(sleep_until(next))),
+            (None, _) => self.deadline = None,
+        }
+    }
+
+    /// Resolves when the timer fires; never while it is off.
+    async fn expired(&mut self) {
+        match &mut self.deadline {
+            Some(sleep) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Hands a data stream to its open, or refuses it if its header was unusable. Returns
+/// when the stream expires if it was held.
 fn route<C: Connection>(
     core: &SessionCore<C>,
     header: Result<StreamBind, Error>,
     stream: Stream<C>,
-) {
+) -> Option<std::time::Instant> {
     match header {
         Ok(bind) => core.on_bound_stream(bind.logical_stream_id, stream),
-        Err(error) => core.refuse_unbound_stream(stream, &error),
+        Err(error) => {
+            core.refuse_unbound_stream(stream, &error);
+            None
+        }
     }
 }
 

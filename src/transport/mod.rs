@@ -4,7 +4,8 @@
 //! it is written against these traits rather than quinn itself. The traits have the same
 //! shape as quic-reverse 0.1.2's, so transports written for that crate plug in unchanged.
 //!
-//! - [`QuinnConnection`]: the production transport, a cloneable `quinn::Connection`.
+//! - [`QuinnConnection`]: the production transport, a cloneable `quinn::Connection`
+//!   whose limit on the peer's streams grows with use ([`StreamLimit`]).
 //! - [`mem::MemoryConnection`]: an in-process pair for unit tests of protocol logic.
 
 use std::future::Future;
@@ -14,9 +15,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod mem;
 #[cfg(feature = "quinn")]
 mod quinn;
+#[cfg(feature = "quinn")]
+mod stream_limit;
 
 #[cfg(feature = "quinn")]
 pub use self::quinn::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
+#[cfg(feature = "quinn")]
+pub use stream_limit::{IncomingStreams, StreamLimit};
 
 /// The transport the crate's types use when none is named: [`QuinnConnection`], so
 /// `SessionClient`, `Router`, `Connector` and `TunnelStream` need no type parameter in the

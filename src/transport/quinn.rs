@@ -1,24 +1,77 @@
 //! The quinn transport.
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::stream_limit::{Incoming, IncomingStreams, OpenStream, StreamLimit};
 use super::{Connection, RecvStream, SendStream};
 
 /// A [`quinn::Connection`] as a session transport. Cheap to clone: clones share the
 /// connection.
+///
+/// It also keeps the number of streams the peer may open to this side sized by need
+/// (see [`StreamLimit`]): the connection should start with a small limit, as
+/// [`quic::transport_config`](crate::quic::transport_config) sets it, and the limit
+/// doubles whenever three quarters of it are open, up to the [`StreamLimit`]'s maximum.
+/// Streams are counted by this wrapper and its clones: wrap a quinn connection once, and
+/// accept its streams through the wrapper.
 #[derive(Debug, Clone)]
 pub struct QuinnConnection {
     inner: quinn::Connection,
+    incoming: Arc<Incoming>,
 }
 
 impl QuinnConnection {
-    /// Wraps a connection.
+    /// Wraps a connection made with the library's transport settings: the peer was given
+    /// [`INITIAL_STREAMS`](crate::quic::INITIAL_STREAMS), which grows up to
+    /// [`DEFAULT_MAX_STREAMS`](crate::quic::DEFAULT_MAX_STREAMS). For other settings, say
+    /// so with [`with_stream_limit`](Self::with_stream_limit).
     #[must_use]
-    pub const fn new(connection: quinn::Connection) -> Self {
-        Self { inner: connection }
+    pub fn new(connection: quinn::Connection) -> Self {
+        let limit = StreamLimit::new(
+            crate::quic::INITIAL_STREAMS,
+            crate::quic::DEFAULT_MAX_STREAMS,
+        );
+        Self {
+            inner: connection,
+            incoming: Arc::new(Incoming::new(limit)),
+        }
+    }
+
+    /// Gives the peer `limit.initial()` streams now (or more if more are open already),
+    /// growing up to `limit.max()` from then on.
+    #[must_use]
+    pub fn with_stream_limit(self, limit: StreamLimit) -> Self {
+        self.set_stream_limit(limit);
+        self
+    }
+
+    /// Changes the stream limit of a live connection, for every clone: the peer is given
+    /// `limit.initial()` streams at once (or more if more are open already), and the
+    /// limit grows up to `limit.max()` from then on. A relay raises it this way once an
+    /// edge has authenticated.
+    pub fn set_stream_limit(&self, limit: StreamLimit) {
+        self.incoming.set(limit, |granted| {
+            self.inner
+                .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
+        });
+    }
+
+    /// How many streams the peer has open to this side, and its limit now and at most.
+    #[must_use]
+    pub fn incoming_streams(&self) -> IncomingStreams {
+        self.incoming.snapshot()
+    }
+
+    /// Counts a stream the peer opened, raising its limit if it is filling up.
+    fn accepted(&self) -> Arc<OpenStream> {
+        Arc::new(self.incoming.accepted(|granted| {
+            self.inner
+                .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
+        }))
     }
 
     /// The quinn connection (for RTT, stats, addresses…).
@@ -35,6 +88,7 @@ impl QuinnConnection {
 }
 
 impl From<quinn::Connection> for QuinnConnection {
+    /// As [`QuinnConnection::new`].
     fn from(connection: quinn::Connection) -> Self {
         Self::new(connection)
     }
@@ -48,20 +102,26 @@ impl Connection for QuinnConnection {
 
     async fn open_bi(&self) -> Result<(QuinnSendStream, QuinnRecvStream), quinn::ConnectionError> {
         let (send, recv) = self.inner.open_bi().await?;
-        Ok((
-            QuinnSendStream { inner: send },
-            QuinnRecvStream { inner: recv },
-        ))
+        Ok((QuinnSendStream::new(send), QuinnRecvStream::new(recv)))
     }
 
     async fn accept_bi(
         &self,
     ) -> Result<Option<(QuinnSendStream, QuinnRecvStream)>, quinn::ConnectionError> {
         match self.inner.accept_bi().await {
-            Ok((send, recv)) => Ok(Some((
-                QuinnSendStream { inner: send },
-                QuinnRecvStream { inner: recv },
-            ))),
+            Ok((send, recv)) => {
+                let open = self.accepted();
+                Ok(Some((
+                    QuinnSendStream {
+                        inner: send,
+                        _open: Some(Arc::clone(&open)),
+                    },
+                    QuinnRecvStream {
+                        inner: recv,
+                        _open: Some(open),
+                    },
+                )))
+            }
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
                 | quinn::ConnectionError::LocallyClosed,
@@ -83,13 +143,18 @@ impl Connection for QuinnConnection {
 #[derive(Debug)]
 pub struct QuinnSendStream {
     inner: quinn::SendStream,
+    /// Keeps an accepted stream counted against the peer's limit.
+    _open: Option<Arc<OpenStream>>,
 }
 
 impl QuinnSendStream {
     /// Wraps a quinn stream.
     #[must_use]
     pub const fn new(stream: quinn::SendStream) -> Self {
-        Self { inner: stream }
+        Self {
+            inner: stream,
+            _open: None,
+        }
     }
 
     /// The quinn stream.
@@ -153,13 +218,18 @@ impl SendStream for QuinnSendStream {
 #[derive(Debug)]
 pub struct QuinnRecvStream {
     inner: quinn::RecvStream,
+    /// Keeps an accepted stream counted against the peer's limit.
+    _open: Option<Arc<OpenStream>>,
 }
 
 impl QuinnRecvStream {
     /// Wraps a quinn stream.
     #[must_use]
     pub const fn new(stream: quinn::RecvStream) -> Self {
-        Self { inner: stream }
+        Self {
+            inner: stream,
+            _open: None,
+        }
     }
 
     /// The quinn stream.

@@ -13,10 +13,14 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tower::{BoxError, Service, ServiceExt};
 use tracing::{debug, info, warn};
 
-use super::{AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE};
+use super::{
+    AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE,
+    UNREGISTERED_STREAMS,
+};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::quic::INITIAL_STREAMS;
 use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
 use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
 use crate::relay::claims::{Claim, DynClaims, EdgeInstance};
@@ -24,7 +28,7 @@ use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
 use crate::session::{ClientEvent, Role, Session, SessionClient};
-use crate::transport::QuinnConnection;
+use crate::transport::{QuinnConnection, StreamLimit};
 
 /// What every connection task shares.
 pub(super) struct Shared {
@@ -159,6 +163,28 @@ pub(super) async fn handle_connection<A>(
     A::Error: Into<BoxError>,
     A::Future: Send,
 {
+    // The handshakes and the registration hold far more state than an idle edge: boxed,
+    // that state is freed once the edge is registered, instead of sizing the task (about
+    // 5 KiB) for the edge's whole life.
+    let admitted = Box::pin(admit(incoming, slot, &shared, authenticator, &mut stop)).await;
+    if let Some((connection, registered)) = admitted {
+        serve_registered(&connection, registered, &mut stop).await;
+    }
+}
+
+/// The QUIC handshake, the session handshake and the registration, within the deadline.
+async fn admit<A>(
+    incoming: quinn::Incoming,
+    slot: UnregisteredSlot,
+    shared: &Shared,
+    authenticator: A,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(quinn::Connection, Registered)>
+where
+    A: Service<AuthRequest, Response = EdgeName> + Send + 'static,
+    A::Error: Into<BoxError>,
+    A::Future: Send,
+{
     let counters = &shared.stats.counters;
     let deadline = Instant::now() + shared.register_timeout;
     let source = slot.source;
@@ -169,29 +195,25 @@ pub(super) async fn handle_connection<A>(
             Ok(Err(error)) => {
                 AcceptStats::count(&counters.handshake_failed);
                 debug!(error = ?error.to_string(), "QUIC handshake failed");
-                return;
+                return None;
             }
             Err(_) => {
                 AcceptStats::count(&counters.timed_out);
                 debug!("QUIC handshake not finished within the registration timeout");
-                return;
+                return None;
             }
         },
-        () = stopping(&mut stop) => return,
+        () = stopping(stop) => return None,
     };
-    let registering = register(&connection, &shared, authenticator, remote, source);
+    let registering = register(&connection, shared, authenticator, remote, source);
     let registered = tokio::select! {
         registered = timeout_at(deadline, registering) => registered,
-        () = stopping(&mut stop) => {
+        () = stopping(stop) => {
             connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
-            return;
+            return None;
         }
     };
-    let Registered {
-        client,
-        mut events,
-        attachment,
-    } = match registered {
+    let registered = match registered {
         Ok(Ok(registered)) => registered,
         Ok(Err(refused)) => {
             if let Refused::Answered(_session) = refused {
@@ -201,7 +223,7 @@ pub(super) async fn handle_connection<A>(
                 let _ = timeout_at(linger, connection.closed()).await;
             }
             connection.close(VarInt::from_u32(CLOSE_UNREGISTERED), b"registration failed");
-            return;
+            return None;
         }
         Err(_) => {
             AcceptStats::count(&counters.timed_out);
@@ -210,29 +232,44 @@ pub(super) async fn handle_connection<A>(
                 VarInt::from_u32(CLOSE_UNREGISTERED),
                 b"registration timed out",
             );
-            return;
+            return None;
         }
     };
     drop(slot);
-    let name = attachment.name().clone();
+    let name = registered.attachment.name().clone();
     tracing::Span::current().record("edge", name.as_str());
-    info!(epoch = %attachment.epoch(), "edge registered");
-    // The relay serves nothing to edges.
+    info!(epoch = %registered.attachment.epoch(), "edge registered");
+    Some((connection, registered))
+}
+
+/// A registered edge's life: refuses its opens (the relay serves nothing to edges) until
+/// its session ends or the acceptor shuts down.
+async fn serve_registered(
+    connection: &quinn::Connection,
+    registered: Registered,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let Registered {
+        client,
+        mut events,
+        attachment,
+    } = registered;
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(ClientEvent::OpenRequest { request_id, .. }) => {
                     let reason = Some("the relay offers no services to edges".to_owned());
-                    let _ = client
-                        .reject_open(request_id, RejectCode::UnsupportedService, reason)
-                        .await;
+                    let refusal =
+                        client.reject_open(request_id, RejectCode::UnsupportedService, reason);
+                    let _ = Box::pin(refusal).await;
                 }
                 Some(_) => {}
                 None => break,
             },
-            () = stopping(&mut stop) => {
+            () = stopping(stop) => {
                 let reason = Some("relay shutting down".to_owned());
-                let _ = timeout(SHUTDOWN_GRACE, client.close(CloseCode::Normal, reason)).await;
+                let close = client.close(CloseCode::Normal, reason);
+                let _ = Box::pin(timeout(SHUTDOWN_GRACE, close)).await;
                 connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
                 break;
             }
@@ -263,11 +300,9 @@ where
     A::Error: Into<BoxError>,
 {
     let counters = &shared.stats.counters;
-    let session = Session::new(
-        QuinnConnection::new(connection.clone()),
-        Role::Server,
-        shared.session_config.clone(),
-    );
+    let transport = QuinnConnection::new(connection.clone())
+        .with_stream_limit(StreamLimit::fixed(UNREGISTERED_STREAMS));
+    let session = Session::new(transport, Role::Server, shared.session_config.clone());
     let handle = match session.start().await {
         Ok(handle) => handle,
         Err(error) => {
@@ -353,7 +388,10 @@ where
     }
     // Proven: from now on the edge may open as many streams as any tunnel, and send as
     // much as its streams' windows allow.
-    connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.registered_max_streams));
+    client.connection().set_stream_limit(StreamLimit::new(
+        INITIAL_STREAMS,
+        shared.registered_max_streams,
+    ));
     connection.set_receive_window(VarInt::MAX);
     // Counted as decided, before the edge hears it: whoever the edge tells (a test, an
     // operator reading metrics) already sees it counted.

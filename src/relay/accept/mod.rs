@@ -8,10 +8,11 @@
 //! - it may open only [`UNREGISTERED_STREAMS`] streams and have
 //!   [`UNREGISTERED_RECEIVE_WINDOW`] bytes unread (when the endpoint comes from
 //!   [`server_endpoint`]). The stream limit is about memory: quinn keeps a table entry
-//!   for every stream the peer may open, which at the registered limit is most of a
-//!   connection's ~400 KB.
+//!   for every stream the peer may open, whether it opens it or not.
 //!
-//! An authenticated edge gets the full limits, is attached to the [`Registry`], and stays
+//! An authenticated edge gets the full limits (its stream limit starts at
+//! [`INITIAL_STREAMS`](crate::quic::INITIAL_STREAMS) and grows with use up to
+//! [`with_registered_max_streams`](Acceptor::with_registered_max_streams)), is attached to the [`Registry`], and stays
 //! there until its session ends. A refused one is answered (so an honest edge can say why
 //! it stops), given a round trip to close by itself, then closed with
 //! [`CLOSE_UNREGISTERED`]; bad credentials also back its source off.
@@ -291,8 +292,9 @@ where
         self
     }
 
-    /// Streams an authenticated edge may open at once (default
-    /// [`DEFAULT_MAX_STREAMS`]).
+    /// Streams an authenticated edge may open at once, at most (default
+    /// [`DEFAULT_MAX_STREAMS`]); its limit starts lower and grows as its streams fill it
+    /// (see [`StreamLimit`](crate::transport::StreamLimit)).
     #[must_use]
     pub fn with_registered_max_streams(mut self, max_streams: u32) -> Self {
         self.registered_max_streams = max_streams;

@@ -92,7 +92,7 @@ pub use splice::SPLICE_FAILED;
 pub use wire::{MAX_HOPS, PEER_SERVICE};
 
 use crate::error::Error;
-use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
+use crate::quic::{transport_config, Identity, INITIAL_STREAMS};
 use crate::relay::RelayId;
 
 /// The ALPN protocol of relay-to-relay connections.
@@ -140,7 +140,7 @@ pub fn client_config(
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, Error> {
     let mut config = crate::quic::client_config(trusted, PEER_ALPN)?;
-    let mut transport = transport_config(DEFAULT_MAX_STREAMS);
+    let mut transport = transport_config(INITIAL_STREAMS);
     transport.keep_alive_interval(Some(Duration::from_secs(1).min(idle_timeout / 2)));
     transport.max_idle_timeout(Some(idle_timeout.try_into().map_err(Error::transport)?));
     config.transport_config(Arc::new(transport));

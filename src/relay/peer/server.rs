@@ -27,7 +27,7 @@ use crate::relay::directory::RelayId;
 use crate::relay::registry::Registry;
 use crate::session::{ClientEvent, Role, SessionClient};
 use crate::stream::TunnelStream;
-use crate::transport::QuinnConnection;
+use crate::transport::{QuinnConnection, StreamLimit};
 use crate::transport::{RecvStream, SendStream};
 
 /// How long a refused peer gets to read the refusal before its connection is closed.
@@ -289,7 +289,10 @@ async fn serve_peer(
     };
     count(&counters.admitted);
     info!(%relay, "peer relay admitted");
-    connection.set_max_concurrent_bi_streams(VarInt::from_u32(shared.max_streams));
+    client.connection().set_stream_limit(StreamLimit::new(
+        crate::quic::INITIAL_STREAMS,
+        shared.max_streams,
+    ));
     connection.set_receive_window(VarInt::MAX);
 
     let mut forwards = JoinSet::new();

@@ -133,20 +133,22 @@ impl<S> SessionMachine<S> {
 
     /// Routes a data stream whose `StreamBind` names `logical_stream_id`: to the open
     /// waiting for it, into the hold if it came before its `OpenResponse`, or refused.
+    /// Returns when the stream expires if it was held, so the driver can set a timer
+    /// only then.
     pub(crate) fn handle_stream(
         &mut self,
         logical_stream_id: u64,
         stream: S,
         now: Instant,
         out: &mut Actions<S>,
-    ) {
+    ) -> Option<Instant> {
         if self.terminal.is_some() {
             out.push(Action::Refuse {
                 stream,
                 logical_stream_id: Some(logical_stream_id),
                 why: Refusal::SessionEnded,
             });
-            return;
+            return None;
         }
         if let Some(request_id) = self.bind_waiters.remove(&logical_stream_id) {
             self.opens.remove(&request_id);
@@ -155,7 +157,7 @@ impl<S> SessionMachine<S> {
                 request_id,
                 stream: Ok(stream),
             });
-            return;
+            return None;
         }
         let why = if self.retired_ids.contains(logical_stream_id) {
             Refusal::Retired
@@ -171,9 +173,10 @@ impl<S> SessionMachine<S> {
                     arrived: now,
                 },
             );
-            return;
+            return Some(now + self.limits.bind_timeout);
         };
         self.refuse(stream, Some(logical_stream_id), why, out);
+        None
     }
 
     /// Refuses a data stream whose `StreamBind` header was unusable.

@@ -76,7 +76,7 @@ fn stream(
     now: Instant,
 ) -> Vec<Action<Stream>> {
     step(machine, |m, out| {
-        m.handle_stream(logical_stream_id, stream, now, out)
+        m.handle_stream(logical_stream_id, stream, now, out);
     })
     .1
 }
