@@ -90,32 +90,30 @@ async fn tcp_ports_reach_edge_services() {
             assert!(rest.is_empty(), "{} bytes from a dead backend", rest.len());
             let _ = ended;
         }
-        let metrics = within(Duration::from_secs(10), async {
-            loop {
-                let scrape = relay.metrics().await;
-                let unavailable = scrape.sample(
-                    "backhaul_tcp_connections_total",
-                    &[
-                        ("edge", "kiosk"),
-                        ("service", "gone"),
-                        ("outcome", "backend_unavailable"),
-                    ],
-                );
-                if unavailable == Some(1.0) {
-                    break scrape;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        // The relay counts a connection when its splice has ended, which may be a moment
+        // after the client saw the last byte: wait (bounded) for both counts to arrive.
+        let count = |scrape: &support::proxy::Scrape, service: &str, outcome: &str| {
+            scrape.sample(
+                "backhaul_tcp_connections_total",
+                &[
+                    ("edge", "kiosk"),
+                    ("service", service),
+                    ("outcome", outcome),
+                ],
+            )
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (closed, unavailable) = loop {
+            let scrape = relay.metrics().await;
+            let closed = count(&scrape, "echo", "closed");
+            let unavailable = count(&scrape, "gone", "backend_unavailable");
+            let settled = closed == Some(101.0) && unavailable == Some(1.0);
+            if settled || std::time::Instant::now() > deadline {
+                break (closed, unavailable);
             }
-        })
-        .await;
-        let closed = metrics.sample(
-            "backhaul_tcp_connections_total",
-            &[
-                ("edge", "kiosk"),
-                ("service", "echo"),
-                ("outcome", "closed"),
-            ],
-        );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(unavailable, Some(1.0));
         assert_eq!(closed, Some(101.0));
     })
     .await;
