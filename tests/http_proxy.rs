@@ -482,3 +482,67 @@ async fn hundreds_of_concurrent_requests_are_all_answered_correctly(mode: EdgeMo
     })
     .await;
 }
+
+/// A pass-through edge whose service is down answers each stream's request with a 502,
+/// but a stream that never carries a request (a hostile or broken relay) is closed at the
+/// answer timeout; 100 such streams at once do not delay the answer to a real request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_streams_to_an_unreachable_pass_through_service_are_closed_at_the_answer_timeout() {
+    within(Duration::from_secs(60), async {
+        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let closed_addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let SessionPair {
+            relay,
+            edge,
+            edge_events,
+            quic: _quic,
+        } = session_pair().await;
+        let answer_timeout = Duration::from_millis(1500);
+        assert!(answer_timeout < backhaul::http::proxy::DEFAULT_ANSWER_TIMEOUT);
+        let route = pass_through(http_uri(closed_addr))
+            .expect("an http upstream")
+            .with_answer_timeout(answer_timeout);
+        let router: Router<QuinnConnection> = Router::new().route("web", route);
+        tokio::spawn(router.serve(edge, edge_events).into_future());
+        let mut connector = Connector::new(relay.clone());
+
+        let mut silent = JoinSet::new();
+        for _ in 0..100 {
+            let mut stream = connector.connect("web").await.expect("a stream");
+            // The edge starts waiting once it has the stream, so not before this.
+            let opened = Instant::now();
+            silent.spawn(async move {
+                let mut rest = Vec::new();
+                let read = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
+                (read.is_err() || rest.is_empty(), opened.elapsed())
+            });
+        }
+
+        // Meanwhile a real request is answered at once.
+        let started = Instant::now();
+        let stream = connector.connect("web").await.expect("a stream");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let request = Request::get("/")
+            .header(HOST, "alpha.example")
+            .body(Empty::<Bytes>::new())
+            .expect("a request");
+        let response = sender.send_request(request).await.expect("a response");
+        let answered = started.elapsed();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert!(answered < answer_timeout, "answered after {answered:?}");
+
+        while let Some(closed) = silent.join_next().await {
+            let (empty, after) = closed.expect("a silent stream");
+            assert!(empty, "a silent stream got bytes");
+            assert!(
+                after >= answer_timeout && after < answer_timeout * 10,
+                "closed after {after:?}"
+            );
+        }
+    })
+    .await;
+}

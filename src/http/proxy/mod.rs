@@ -74,7 +74,7 @@ pub use idle::{BodyIdleTimeout, IdleHook, IdleTimeoutBody};
 use local::validate_upstream;
 pub use local::{to_local, LocalFuture, LocalUpstream};
 #[cfg(feature = "tcp")]
-pub use pass_through::{pass_through, PassThrough, PassThroughFuture};
+pub use pass_through::{pass_through, PassThrough, PassThroughFuture, DEFAULT_ANSWER_TIMEOUT};
 pub use upgrade::splice;
 
 /// Errors of bodies in flight, boxed.

@@ -59,6 +59,7 @@ pub fn pass_through(upstream: Uri) -> Result<PassThrough, Error> {
         description: Arc::from(format!("local service at {authority}")),
         backend: Arc::from(authority.as_str()),
         connect_timeout: DEFAULT_BACKEND_CONNECT_TIMEOUT,
+        answer_timeout: DEFAULT_ANSWER_TIMEOUT,
     })
 }
 
@@ -68,6 +69,7 @@ pub struct PassThrough {
     backend: Arc<str>,
     description: Arc<str>,
     connect_timeout: Duration,
+    answer_timeout: Duration,
 }
 
 impl PassThrough {
@@ -86,6 +88,15 @@ impl PassThrough {
         self
     }
 
+    /// How long to wait for the request when the service is unreachable and the stream
+    /// can only be answered with the 502 ([`DEFAULT_ANSWER_TIMEOUT`] by default); a relay
+    /// that sends nothing by then has the stream closed.
+    #[must_use]
+    pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout;
+        self
+    }
+
     async fn forward<C: Connection>(self, mut stream: TunnelStream<C>) -> Result<(), RouteError> {
         let connect =
             tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.backend));
@@ -100,7 +111,13 @@ impl PassThrough {
         };
         let message = format!("{} is unreachable: {source}", self.description);
         tracing::warn!(error = ?message, "passing a stream through to the local service failed");
-        answer_once(stream, StatusCode::BAD_GATEWAY, message).await;
+        answer_once(
+            stream,
+            StatusCode::BAD_GATEWAY,
+            message,
+            self.answer_timeout,
+        )
+        .await;
         Err(Error::BackendUnavailable {
             backend: self.backend.to_string(),
             source,
@@ -110,7 +127,12 @@ impl PassThrough {
 }
 
 /// Reads the request on `stream` and answers it with `status` and `message`, then closes.
-async fn answer_once<C: Connection>(stream: TunnelStream<C>, status: StatusCode, message: String) {
+async fn answer_once<C: Connection>(
+    stream: TunnelStream<C>,
+    status: StatusCode,
+    message: String,
+    timeout: Duration,
+) {
     let service = hyper::service::service_fn(move |_request| {
         let response = text_response(status, message.clone());
         async move { Ok::<_, std::convert::Infallible>(response) }
@@ -119,11 +141,13 @@ async fn answer_once<C: Connection>(stream: TunnelStream<C>, status: StatusCode,
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
     // Bounded: a relay that never sends the request does not keep the stream forever.
-    let _ = tokio::time::timeout(ANSWER_TIMEOUT, connection).await;
+    let _ = tokio::time::timeout(timeout, connection).await;
 }
 
-/// How long the edge waits for a request it can only answer with an error.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, by default, a [`PassThrough`] waits for a request it can only answer with
+/// a 502: the relay sends its request right after opening the stream, so this only
+/// bounds a stream that never carries one.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl<C: Connection> Service<TunnelStream<C>> for PassThrough {
     type Response = ();
