@@ -35,7 +35,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::edge::RouteError;
 use crate::stream::{wait_draining, TunnelStream};
@@ -99,15 +99,7 @@ where
     }
 
     fn call(&mut self, stream: TunnelStream<C>) -> Self::Future {
-        // The stream's requests share a cache, as a server's connection's do: a
-        // `ReverseProxy` with affinity keeps the stream's upstream connection there.
-        let cache = server::ConnectionCache::default();
-        let service = TowerToHyperService::new(self.service.clone().map_request(
-            move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(cache.clone());
-                request
-            },
-        ));
+        let service = TowerToHyperService::new(self.service.clone());
         let builder = Arc::clone(&self.builder);
         HttpConnectionFuture::new(async move {
             let draining = stream.draining_signal();

@@ -16,7 +16,6 @@ use hyper_util::rt::TokioExecutor;
 use tower::Service;
 use tracing::warn;
 
-use super::affinity::Affinity;
 use super::failure::error_chain;
 use super::forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
 use super::{retarget, text_response, BoxError, ProxyBody};
@@ -63,17 +62,11 @@ pub fn to_local(upstream: Uri) -> Result<LocalUpstream, Error> {
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
         .http2_only(http2)
-        .build(connector.clone());
-    let mut proxy = ReverseProxy::with_client(client);
-    if !http2 {
-        // Each tunnel stream (one HTTP/1 connection from the relay) keeps a connection
-        // to the service of its own; one pooled HTTP/2 connection serves h2c.
-        proxy = proxy.with_affinity(Affinity::new(0, connector));
-    }
+        .build(connector);
     Ok(LocalUpstream {
         description: Arc::from(format!("local service at {authority}")),
         authority,
-        proxy,
+        proxy: ReverseProxy::with_client(client),
         rewrite_host: false,
         http2,
     })
@@ -125,10 +118,7 @@ impl LocalUpstream {
     }
 
     /// Sends with `client` (pool and connector settings) instead of a default one; for
-    /// an `h2c://` upstream, build it `http2_only`. Every request then goes through its
-    /// pool: tunnel streams no longer keep a connection of their own
-    /// ([`ReverseProxy::with_affinity`]), whose connector would not have `client`'s
-    /// settings.
+    /// an `h2c://` upstream, build it `http2_only`.
     #[must_use]
     pub fn with_client(mut self, client: Client<HttpConnector, ProxyBody>) -> Self {
         let timeouts = self.proxy.timeouts();
