@@ -15,7 +15,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use http::Uri;
 use hyper::body::Body;
 use hyper_util::client::legacy::connect::Connect;
 use hyper_util::client::legacy::{Builder, Client};
@@ -23,10 +22,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::task::JoinHandle;
 use tower::layer::util::Identity;
-use tower::{Layer, Service};
+use tower::Layer;
 
 use crate::connector::Connector;
-use crate::http::proxy::{Affinity, BoxError};
 use crate::relay::{EdgeHandle, EdgeName, Epoch, Registry, RegistryEvent};
 use crate::transport::{Connection, DefaultConnection};
 
@@ -157,24 +155,6 @@ where
             clients.insert(key, client.clone());
         }
         client
-    }
-
-    /// How a downstream connection keeps an upstream connection (a tunnel stream) of its
-    /// own to `edge`'s session, bypassing the pool (see [`Affinity`]): opened with the
-    /// same layered connector as the pooled client's, and reused only within this session
-    /// (keyed by its [`Epoch`], which the registry never hands out twice).
-    pub fn affinity(&self, edge: &EdgeHandle<C>) -> Affinity
-    where
-        L::Service: Service<Uri>,
-        <L::Service as Service<Uri>>::Response:
-            hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        <L::Service as Service<Uri>>::Future: Send + 'static,
-        <L::Service as Service<Uri>>::Error: Into<BoxError>,
-    {
-        Affinity::new(
-            edge.epoch().get(),
-            self.shared.layer.layer(edge.connector()),
-        )
     }
 
     /// How many sessions have a client now.

@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use backhaul::connector::Connector;
-use backhaul::http::proxy::Affinity;
 use backhaul::http::EdgeClients;
 use backhaul::relay::{EdgeHandle, RegistryEvent};
 use backhaul::stream::TunnelStream;
@@ -46,8 +45,6 @@ pub(super) fn clients(registry: Registry, metrics: &Metrics, http2: bool) -> Met
 pub(super) struct EdgeEntry {
     pub(super) handle: EdgeHandle,
     pub(super) http: Client<MeteredConnector, ProxyBody>,
-    /// For HTTP/1.1: each public connection keeps a tunnel stream of its own.
-    pub(super) affinity: Option<Affinity>,
 }
 
 impl EdgeEntry {

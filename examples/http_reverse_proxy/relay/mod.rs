@@ -726,18 +726,13 @@ impl RelayState {
             )
         })?;
         match (location, &self.cluster) {
-            (Location::Local(handle), _) => Ok(Some(EdgeRoute::Local(if http2 {
-                EdgeEntry {
-                    http: self.http2_clients.client(&handle),
-                    affinity: None,
-                    handle,
-                }
-            } else {
-                EdgeEntry {
-                    http: self.clients.client(&handle),
-                    affinity: Some(self.clients.affinity(&handle)),
-                    handle,
-                }
+            (Location::Local(handle), _) => Ok(Some(EdgeRoute::Local(EdgeEntry {
+                http: if http2 {
+                    self.http2_clients.client(&handle)
+                } else {
+                    self.clients.client(&handle)
+                },
+                handle,
             }))),
             (Location::Elsewhere(relay), Some(cluster)) => cluster
                 .route(relay, name, http2)

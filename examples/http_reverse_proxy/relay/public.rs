@@ -17,7 +17,7 @@
 use backhaul::http::authority::{request_authority, Authority, Host};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{
-    boxed, is_upgrade, retarget, strip_hop_by_hop, tunnel_version, Affinity, ReverseProxy, Timeouts,
+    boxed, is_upgrade, retarget, strip_hop_by_hop, tunnel_version, ReverseProxy, Timeouts,
 };
 use http::Method;
 use hyper_util::client::legacy::connect::Connect;
@@ -215,9 +215,7 @@ async fn route(
     headers.insert(HOST, authority.to_header_value());
     let failure = match edge {
         EdgeRoute::Local(edge) => {
-            let client = edge.http.clone();
-            let affinity = edge.affinity.clone();
-            match forward(state, client, affinity, request, &edge_name, &service).await {
+            match forward(state, edge.http.clone(), request, &edge_name, &service).await {
                 Ok(response) => return response,
                 Err(error) => explain_failure(state, &edge, &edge_name, &service, &error).await,
             }
@@ -227,8 +225,7 @@ async fn route(
             // headers set above reach the edge as they are.
             let forwarded = &state.metrics.requests_forwarded;
             forwarded.with_label_values(&[route.relay.as_str()]).inc();
-            let client = route.http.clone();
-            match forward(state, client, None, request, &edge_name, &service).await {
+            match forward(state, route.http.clone(), request, &edge_name, &service).await {
                 Ok(response) => return response,
                 Err(error) => match &state.cluster {
                     Some(cluster) => {
@@ -245,13 +242,11 @@ async fn route(
     failure.into_response()
 }
 
-/// Sends `request` with `client` (to a local edge or through a peer relay), or on the
-/// public connection's own tunnel stream with `affinity`, with the relay's timeouts,
-/// counting the response body's bytes.
+/// Sends `request` with `client` (to a local edge or through a peer relay), with the
+/// relay's timeouts, counting the response body's bytes.
 async fn forward<C, B>(
     state: &RelayState,
     client: hyper_util::client::legacy::Client<C, ProxyBody>,
-    affinity: Option<Affinity>,
     request: Request<B>,
     edge: &str,
     service: &str,
@@ -261,11 +256,7 @@ where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut proxy = ReverseProxy::with_client(client);
-    if let Some(affinity) = affinity {
-        proxy = proxy.with_affinity(affinity);
-    }
-    let proxy = proxy
+    let proxy = ReverseProxy::with_client(client)
         .with_timeouts(Timeouts {
             response: state.request_timeout,
             body_idle: state.upstream_idle_timeout,

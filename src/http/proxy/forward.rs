@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::Connect;
 use hyper_util::client::legacy::{self, Client};
@@ -16,9 +16,6 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::http::server::ConnectionCache;
-
-use super::affinity::Affinity;
 use super::hop_by_hop::{is_upgrade, strip_hop_by_hop};
 use super::idle::{IdleHook, IdleTimeoutBody};
 use super::upgrade::spawn_splice;
@@ -55,12 +52,6 @@ pub enum ForwardError {
     /// a refused TCP connection, a `hyper::Error`…).
     #[error(transparent)]
     Upstream(#[from] legacy::Error),
-    /// A request sent on a downstream connection's own upstream connection (see
-    /// [`ReverseProxy::with_affinity`]) failed, or that connection could not be opened;
-    /// the chain holds the cause (a crate [`Error`](crate::error::Error), a
-    /// `hyper::Error`…).
-    #[error("the upstream connection failed")]
-    Connection(#[source] BoxError),
 }
 
 impl ForwardError {
@@ -104,7 +95,6 @@ pub struct ReverseProxy<C> {
     client: Client<C, ProxyBody>,
     timeouts: Timeouts,
     on_idle: Option<IdleHook>,
-    affinity: Option<Affinity>,
 }
 
 impl<C: Clone> Clone for ReverseProxy<C> {
@@ -113,7 +103,6 @@ impl<C: Clone> Clone for ReverseProxy<C> {
             client: self.client.clone(),
             timeouts: self.timeouts,
             on_idle: self.on_idle.clone(),
-            affinity: self.affinity.clone(),
         }
     }
 }
@@ -143,18 +132,7 @@ impl<C> ReverseProxy<C> {
             client,
             timeouts: Timeouts::default(),
             on_idle: None,
-            affinity: None,
         }
-    }
-
-    /// Sends each HTTP/1 request that carries a [`ConnectionCache`] (every request the
-    /// [server](crate::http::server) serves does) on an upstream connection of its
-    /// downstream connection's own, opened as `affinity` says, instead of through the
-    /// pool; see [`Affinity`]. HTTP/2 requests and upgrades still use the pool.
-    #[must_use]
-    pub fn with_affinity(mut self, affinity: Affinity) -> Self {
-        self.affinity = Some(affinity);
-        self
     }
 
     /// Replaces the [`Timeouts`].
@@ -202,25 +180,9 @@ where
         strip_hop_by_hop(request.headers_mut(), downstream_upgrade.is_some());
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
-        let affine = match &self.affinity {
-            Some(affinity)
-                if downstream_upgrade.is_none() && request.version() < Version::HTTP_2 =>
-            {
-                request
-                    .extensions()
-                    .get::<ConnectionCache>()
-                    .map(|cache| (affinity.clone(), cache.clone()))
-            }
-            _ => None,
-        };
         *request.version_mut() = Version::HTTP_11;
-        let request = request.map(boxed);
-        let response = match affine {
-            Some((affinity, cache)) => Upstream::Own(Box::pin(affinity.send(cache, request))),
-            None => Upstream::Pooled(self.client.request(request)),
-        };
         ResponseFuture {
-            response,
+            response: self.client.request(request.map(boxed)),
             deadline: Box::pin(tokio::time::sleep(self.timeouts.response)),
             timeouts: self.timeouts,
             downstream_upgrade,
@@ -229,17 +191,10 @@ where
     }
 }
 
-/// Where a request went: through the pool, or on its downstream connection's own
-/// upstream connection.
-enum Upstream {
-    Pooled(legacy::ResponseFuture),
-    Own(Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>),
-}
-
 /// The response of a [`ReverseProxy`] call.
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture {
-    response: Upstream,
+    response: legacy::ResponseFuture,
     deadline: Pin<Box<Sleep>>,
     timeouts: Timeouts,
     downstream_upgrade: Option<OnUpgrade>,
@@ -259,13 +214,9 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let polled = match &mut this.response {
-            Upstream::Pooled(pooled) => Pin::new(pooled).poll(cx).map_err(ForwardError::from),
-            Upstream::Own(own) => own.as_mut().poll(cx).map_err(ForwardError::Connection),
-        };
-        let mut response = match polled {
+        let mut response = match Pin::new(&mut this.response).poll(cx) {
             Poll::Ready(Ok(response)) => response,
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
             Poll::Pending => {
                 return match this.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {

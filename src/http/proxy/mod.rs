@@ -49,7 +49,6 @@
 //! # drop(router); Ok(()) }
 //! ```
 
-mod affinity;
 mod failure;
 mod forward;
 mod hop_by_hop;
@@ -65,7 +64,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 
-pub use affinity::Affinity;
 pub use failure::{error_chain, find_cause, forward_failure, tunnel_failure, Failure};
 pub use forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
 pub use hop_by_hop::{is_upgrade, strip_hop_by_hop, takes_trailers};

@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use super::activity::{Activity, InFlightBody};
 use super::watched_io::WatchedIo;
-use super::{BoxError, ConnectionCache, ConnectionInfo, Limits, Observer};
+use super::{BoxError, ConnectionInfo, Limits, Observer};
 
 /// What every connection of one server shares.
 pub(super) struct Shared {
@@ -85,10 +85,8 @@ pub(super) async fn serve_connection<S, B>(
     };
     let activity = Activity::new();
     let watched = Arc::clone(&activity);
-    let cache = ConnectionCache::default();
     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(info);
-        request.extensions_mut().insert(cache.clone());
         let in_flight = watched.request_started(request.version());
         let watched = Arc::clone(&watched);
         let response = service.clone().oneshot(request);

@@ -72,7 +72,6 @@
 
 mod accept;
 mod activity;
-mod cache;
 mod connection;
 mod limits;
 mod observer;
@@ -84,7 +83,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-pub use cache::ConnectionCache;
 pub use limits::Limits;
 pub use observer::{ConnectionInfo, Observer};
 pub use serve::{Serve, ServeFuture};
