@@ -15,7 +15,7 @@ use std::time::Duration;
 use backhaul::connector::Connector;
 use backhaul::edge::Router;
 use backhaul::http::EdgeClients;
-use backhaul::relay::{EdgeHandle, Registry, TakeoverPolicy};
+use backhaul::relay::{Registry, TakeoverPolicy};
 use backhaul::QuinnConnection;
 use bytes::Bytes;
 use http::{StatusCode, Uri};
@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Empty};
 use tokio::task::JoinSet;
 use tower::{Layer, Service};
 
-use relay_fixture::{eventually, register, TestEdge, TestRelay};
+use relay_fixture::{current, eventually, register, TestEdge, TestRelay};
 use support::within;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -99,18 +99,6 @@ async fn edge(relay: &TestRelay, name: &str, answer: &'static str) -> TestEdge {
         client,
         events: tokio::sync::mpsc::channel(1).1,
     }
-}
-
-async fn current(registry: &Registry, name: &str, not: Option<&EdgeHandle>) -> EdgeHandle {
-    let mut found = None;
-    eventually(Duration::from_secs(30), "the edge registered", || {
-        found = registry
-            .get(name)
-            .filter(|edge| not.is_none_or(|old| old.epoch() != edge.epoch()));
-        std::future::ready(found.is_some())
-    })
-    .await;
-    found.expect("found")
 }
 
 async fn get(

@@ -207,6 +207,23 @@ where
     }
 }
 
+/// The session registered as `name`, other than `not` (a replaced one), once there is one.
+pub async fn current(
+    registry: &Registry,
+    name: &str,
+    not: Option<&relay::EdgeHandle>,
+) -> relay::EdgeHandle {
+    let mut found = None;
+    eventually(Duration::from_secs(30), "the edge registered", || {
+        found = registry
+            .get(name)
+            .filter(|edge| not.is_none_or(|old| old.epoch() != edge.epoch()));
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.expect("found")
+}
+
 /// The application close code a connection ended with, if it was closed that way.
 pub async fn close_code(connection: &quinn::Connection) -> Option<u64> {
     match connection.closed().await {
