@@ -31,6 +31,7 @@ pub(crate) mod driver;
 mod events;
 mod machine;
 mod negotiation;
+mod queue;
 mod state;
 #[cfg(test)]
 mod tests;
