@@ -151,6 +151,8 @@ impl<C: Connection> SessionClient<C> {
     ///
     /// Open requests are queued for the receiver up to `max_concurrent_streams`; pings and
     /// stream closes are dropped, not queued without bound, if the receiver falls behind.
+    /// Once the receiver is dropped, the channel is let go and open requests are rejected
+    /// with `ServiceUnavailable`, as with [`new`](Self::new).
     /// Must be called within a tokio runtime.
     pub fn with_events(handle: SessionHandle<C>) -> (Self, mpsc::Receiver<ClientEvent>) {
         let SessionHandle {

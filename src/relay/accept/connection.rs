@@ -153,7 +153,7 @@ enum Refused {
 }
 
 pub(super) async fn handle_connection<A>(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     slot: UnregisteredSlot,
     shared: Arc<Shared>,
     authenticator: A,
@@ -165,8 +165,9 @@ pub(super) async fn handle_connection<A>(
 {
     // The handshakes and the registration hold far more state than an idle edge: boxed,
     // that state is freed once the edge is registered, instead of sizing the task (about
-    // 5 KiB) for the edge's whole life.
-    let admitted = Box::pin(admit(incoming, slot, &shared, authenticator, &mut stop)).await;
+    // 5 KiB) for the edge's whole life. The incoming connection comes boxed for the same
+    // reason: the task holds it until it first runs.
+    let admitted = Box::pin(admit(*incoming, slot, &shared, authenticator, &mut stop)).await;
     if let Some((connection, registered)) = admitted {
         serve_registered(&connection, registered, &mut stop).await;
     }
