@@ -551,17 +551,30 @@ async fn lookups_go_through_the_directory_trait() {
             Err("elsewhere: relay-b:4433".to_owned())
         );
 
-        // The relay serves nothing to edges: an edge's own open is refused.
-        let refused = edge.client.open("anything", Metadata::Empty).await;
-        assert!(
-            matches!(
-                refused,
-                Err(Error::StreamRejected {
-                    code: RejectCode::UnsupportedService,
-                    ..
-                })
-            ),
-            "{refused:?}"
+        // The relay serves nothing to edges: an edge's own opens are refused, every one
+        // of waves as large as the edge's in-flight limit, with the relay's reason.
+        for _wave in 0..3 {
+            let opens = (0..Config::new().max_inflight_opens).map(|_| {
+                let client = edge.client.clone();
+                tokio::spawn(async move { client.open("anything", Metadata::Empty).await })
+            });
+            for open in opens.collect::<Vec<_>>() {
+                let refused = open.await.expect("open task");
+                assert!(
+                    matches!(
+                        &refused,
+                        Err(Error::StreamRejected {
+                            code: RejectCode::UnsupportedService,
+                            reason: Some(reason),
+                        }) if reason == "the relay offers no services to edges"
+                    ),
+                    "{refused:?}"
+                );
+            }
+        }
+        assert_eq!(
+            echo_through(&registry, "alpha").await,
+            Ok(b"hello".to_vec())
         );
         relay.shutdown().await;
         served.abort();

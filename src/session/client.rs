@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit};
 use tracing::debug;
 
-use super::core::{write_stream_bind, SessionCore, Stream, WriterCommand};
+use super::core::{write_stream_bind, SessionCore, Stream};
 use super::events::{ClientEvent, ControlEvent};
 use super::machine::SessionStats;
 use super::{driver, lock, NegotiatedParams, Role, Session, SessionHandle, State};
@@ -24,8 +24,6 @@ use crate::protocol::{CloseCode, Metadata, OpenFlags, RejectCode, ServiceId};
 use crate::stream::{TunnelInfo, TunnelStream};
 use crate::transport::{Connection, DefaultConnection};
 
-/// Commands queued for the control stream writer before senders wait.
-const WRITER_QUEUE: usize = 1024;
 /// Events beyond the open-request allowance (pings, stream closes) queued before dropped.
 const EXTRA_EVENT_CAPACITY: usize = 64;
 
@@ -153,6 +151,8 @@ impl<C: Connection> SessionClient<C> {
     ///
     /// Open requests are queued for the receiver up to `max_concurrent_streams`; pings and
     /// stream closes are dropped, not queued without bound, if the receiver falls behind.
+    /// Once the receiver is dropped, the channel is let go and open requests are rejected
+    /// with `ServiceUnavailable`, as with [`new`](Self::new).
     /// Must be called within a tokio runtime.
     pub fn with_events(handle: SessionHandle<C>) -> (Self, mpsc::Receiver<ClientEvent>) {
         let SessionHandle {
@@ -166,9 +166,8 @@ impl<C: Connection> SessionClient<C> {
             .saturating_add(EXTRA_EVENT_CAPACITY)
             .min(1 << 16);
         let (events, receiver) = mpsc::channel(capacity);
-        let (writer, writer_commands) = mpsc::channel::<WriterCommand>(WRITER_QUEUE);
-        let core = Arc::new(SessionCore::new(shared, writer));
-        let tasks = driver::spawn(&core, control_send, control_reader, writer_commands, events);
+        let core = Arc::new(SessionCore::new(shared));
+        let tasks = driver::spawn(&core, control_send, control_reader, events);
         let client = Self {
             core,
             tasks: Arc::new(tasks),
@@ -251,6 +250,14 @@ impl<C: Connection> SessionClient<C> {
         self.core
             .open(service, metadata, OpenFlags::empty(), slot)
             .await
+    }
+
+    /// Once the events receiver is dropped (or closed), answers the peer's open requests
+    /// with `code` and `reason`, as the application would, rather than with the session's
+    /// own `ServiceUnavailable`. For a side that refuses every request the same way: it
+    /// can drop its receiver, and with it the channel's buffer.
+    pub(crate) fn answer_unserved_opens(&self, code: RejectCode, reason: Option<String>) {
+        self.core.answer_unserved_opens(code, reason);
     }
 
     /// `Ok` while the session takes opens, else the error an open would get.

@@ -22,6 +22,7 @@ use super::events::{ClientEvent, ControlEvent};
 use super::machine::{
     Action, Actions, Limits, RequestedStream, SessionMachine, SessionStats, Terminal, Undeliverable,
 };
+use super::queue::CommandQueue;
 use super::waiters::{OpenReply, Waiters};
 use super::{lock, SessionShared, State};
 use crate::config::Config;
@@ -40,6 +41,9 @@ pub(crate) const REFUSED_STREAM_CODE: u32 = 0x5152_0001;
 pub(crate) const PROTOCOL_ERROR_CODE: u32 = 0x5152_0002;
 /// Application error code used when closing a connection whose peer stopped answering pings.
 pub(crate) const KEEPALIVE_TIMEOUT_CODE: u32 = 0x5152_0003;
+
+/// Commands queued for the control stream writer before senders wait.
+const WRITER_QUEUE: usize = 1024;
 
 /// Control events kept for observers that fall behind, before the oldest are dropped.
 const CONTROL_EVENTS_BUFFER: usize = 256;
@@ -62,15 +66,19 @@ pub(crate) struct Locked<C: Connection> {
 pub(crate) struct SessionCore<C: Connection> {
     pub(crate) shared: Arc<SessionShared<C>>,
     locked: Mutex<Locked<C>>,
-    writer: mpsc::Sender<WriterCommand>,
+    /// What the writer task sends on the control stream.
+    pub(crate) writer: CommandQueue<WriterCommand>,
     pub(crate) open_slots: Arc<Semaphore>,
     /// Made by the first observer: most sessions have none, and a channel costs its
     /// buffer up front.
     control_events: OnceLock<broadcast::Sender<ControlEvent>>,
+    /// How open requests are answered once nobody receives events, when the side that
+    /// dropped its receiver said (see [`answer_unserved_opens`](Self::answer_unserved_opens)).
+    unserved_answer: OnceLock<(RejectCode, Option<String>)>,
 }
 
 impl<C: Connection> SessionCore<C> {
-    pub(crate) fn new(shared: Arc<SessionShared<C>>, writer: mpsc::Sender<WriterCommand>) -> Self {
+    pub(crate) fn new(shared: Arc<SessionShared<C>>) -> Self {
         let open_slots = Arc::new(Semaphore::new(shared.config.max_inflight_opens));
         let machine = SessionMachine::new(Limits::from_config(&shared.config));
         Self {
@@ -79,10 +87,19 @@ impl<C: Connection> SessionCore<C> {
                 machine,
                 waiters: Waiters::default(),
             }),
-            writer,
+            writer: CommandQueue::new(WRITER_QUEUE),
             open_slots,
             control_events: OnceLock::new(),
+            unserved_answer: OnceLock::new(),
         }
+    }
+
+    /// Answers the peer's open requests with `code` and `reason` once the events receiver
+    /// is gone, instead of the session's own `ServiceUnavailable`: a side that refuses
+    /// every request the same way need not keep an events channel for it. The first
+    /// answer set stays.
+    pub(crate) fn answer_unserved_opens(&self, code: RejectCode, reason: Option<String>) {
+        let _ = self.unserved_answer.set((code, reason));
     }
 
     /// A new observer of control events, from the next event on.
@@ -126,7 +143,8 @@ impl<C: Connection> SessionCore<C> {
 
     /// Performs actions left by [`step`](Self::step): sends are queued for the writer in
     /// order, and the first send that fails is returned (the others still run). Events go
-    /// to `events` when given.
+    /// to `events`; only the control reader's steps make events, and it passes `None`
+    /// once their receiver is gone.
     pub(crate) async fn perform(
         &self,
         actions: Actions<Stream<C>>,
@@ -209,15 +227,19 @@ impl<C: Connection> SessionCore<C> {
         }
     }
 
-    /// Hands `event` to the application. Returns the rejection to send when it was an
-    /// open request nobody could take.
+    /// Hands `event` to the application through `events`; `None` when its receiver is
+    /// gone (only the control reader delivers events). Returns the rejection to send when
+    /// it was an open request nobody could take.
     fn deliver(
         &self,
         event: ClientEvent,
         events: Option<&mpsc::Sender<ClientEvent>>,
     ) -> Option<ProtocolMessage> {
-        let events = events?;
-        let (event, why) = match events.try_send(event) {
+        let sent = match events {
+            Some(events) => events.try_send(event),
+            None => Err(mpsc::error::TrySendError::Closed(event)),
+        };
+        let (event, why) = match sent {
             Ok(()) => return None,
             Err(mpsc::error::TrySendError::Full(event)) => (event, Undeliverable::Full),
             Err(mpsc::error::TrySendError::Closed(event)) => (event, Undeliverable::NoReceiver),
@@ -226,8 +248,18 @@ impl<C: Connection> SessionCore<C> {
             // Pings and stream closes are dropped, not queued without bound.
             return None;
         };
-        let ((), actions) =
-            self.step(|locked, out| locked.machine.request_undeliverable(request_id, why, out));
+        let ((), actions) = self.step(|locked, out| {
+            match (why, self.unserved_answer.get()) {
+                (Undeliverable::NoReceiver, Some((code, reason))) => {
+                    // Answered as the application would have: the request is unanswered,
+                    // so this cannot fail.
+                    let _ = locked
+                        .machine
+                        .reject_open(request_id, *code, reason.clone(), out);
+                }
+                _ => locked.machine.request_undeliverable(request_id, why, out),
+            }
+        });
         actions.into_iter().find_map(|action| match action {
             Action::Send(message) => Some(message),
             _ => None,
@@ -366,18 +398,19 @@ impl<C: Connection> SessionCore<C> {
 
     // ----- control stream ----------------------------------------------------------------
 
-    /// Handles one message the peer sent, delivering events to `events`.
+    /// Handles one message the peer sent, delivering events to `events` (`None` once its
+    /// receiver is gone).
     ///
     /// # Errors
     /// The reason the session ended when the message broke the protocol.
     pub(crate) async fn dispatch(
         &self,
         message: ProtocolMessage,
-        events: &mpsc::Sender<ClientEvent>,
+        events: Option<&mpsc::Sender<ClientEvent>>,
     ) -> Result<(), Terminal> {
         let (handled, actions) =
             self.step(|locked, out| locked.machine.handle_message(message, out));
-        let _ = self.perform(actions, Some(events)).await;
+        let _ = self.perform(actions, events).await;
         handled
     }
 

@@ -5,7 +5,7 @@
 //! between the connection and [`SessionCore`].
 
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use super::core::{
 };
 use super::events::ClientEvent;
 use super::machine::Terminal;
-use super::{SessionShared, State};
+use super::queue::CommandQueue;
+use super::State;
 use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Features, StreamBind};
 use crate::transport::{Connection, SendStream};
@@ -55,18 +56,11 @@ pub(crate) fn spawn<C: Connection>(
     core: &Arc<SessionCore<C>>,
     control_send: C::SendStream,
     control_reader: ControlReader<C::RecvStream>,
-    writer_commands: mpsc::Receiver<WriterCommand>,
     events: mpsc::Sender<ClientEvent>,
 ) -> DriverTasks {
     let mut tasks = vec![
         tokio::spawn(read_control(Arc::clone(core), control_reader, events)).abort_handle(),
-        tokio::spawn(write_control(
-            Arc::downgrade(core),
-            Arc::clone(&core.shared),
-            control_send,
-            writer_commands,
-        ))
-        .abort_handle(),
+        tokio::spawn(write_control(Arc::clone(core), control_send)).abort_handle(),
         tokio::spawn(accept_data_streams(Arc::clone(core))).abort_handle(),
     ];
     let ping_pong = core
@@ -102,6 +96,10 @@ async fn read_control<C: Connection>(
     events: mpsc::Sender<ClientEvent>,
 ) {
     let mut state = core.shared.state.subscribe();
+    // Dropped once its receiver is: the channel's buffer is freed with the last of its
+    // two ends, and a side that takes no events (a relay, once its edge registered)
+    // should not keep it for the session's life.
+    let mut events = Some(events);
     loop {
         let message = tokio::select! {
             // Messages already received come first: a StreamClose(0) that arrived with the
@@ -109,11 +107,15 @@ async fn read_control<C: Connection>(
             biased;
             message = reader.read_message() => message,
             () = session_ended(&mut state) => return,
+            () = receiver_gone(events.as_ref()) => {
+                events = None;
+                continue;
+            }
         };
         let outcome = match message {
             // Boxed: handling a message holds far more state than waiting for one, and
             // an idle session waits for its whole life in a task sized for the larger.
-            Ok(Some(message)) => Box::pin(core.dispatch(message, &events)).await,
+            Ok(Some(message)) => Box::pin(core.dispatch(message, events.as_ref())).await,
             Ok(None) => {
                 debug!("peer finished the control stream");
                 Err(Terminal::Closed)
@@ -136,19 +138,25 @@ async fn read_control<C: Connection>(
     }
 }
 
-async fn write_control<C: Connection>(
-    core: Weak<SessionCore<C>>,
-    shared: Arc<SessionShared<C>>,
-    mut send: C::SendStream,
-    mut commands: mpsc::Receiver<WriterCommand>,
-) {
+/// Resolves once the events receiver was dropped or closed; never when there is no sender.
+async fn receiver_gone(events: Option<&mpsc::Sender<ClientEvent>>) {
+    match events {
+        Some(events) => events.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_control<C: Connection>(core: Arc<SessionCore<C>>, mut send: C::SendStream) {
+    let commands = &core.writer;
+    // However the writer ends (also aborted), senders fail from then on.
+    let _closed = CloseOnDrop(commands);
     // Filled only when frames queue up behind one another, and given back after a large
     // batch: an idle session holds no buffer.
     let mut batch = BytesMut::new();
-    let mut state = shared.state.subscribe();
+    let mut state = core.shared.state.subscribe();
     loop {
         let first = tokio::select! {
-            command = commands.recv() => command,
+            command = commands.recv() => Some(command),
             () = session_ended(&mut state) => None,
         };
         let Some(mut command) = first else { return };
@@ -174,8 +182,8 @@ async fn write_control<C: Connection>(
                 break;
             }
             match commands.try_recv() {
-                Ok(next) => command = next,
-                Err(_) => break,
+                Some(next) => command = next,
+                None => break,
             }
         }
         let written = match &lone {
@@ -190,9 +198,7 @@ async fn write_control<C: Connection>(
             return;
         }
         if written.is_err() {
-            if let Some(core) = core.upgrade() {
-                core.terminate(Terminal::Disconnected);
-            }
+            core.terminate(Terminal::Disconnected);
             return;
         }
         if batch.capacity() > RETAINED_BATCH_BYTES {
@@ -200,6 +206,15 @@ async fn write_control<C: Connection>(
         } else {
             batch.clear();
         }
+    }
+}
+
+/// Closes the writer's queue when dropped.
+struct CloseOnDrop<'a>(&'a CommandQueue<WriterCommand>);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

@@ -153,7 +153,7 @@ enum Refused {
 }
 
 pub(super) async fn handle_connection<A>(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     slot: UnregisteredSlot,
     shared: Arc<Shared>,
     authenticator: A,
@@ -165,8 +165,9 @@ pub(super) async fn handle_connection<A>(
 {
     // The handshakes and the registration hold far more state than an idle edge: boxed,
     // that state is freed once the edge is registered, instead of sizing the task (about
-    // 5 KiB) for the edge's whole life.
-    let admitted = Box::pin(admit(incoming, slot, &shared, authenticator, &mut stop)).await;
+    // 5 KiB) for the edge's whole life. The incoming connection comes boxed for the same
+    // reason: the task holds it until it first runs.
+    let admitted = Box::pin(admit(*incoming, slot, &shared, authenticator, &mut stop)).await;
     if let Some((connection, registered)) = admitted {
         serve_registered(&connection, registered, &mut stop).await;
     }
@@ -251,34 +252,48 @@ async fn serve_registered(
 ) {
     let Registered {
         client,
-        mut events,
+        events,
         attachment,
     } = registered;
-    loop {
-        tokio::select! {
-            event = events.recv() => match event {
-                Some(ClientEvent::OpenRequest { request_id, .. }) => {
-                    let reason = Some("the relay offers no services to edges".to_owned());
-                    let refusal =
-                        client.reject_open(request_id, RejectCode::UnsupportedService, reason);
-                    let _ = Box::pin(refusal).await;
-                }
-                Some(_) => {}
-                None => break,
-            },
-            () = stopping(stop) => {
-                let reason = Some("relay shutting down".to_owned());
-                let close = client.close(CloseCode::Normal, reason);
-                let _ = Box::pin(timeout(SHUTDOWN_GRACE, close)).await;
-                connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
-                break;
-            }
+    // The session answers the edge's opens itself from now on, so the events channel,
+    // whose buffer an idle edge would pay for its whole life, is let go.
+    let reason = "the relay offers no services to edges";
+    client.answer_unserved_opens(RejectCode::UnsupportedService, Some(reason.to_owned()));
+    refuse_queued_opens(&client, events, reason).await;
+    tokio::select! {
+        _ = client.closed() => {}
+        () = stopping(stop) => {
+            let reason = Some("relay shutting down".to_owned());
+            let close = client.close(CloseCode::Normal, reason);
+            let _ = Box::pin(timeout(SHUTDOWN_GRACE, close)).await;
+            connection.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"relay shutting down");
         }
     }
     let reason = client.closed().await;
     let replaced = !attachment.is_current();
     drop(attachment);
     info!(reason = ?reason.to_string(), replaced, "edge disconnected");
+}
+
+/// Refuses the open requests already queued in `events`, then drops it. Closed first, so
+/// that none can be queued after the last is taken: later ones are answered by the
+/// session (see [`SessionClient::answer_unserved_opens`]).
+async fn refuse_queued_opens(
+    client: &SessionClient<QuinnConnection>,
+    mut events: mpsc::Receiver<ClientEvent>,
+    reason: &str,
+) {
+    events.close();
+    while let Ok(event) = events.try_recv() {
+        if let ClientEvent::OpenRequest { request_id, .. } = event {
+            let refusal = client.reject_open(
+                request_id,
+                RejectCode::UnsupportedService,
+                Some(reason.to_owned()),
+            );
+            let _ = Box::pin(refusal).await;
+        }
+    }
 }
 
 /// Resolves once the acceptor shuts down.

@@ -355,7 +355,7 @@ where
                             let remote = incoming.remote_address();
                             let span = info_span!("edge", %remote, edge = tracing::field::Empty);
                             let task = handle_connection(
-                                incoming,
+                                Box::new(incoming),
                                 slot,
                                 Arc::clone(&shared),
                                 authenticator.clone(),

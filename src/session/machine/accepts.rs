@@ -5,6 +5,7 @@
 //! it when accepted, and gives it back when rejected, released, or closed by either side.
 
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
 use tracing::debug;
 
@@ -77,7 +78,7 @@ impl<S> SessionMachine<S> {
         why: Undeliverable,
         out: &mut Actions<S>,
     ) {
-        if self.unanswered_requests.remove(&request_id).is_none() {
+        if self.take_request(request_id).is_none() {
             return;
         }
         let (code, reason) = match why {
@@ -125,7 +126,7 @@ impl<S> SessionMachine<S> {
         if logical_stream_id == 0 || self.active_streams.contains(&logical_stream_id) {
             return Err(Error::InvalidStreamId(logical_stream_id));
         }
-        let Some(requested) = self.unanswered_requests.remove(&request_id) else {
+        let Some(requested) = self.take_request(request_id) else {
             return Err(Error::UnknownRequest { request_id });
         };
         self.active_streams.insert(logical_stream_id);
@@ -146,7 +147,7 @@ impl<S> SessionMachine<S> {
         reason: Option<String>,
         out: &mut Actions<S>,
     ) -> Result<(), Error> {
-        if self.unanswered_requests.remove(&request_id).is_none() {
+        if self.take_request(request_id).is_none() {
             return Err(Error::UnknownRequest { request_id });
         }
         let response = OpenResponse::rejected(request_id, code, reason);
@@ -158,6 +159,21 @@ impl<S> SessionMachine<S> {
     /// nothing.
     pub(crate) fn release_stream(&mut self, logical_stream_id: u64) {
         self.active_streams.remove(&logical_stream_id);
+        if self.active_streams.is_empty() {
+            // An idle session keeps no table (a relay's only request is its edge's
+            // registration).
+            self.active_streams = HashSet::new();
+        }
+    }
+
+    /// Takes the peer's unanswered request `request_id` out, letting the table go once
+    /// empty (as [`release_stream`](Self::release_stream)).
+    fn take_request(&mut self, request_id: u64) -> Option<RequestedStream> {
+        let requested = self.unanswered_requests.remove(&request_id);
+        if self.unanswered_requests.is_empty() {
+            self.unanswered_requests = HashMap::new();
+        }
+        requested
     }
 
     /// Frees an accepted stream's slot and pushes the `StreamClose` telling the peer.
