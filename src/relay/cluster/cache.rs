@@ -6,7 +6,9 @@
 //! notice (or liveness key) is a lease old: a relay killed with SIGKILL publishes nothing,
 //! and its attachments lapse by themselves. While this relay's own subscription is down
 //! the cache is *frozen*: it cannot tell a dead relay from a silent Redis, so it keeps
-//! answering with what it knew until a resync replaces it.
+//! answering with what it knew when the subscription went down, until a resync replaces
+//! it. Time stands still at that moment: a relay alive then stays alive, and one whose
+//! lease had already lapsed (dead, and not yet purged) stays dead rather than coming back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -36,7 +38,8 @@ pub(super) struct Snapshot {
 pub(super) struct Cache {
     edges: HashMap<String, BTreeMap<RelayId, Held>>,
     relays: HashMap<RelayId, Liveness>,
-    frozen: bool,
+    /// When the subscription went down, while it is down.
+    frozen_at: Option<Instant>,
 }
 
 impl Cache {
@@ -102,16 +105,28 @@ impl Cache {
         }
         self.edges = edges;
         self.relays = relays;
-        self.frozen = false;
+        self.thaw();
     }
 
-    /// Stops (or resumes) lapsing relays: while frozen, every known relay counts as alive.
-    pub(super) fn set_frozen(&mut self, frozen: bool) {
-        self.frozen = frozen;
+    /// Stops lapsing relays as of `now`, when the subscription went down: until
+    /// [`thaw`](Self::thaw), relays are judged as they stood then. Freezing again while
+    /// frozen keeps the first moment.
+    pub(super) fn freeze(&mut self, now: Instant) {
+        self.frozen_at.get_or_insert(now);
+    }
+
+    /// Lets relays lapse again (notices flow).
+    pub(super) fn thaw(&mut self) {
+        self.frozen_at = None;
+    }
+
+    /// The moment liveness is judged at: `now`, or the moment the cache froze.
+    fn clock(&self, now: Instant) -> Instant {
+        self.frozen_at.map_or(now, |frozen| frozen.min(now))
     }
 
     fn is_live_at(&self, liveness: &Liveness, now: Instant) -> bool {
-        self.frozen || liveness.expires > now
+        liveness.expires > self.clock(now)
     }
 
     /// True if `relay` counts as alive at `now`.
@@ -165,15 +180,14 @@ impl Cache {
         relays
     }
 
-    /// Drops relays whose lease lapsed, with their attachments (not while frozen).
+    /// Drops relays whose lease lapsed, with their attachments (while frozen, those that
+    /// had lapsed when it froze).
     pub(super) fn purge(&mut self, now: Instant) {
-        if self.frozen {
-            return;
-        }
+        let clock = self.clock(now);
         let lapsed: Vec<RelayId> = self
             .relays
             .iter()
-            .filter(|(_, liveness)| liveness.expires <= now)
+            .filter(|(_, liveness)| liveness.expires <= clock)
             .map(|(relay, _)| relay.clone())
             .collect();
         for relay in lapsed {
@@ -226,21 +240,60 @@ mod tests {
         assert_eq!(cache.elsewhere("kiosk", &me, now), Some(RelayId::new("b")));
         cache.apply(detach("kiosk", "b", 4), now);
         assert_eq!(cache.elsewhere("kiosk", &me, now), Some(RelayId::new("c")));
-        // c lapses a lease after its last alive notice.
+        // c lapses a lease after its last alive notice…
         let later = now + Duration::from_millis(1001);
         assert_eq!(cache.elsewhere("kiosk", &me, later), None);
-        // …unless the cache is frozen (our subscription is down).
-        cache.set_frozen(true);
+        // …unless the cache froze (our subscription went down) while c was alive.
+        cache.freeze(now + Duration::from_millis(500));
+        cache.freeze(now + Duration::from_millis(900));
         assert_eq!(
             cache.elsewhere("kiosk", &me, later),
             Some(RelayId::new("c"))
         );
         cache.purge(later);
         assert!(cache.is_live(&RelayId::new("c"), later));
-        cache.set_frozen(false);
+        cache.thaw();
         cache.purge(later);
         assert!(cache.attachments("kiosk", later).is_empty());
         assert!(cache.live_relays(later).is_empty());
+    }
+
+    /// A relay killed before Redis went down (its lease lapsed, its attachments not purged
+    /// yet) must not come back when the cache freezes: its edges moved to other relays,
+    /// and the smallest-id rule would send their requests to the dead one.
+    #[test]
+    fn a_relay_dead_before_the_freeze_stays_dead_while_frozen() {
+        let (me, now) = (RelayId::new("r2"), Instant::now());
+        let mut cache = Cache::default();
+        cache.apply(alive("r1", 1000), now);
+        cache.apply(attach("gamma", "r1", 1), now);
+        // r1 is killed and publishes nothing more; gamma fails over to r3.
+        let moved = now + Duration::from_millis(800);
+        cache.apply(alive("r3", 1000), moved);
+        cache.apply(attach("gamma", "r3", 1), moved);
+        let lapsed = now + Duration::from_millis(1200);
+        assert_eq!(
+            cache.elsewhere("gamma", &me, lapsed),
+            Some(RelayId::new("r3"))
+        );
+        // Redis goes down before the purge ran.
+        cache.freeze(lapsed);
+        let outage = lapsed + Duration::from_secs(30);
+        assert_eq!(
+            cache.elsewhere("gamma", &me, outage),
+            Some(RelayId::new("r3"))
+        );
+        assert!(!cache.is_live(&RelayId::new("r1"), outage));
+        cache.purge(outage);
+        assert_eq!(
+            cache.attachments("gamma", outage).len(),
+            1,
+            "r1's entry purged"
+        );
+        assert!(
+            cache.is_live(&RelayId::new("r3"), outage),
+            "r3 alive at the freeze"
+        );
     }
 
     #[test]
@@ -251,7 +304,7 @@ mod tests {
         cache.apply(alive("c", 1000), now);
         cache.apply(attach("old", "b", 1), now);
         cache.apply(attach("kept", "c", 1), now);
-        cache.set_frozen(true);
+        cache.freeze(now);
         let snapshot = Snapshot {
             attachments: vec![(
                 "new".into(),

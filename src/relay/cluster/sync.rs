@@ -46,7 +46,7 @@ pub(super) async fn follow<C: Connection>(state: Arc<State<C>>) {
                 "lost the edge directory's notices; answering from the cache until Redis is back"
             );
         }
-        state.cache_mut().set_frozen(true);
+        state.cache_mut().freeze(std::time::Instant::now());
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RESUBSCRIBE_DELAY);
     }
