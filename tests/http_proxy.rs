@@ -509,9 +509,10 @@ async fn silent_streams_to_an_unreachable_pass_through_service_are_closed_at_the
 
         let mut silent = JoinSet::new();
         for _ in 0..100 {
-            let mut stream = connector.connect("web").await.expect("a stream");
-            // The edge starts waiting once it has the stream, so not before this.
+            // The edge starts waiting once it has the open request, so not before this
+            // (it may start before the stream reaches this side).
             let opened = Instant::now();
+            let mut stream = connector.connect("web").await.expect("a stream");
             silent.spawn(async move {
                 let mut rest = Vec::new();
                 let read = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
