@@ -5,13 +5,12 @@
 //! Every operation is one short critical section (a machine step, the state changes it
 //! asks for, and taking out the senders of the waiters it completes, see
 //! [`waiters`](super::waiters)), then everything else outside the lock: waiters woken,
-//! frames queued for the writer task, data streams reset, events delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
+//! frames sent on the control stream, data streams reset, events delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
 //! that wait; a future that gives up tells the machine so (`abandon_open`, `abandon_ping`).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
@@ -22,8 +21,8 @@ use super::events::{ClientEvent, ControlEvent};
 use super::machine::{
     Action, Actions, Limits, RequestedStream, SessionMachine, SessionStats, Terminal, Undeliverable,
 };
-use super::queue::CommandQueue;
 use super::waiters::{OpenReply, Waiters};
+use super::writer::ControlWriter;
 use super::{lock, SessionShared, State};
 use crate::config::Config;
 use crate::error::{Error, TimeoutKind};
@@ -48,14 +47,6 @@ const WRITER_QUEUE: usize = 1024;
 /// Control events kept for observers that fall behind, before the oldest are dropped.
 const CONTROL_EVENTS_BUFFER: usize = 256;
 
-/// What goes to the writer task.
-pub(crate) enum WriterCommand {
-    /// Bytes of one or more whole frames.
-    Frame(Bytes),
-    /// Finish the control stream after everything queued before, then acknowledge.
-    Finish(oneshot::Sender<()>),
-}
-
 /// What the session lock guards: the machine and the senders of those waiting on it.
 pub(crate) struct Locked<C: Connection> {
     pub(crate) machine: SessionMachine<Stream<C>>,
@@ -66,8 +57,8 @@ pub(crate) struct Locked<C: Connection> {
 pub(crate) struct SessionCore<C: Connection> {
     pub(crate) shared: Arc<SessionShared<C>>,
     locked: Mutex<Locked<C>>,
-    /// What the writer task sends on the control stream.
-    pub(crate) writer: CommandQueue<WriterCommand>,
+    /// The control stream's sending half.
+    pub(crate) writer: ControlWriter<C::SendStream>,
     pub(crate) open_slots: Arc<Semaphore>,
     /// Made by the first observer: most sessions have none, and a channel costs its
     /// buffer up front.
@@ -87,7 +78,7 @@ impl<C: Connection> SessionCore<C> {
                 machine,
                 waiters: Waiters::default(),
             }),
-            writer: CommandQueue::new(WRITER_QUEUE),
+            writer: ControlWriter::new(WRITER_QUEUE),
             open_slots,
             control_events: OnceLock::new(),
             unserved_answer: OnceLock::new(),
@@ -141,7 +132,7 @@ impl<C: Connection> SessionCore<C> {
         (result, rest)
     }
 
-    /// Performs actions left by [`step`](Self::step): sends are queued for the writer in
+    /// Performs actions left by [`step`](Self::step): sends go to the control stream in
     /// order, and the first send that fails is returned (the others still run). Events go
     /// to `events`; only the control reader's steps make events, and it passes `None`
     /// once their receiver is gone.
@@ -207,7 +198,7 @@ impl<C: Connection> SessionCore<C> {
                 // Sends come from application calls and peer messages, which go through
                 // `perform`; should one reach here, queue it without waiting.
                 if let Ok(bytes) = frame(&message) {
-                    let _ = self.writer.try_send(WriterCommand::Frame(bytes));
+                    let _ = self.writer.try_send(bytes);
                 }
             }
             // Performed under the lock by `step`; events only exist for the reader.
@@ -283,11 +274,11 @@ impl<C: Connection> SessionCore<C> {
         lock(&self.locked).machine.stats()
     }
 
-    /// Queues a message for the writer task.
+    /// Sends a message on the control stream (see [`ControlWriter::send`]).
     pub(crate) async fn send(&self, message: &ProtocolMessage) -> Result<(), Error> {
         let bytes = frame(message)?;
         self.writer
-            .send(WriterCommand::Frame(bytes))
+            .send(bytes)
             .await
             .map_err(|_| self.terminal_error())
     }
@@ -505,7 +496,7 @@ impl<C: Connection> SessionCore<C> {
         }
         let sent = self.perform(actions, None).await;
         let (done, flushed) = oneshot::channel();
-        if sent.is_ok() && self.writer.send(WriterCommand::Finish(done)).await.is_ok() {
+        if sent.is_ok() && self.writer.finish(done).await.is_ok() {
             let _ = flushed.await;
         }
         self.terminate(Terminal::Closed);

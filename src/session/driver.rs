@@ -9,20 +9,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior, Sleep};
 use tracing::{debug, trace, warn};
 
 use super::control::ControlReader;
-use super::core::{
-    SessionCore, Stream, WriterCommand, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE,
-};
+use super::core::{SessionCore, Stream, KEEPALIVE_TIMEOUT_CODE, PROTOCOL_ERROR_CODE};
 use super::events::ClientEvent;
 use super::machine::Terminal;
-use super::queue::CommandQueue;
+use super::writer::{ControlWriter, Drive};
 use super::State;
 use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Features, StreamBind};
@@ -34,11 +31,6 @@ const LAST_MESSAGES_GRACE: Duration = Duration::from_millis(100);
 /// How long a graceful close waits for the peer to acknowledge the control stream's end,
 /// so a caller closing the connection right after does not discard the close message.
 const FINISH_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Frames queued together are written with one call, up to this many bytes.
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// A batch buffer larger than this is freed once written rather than kept for the next.
-const RETAINED_BATCH_BYTES: usize = 4 * 1024;
 
 /// Aborts the driver tasks when dropped.
 pub(crate) struct DriverTasks(Vec<AbortHandle>);
@@ -146,73 +138,33 @@ async fn receiver_gone(events: Option<&mpsc::Sender<ClientEvent>>) {
     }
 }
 
-async fn write_control<C: Connection>(core: Arc<SessionCore<C>>, mut send: C::SendStream) {
-    let commands = &core.writer;
-    // However the writer ends (also aborted), senders fail from then on.
-    let _closed = CloseOnDrop(commands);
-    // Filled only when frames queue up behind one another, and given back after a large
-    // batch: an idle session holds no buffer.
-    let mut batch = BytesMut::new();
+async fn write_control<C: Connection>(core: Arc<SessionCore<C>>, send: C::SendStream) {
+    let writer = &core.writer;
+    // However the writer task ends (also aborted), senders fail from then on.
+    let _closed = CloseOnDrop(writer);
+    writer.attach(send);
     let mut state = core.shared.state.subscribe();
-    loop {
-        let first = tokio::select! {
-            command = commands.recv() => Some(command),
-            () = session_ended(&mut state) => None,
-        };
-        let Some(mut command) = first else { return };
-        let mut finish = None;
-        let mut lone = None;
-        loop {
-            match command {
-                WriterCommand::Frame(bytes) if batch.is_empty() && lone.is_none() => {
-                    lone = Some(bytes);
+    let drive = tokio::select! {
+        drive = std::future::poll_fn(|cx| writer.poll_drive(cx)) => drive,
+        () = session_ended(&mut state) => return,
+    };
+    match drive {
+        Drive::Finish(send, done) => {
+            if let Some(mut send) = send {
+                if send.finish().await.is_ok() {
+                    let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
                 }
-                WriterCommand::Frame(bytes) => {
-                    if let Some(first) = lone.take() {
-                        batch.extend_from_slice(&first);
-                    }
-                    batch.extend_from_slice(&bytes);
-                }
-                WriterCommand::Finish(done) => {
-                    finish = Some(done);
-                    break;
-                }
-            }
-            if batch.len() >= WRITE_BATCH_BYTES {
-                break;
-            }
-            match commands.try_recv() {
-                Some(next) => command = next,
-                None => break,
-            }
-        }
-        let written = match &lone {
-            Some(bytes) => send.write_all(bytes).await,
-            None => send.write_all(&batch).await,
-        };
-        if let Some(done) = finish {
-            if written.is_ok() && send.finish().await.is_ok() {
-                let _ = timeout(FINISH_DELIVERY_TIMEOUT, send.delivered()).await;
             }
             let _ = done.send(());
-            return;
         }
-        if written.is_err() {
-            core.terminate(Terminal::Disconnected);
-            return;
-        }
-        if batch.capacity() > RETAINED_BATCH_BYTES {
-            batch = BytesMut::new();
-        } else {
-            batch.clear();
-        }
+        Drive::Broken => core.terminate(Terminal::Disconnected),
     }
 }
 
-/// Closes the writer's queue when dropped.
-struct CloseOnDrop<'a>(&'a CommandQueue<WriterCommand>);
+/// Closes the control writer when dropped.
+struct CloseOnDrop<'a, S: AsyncWrite + Unpin>(&'a ControlWriter<S>);
 
-impl Drop for CloseOnDrop<'_> {
+impl<S: AsyncWrite + Unpin> Drop for CloseOnDrop<'_, S> {
     fn drop(&mut self) {
         self.0.close();
     }

@@ -16,8 +16,8 @@
 //!   lock (a short critical section per event, never across an await) and performs its
 //!   actions; `waiters` keeps the channels of the futures that wait, by the ids the machine
 //!   names them with; `driver` runs the tasks: a **reader** of the control stream, a
-//!   **writer** that owns its sending half and batches frames (fed by `queue`, which
-//!   holds nothing while the session idles), an **acceptor** that reads
+//!   **writer** that drains `writer`'s queue (senders write their frames themselves when
+//!   nothing waits ahead of them, so it rarely has work), an **acceptor** that reads
 //!   each data stream's `StreamBind` header and hands the stream to the machine, and a
 //!   **keep-alive** task when `ping_interval` is set; `client` is the handle over them.
 //!
@@ -32,11 +32,11 @@ pub(crate) mod driver;
 mod events;
 mod machine;
 mod negotiation;
-mod queue;
 mod state;
 #[cfg(test)]
 mod tests;
 mod waiters;
+mod writer;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
