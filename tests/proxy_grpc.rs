@@ -31,7 +31,7 @@ use tonic::{Code, Status};
 
 use support::http::Checksum;
 use support::pattern;
-use support::proxy::{bounded, free_tcp_addr, Relay, TempDir};
+use support::proxy::{bounded, self_signed_pem, Relay, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const DOMAIN: &str = "tunnel.test";
@@ -227,25 +227,6 @@ async fn send_messages(
     let _ = sender.send(Err(end)).await;
 }
 
-/// A self-signed certificate for `*.tunnel.test` and `*.kiosk.tunnel.test`, as PEM files.
-fn certificate(
-    dir: &Path,
-) -> (
-    std::path::PathBuf,
-    std::path::PathBuf,
-    rustls::RootCertStore,
-) {
-    let names = vec![format!("*.{DOMAIN}"), format!("*.kiosk.{DOMAIN}")];
-    let certified = rcgen::generate_simple_self_signed(names).expect("a certificate");
-    let cert = dir.join("https-cert.pem");
-    let key = dir.join("https-key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("writing the certificate");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("writing the key");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).expect("a root");
-    (cert, key, roots)
-}
-
 /// The tonic client's transport: one HTTP/2 connection, as hyper's `SendRequest`.
 type Sender = hyper::client::conn::http2::SendRequest<tonic::body::Body>;
 
@@ -427,29 +408,15 @@ async fn relay_with_grpc_edge(
     rustls::RootCertStore,
     support::proxy::Proc,
 ) {
-    let (cert, key, roots) = certificate(dir);
-    let https = free_tcp_addr();
-    let https_arg = https.to_string();
-    let mut relay = Relay::start(
-        dir,
-        &[("kiosk", "kiosk-token")],
-        &[
-            "--domain",
-            DOMAIN,
-            "--https-listen",
-            &https_arg,
-            "--tls-cert",
-            cert.to_str().expect("a UTF-8 path"),
-            "--tls-key",
-            key.to_str().expect("a UTF-8 path"),
-        ],
-    )
-    .await;
+    let names = [format!("*.{DOMAIN}"), format!("*.kiosk.{DOMAIN}")];
+    let tls = self_signed_pem(dir, "https", &names);
+    let (mut relay, https) =
+        Relay::start_https(dir, &[("kiosk", "kiosk-token")], DOMAIN, &tls, &[]).await;
     let server = grpc_server(first_seen).await;
     let expose = format!("grpc=h2c://{server}");
     let edge = relay.spawn_edge("kiosk", "kiosk-token", &[], &["--expose", &expose]);
     relay.wait_edges(1).await;
-    (relay, https, roots, edge)
+    (relay, https, tls.roots, edge)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,25 +6,19 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use support::proxy::{bounded, free_tcp_addr, Backend, Relay, TempDir};
+use support::proxy::{bounded, self_signed_pem, Backend, PemCertificate, Relay, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(90);
 const DOMAIN: &str = "tunnel.test";
 
 /// A self-signed certificate for `*.tunnel.test` written as PEM to `<dir>/<tag>-*.pem`.
-fn wildcard_cert(dir: &Path, tag: &str) -> (PathBuf, PathBuf) {
-    let certified = rcgen::generate_simple_self_signed(vec![format!("*.{DOMAIN}")])
-        .expect("generating a certificate");
-    let cert = dir.join(format!("{tag}-cert.pem"));
-    let key = dir.join(format!("{tag}-key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("writing the certificate");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("writing the key");
-    (cert, key)
+fn wildcard_cert(dir: &Path, tag: &str) -> PemCertificate {
+    self_signed_pem(dir, tag, &[format!("*.{DOMAIN}")])
 }
 
 fn curl_available() -> bool {
@@ -58,23 +52,14 @@ async fn https_serves_h2_and_h1_redirects_and_reloads_on_sighup() {
     }
     bounded(LIMIT, async {
         let dir = TempDir::new("https");
-        let (cert, key) = wildcard_cert(dir.path(), "first");
-        let https = free_tcp_addr();
-        let https_arg = https.to_string();
-        let mut relay = Relay::start(
+        let tls = wildcard_cert(dir.path(), "first");
+        let (cert, key) = (tls.cert.clone(), tls.key.clone());
+        let (mut relay, https) = Relay::start_https(
             dir.path(),
             &[("kiosk", "kiosk-token")],
-            &[
-                "--domain",
-                DOMAIN,
-                "--https-listen",
-                &https_arg,
-                "--tls-cert",
-                cert.to_str().unwrap(),
-                "--tls-key",
-                key.to_str().unwrap(),
-                "--redirect-http",
-            ],
+            DOMAIN,
+            &tls,
+            &["--redirect-http"],
         )
         .await;
         let app = Backend::start("kiosk").await;
@@ -129,7 +114,11 @@ async fn https_serves_h2_and_h1_redirects_and_reloads_on_sighup() {
             move || curl(port, "kiosk", "/hold/4000", &cert, &["--http2"])
         });
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (new_cert, new_key) = wildcard_cert(dir.path(), "second");
+        let PemCertificate {
+            cert: new_cert,
+            key: new_key,
+            ..
+        } = wildcard_cert(dir.path(), "second");
         let old_cert = dir.path().join("old-cert.pem");
         std::fs::copy(&cert, &old_cert).unwrap();
         std::fs::copy(&new_cert, &cert).unwrap();

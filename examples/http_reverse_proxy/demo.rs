@@ -129,6 +129,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(60),
+            pass_through_answer_timeout: backhaul::http::proxy::DEFAULT_ANSWER_TIMEOUT,
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),

@@ -91,6 +91,11 @@ pub struct EdgeArgs {
     /// (repeat for more).
     #[arg(long = "pass-through", value_name = "NAME")]
     pub pass_through: Vec<String>,
+    /// With --pass-through, when the local service cannot be reached: how long a stream
+    /// may wait for the request that gets its 502 before it is closed unanswered. The
+    /// relay sends its request at once, so this only bounds streams that carry none.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub pass_through_answer_timeout: Duration,
     /// Send requests to local services with the local address as Host.
     #[arg(long)]
     pub rewrite_host: bool,
@@ -141,6 +146,8 @@ pub struct EdgeConfig {
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub upstream_idle_timeout: Duration,
+    /// See [`EdgeArgs::pass_through_answer_timeout`].
+    pub pass_through_answer_timeout: Duration,
     pub max_streams: usize,
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
@@ -182,6 +189,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         request_timeout: args.request_timeout,
         shutdown_timeout: args.shutdown_timeout,
         upstream_idle_timeout: args.upstream_idle_timeout,
+        pass_through_answer_timeout: args.pass_through_answer_timeout,
         max_streams: args.max_streams,
         max_backoff: args.max_backoff,
         connect_timeout: args.connect_timeout,
@@ -463,7 +471,8 @@ fn build_router(config: &EdgeConfig) -> Result<Router<QuinnConnection>, Error> {
                             "edge {:?}: local service {name:?} at {authority}",
                             config.name
                         ))
-                        .with_connect_timeout(config.request_timeout.min(Duration::from_secs(10)));
+                        .with_connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+                        .with_answer_timeout(config.pass_through_answer_timeout);
                     return Ok(router.route(name.as_str(), route));
                 }
             };
@@ -517,6 +526,36 @@ mod tests {
         assert!(parse_expose("web=http://127.0.0.1:3000/app").is_err());
         assert!(parse_expose("we\nb=http://127.0.0.1:1").is_err());
         assert!(parse_expose("Web=http://127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn the_pass_through_answer_timeout_defaults_to_the_librarys() {
+        use clap::Parser;
+
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            edge: EdgeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "edge",
+                "--name",
+                "e",
+                "--token",
+                "t",
+                "--expose",
+                "web=http://127.0.0.1:1",
+            ];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().edge
+        };
+        assert_eq!(
+            parse(&[]).pass_through_answer_timeout,
+            backhaul::http::proxy::DEFAULT_ANSWER_TIMEOUT
+        );
+        let set = parse(&["--pass-through-answer-timeout", "750ms"]);
+        assert_eq!(set.pass_through_answer_timeout, Duration::from_millis(750));
     }
 
     #[test]

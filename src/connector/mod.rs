@@ -17,7 +17,6 @@
 mod future;
 
 use std::fmt;
-#[cfg(feature = "http")]
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -94,21 +93,25 @@ type Resolver = Arc<dyn Fn(&Uri) -> Option<ServiceId> + Send + Sync>;
 /// # Ok(()) }
 /// ```
 pub struct Connector<C: Connection = DefaultConnection> {
-    client: SessionClient<C>,
-    slots: PollSemaphore,
+    shared: Arc<Shared<C>>,
+    /// Made by the first `poll_ready` of this clone: hyper-util's client clones its
+    /// connector for every request, and most of those clones never open anything.
+    slots: Option<PollSemaphore>,
     slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What every clone of a connector shares.
+struct Shared<C: Connection> {
+    client: SessionClient<C>,
     #[cfg(feature = "http")]
     resolver: Resolver,
     metadata: Metadata,
 }
 
-impl<C: Connection> Clone for Connector<C> {
+impl<C: Connection> Clone for Shared<C> {
     fn clone(&self) -> Self {
         Self {
             client: self.client.clone(),
-            slots: self.slots.clone(),
-            // A reserved slot belongs to the clone that reserved it.
-            slot: None,
             #[cfg(feature = "http")]
             resolver: Arc::clone(&self.resolver),
             metadata: self.metadata.clone(),
@@ -116,10 +119,21 @@ impl<C: Connection> Clone for Connector<C> {
     }
 }
 
+impl<C: Connection> Clone for Connector<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            slots: None,
+            // A reserved slot belongs to the clone that reserved it.
+            slot: None,
+        }
+    }
+}
+
 impl<C: Connection> fmt::Debug for Connector<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connector")
-            .field("client", &self.client)
+            .field("client", &self.shared.client)
             .field("slot_reserved", &self.slot.is_some())
             .finish_non_exhaustive()
     }
@@ -128,14 +142,15 @@ impl<C: Connection> fmt::Debug for Connector<C> {
 impl<C: Connection> Connector<C> {
     /// A connector over `client`'s session; URIs map to services by host.
     pub fn new(client: SessionClient<C>) -> Self {
-        let slots = PollSemaphore::new(client.open_slots());
         Self {
-            client,
-            slots,
+            shared: Arc::new(Shared {
+                client,
+                #[cfg(feature = "http")]
+                resolver: Arc::new(|uri: &Uri| uri.host().map(ServiceId::from)),
+                metadata: Metadata::Empty,
+            }),
+            slots: None,
             slot: None,
-            #[cfg(feature = "http")]
-            resolver: Arc::new(|uri: &Uri| uri.host().map(ServiceId::from)),
-            metadata: Metadata::Empty,
         }
     }
 
@@ -147,14 +162,14 @@ impl<C: Connection> Connector<C> {
     where
         F: Fn(&Uri) -> Option<ServiceId> + Send + Sync + 'static,
     {
-        self.resolver = Arc::new(resolver);
+        Arc::make_mut(&mut self.shared).resolver = Arc::new(resolver);
         self
     }
 
     /// Metadata sent with opens made through `Service<ServiceId>` and `Service<Uri>`.
     #[must_use]
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
+        Arc::make_mut(&mut self.shared).metadata = metadata;
         self
     }
 
@@ -174,16 +189,20 @@ impl<C: Connection> Connector<C> {
     /// The session client.
     #[must_use]
     pub fn client(&self) -> &SessionClient<C> {
-        &self.client
+        &self.shared.client
     }
 
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if let Err(error) = self.client.ensure_ready() {
+        let client = &self.shared.client;
+        if let Err(error) = client.ensure_ready() {
             self.slot = None;
             return Poll::Ready(Err(error));
         }
         if self.slot.is_none() {
-            match ready!(self.slots.poll_acquire(cx)) {
+            let slots = self
+                .slots
+                .get_or_insert_with(|| PollSemaphore::new(client.open_slots()));
+            match ready!(slots.poll_acquire(cx)) {
                 Some(slot) => self.slot = Some(slot),
                 None => return Poll::Ready(Err(Error::SessionClosed)),
             }
@@ -192,11 +211,11 @@ impl<C: Connection> Connector<C> {
     }
 
     fn open(&mut self, target: OpenTarget) -> ConnectFuture<C> {
+        let client = self.shared.client.clone();
         let slot = self
             .slot
             .take()
-            .or_else(|| self.slots.clone_inner().try_acquire_owned().ok());
-        let client = self.client.clone();
+            .or_else(|| client.open_slots().try_acquire_owned().ok());
         let limit = client.max_inflight_opens();
         ConnectFuture::new(async move {
             let slot = slot.ok_or(Error::CapacityExceeded {
@@ -241,7 +260,7 @@ impl<C: Connection> Service<ServiceId> for Connector<C> {
     }
 
     fn call(&mut self, service: ServiceId) -> Self::Future {
-        let target = OpenTarget::new(service).with_metadata(self.metadata.clone());
+        let target = OpenTarget::new(service).with_metadata(self.shared.metadata.clone());
         self.open(target)
     }
 }
@@ -257,9 +276,9 @@ impl<C: Connection> Service<Uri> for Connector<C> {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        match (self.resolver)(&uri) {
+        match (self.shared.resolver)(&uri) {
             Some(service) => {
-                let target = OpenTarget::new(service).with_metadata(self.metadata.clone());
+                let target = OpenTarget::new(service).with_metadata(self.shared.metadata.clone());
                 self.open(target)
             }
             None => {

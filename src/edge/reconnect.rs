@@ -181,8 +181,13 @@ enum Tls {
 
 /// Settings of an [`Edge`]; start with [`Edge::builder`].
 pub struct EdgeBuilder {
-    relays: Vec<String>,
+    settings: Settings,
     tls: Option<Tls>,
+}
+
+/// What the builder collects and the running edge keeps as given.
+struct Settings {
+    relays: Vec<String>,
     server_name: Option<String>,
     config: Config,
     registration: Option<Registration>,
@@ -197,12 +202,12 @@ pub struct EdgeBuilder {
 impl fmt::Debug for EdgeBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EdgeBuilder")
-            .field("relays", &self.relays)
-            .field("server_name", &self.server_name)
-            .field("registration", &self.registration.is_some())
-            .field("backoff", &self.backoff)
-            .field("stable_after", &self.stable_after)
-            .field("connect_timeout", &self.connect_timeout)
+            .field("relays", &self.settings.relays)
+            .field("server_name", &self.settings.server_name)
+            .field("registration", &self.settings.registration.is_some())
+            .field("backoff", &self.settings.backoff)
+            .field("stable_after", &self.settings.stable_after)
+            .field("connect_timeout", &self.settings.connect_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -213,7 +218,7 @@ impl EdgeBuilder {
     /// resolves to in turn, and takes the first that answers.
     #[must_use]
     pub fn relay(mut self, addr: impl ToString) -> Self {
-        self.relays.push(addr.to_string());
+        self.settings.relays.push(addr.to_string());
         self
     }
 
@@ -224,7 +229,8 @@ impl EdgeBuilder {
         I: IntoIterator,
         I::Item: ToString,
     {
-        self.relays
+        self.settings
+            .relays
             .extend(addrs.into_iter().map(|addr| addr.to_string()));
         self
     }
@@ -250,14 +256,14 @@ impl EdgeBuilder {
     /// relay address being dialed.
     #[must_use]
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
-        self.server_name = Some(name.into());
+        self.settings.server_name = Some(name.into());
         self
     }
 
     /// The session settings (keep-alive pings, limits, agent). Default: [`Config::new`].
     #[must_use]
     pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
+        self.settings.config = config;
         self
     }
 
@@ -272,14 +278,14 @@ impl EdgeBuilder {
         S::Error: Into<RegisterError>,
     {
         let step = step.map_response(|_| ()).map_err(Into::into);
-        self.registration = Some(BoxService::new(step));
+        self.settings.registration = Some(BoxService::new(step));
         self
     }
 
     /// Delays between attempts. Default: [`Backoff::default`] (250 ms doubling to 30 s).
     #[must_use]
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.settings.backoff = backoff;
         self
     }
 
@@ -287,14 +293,14 @@ impl EdgeBuilder {
     /// delay again. Default: 30 s.
     #[must_use]
     pub const fn stable_after(mut self, duration: Duration) -> Self {
-        self.stable_after = duration;
+        self.settings.stable_after = duration;
         self
     }
 
     /// Bound on one QUIC handshake. Default: 10 s.
     #[must_use]
     pub const fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.settings.connect_timeout = timeout;
         self
     }
 
@@ -304,7 +310,7 @@ impl EdgeBuilder {
     /// [`Serve::drain_timeout`]: super::Serve::drain_timeout
     #[must_use]
     pub const fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
+        self.settings.drain_timeout = timeout;
         self
     }
 
@@ -314,7 +320,7 @@ impl EdgeBuilder {
     /// [`Serve::close_timeout`]: super::Serve::with_close_timeout
     #[must_use]
     pub const fn close_timeout(mut self, timeout: Duration) -> Self {
-        self.close_timeout = timeout;
+        self.settings.close_timeout = timeout;
         self
     }
 
@@ -322,7 +328,7 @@ impl EdgeBuilder {
     /// own; the edge then leaves it open when it stops.
     #[must_use]
     pub fn endpoint(mut self, endpoint: quinn::Endpoint) -> Self {
-        self.endpoint = Some(endpoint);
+        self.settings.endpoint = Some(endpoint);
         self
     }
 
@@ -334,7 +340,7 @@ impl EdgeBuilder {
     /// [`Error::Config`] for an invalid `Config`, [`Error::Transport`] for a trusted
     /// certificate or server name that cannot be used.
     pub fn build(self, router: Router<QuinnConnection>) -> Result<Edge, Error> {
-        if self.relays.is_empty() {
+        if self.settings.relays.is_empty() {
             return Err(Error::MissingSetting(
                 "a relay address (EdgeBuilder::relay)",
             ));
@@ -348,24 +354,15 @@ impl EdgeBuilder {
                 ))
             }
         };
-        self.config.validate()?;
-        if let Some(name) = &self.server_name {
+        self.settings.config.validate()?;
+        if let Some(name) = &self.settings.server_name {
             rustls::pki_types::ServerName::try_from(name.as_str()).map_err(Error::transport)?;
         }
         let (state, _) = watch::channel(EdgeState::Connecting { attempt: 1 });
         Ok(Edge {
             run: Run {
-                relays: self.relays,
+                settings: self.settings,
                 tls,
-                server_name: self.server_name,
-                config: self.config,
-                registration: self.registration,
-                backoff: self.backoff,
-                stable_after: self.stable_after,
-                connect_timeout: self.connect_timeout,
-                drain_timeout: self.drain_timeout,
-                close_timeout: self.close_timeout,
-                endpoint: self.endpoint,
                 router,
             },
             state,
@@ -428,7 +425,7 @@ pub struct Edge {
 impl fmt::Debug for Edge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Edge")
-            .field("relays", &self.run.relays)
+            .field("relays", &self.run.settings.relays)
             .field("router", &self.run.router)
             .field("state", &*self.state.borrow())
             .finish_non_exhaustive()
@@ -441,17 +438,19 @@ impl Edge {
     #[must_use]
     pub fn builder() -> EdgeBuilder {
         EdgeBuilder {
-            relays: Vec::new(),
+            settings: Settings {
+                relays: Vec::new(),
+                server_name: None,
+                config: Config::new(),
+                registration: None,
+                backoff: Backoff::default(),
+                stable_after: DEFAULT_STABLE_AFTER,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                close_timeout: DEFAULT_CLOSE_TIMEOUT,
+                endpoint: None,
+            },
             tls: None,
-            server_name: None,
-            config: Config::new(),
-            registration: None,
-            backoff: Backoff::default(),
-            stable_after: DEFAULT_STABLE_AFTER,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            close_timeout: DEFAULT_CLOSE_TIMEOUT,
-            endpoint: None,
         }
     }
 
@@ -577,17 +576,8 @@ enum Attempt {
 
 /// Everything the loop needs, moved out of the builder.
 struct Run {
-    relays: Vec<String>,
+    settings: Settings,
     tls: quinn::ClientConfig,
-    server_name: Option<String>,
-    config: Config,
-    registration: Option<Registration>,
-    backoff: Backoff,
-    stable_after: Duration,
-    connect_timeout: Duration,
-    drain_timeout: Duration,
-    close_timeout: Duration,
-    endpoint: Option<quinn::Endpoint>,
     router: Router<QuinnConnection>,
 }
 
@@ -597,12 +587,12 @@ impl Run {
         state: &StateGuard,
         stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        let (endpoint, own_endpoint) = match self.endpoint.clone() {
+        let (endpoint, own_endpoint) = match self.settings.endpoint.clone() {
             Some(endpoint) => (endpoint, false),
             // Dials with `self.tls` (connect_with): the endpoint's own default is unused.
             None => (client_endpoint(&[], DEFAULT_ALPN)?, true),
         };
-        let mut backoff = self.backoff.clone();
+        let mut backoff = self.settings.backoff.clone();
         let mut attempt = 1;
         let result = loop {
             state.set(EdgeState::Connecting { attempt });
@@ -618,7 +608,7 @@ impl Run {
                 }
                 Attempt::Lost { lasted, error } => {
                     warn!(error = ?error.to_string(), ?lasted, "lost the relay");
-                    if lasted >= self.stable_after {
+                    if lasted >= self.settings.stable_after {
                         backoff.reset();
                     }
                     attempt = 1;
@@ -685,8 +675,8 @@ impl Run {
             .clone()
             .serve(client, events)
             .with_graceful_shutdown(stopping(stopped.clone()))
-            .with_drain_timeout(self.drain_timeout)
-            .with_close_timeout(self.close_timeout)
+            .with_drain_timeout(self.settings.drain_timeout)
+            .with_close_timeout(self.settings.close_timeout)
             .await;
         connection.close(0u32.into(), b"session ended");
         if *stopped.borrow() {
@@ -704,7 +694,7 @@ impl Run {
         endpoint: &quinn::Endpoint,
     ) -> Result<(quinn::Connection, SocketAddr), Attempt> {
         let mut last_error = None;
-        for relay in &self.relays {
+        for relay in &self.settings.relays {
             let addrs = match tokio::net::lookup_host(relay.as_str()).await {
                 Ok(addrs) => addrs.collect::<Vec<_>>(),
                 Err(error) => {
@@ -714,6 +704,7 @@ impl Run {
                 }
             };
             let server_name = self
+                .settings
                 .server_name
                 .clone()
                 .unwrap_or_else(|| host_of(relay).to_owned());
@@ -754,7 +745,7 @@ impl Run {
             // A bad server name, a stopped endpoint: nothing a retry changes.
             Err(error) => return Err(Attempt::Fatal(Error::transport(error))),
         };
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
+        match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
             Err(_) => Err(Attempt::Failed(Error::Timeout(TimeoutKind::Connect))),
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(quinn::ConnectionError::TransportError(transport)))
@@ -784,11 +775,11 @@ impl Run {
         let session = Session::new(
             QuinnConnection::new(connection),
             Role::Client,
-            self.config.clone(),
+            self.settings.config.clone(),
         );
         let handle = session.start().await.map_err(Attempt::Failed)?;
         let (client, events) = SessionClient::with_events(handle);
-        if let Some(step) = &mut self.registration {
+        if let Some(step) = &mut self.settings.registration {
             let registered = match step.ready().await {
                 Ok(step) => step.call(client.clone()).await,
                 Err(error) => Err(error),

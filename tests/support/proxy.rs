@@ -104,6 +104,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A self-signed certificate written as PEM files, and a root store trusting it.
+pub struct PemCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub roots: rustls::RootCertStore,
+}
+
+/// A self-signed certificate for `names` (wildcards welcome), written to
+/// `<dir>/<tag>-cert.pem` and `<dir>/<tag>-key.pem`.
+pub fn self_signed_pem(dir: &Path, tag: &str, names: &[String]) -> PemCertificate {
+    let certified =
+        rcgen::generate_simple_self_signed(names.to_vec()).expect("generating a certificate");
+    let cert = dir.join(format!("{tag}-cert.pem"));
+    let key = dir.join(format!("{tag}-key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("writing the key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(certified.cert.der().clone())
+        .expect("a root certificate");
+    PemCertificate { cert, key, roots }
+}
+
 /// A loopback TCP address that was free a moment ago (bound to port 0, then released).
 pub fn free_tcp_addr() -> SocketAddr {
     loop {
@@ -459,6 +482,31 @@ impl Relay {
         let mut args = vec!["--cert-out".to_owned(), path_arg(&cert)];
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         Self::start_with(dir, tokens, cert, args, Some(open_files)).await
+    }
+
+    /// Starts a relay for `domain` with an HTTPS listener on a free port serving `tls`
+    /// (besides its plain one); returns it with the HTTPS address.
+    pub async fn start_https(
+        dir: &Path,
+        tokens: &[(&str, &str)],
+        domain: &str,
+        tls: &PemCertificate,
+        extra: &[&str],
+    ) -> (Self, SocketAddr) {
+        let https = free_tcp_addr();
+        let mut args = vec![
+            "--domain".to_owned(),
+            domain.to_owned(),
+            "--https-listen".to_owned(),
+            https.to_string(),
+            "--tls-cert".to_owned(),
+            path_arg(&tls.cert),
+            "--tls-key".to_owned(),
+            path_arg(&tls.key),
+        ];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (Self::start(dir, tokens, &args).await, https)
     }
 
     /// Starts a relay with a given certificate and key (PEM files).

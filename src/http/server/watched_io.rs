@@ -95,16 +95,27 @@ impl WatchedIo {
     /// Called when a read is pending: fails it once the stage's deadline passed.
     fn poll_read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let Some((deadline, reason)) = self.activity.read_deadline(&self.limits, cx.waker()) else {
-            self.read_timer_at = None;
+            // No deadline while a request runs; the timer stays armed for the next one.
             return Poll::Pending;
         };
-        if self.read_timer_at != Some(deadline) {
+        // Between requests the deadline moves later every time, and moving a timer locks
+        // the runtime's timer wheel: a timer armed for earlier stays, and when it fires
+        // early it is moved to the real deadline then, at most once per timeout.
+        if self.read_timer_at.is_none_or(|armed| armed > deadline) {
             self.read_timer.as_mut().reset(deadline);
             self.read_timer_at = Some(deadline);
         }
-        match self.read_timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(self.cut(reason)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match self.read_timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    return Poll::Ready(self.cut(reason));
+                }
+                Poll::Ready(()) => {
+                    self.read_timer.as_mut().reset(deadline);
+                    self.read_timer_at = Some(deadline);
+                }
+            }
         }
     }
 
