@@ -321,6 +321,46 @@ async fn an_idle_keep_alive_connection_is_cut_at_the_idle_timeout() {
     .await;
 }
 
+/// The read timer armed for an earlier deadline (the header timeout from accept) fires
+/// early once the connection is idle between requests: the connection must outlive it,
+/// serve its next request, and be cut at the idle timeout counted from its last response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_outlives_earlier_deadlines_and_is_cut_at_its_own() {
+    bounded(async {
+        let header_timeout = Duration::from_millis(300);
+        let idle_timeout = Duration::from_millis(1500);
+        let server = start(Limits {
+            header_timeout,
+            idle_timeout,
+            ..patient()
+        })
+        .await;
+        let (mut sender, connection) = connect(server.addr).await;
+        for _ in 0..2 {
+            let response = sender.send_request(request("/")).await.expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.expect("body");
+            // Idle for over twice the header timeout, well within the idle timeout.
+            tokio::time::sleep(header_timeout * 5 / 2).await;
+            assert!(!connection.is_finished(), "cut before the idle timeout");
+        }
+        let response = sender.send_request(request("/")).await.expect("response");
+        response.into_body().collect().await.expect("body");
+        let last_response = tokio::time::Instant::now();
+        connection.await.expect("the connection task");
+        let idle = last_response.elapsed();
+        assert!(idle >= idle_timeout, "cut after {idle:?} idle");
+        assert_eq!(
+            server.recorder.cuts(Cut::Idle),
+            1,
+            "{:?}",
+            server.recorder.events()
+        );
+        assert_eq!(server.recorder.cuts(Cut::Header), 0);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_by_the_write_timeout() {
     bounded(async {
