@@ -8,6 +8,7 @@
 //! frames sent on the control stream, data streams reset, events delivered. Nothing awaits while the lock is held. Timeouts stay here, on the futures
 //! that wait; a future that gives up tells the machine so (`abandon_open`, `abandon_ping`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,10 @@ pub(crate) struct SessionCore<C: Connection> {
     locked: Mutex<Locked<C>>,
     /// The control stream's sending half.
     pub(crate) writer: ControlWriter<C::SendStream>,
+    /// At most one open exchange was under way after the last step: a frame sent now is
+    /// written in the sender's task. With more, frames go through the writer's queue so
+    /// that a burst leaves in a few packets rather than one per frame.
+    quiet: AtomicBool,
     pub(crate) open_slots: Arc<Semaphore>,
     /// Made by the first observer: most sessions have none, and a channel costs its
     /// buffer up front.
@@ -79,6 +84,7 @@ impl<C: Connection> SessionCore<C> {
                 waiters: Waiters::default(),
             }),
             writer: ControlWriter::new(WRITER_QUEUE),
+            quiet: AtomicBool::new(true),
             open_slots,
             control_events: OnceLock::new(),
             unserved_answer: OnceLock::new(),
@@ -114,6 +120,8 @@ impl<C: Connection> SessionCore<C> {
         let mut actions = Actions::new();
         let mut locked = lock(&self.locked);
         let result = input(&mut locked, &mut actions);
+        let quiet = locked.machine.exchanges_under_way() <= 1;
+        self.quiet.store(quiet, Ordering::Relaxed);
         if actions.is_empty() {
             return (result, actions);
         }
@@ -198,7 +206,9 @@ impl<C: Connection> SessionCore<C> {
                 // Sends come from application calls and peer messages, which go through
                 // `perform`; should one reach here, queue it without waiting.
                 if let Ok(bytes) = frame(&message) {
-                    let _ = self.writer.try_send(bytes);
+                    let _ = self
+                        .writer
+                        .try_send(bytes, self.quiet.load(Ordering::Relaxed));
                 }
             }
             // Performed under the lock by `step`; events only exist for the reader.
@@ -278,7 +288,7 @@ impl<C: Connection> SessionCore<C> {
     pub(crate) async fn send(&self, message: &ProtocolMessage) -> Result<(), Error> {
         let bytes = frame(message)?;
         self.writer
-            .send(bytes)
+            .send(bytes, self.quiet.load(Ordering::Relaxed))
             .await
             .map_err(|_| self.terminal_error())
     }

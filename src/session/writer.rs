@@ -1,11 +1,13 @@
 //! The control stream's sending half, shared by everyone who sends a control message.
 //!
 //! An open costs a round trip on the control stream, so every task hop on the way out adds
-//! straight to its latency. Here a sender writes its frame to the stream itself, in its own
-//! task, whenever nothing is queued ahead of it and the stream takes the whole frame at
-//! once, which is nearly always. Only when it cannot (the stream's flow-control window is
-//! full, or other frames are waiting) does the frame join a bounded queue that the writer
-//! task drains in order, batching frames that queued up behind one another.
+//! straight to its latency. Here a sender may write its frame to the stream itself, in its
+//! own task, when nothing is queued ahead of it and the stream takes the whole frame at
+//! once. Otherwise the frame joins a bounded queue that the writer task drains in order,
+//! batching frames that queued up behind one another. The session lets a sender write
+//! itself only while at most one open is under way: a lone open gains a task hop, while a
+//! burst of opens is better served by the queue, whose batches leave in a few packets
+//! rather than one per frame.
 //!
 //! One lock guards the stream, the queue and the bytes of a write in progress, and is
 //! held only for a non-blocking `poll_write`: frames go out in the order senders took the
@@ -104,10 +106,11 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         state.wake_task();
     }
 
-    /// Sends `frame`: written now when nothing waits ahead of it, else queued, waiting for
-    /// room while the queue is full. `Ok` means it will go out unless the stream breaks.
-    pub(crate) async fn send(&self, frame: Bytes) -> Result<(), NotSent> {
-        let Some(frame) = self.write_now(frame)? else {
+    /// Sends `frame`: written now when `direct` and nothing waits ahead of it, else
+    /// queued, waiting for room while the queue is full. `Ok` means it will go out unless
+    /// the stream breaks.
+    pub(crate) async fn send(&self, frame: Bytes, direct: bool) -> Result<(), NotSent> {
+        let Some(frame) = self.write_now(frame, direct)? else {
             return Ok(());
         };
         let permit = self.room.acquire().await.map_err(|_| NotSent)?;
@@ -116,9 +119,10 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         Ok(())
     }
 
-    /// Sends `frame` without waiting: written now, or queued if there is room.
-    pub(crate) fn try_send(&self, frame: Bytes) -> Result<(), NotSent> {
-        let Some(frame) = self.write_now(frame)? else {
+    /// Sends `frame` without waiting: written now (when `direct`), or queued if there is
+    /// room.
+    pub(crate) fn try_send(&self, frame: Bytes, direct: bool) -> Result<(), NotSent> {
+        let Some(frame) = self.write_now(frame, direct)? else {
             return Ok(());
         };
         let permit = self.room.try_acquire().map_err(|_| NotSent)?;
@@ -135,11 +139,14 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         Ok(())
     }
 
-    /// Writes `frame` in this task if nothing waits ahead of it. Returns the frame when it
-    /// must be queued instead.
-    fn write_now(&self, frame: Bytes) -> Result<Option<Bytes>, NotSent> {
+    /// Writes `frame` in this task if `direct` and nothing waits ahead of it. Returns the
+    /// frame when it must be queued instead.
+    fn write_now(&self, frame: Bytes, direct: bool) -> Result<Option<Bytes>, NotSent> {
         if self.room.is_closed() {
             return Err(NotSent);
+        }
+        if !direct {
+            return Ok(Some(frame));
         }
         let mut state = lock(&self.state);
         if !state.is_idle() || state.broken {

@@ -201,6 +201,12 @@ impl<S> SessionMachine<S> {
         }
     }
 
+    /// Open exchanges under way either way: our opens not yet answered or bound, and the
+    /// peer's requests we have not answered.
+    pub(crate) fn exchanges_under_way(&self) -> usize {
+        self.opens.len() + self.unanswered_requests.len()
+    }
+
     /// The `max_concurrent_streams` slots taken.
     fn streams_in_use(&self) -> usize {
         self.unanswered_requests.len() + self.active_streams.len()

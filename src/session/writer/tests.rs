@@ -49,22 +49,41 @@ async fn a_sender_with_nothing_ahead_writes_in_its_own_task() {
     let (send, mut reader) = duplex(1024);
     writer.attach(send);
     // No writer task runs: the frames can only have been written by the senders.
-    writer.send(frame(1, 0)).await.unwrap();
-    writer.try_send(frame(1, 1)).unwrap();
+    writer.send(frame(1, 0), true).await.unwrap();
+    writer.try_send(frame(1, 1), true).unwrap();
     assert_eq!(read_frame(&mut reader).await, (1, 0));
     assert_eq!(read_frame(&mut reader).await, (1, 1));
     assert_eq!(queued(&writer), 0);
 }
 
 #[tokio::test]
+async fn frames_not_sent_direct_wait_for_the_writer_task_and_keep_their_place() {
+    let writer = Arc::new(ControlWriter::new(8));
+    let (send, mut reader) = duplex(1024);
+    writer.attach(send);
+    writer.send(frame(2, 0), false).await.unwrap();
+    // Nothing is written without the task, even a later frame allowed to go direct.
+    writer.send(frame(2, 1), true).await.unwrap();
+    assert_eq!(queued(&writer), 2);
+    let mut byte = [0u8; 1];
+    assert!(timeout(Duration::from_millis(50), reader.read(&mut byte))
+        .await
+        .is_err());
+    let driver = spawn_driver(&writer);
+    assert_eq!(read_frame(&mut reader).await, (2, 0));
+    assert_eq!(read_frame(&mut reader).await, (2, 1));
+    driver.abort();
+}
+
+#[tokio::test]
 async fn frames_sent_before_the_stream_is_attached_go_out_first() {
     let writer = Arc::new(ControlWriter::new(8));
     let driver = spawn_driver(&writer);
-    writer.send(frame(0, 0)).await.unwrap();
-    writer.send(frame(0, 1)).await.unwrap();
+    writer.send(frame(0, 0), true).await.unwrap();
+    writer.send(frame(0, 1), true).await.unwrap();
     let (send, mut reader) = duplex(1024);
     writer.attach(send);
-    writer.send(frame(0, 2)).await.unwrap();
+    writer.send(frame(0, 2), true).await.unwrap();
     for sequence in 0..3 {
         assert_eq!(read_frame(&mut reader).await, (0, sequence));
     }
@@ -91,13 +110,15 @@ async fn hundreds_of_senders_through_a_slow_stream_lose_and_reorder_nothing() {
         senders.push(tokio::spawn(async move {
             for sequence in 0..EACH {
                 let bytes = frame(sender, sequence);
+                // Some frames may be written by their sender, the others must queue.
+                let direct = sequence % 3 != 0;
                 // Half of them also try without waiting, as the session does.
                 if sender % 2 == 0 {
-                    if writer.try_send(bytes.clone()).is_err() {
-                        writer.send(bytes).await.unwrap();
+                    if writer.try_send(bytes.clone(), direct).is_err() {
+                        writer.send(bytes, direct).await.unwrap();
                     }
                 } else {
-                    writer.send(bytes).await.unwrap();
+                    writer.send(bytes, direct).await.unwrap();
                 }
                 if sequence % 7 == 0 {
                     tokio::task::yield_now().await;
@@ -138,19 +159,21 @@ async fn a_full_queue_refuses_try_send_and_makes_send_wait() {
     // the fifth finds no room.
     let (send, mut reader) = duplex(16);
     writer.attach(send);
-    writer.try_send(frame(0, 0)).unwrap();
-    writer.try_send(frame(0, 1)).unwrap();
-    writer.send(frame(0, 2)).await.unwrap();
-    writer.try_send(frame(0, 3)).unwrap();
+    writer.try_send(frame(0, 0), true).unwrap();
+    writer.try_send(frame(0, 1), true).unwrap();
+    writer.send(frame(0, 2), true).await.unwrap();
+    writer.try_send(frame(0, 3), true).unwrap();
     assert_eq!(queued(&writer), 2);
-    assert_eq!(writer.try_send(frame(0, 4)), Err(NotSent));
-    assert!(timeout(Duration::from_millis(50), writer.send(frame(0, 4)))
-        .await
-        .is_err());
+    assert_eq!(writer.try_send(frame(0, 4), true), Err(NotSent));
+    assert!(
+        timeout(Duration::from_millis(50), writer.send(frame(0, 4), true))
+            .await
+            .is_err()
+    );
     let driver = spawn_driver(&writer);
     let waiting = {
         let writer = Arc::clone(&writer);
-        tokio::spawn(async move { writer.send(frame(0, 4)).await })
+        tokio::spawn(async move { writer.send(frame(0, 4), true).await })
     };
     for sequence in 0..5 {
         assert_eq!(read_frame(&mut reader).await, (0, sequence));
@@ -165,7 +188,7 @@ async fn a_finish_waits_for_the_frames_before_it() {
     let (send, mut reader) = duplex(16);
     writer.attach(send);
     for sequence in 0..10 {
-        writer.send(frame(0, sequence)).await.unwrap();
+        writer.send(frame(0, sequence), true).await.unwrap();
     }
     let (done, finished) = tokio::sync::oneshot::channel();
     writer.finish(done).await.unwrap();
@@ -186,10 +209,10 @@ async fn a_stream_whose_peer_is_gone_breaks_the_writer() {
     writer.attach(send);
     let driver = spawn_driver(&writer);
     // The write fails in the sender's task, which leaves the verdict to the writer task.
-    writer.send(frame(0, 0)).await.unwrap();
+    writer.send(frame(0, 0), true).await.unwrap();
     assert!(!timeout(LIMIT, driver).await.unwrap().unwrap());
     // Nothing is written after a failure.
-    writer.send(frame(0, 1)).await.unwrap();
+    writer.send(frame(0, 1), true).await.unwrap();
     assert_eq!(queued(&writer), 1);
 }
 
@@ -199,14 +222,14 @@ async fn closing_fails_every_waiting_sender_and_drops_the_stream() {
     let (send, mut reader) = duplex(16);
     writer.attach(send);
     // Written, unwritten, queued: the queue is full and every sender below waits.
-    writer.send(frame(0, 0)).await.unwrap();
-    writer.send(frame(0, 1)).await.unwrap();
-    writer.send(frame(0, 2)).await.unwrap();
+    writer.send(frame(0, 0), true).await.unwrap();
+    writer.send(frame(0, 1), true).await.unwrap();
+    writer.send(frame(0, 2), true).await.unwrap();
     assert_eq!(queued(&writer), 1);
     let waiting: Vec<_> = (1..=300)
         .map(|n| {
             let writer = Arc::clone(&writer);
-            tokio::spawn(async move { writer.send(frame(n, 0)).await })
+            tokio::spawn(async move { writer.send(frame(n, 0), true).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -215,7 +238,7 @@ async fn closing_fails_every_waiting_sender_and_drops_the_stream() {
         let sent = timeout(LIMIT, sender).await.unwrap().unwrap();
         assert_eq!(sent, Err(NotSent));
     }
-    assert_eq!(writer.try_send(frame(9, 9)), Err(NotSent));
+    assert_eq!(writer.try_send(frame(9, 9), true), Err(NotSent));
     assert_eq!(queued(&writer), 0);
     // The frame written before the close arrives, then the end of the dropped stream.
     assert_eq!(read_frame(&mut reader).await, (0, 0));
