@@ -86,8 +86,26 @@ fi
 : >"$CRATE/src/lib.rs"
 
 # Distinct example names, so the binaries never overwrite examples of the repo itself in the
-# shared target dir. Dependency features mirror backhaul's so compiled deps are reused.
-cat >"$CRATE/Cargo.toml" <<EOF
+# shared target dir. Dependencies and profiles mirror what `cargo test` builds backhaul with
+# (its dev-dependencies, its profiles), so that every dependency compiled for the tests is
+# reused here: only backhaul and the two examples are compiled again. Otherwise, on a clean
+# target dir, other features and profiles rebuild the whole dependency tree (95 s in CI).
+# section NAME: the lines of Cargo.toml's [NAME] section, header and comments excluded.
+section() {
+    awk -v header="[$1]" '
+        /^\[/ { inside = ($0 == header); next }
+        inside && NF && !/^#/ { print }
+    ' "$REPO/Cargo.toml"
+}
+# profiles: every [profile...] section of Cargo.toml, headers included.
+profiles() {
+    awk '
+        /^\[/ { inside = ($0 ~ /^\[profile/) }
+        inside { print }
+    ' "$REPO/Cargo.toml"
+}
+{
+    cat <<EOF
 [package]
 name = "backhaul-reference-examples"
 version = "0.0.0"
@@ -96,13 +114,13 @@ publish = false
 autoexamples = false
 
 [dependencies]
-backhaul = { path = "$REPO" }
-quinn = "0.11"
-rustls = { version = "0.23", default-features = false, features = ["ring", "std"] }
-rcgen = "0.13"
-tokio = { version = "1", features = ["rt-multi-thread", "macros", "io-util"] }
-tracing = "0.1"
-tracing-subscriber = { version = "0.3", features = ["fmt", "env-filter"] }
+backhaul = { path = "$REPO", features = ["redis"] }
+EOF
+    # backhaul's dev-dependencies (its own line is the one above), and the normal ones the
+    # examples use, as backhaul declares them.
+    section dev-dependencies | grep -v '^backhaul *='
+    section dependencies | grep -E '^(rustls|tracing) *=' | sed 's/, *optional *= *true//'
+    cat <<EOF
 
 [[example]]
 name = "reference-edge"
@@ -113,7 +131,12 @@ name = "reference-relay"
 path = "examples/relay.rs"
 
 [workspace]
+
 EOF
+    profiles
+    # backhaul is a workspace member there and a dependency here: build it alike.
+    printf '\n[profile.dev.package.backhaul]\nopt-level = 0\n'
+} >"$CRATE/Cargo.toml"
 # The repo's lock pins the same dependency versions backhaul is tested with.
 cp "$REPO/Cargo.lock" "$CRATE/Cargo.lock"
 

@@ -221,6 +221,13 @@ async fn connect(
     )
 }
 
+/// One request on an open HTTP/1 connection, answered 200 and read to its end.
+async fn served_on(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) {
+    let response = sender.send_request(request("/")).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.expect("body");
+}
+
 fn request(path: &str) -> Request<Empty<Bytes>> {
     Request::get(path)
         .header("host", "test")
@@ -304,9 +311,7 @@ async fn an_idle_keep_alive_connection_is_cut_at_the_idle_timeout() {
         })
         .await;
         let (mut sender, connection) = connect(server.addr).await;
-        let response = sender.send_request(request("/")).await.expect("response");
-        assert_eq!(response.status(), StatusCode::OK);
-        response.into_body().collect().await.expect("body");
+        served_on(&mut sender).await;
         // The client keeps the connection: only the server's idle timeout closes it (the
         // header timeout, 60 s, is past the test's bound).
         connection.await.expect("the connection task");
@@ -337,19 +342,21 @@ async fn a_keep_alive_connection_outlives_earlier_deadlines_and_is_cut_at_its_ow
         .await;
         let (mut sender, connection) = connect(server.addr).await;
         for _ in 0..2 {
-            let response = sender.send_request(request("/")).await.expect("response");
-            assert_eq!(response.status(), StatusCode::OK);
-            response.into_body().collect().await.expect("body");
+            served_on(&mut sender).await;
             // Idle for over twice the header timeout, well within the idle timeout.
             tokio::time::sleep(header_timeout * 5 / 2).await;
             assert!(!connection.is_finished(), "cut before the idle timeout");
         }
-        let response = sender.send_request(request("/")).await.expect("response");
-        response.into_body().collect().await.expect("body");
-        let last_response = tokio::time::Instant::now();
+        // The server's idle time starts after the request it answers, so counting from
+        // before the request is a strict bound.
+        let before_last_request = tokio::time::Instant::now();
+        served_on(&mut sender).await;
         connection.await.expect("the connection task");
-        let idle = last_response.elapsed();
-        assert!(idle >= idle_timeout, "cut after {idle:?} idle");
+        let elapsed = before_last_request.elapsed();
+        assert!(
+            elapsed >= idle_timeout,
+            "cut {elapsed:?} after the last request"
+        );
         assert_eq!(
             server.recorder.cuts(Cut::Idle),
             1,
