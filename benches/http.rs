@@ -1,10 +1,12 @@
 //! HTTP through a backhaul tunnel beside its baselines, over real quinn and TCP on 127.0.0.1.
 //!
 //! One small GET (`GET /` answering the 13-byte body `Hello, world!` from the same axum
-//! app) five ways, in the same process and on the same runtime (multi-thread, 2 workers):
+//! app) six ways, in the same process and on the same runtime (multi-thread, 2 workers):
 //!
 //! - `tunnel`: the relay's pooled `hyper_util` client over a backhaul [`Connector`] → the
 //!   edge's [`Router`] → [`backhaul::http::serve`] → axum.
+//! - `tunnel_pool`: like `tunnel` with backhaul's lean [`Http1Pool`] instead of
+//!   hyper-util's client (what the relay forwards through).
 //! - `tunnel_h1`: like `tunnel` without the pool: one `hyper::client::conn::http1`
 //!   connection per concurrent worker, each on a tunnel stream from
 //!   `Connector::connect`; it pairs with `raw_quinn_h1` to isolate backhaul's own cost.
@@ -45,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use backhaul::connector::Connector;
 use backhaul::edge::Router;
+use backhaul::http::pool::Http1Pool;
 use backhaul::{Config, QuinnConnection, Role, Session, SessionClient};
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode, Throughput};
@@ -69,10 +72,12 @@ const LEVELS: [usize; 3] = [1, 16, 64];
 /// Requests each task sends per iteration at concurrency above 1.
 const PER_TASK: usize = 16;
 /// The ratios the latency pass prints: (ours, baseline).
-const RATIOS: [(&str, &str); 5] = [
+const RATIOS: [(&str, &str); 7] = [
     ("tunnel", "raw_quinn_h1"),
     ("tunnel", "raw_quinn_pooled"),
     ("tunnel", "tcp"),
+    ("tunnel_pool", "tcp"),
+    ("tunnel_pool", "tunnel"),
     ("tunnel_h1", "raw_quinn_h1"),
     ("tunnel", "tunnel_h1"),
 ];
@@ -262,6 +267,8 @@ enum Target {
         senders: Arc<Vec<Mutex<http1::SendRequest<Empty<Bytes>>>>>,
         host: &'static str,
     },
+    /// backhaul's lean HTTP/1 pool → backhaul Connector → edge Router → axum.
+    TunnelPool(Http1Pool<Counted<Connector<QuinnConnection>>, Empty<Bytes>>),
     /// Pooled client → raw quinn streams.
     RawQuinnPooled(Client<Counted<RawQuinnConnector>, Empty<Bytes>>),
     /// Pooled client → TCP.
@@ -285,6 +292,17 @@ impl Way {
             Target::Tunnel(client) => client.get(uri.clone()).await.expect("tunnel GET"),
             Target::RawQuinnPooled(client) => client.get(uri.clone()).await.expect("raw GET"),
             Target::Tcp(client) => client.get(uri.clone()).await.expect("tcp GET"),
+            Target::TunnelPool(pool) => {
+                let request = Request::get(uri.clone())
+                    .body(Empty::new())
+                    .expect("request");
+                let response = pool.send(request).await.expect("pool GET");
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await.expect("body").to_bytes();
+                assert!(parts.status.is_success());
+                assert_eq!(body.len(), BODY.len());
+                return;
+            }
             Target::PerWorkerH1 { senders, host } => {
                 let request = Request::get(uri.clone())
                     .header(http::header::HOST, *host)
@@ -333,7 +351,7 @@ async fn tunnel_pair() -> (SessionClient<QuinnConnection>, QuicPair) {
 /// What must outlive the measurements: QUIC connections, and sessions no client holds.
 type KeepAlive = Vec<(QuicPair, Option<SessionClient<QuinnConnection>>)>;
 
-/// Builds the five ways: connections, sessions, servers and clients, and what to keep
+/// Builds the six ways: connections, sessions, servers and clients, and what to keep
 /// alive meanwhile.
 async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let executor = TokioExecutor::new();
@@ -346,6 +364,12 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let tunnel =
         Client::builder(executor.clone()).build(counted(Connector::new(relay), &tunnel_count));
     let mut pairs = vec![(quic, None)];
+
+    // (a'') backhaul's lean HTTP/1 pool over the same kind of session.
+    let (relay, quic) = tunnel_pair().await;
+    let tunnel_pool_count = Arc::new(AtomicUsize::new(0));
+    let tunnel_pool = Http1Pool::new(counted(Connector::new(relay), &tunnel_pool_count));
+    pairs.push((quic, None));
 
     // (a') hyper HTTP/1 over tunnel streams, one per worker (no pool), on a session of
     // its own.
@@ -408,6 +432,12 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
             target: Target::Tunnel(tunnel),
             uri: Uri::from_static("http://web/"),
             connections: tunnel_count,
+        },
+        Way {
+            name: "tunnel_pool",
+            target: Target::TunnelPool(tunnel_pool),
+            uri: Uri::from_static("http://web/"),
+            connections: tunnel_pool_count,
         },
         Way {
             name: "tunnel_h1",

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use backhaul::connector::Connector;
 use backhaul::edge::Router;
+use backhaul::http::pool::Http1Pool;
 use backhaul::http::EdgeClients;
 use backhaul::relay::{Registry, TakeoverPolicy};
 use backhaul::QuinnConnection;
@@ -202,6 +203,77 @@ async fn a_replaced_session_loses_its_client_and_never_serves_the_new_one() {
         assert_eq!(clients.len(), 1);
         // A late caller holding the old handle gets a client that is not kept.
         let _late = clients.client(&old);
+        assert_eq!(clients.len(), 1);
+    })
+    .await;
+}
+
+async fn get_pooled(pool: &Http1Pool<Tracked, Empty<Bytes>>) -> (StatusCode, String) {
+    let request = http::Request::get("http://web/")
+        .body(Empty::new())
+        .expect("a request");
+    let response = pool.send(request).await.expect("a response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("a body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_http1_pool_reuses_its_streams_and_goes_with_the_session() {
+    within(LIMIT, async {
+        let registry = Registry::with_policy(TakeoverPolicy::ReplaceHolder);
+        let relay = TestRelay::start(&["alpha=s3cret"], registry.clone(), |acceptor| acceptor);
+        let _first = edge(&relay, "alpha", "first").await;
+        let old = current(&registry, "alpha", None).await;
+        let tracking = Tracking::default();
+        let clients: EdgeClients<Empty<Bytes>, Tracking> = EdgeClients::builder(registry.clone())
+            .layer(tracking.clone())
+            .build();
+
+        // 300 at once: one stream each at most, all back in the pool afterwards.
+        let mut requests = JoinSet::new();
+        for _ in 0..300 {
+            let (clients, old) = (clients.clone(), old.clone());
+            requests.spawn(async move { get_pooled(&clients.pool(&old)).await });
+        }
+        while let Some(answer) = requests.join_next().await {
+            let (status, body) = answer.expect("a request");
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "first"));
+        }
+        let opens = tracking.opens.load(Ordering::SeqCst);
+        assert!((1..=300).contains(&opens), "{opens} opens");
+        let pool = clients.pool(&old);
+        assert_eq!(pool.idle(), opens, "every stream came back");
+        // The next 300 reuse them: no open at all.
+        let mut requests = JoinSet::new();
+        for _ in 0..300 {
+            let pool = pool.clone();
+            requests.spawn(async move { get_pooled(&pool).await });
+        }
+        while let Some(answer) = requests.join_next().await {
+            assert_eq!(answer.expect("a request").0, StatusCode::OK);
+        }
+        assert_eq!(tracking.opens.load(Ordering::SeqCst), opens);
+        assert_eq!(clients.len(), 1, "one session");
+        drop(pool);
+
+        // A new session replaces the old one: the old pool (and every copy of its
+        // connector) is dropped, and the new session's pool reaches the new edge.
+        let _second = edge(&relay, "alpha", "second").await;
+        let new = current(&registry, "alpha", Some(&old)).await;
+        let old_dropped = Arc::clone(&tracking.sessions.lock().unwrap()[0]);
+        eventually(Duration::from_secs(30), "the old pool dropped", || {
+            std::future::ready(old_dropped.load(Ordering::SeqCst))
+        })
+        .await;
+        for _ in 0..20 {
+            assert_eq!(get_pooled(&clients.pool(&new)).await.1, "second");
+        }
         assert_eq!(clients.len(), 1);
     })
     .await;

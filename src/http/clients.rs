@@ -1,11 +1,13 @@
 //! One pooled HTTP client per edge session, so keep-alive connections reuse tunnel streams.
 //!
-//! A relay forwarding HTTP to edges wants hyper-util's pooled client: a request reuses an
-//! idle HTTP connection (a tunnel stream) instead of opening a stream per request. The
-//! pool must belong to one edge *session*, though: when an edge reconnects, its old
+//! A relay forwarding HTTP to edges wants a pooled client (backhaul's lean
+//! [`Http1Pool`], or hyper-util's client for HTTP/2): a request reuses an idle HTTP
+//! connection (a tunnel stream) instead of opening a stream per request. The pool must
+//! belong to one edge *session*, though: when an edge reconnects, its old
 //! session's pooled connections are dead, and a request must never be sent through them.
-//! [`EdgeClients`] keeps one client per (name, [`Epoch`]), built on first use over the
-//! session's [`Connector`], and drops it as soon as the [`Registry`] detaches that epoch.
+//! [`EdgeClients`] keeps the clients of each (name, [`Epoch`]), built on first use over
+//! the session's [`Connector`], and drops them as soon as the [`Registry`] detaches that
+//! epoch.
 //!
 //! A [`Layer`] over each session's connector ([`EdgeClientsBuilder::layer`]) adds what the
 //! application needs, e.g. counting opens by outcome, or a timeout.
@@ -25,6 +27,7 @@ use tower::layer::util::Identity;
 use tower::Layer;
 
 use crate::connector::Connector;
+use crate::http::pool::{Http1Pool, Http1PoolBuilder, PoolConnector};
 use crate::relay::{EdgeHandle, EdgeName, Epoch, Registry, RegistryEvent};
 use crate::transport::{Connection, DefaultConnection};
 
@@ -69,12 +72,28 @@ where
     shared: Arc<Shared<B, L, C>>,
 }
 
-type Table<K, B> = HashMap<(EdgeName, Epoch), Client<K, B>>;
+type Table<K, B> = HashMap<(EdgeName, Epoch), SessionClients<K, B>>;
+
+/// What one session's requests go through, each built on first use.
+struct SessionClients<K, B> {
+    client: Option<Client<K, B>>,
+    pool: Option<Http1Pool<K, B>>,
+}
+
+impl<K, B> Default for SessionClients<K, B> {
+    fn default() -> Self {
+        Self {
+            client: None,
+            pool: None,
+        }
+    }
+}
 
 struct Shared<B, L: Layer<Connector<C>>, C: Connection> {
     registry: Registry<C>,
     layer: L,
     builder: Builder,
+    pool_builder: Http1PoolBuilder,
     clients: Mutex<Table<L::Service, B>>,
     /// The task that drops detached sessions' clients: started on first use (so that
     /// building an `EdgeClients` needs no runtime), stopped when the last clone drops.
@@ -140,21 +159,67 @@ where
     /// # Panics
     /// Outside a Tokio runtime (the first call starts the task that follows the registry).
     pub fn client(&self, edge: &EdgeHandle<C>) -> Client<L::Service, B> {
+        self.session_one(
+            edge,
+            |clients| &mut clients.client,
+            |connector| self.shared.builder.build(connector),
+        )
+    }
+}
+
+impl<B, L, C> EdgeClients<B, L, C>
+where
+    L: Layer<Connector<C>> + Send + Sync + 'static,
+    L::Service: PoolConnector,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C: Connection,
+{
+    /// The [`Http1Pool`] of `edge`'s session (HTTP/1.1, leaner than hyper-util's client:
+    /// see the [`pool`](crate::http::pool) module), built on first use and kept like
+    /// [`client`](Self::client)'s.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the first call starts the task that follows the registry).
+    pub fn pool(&self, edge: &EdgeHandle<C>) -> Http1Pool<L::Service, B> {
+        self.session_one(
+            edge,
+            |clients| &mut clients.pool,
+            |connector| self.shared.pool_builder.clone().build(connector),
+        )
+    }
+}
+
+impl<B, L, C> EdgeClients<B, L, C>
+where
+    L: Layer<Connector<C>> + Send + Sync + 'static,
+    L::Service: Send + Sync + 'static,
+    B: Send + 'static,
+    C: Connection,
+{
+    /// One of `edge`'s session's clients (picked by `pick`), built with `build` on first
+    /// use. It is kept only while the session still holds the edge's name.
+    fn session_one<T: Clone>(
+        &self,
+        edge: &EdgeHandle<C>,
+        pick: impl Fn(&mut SessionClients<L::Service, B>) -> &mut Option<T>,
+        build: impl FnOnce(L::Service) -> T,
+    ) -> T {
         self.follow();
         let key = (edge.name().clone(), edge.epoch());
         let mut clients = lock(&self.shared.clients);
-        if let Some(client) = clients.get(&key) {
-            return client.clone();
+        if let Some(built) = clients.get_mut(&key).and_then(|kept| pick(kept).clone()) {
+            return built;
         }
-        let connector = self.shared.layer.layer(edge.connector());
-        let client = self.shared.builder.build(connector);
+        let built = build(self.shared.layer.layer(edge.connector()));
         // Kept only while the session still holds the name: its `Detached` event, which
-        // drops the client, is then yet to come (the registry publishes under its lock,
+        // drops the clients, is then yet to come (the registry publishes under its lock,
         // and the follower takes `clients` before removing).
         if is_current(&self.shared.registry, &key.0, key.1) {
-            clients.insert(key, client.clone());
+            *pick(clients.entry(key).or_default()) = Some(built.clone());
         }
-        client
+        built
     }
 
     /// How many sessions have a client now.
@@ -222,12 +287,14 @@ pub struct EdgeClientsBuilder<L = Identity, C: Connection = DefaultConnection> {
     registry: Registry<C>,
     layer: L,
     builder: Builder,
+    pool_builder: Http1PoolBuilder,
 }
 
 impl<L, C: Connection> fmt::Debug for EdgeClientsBuilder<L, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EdgeClientsBuilder")
             .field("client", &self.builder)
+            .field("pool", &self.pool_builder)
             .finish_non_exhaustive()
     }
 }
@@ -242,6 +309,7 @@ impl<C: Connection> EdgeClientsBuilder<Identity, C> {
             registry,
             layer: Identity::new(),
             builder,
+            pool_builder: Http1PoolBuilder::default(),
         }
     }
 }
@@ -254,6 +322,7 @@ impl<L, C: Connection> EdgeClientsBuilder<L, C> {
             registry: self.registry,
             layer,
             builder: self.builder,
+            pool_builder: self.pool_builder,
         }
     }
 
@@ -261,6 +330,13 @@ impl<L, C: Connection> EdgeClientsBuilder<L, C> {
     #[must_use]
     pub fn client_builder(mut self, builder: Builder) -> Self {
         self.builder = builder;
+        self
+    }
+
+    /// Replaces the [`Http1Pool`] settings (idle timeout, read-ahead…).
+    #[must_use]
+    pub fn pool_builder(mut self, builder: Http1PoolBuilder) -> Self {
+        self.pool_builder = builder;
         self
     }
 
@@ -275,6 +351,7 @@ impl<L, C: Connection> EdgeClientsBuilder<L, C> {
                 registry: self.registry,
                 layer: self.layer,
                 builder: self.builder,
+                pool_builder: self.pool_builder,
                 clients: Mutex::new(HashMap::new()),
                 follower: Mutex::new(None),
             }),

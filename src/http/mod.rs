@@ -1,7 +1,10 @@
 //! HTTP on both ends of a tunnel, and on a relay's public port.
 //!
 //! - [`serve`]: a tower HTTP service as an edge route (below);
-//! - [`EdgeClients`]: on a relay, one pooled hyper-util client per edge session;
+//! - [`pool`]: [`Http1Pool`](pool::Http1Pool), a lean pooled HTTP/1.1 client for tunnel
+//!   streams (what a relay forwards requests through);
+//! - [`EdgeClients`]: on a relay, the pooled clients of each edge session (an
+//!   `Http1Pool`, or a hyper-util client for HTTP/2);
 //! - [`server`]: a hardened HTTP/1 and HTTP/2 server for public listeners (limits on
 //!   connections and on each stage of them, an observer for metrics, graceful shutdown).
 //!
@@ -18,6 +21,7 @@
 
 pub mod authority;
 pub mod forwarded;
+pub mod pool;
 pub mod proxy;
 
 mod clients;

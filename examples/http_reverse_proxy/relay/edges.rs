@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use backhaul::connector::Connector;
+use backhaul::http::proxy::Upstream;
 use backhaul::http::EdgeClients;
 use backhaul::relay::{EdgeHandle, RegistryEvent};
 use backhaul::stream::TunnelStream;
@@ -24,8 +25,10 @@ use super::*;
 /// The edges' pooled HTTP clients, one per session, counting opens.
 pub(super) type MeteredClients = EdgeClients<ProxyBody, MeterOpens>;
 
-/// The edges' clients, with opens counted in `metrics`: HTTP/1.1 ones, or with `http2`
-/// HTTP/2 ones (prior knowledge; for requests `tunnel_version` sends as HTTP/2).
+/// The edges' clients, with opens counted in `metrics`: HTTP/1.1 ones (the library's
+/// lean `Http1Pool`, through `EdgeClients::pool`), or with `http2` HTTP/2 ones (a
+/// hyper-util client speaking prior knowledge; for requests `tunnel_version` sends as
+/// HTTP/2).
 pub(super) fn clients(registry: Registry, metrics: &Metrics, http2: bool) -> MeteredClients {
     let builder = EdgeClients::builder(registry).layer(MeterOpens {
         opens: metrics.opens.clone(),
@@ -44,7 +47,7 @@ pub(super) fn clients(registry: Registry, metrics: &Metrics, http2: bool) -> Met
 #[derive(Clone)]
 pub(super) struct EdgeEntry {
     pub(super) handle: EdgeHandle,
-    pub(super) http: Client<MeteredConnector, ProxyBody>,
+    pub(super) http: Upstream<MeteredConnector>,
 }
 
 impl EdgeEntry {

@@ -728,9 +728,9 @@ impl RelayState {
         match (location, &self.cluster) {
             (Location::Local(handle), _) => Ok(Some(EdgeRoute::Local(EdgeEntry {
                 http: if http2 {
-                    self.http2_clients.client(&handle)
+                    self.http2_clients.client(&handle).into()
                 } else {
-                    self.clients.client(&handle)
+                    self.clients.pool(&handle).into()
                 },
                 handle,
             }))),

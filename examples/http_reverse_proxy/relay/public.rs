@@ -16,8 +16,9 @@
 
 use backhaul::http::authority::{request_authority, Authority, Host};
 use backhaul::http::forwarded::Proto;
+use backhaul::http::pool::PoolConnector;
 use backhaul::http::proxy::{
-    boxed, is_upgrade, retarget, strip_hop_by_hop, tunnel_version, ReverseProxy, Timeouts,
+    boxed, is_upgrade, retarget, strip_hop_by_hop, tunnel_version, ReverseProxy, Timeouts, Upstream,
 };
 use http::Method;
 use hyper_util::client::legacy::connect::Connect;
@@ -246,13 +247,13 @@ async fn route(
 /// relay's timeouts, counting the response body's bytes.
 async fn forward<C, B>(
     state: &RelayState,
-    client: hyper_util::client::legacy::Client<C, ProxyBody>,
+    client: impl Into<Upstream<C>>,
     request: Request<B>,
     edge: &str,
     service: &str,
 ) -> Result<Response<ProxyBody>, ForwardError>
 where
-    C: Connect + Clone + Send + Sync + 'static,
+    C: Connect + PoolConnector,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {

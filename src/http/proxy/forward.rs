@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::Either;
 use hyper::body::Body;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::Connect;
 use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 use tower::Service;
 
@@ -20,6 +20,7 @@ use super::hop_by_hop::{is_upgrade, strip_hop_by_hop};
 use super::idle::{IdleHook, IdleTimeoutBody};
 use super::upgrade::spawn_splice;
 use super::{boxed, BoxError, ProxyBody};
+use crate::http::pool::{Http1Pool, PoolConnector, PoolError, PooledBody};
 
 /// How long an upstream may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,9 @@ pub enum ForwardError {
     /// a refused TCP connection, a `hyper::Error`…).
     #[error(transparent)]
     Upstream(#[from] legacy::Error),
+    /// The same, through an [`Http1Pool`].
+    #[error(transparent)]
+    Pool(#[from] PoolError),
 }
 
 impl ForwardError {
@@ -61,8 +65,51 @@ impl ForwardError {
     }
 }
 
+/// What a [`ReverseProxy`] sends requests with: backhaul's lean HTTP/1.1 pool (the
+/// default, and the relay's choice for tunnel streams), or a hyper-util [`Client`]
+/// (for HTTP/2, or its other settings). Both convert with `into()`.
+// The client is kept inline, as it was before the pool: boxing it would cost an
+// allocation for every proxy built per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Upstream<C> {
+    /// An [`Http1Pool`]: HTTP/1.1, connections back in the pool as each response ends.
+    Http1(Http1Pool<C, ProxyBody>),
+    /// A hyper-util pooled client.
+    Client(Client<C, ProxyBody>),
+}
+
+impl<C: Clone> Clone for Upstream<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Http1(pool) => Self::Http1(pool.clone()),
+            Self::Client(client) => Self::Client(client.clone()),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Upstream<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http1(pool) => f.debug_tuple("Http1").field(pool).finish(),
+            Self::Client(_) => f.write_str("Client"),
+        }
+    }
+}
+
+impl<C> From<Http1Pool<C, ProxyBody>> for Upstream<C> {
+    fn from(pool: Http1Pool<C, ProxyBody>) -> Self {
+        Self::Http1(pool)
+    }
+}
+
+impl<C> From<Client<C, ProxyBody>> for Upstream<C> {
+    fn from(client: Client<C, ProxyBody>) -> Self {
+        Self::Client(client)
+    }
+}
+
 /// A reverse proxy: a `tower::Service` that forwards each request to the URI it carries
-/// with a pooled hyper-util [`Client`] and answers with the upstream's response.
+/// with a pooled client ([`Upstream`]) and answers with the upstream's response.
 ///
 /// On the way: hop-by-hop headers are dropped both ways (see [`strip_hop_by_hop`]; a
 /// caller adding headers a client must not remove strips first), the request goes out as
@@ -92,7 +139,7 @@ impl ForwardError {
 /// # Ok(()) }
 /// ```
 pub struct ReverseProxy<C> {
-    client: Client<C, ProxyBody>,
+    upstream: Upstream<C>,
     timeouts: Timeouts,
     on_idle: Option<IdleHook>,
 }
@@ -100,7 +147,7 @@ pub struct ReverseProxy<C> {
 impl<C: Clone> Clone for ReverseProxy<C> {
     fn clone(&self) -> Self {
         Self {
-            client: self.client.clone(),
+            upstream: self.upstream.clone(),
             timeouts: self.timeouts,
             on_idle: self.on_idle.clone(),
         }
@@ -115,21 +162,18 @@ impl<C> std::fmt::Debug for ReverseProxy<C> {
     }
 }
 
-impl<C> ReverseProxy<C>
-where
-    C: Connect + Clone + Send + Sync + 'static,
-{
-    /// A proxy with a default pooled client over `connector`.
-    pub fn new(connector: C) -> Self {
-        Self::with_client(Client::builder(TokioExecutor::new()).build(connector))
-    }
-}
-
 impl<C> ReverseProxy<C> {
-    /// A proxy sending with `client` (its pool, HTTP/2 and buffer settings).
-    pub fn with_client(client: Client<C, ProxyBody>) -> Self {
+    /// A proxy sending HTTP/1.1 through an [`Http1Pool`] with the default settings over
+    /// `connector`.
+    pub fn new(connector: C) -> Self {
+        Self::with_client(Http1Pool::new(connector))
+    }
+
+    /// A proxy sending with `client`: an [`Http1Pool`] or a hyper-util [`Client`] (its
+    /// pool, HTTP/2 and buffer settings).
+    pub fn with_client(client: impl Into<Upstream<C>>) -> Self {
         Self {
-            client,
+            upstream: client.into(),
             timeouts: Timeouts::default(),
             on_idle: None,
         }
@@ -154,15 +198,15 @@ impl<C> ReverseProxy<C> {
         self.timeouts
     }
 
-    /// The client requests are sent with.
-    pub fn client(&self) -> &Client<C, ProxyBody> {
-        &self.client
+    /// What requests are sent with.
+    pub fn upstream(&self) -> &Upstream<C> {
+        &self.upstream
     }
 }
 
 impl<C, B> Service<Request<B>> for ReverseProxy<C>
 where
-    C: Connect + Clone + Send + Sync + 'static,
+    C: Connect + PoolConnector + Clone + Send + Sync + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -181,8 +225,13 @@ where
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
         *request.version_mut() = Version::HTTP_11;
+        let request = request.map(boxed);
+        let response = match &self.upstream {
+            Upstream::Http1(pool) => Sending::Http1(Box::pin(pool.send(request))),
+            Upstream::Client(client) => Sending::Client(client.request(request)),
+        };
         ResponseFuture {
-            response: self.client.request(request.map(boxed)),
+            response,
             deadline: Box::pin(tokio::time::sleep(self.timeouts.response)),
             timeouts: self.timeouts,
             downstream_upgrade,
@@ -194,7 +243,7 @@ where
 /// The response of a [`ReverseProxy`] call.
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture {
-    response: legacy::ResponseFuture,
+    response: Sending,
     deadline: Pin<Box<Sleep>>,
     timeouts: Timeouts,
     downstream_upgrade: Option<OnUpgrade>,
@@ -209,14 +258,40 @@ impl std::fmt::Debug for ResponseFuture {
     }
 }
 
+/// A response body from either kind of [`Upstream`].
+type UpstreamBody = Either<hyper::body::Incoming, PooledBody<ProxyBody>>;
+
+type PoolResponse = Result<Response<PooledBody<ProxyBody>>, PoolError>;
+
+/// A request on its way, through one kind of [`Upstream`].
+enum Sending {
+    Http1(Pin<Box<dyn Future<Output = PoolResponse> + Send>>),
+    Client(legacy::ResponseFuture),
+}
+
+impl Sending {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<UpstreamBody>, ForwardError>> {
+        match self {
+            Self::Http1(sending) => sending.as_mut().poll(cx).map(|sent| match sent {
+                Ok(response) => Ok(response.map(Either::Right)),
+                Err(error) => Err(error.into()),
+            }),
+            Self::Client(sending) => Pin::new(sending).poll(cx).map(|sent| match sent {
+                Ok(response) => Ok(response.map(Either::Left)),
+                Err(error) => Err(error.into()),
+            }),
+        }
+    }
+}
+
 impl Future for ResponseFuture {
     type Output = Result<Response<ProxyBody>, ForwardError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let mut response = match Pin::new(&mut this.response).poll(cx) {
+        let mut response = match this.response.poll(cx) {
             Poll::Ready(Ok(response)) => response,
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
             Poll::Pending => {
                 return match this.deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {

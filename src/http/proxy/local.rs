@@ -17,9 +17,10 @@ use tower::Service;
 use tracing::warn;
 
 use super::failure::error_chain;
-use super::forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts};
+use super::forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts, Upstream};
 use super::{retarget, text_response, BoxError, ProxyBody};
 use crate::error::Error;
+use crate::http::pool::Http1Pool;
 
 /// A route to the HTTP service at `upstream`, for an edge's
 /// [`Router`](crate::edge::Router) via [`serve`](crate::http::serve): `http://host:port`
@@ -60,13 +61,20 @@ pub fn to_local(upstream: Uri) -> Result<LocalUpstream, Error> {
     let (authority, http2) = validate_upstream(&upstream, Scheme::HttpOrH2c)?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .http2_only(http2)
-        .build(connector);
+    // HTTP/1.1 through backhaul's lean pool; HTTP/2 through hyper-util's client, which
+    // multiplexes one connection.
+    let proxy = if http2 {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        ReverseProxy::with_client(client)
+    } else {
+        ReverseProxy::with_client(Http1Pool::new(connector))
+    };
     Ok(LocalUpstream {
         description: Arc::from(format!("local service at {authority}")),
         authority,
-        proxy: ReverseProxy::with_client(client),
+        proxy,
         rewrite_host: false,
         http2,
     })
@@ -117,10 +125,11 @@ impl LocalUpstream {
         self
     }
 
-    /// Sends with `client` (pool and connector settings) instead of a default one; for
-    /// an `h2c://` upstream, build it `http2_only`.
+    /// Sends with `client` (an [`Http1Pool`] or a hyper-util `Client`, with their pool and
+    /// connector settings) instead of a default one; for an `h2c://` upstream, a
+    /// hyper-util client built `http2_only`.
     #[must_use]
-    pub fn with_client(mut self, client: Client<HttpConnector, ProxyBody>) -> Self {
+    pub fn with_client(mut self, client: impl Into<Upstream<HttpConnector>>) -> Self {
         let timeouts = self.proxy.timeouts();
         self.proxy = ReverseProxy::with_client(client).with_timeouts(timeouts);
         self

@@ -1,0 +1,96 @@
+//! The idle connections of a pool, by authority: where a finished response puts its
+//! connection back, and where the next request takes one.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use hyper::client::conn::http1::SendRequest;
+
+/// Idle HTTP/1 connections (their request halves), most recently used last.
+pub(super) struct IdleSet<B> {
+    by_authority: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
+    /// How long a connection may sit idle before it is closed.
+    timeout: Duration,
+    /// How many idle connections an authority keeps; more are closed at once.
+    max_per_authority: usize,
+}
+
+struct Idle<B> {
+    sender: SendRequest<B>,
+    since: Instant,
+}
+
+impl<B> IdleSet<B> {
+    pub(super) fn new(timeout: Duration, max_per_authority: usize) -> Self {
+        Self {
+            by_authority: Mutex::new(HashMap::new()),
+            timeout,
+            max_per_authority,
+        }
+    }
+
+    /// The most recently used open connection to `authority` that has not idled too long.
+    /// Closed and expired ones met on the way are dropped.
+    pub(super) fn take(&self, authority: &Authority) -> Option<SendRequest<B>> {
+        let mut by_authority = self.lock();
+        let idle = by_authority.get_mut(authority)?;
+        let now = Instant::now();
+        let mut found = None;
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout {
+                found = Some(entry.sender);
+                break;
+            }
+        }
+        if idle.is_empty() {
+            by_authority.remove(authority);
+        }
+        found
+    }
+
+    /// Keeps `sender` for the next request to `authority`, unless it is closed or the
+    /// authority already keeps as many as allowed (then it is dropped, which closes it).
+    pub(super) fn put(&self, authority: Authority, sender: SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut by_authority = self.lock();
+        let idle = by_authority.entry(authority).or_default();
+        if idle.len() < self.max_per_authority {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops the connections that are closed or have idled longer than the timeout.
+    pub(super) fn expire(&self) {
+        let now = Instant::now();
+        let mut by_authority = self.lock();
+        by_authority.retain(|_, idle| {
+            idle.retain(|entry| {
+                !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout
+            });
+            !idle.is_empty()
+        });
+    }
+
+    /// How many idle connections are kept now.
+    pub(super) fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Idle<B>>>> {
+        // Every update is one map operation: a poisoned map is still consistent.
+        self.by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

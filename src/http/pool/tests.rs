@@ -1,0 +1,274 @@
+//! The pool against real HTTP/1 servers on loopback TCP (through hyper-util's
+//! `HttpConnector`); over tunnel streams it is exercised by `tests/http_proxy.rs`, whose
+//! `ReverseProxy` sends through it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use super::*;
+
+type TestPool = Http1Pool<HttpConnector, Empty<Bytes>>;
+
+/// A body of `len` bytes that depends on `seed`, so a mixed-up body shows.
+fn pattern(seed: u64, len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64) % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// An HTTP/1 server answering `/<seed>/<len>` with [`pattern`]`(seed, len)` and echoing
+/// the Host header it got; counts the connections it accepted.
+async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(answer);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut parts = request.uri().path().trim_start_matches('/').split('/');
+    let seed = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let len = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let host = request
+        .headers()
+        .get(HOST)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("-"));
+    let mut response = Response::new(Full::new(pattern(seed, len)));
+    response.headers_mut().insert("x-host", host);
+    Ok(response)
+}
+
+fn pool() -> TestPool {
+    Http1Pool::new(HttpConnector::new())
+}
+
+fn get(addr: SocketAddr, seed: u64, len: usize) -> Request<Empty<Bytes>> {
+    Request::get(format!("http://{addr}/{seed}/{len}"))
+        .body(Empty::new())
+        .expect("request")
+}
+
+/// Sends a GET and returns the whole body after checking it against the pattern.
+async fn fetch(pool: &TestPool, addr: SocketAddr, seed: u64, len: usize) {
+    let response = pool.send(get(addr, seed, len)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, pattern(seed, len), "body of request {seed}");
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_connection() {
+    let (addr, accepted) = server().await;
+    let pool = pool();
+    for seed in 0..20 {
+        fetch(&pool, addr, seed, 1000).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.idle(), 1);
+}
+
+#[tokio::test]
+async fn the_host_header_comes_from_the_uri_unless_set() {
+    let (addr, _) = server().await;
+    let pool = pool();
+    let response = pool.send(get(addr, 1, 1)).await.expect("response");
+    assert_eq!(response.headers()["x-host"], addr.to_string().as_str());
+    let request = Request::get(format!("http://{addr}/1/1"))
+        .header(HOST, "kiosk.example")
+        .body(Empty::new())
+        .expect("request");
+    let response = pool.send(request).await.expect("response");
+    assert_eq!(response.headers()["x-host"], "kiosk.example");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_requests_get_their_own_bodies_and_connections_come_back() {
+    let (addr, accepted) = server().await;
+    let pool = pool();
+    for round in 0..2u64 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300u64 {
+            let pool = pool.clone();
+            let seed = round * 1000 + i;
+            tasks.spawn(async move { fetch(&pool, addr, seed, 20_000 + i as usize).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("request task");
+        }
+    }
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!(opened <= 300, "{opened} connections for 300 at a time");
+    // Every connection came back and stays reusable.
+    assert_eq!(pool.idle(), opened);
+    for seed in 0..opened as u64 {
+        fetch(&pool, addr, seed, 10).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), opened);
+}
+
+#[tokio::test]
+async fn a_body_dropped_before_its_end_closes_its_connection() {
+    let (addr, accepted) = server().await;
+    let pool = pool();
+    let response = pool.send(get(addr, 7, 4 << 20)).await.expect("response");
+    let mut body = response.into_body();
+    body.frame().await.expect("a frame").expect("data");
+    drop(body);
+    assert_eq!(pool.idle(), 0);
+    fetch(&pool, addr, 8, 100).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_empty_body_returns_its_connection_at_once() {
+    let (addr, accepted) = server().await;
+    let pool = pool();
+    let response = pool.send(get(addr, 1, 0)).await.expect("response");
+    // Not read at all: the body had ended with the head.
+    drop(response);
+    fetch(&pool, addr, 2, 10).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A server that answers one request per connection and then hangs up without saying
+/// so (no `Connection: close`): the client finds out only when it reuses the connection.
+async fn hanging_up_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_closed_while_idle_is_replaced_and_the_request_still_sent() {
+    let (addr, accepted) = hanging_up_server().await;
+    let pool = pool();
+    for _ in 0..10 {
+        let response = pool.send(get(addr, 0, 0)).await.expect("response");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+        // Let the hang-up arrive, or not: either way the next request must succeed.
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let (addr, _) = server().await;
+    let pool: TestPool = Http1Pool::builder()
+        .idle_timeout(Duration::from_millis(100))
+        .build(HttpConnector::new());
+    fetch(&pool, addr, 1, 10).await;
+    assert_eq!(pool.idle(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.idle(), 0);
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_the_limit_are_closed() {
+    let (addr, accepted) = server().await;
+    let pool: TestPool = Http1Pool::builder()
+        .max_idle_per_authority(2)
+        .build(HttpConnector::new());
+    let responses =
+        futures_util::future::join_all((0..5).map(|seed| pool.send(get(addr, seed, 10)))).await;
+    for response in responses {
+        let body = response.expect("response").into_body().collect().await;
+        body.expect("body");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(pool.idle(), 2);
+}
+
+#[tokio::test]
+async fn failures_are_typed() {
+    let pool = pool();
+    let relative = Request::get("/no/authority")
+        .body(Empty::new())
+        .expect("request");
+    assert!(matches!(
+        pool.send(relative).await,
+        Err(PoolError::NoAuthority(_))
+    ));
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    assert!(matches!(
+        pool.send(get(addr, 0, 0)).await,
+        Err(PoolError::Connect(_))
+    ));
+    // A server that hangs up without answering.
+    let mute = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = mute.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = mute.accept().await {
+            drop(stream);
+        }
+    });
+    let error = pool.send(get(addr, 0, 0)).await.expect_err("no answer");
+    assert!(matches!(error, PoolError::Send(_)), "{error:?}");
+}
