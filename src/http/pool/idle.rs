@@ -31,16 +31,25 @@ impl<B> IdleSet<B> {
         }
     }
 
-    /// The most recently used open connection to `authority` that has not idled too long.
-    /// Closed and expired ones met on the way are dropped.
+    /// The most recently used connection to `authority` that is ready for a request now
+    /// and has not idled too long. Closed and expired ones met on the way are dropped;
+    /// open ones not ready yet stay (the peer answered before the request's body was all
+    /// sent, and hyper is still sending it): a request must not wait behind another's
+    /// upload.
     pub(super) fn take(&self, authority: &Authority) -> Option<SendRequest<B>> {
         let mut by_authority = self.lock();
         let idle = by_authority.get_mut(authority)?;
+        // Pushed in time order: the expired ones are first.
         let now = Instant::now();
+        let expired = idle.partition_point(|entry| now.duration_since(entry.since) >= self.timeout);
+        idle.drain(..expired);
         let mut found = None;
-        while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout {
-                found = Some(entry.sender);
+        for index in (0..idle.len()).rev() {
+            let sender = &idle[index].sender;
+            if sender.is_closed() {
+                idle.remove(index);
+            } else if sender.is_ready() {
+                found = Some(idle.remove(index).sender);
                 break;
             }
         }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -271,4 +272,98 @@ async fn failures_are_typed() {
     });
     let error = pool.send(get(addr, 0, 0)).await.expect_err("no answer");
     assert!(matches!(error, PoolError::Send(_)), "{error:?}");
+}
+
+/// A request body: empty, or one chunk and then never an end.
+struct Upload {
+    endless: bool,
+    first: Option<Bytes>,
+}
+
+impl hyper::body::Body for Upload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.first.take() {
+            Some(chunk) => Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk)))),
+            None if self.endless => Poll::Pending,
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.endless && self.first.is_none()
+    }
+}
+
+/// A server that answers every connection's first request at once with `hello`, keeps
+/// the connection open and discards whatever else comes (the rest of an upload).
+async fn early_answering_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
+    let (addr, accepted) = early_answering_server().await;
+    let pool: Http1Pool<HttpConnector, Upload> = Http1Pool::new(HttpConnector::new());
+    // An upload that never ends; the server answers without reading it.
+    let upload = Upload {
+        endless: true,
+        first: Some(Bytes::from_static(b"first part")),
+    };
+    let request = Request::post(format!("http://{addr}/1/5"))
+        .body(upload)
+        .expect("request");
+    let response = pool.send(request).await.expect("the early answer");
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"hello");
+    // The connection still carries the upload: the next request takes another.
+    let empty = Upload {
+        endless: false,
+        first: None,
+    };
+    let request = Request::get(format!("http://{addr}/2/5"))
+        .body(empty)
+        .expect("request");
+    let second = tokio::time::timeout(Duration::from_secs(5), pool.send(request))
+        .await
+        .expect("not queued behind the upload")
+        .expect("a response");
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
