@@ -97,8 +97,13 @@ wait_for() { # description command...
 
 if [[ ! -x "$PEERS_DIR/bin/rathole" || ! -x "$PEERS_DIR/bin/bore" ]]; then
     say "installing rathole 0.5.0 and bore-cli 0.6.0 into $PEERS_DIR (once)"
-    cargo install --quiet --locked --root "$PEERS_DIR" rathole@0.5.0 bore-cli@0.6.0 ||
-        fail "cargo install of rathole / bore failed"
+    # Their lock files first; rathole 0.5.0's pins `time` 0.3.29, which newer compilers
+    # reject, so without them (today's compatible versions) if that fails.
+    for peer in rathole@0.5.0 bore-cli@0.6.0; do
+        cargo install --quiet --locked --root "$PEERS_DIR" "$peer" 2>/dev/null ||
+            cargo install --quiet --root "$PEERS_DIR" "$peer" ||
+            fail "cargo install of $peer failed"
+    done
 fi
 RATHOLE="$PEERS_DIR/bin/rathole"
 BORE="$PEERS_DIR/bin/bore"

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Body;
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::task::JoinHandle;
@@ -102,7 +102,7 @@ pub enum PoolError {
 ///
 /// Requests carry an absolute URI (`http://web/status`); its authority keys the pool and
 /// is the connector's target, and becomes the `Host` header when the request has none.
-/// The request goes out in origin form (`/status`).
+/// The request goes out in origin form (`/status`), a CONNECT in authority form.
 ///
 /// `poll_ready` is always ready: a request waits for a connection inside the call, where
 /// the connector's own limits apply (backhaul's `Connector` bounds the opens in flight).
@@ -293,7 +293,7 @@ where
 }
 
 /// Checks `request`'s URI, sets `Host` from it if absent, and turns it into origin
-/// form; returns the authority.
+/// form (authority form for CONNECT); returns the authority.
 fn to_origin_form<B>(request: &mut Request<B>) -> Result<Authority, PoolError> {
     let Some(authority) = request.uri().authority().cloned() else {
         return Err(PoolError::NoAuthority(request.uri().clone()));
@@ -303,12 +303,13 @@ fn to_origin_form<B>(request: &mut Request<B>) -> Result<Authority, PoolError> {
             request.headers_mut().insert(HOST, host);
         }
     }
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *request.uri_mut() = Uri::from(path);
+    *request.uri_mut() = if request.method() == Method::CONNECT {
+        // CONNECT names its target in authority form.
+        Uri::from(authority.clone())
+    } else {
+        let path = request.uri().path_and_query().cloned();
+        Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")))
+    };
     Ok(authority)
 }
 

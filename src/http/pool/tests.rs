@@ -91,6 +91,27 @@ async fn fetch(pool: &TestPool, addr: SocketAddr, seed: u64, len: usize) {
     assert_eq!(body, pattern(seed, len), "body of request {seed}");
 }
 
+#[test]
+fn requests_go_out_in_origin_form_and_connect_in_authority_form() {
+    let mut request = Request::get("http://web:8080/a/b?c=d")
+        .body(())
+        .expect("request");
+    let authority = to_origin_form(&mut request).expect("an authority");
+    assert_eq!(authority, "web:8080");
+    assert_eq!(request.uri(), "/a/b?c=d");
+    assert_eq!(request.headers()[HOST], "web:8080");
+    let mut request = Request::get("http://web").body(()).expect("request");
+    to_origin_form(&mut request).expect("an authority");
+    assert_eq!(request.uri(), "/");
+    let mut request = Request::connect("http://db.internal:5432")
+        .header(HOST, "kept.example")
+        .body(())
+        .expect("request");
+    to_origin_form(&mut request).expect("an authority");
+    assert_eq!(request.uri(), "db.internal:5432");
+    assert_eq!(request.headers()[HOST], "kept.example");
+}
+
 #[tokio::test]
 async fn sequential_requests_reuse_one_connection() {
     let (addr, accepted) = server().await;
@@ -350,7 +371,12 @@ async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
         .body(upload)
         .expect("request");
     let response = pool.send(request).await.expect("the early answer");
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(&body[..], b"hello");
     // The connection still carries the upload: the next request takes another.
     let empty = Upload {
