@@ -109,6 +109,15 @@ async fn get(
         .get("http://web/".parse().expect("a URI"))
         .await
         .expect("a response");
+    status_and_text(response).await
+}
+
+/// The status and the whole body, as text.
+async fn status_and_text<B>(response: http::Response<B>) -> (StatusCode, String)
+where
+    B: hyper::body::Body,
+    B::Error: std::fmt::Debug,
+{
     let status = response.status();
     let body = response
         .into_body()
@@ -212,15 +221,7 @@ async fn get_pooled(pool: &Http1Pool<Tracked, Empty<Bytes>>) -> (StatusCode, Str
     let request = http::Request::get("http://web/")
         .body(Empty::new())
         .expect("a request");
-    let response = pool.send(request).await.expect("a response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("a body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    status_and_text(pool.send(request).await.expect("a response")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,7 +193,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
                 return Poll::Ready(Drive::Broken);
             }
             let Some(send) = state.send.as_mut() else {
-                return self.wait(state, cx);
+                return Self::wait(state, cx);
             };
             if state.unwritten.is_empty() {
                 match self.next_batch(state) {
@@ -201,7 +201,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
                     Some(WriterCommand::Finish(done)) => {
                         return Poll::Ready(Drive::Finish(state.send.take(), done));
                     }
-                    None => return self.wait(state, cx),
+                    None => return Self::wait(state, cx),
                 }
                 continue;
             }
@@ -213,7 +213,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         }
     }
 
-    fn wait(&self, state: &mut WriterState<S>, cx: &mut Context<'_>) -> Poll<Drive<S>> {
+    fn wait(state: &mut WriterState<S>, cx: &mut Context<'_>) -> Poll<Drive<S>> {
         match &state.task {
             Some(task) if task.will_wake(cx.waker()) => {}
             _ => state.task = Some(cx.waker().clone()),

@@ -78,16 +78,21 @@ fn get(addr: SocketAddr, seed: u64, len: usize) -> Request<Empty<Bytes>> {
         .expect("request")
 }
 
-/// Sends a GET and returns the whole body after checking it against the pattern.
-async fn fetch(pool: &TestPool, addr: SocketAddr, seed: u64, len: usize) {
-    let response = pool.send(get(addr, seed, len)).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response
+/// The whole body of `response`.
+async fn body_of(response: Response<PooledBody<impl hyper::body::Body>>) -> Bytes {
+    response
         .into_body()
         .collect()
         .await
         .expect("body")
-        .to_bytes();
+        .to_bytes()
+}
+
+/// Sends a GET and checks its whole body against the pattern.
+async fn fetch(pool: &TestPool, addr: SocketAddr, seed: u64, len: usize) {
+    let response = pool.send(get(addr, seed, len)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = body_of(response).await;
     assert_eq!(body, pattern(seed, len), "body of request {seed}");
 }
 
@@ -186,9 +191,20 @@ async fn an_empty_body_returns_its_connection_at_once() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
-/// A server that answers one request per connection and then hangs up without saying
-/// so (no `Connection: close`): the client finds out only when it reuses the connection.
-async fn hanging_up_server() -> (SocketAddr, Arc<AtomicUsize>) {
+/// What a [`raw_server`] does once it has answered a connection's first request.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Hangs up without having said so (no `Connection: close`): the client finds out
+    /// only when it reuses the connection.
+    HangUp,
+    /// Keeps the connection open and discards whatever else comes (the rest of an
+    /// upload).
+    Discard,
+}
+
+/// A server on bare TCP that answers each connection's first request with `answer` at
+/// once (without reading any body), then does `then`; counts the connections it accepted.
+async fn raw_server(answer: &'static [u8], then: Then) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -208,10 +224,20 @@ async fn hanging_up_server() -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                let _ = stream.shutdown().await;
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                match then {
+                    Then::HangUp => {
+                        let _ = stream.shutdown().await;
+                    }
+                    Then::Discard => {
+                        while let Ok(1..) =
+                            tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await
+                        {
+                        }
+                    }
+                }
             });
         }
     });
@@ -220,16 +246,15 @@ async fn hanging_up_server() -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_connection_closed_while_idle_is_replaced_and_the_request_still_sent() {
-    let (addr, accepted) = hanging_up_server().await;
+    let (addr, accepted) = raw_server(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        Then::HangUp,
+    )
+    .await;
     let pool = pool();
     for _ in 0..10 {
         let response = pool.send(get(addr, 0, 0)).await.expect("response");
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let body = body_of(response).await;
         assert_eq!(&body[..], b"ok");
         // Let the hang-up arrive, or not: either way the next request must succeed.
         tokio::task::yield_now().await;
@@ -321,46 +346,10 @@ impl hyper::body::Body for Upload {
     }
 }
 
-/// A server that answers every connection's first request at once with `hello`, keeps
-/// the connection open and discards whatever else comes (the rest of an upload).
-async fn early_answering_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                if stream.write_all(answer).await.is_err() {
-                    return;
-                }
-                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 #[tokio::test]
 async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
-    let (addr, accepted) = early_answering_server().await;
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+    let (addr, accepted) = raw_server(answer, Then::Discard).await;
     let pool: Http1Pool<HttpConnector, Upload> = Http1Pool::new(HttpConnector::new());
     // An upload that never ends; the server answers without reading it.
     let upload = Upload {
@@ -371,12 +360,7 @@ async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
         .body(upload)
         .expect("request");
     let response = pool.send(request).await.expect("the early answer");
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_of(response).await;
     assert_eq!(&body[..], b"hello");
     // The connection still carries the upload: the next request takes another.
     let empty = Upload {
