@@ -299,7 +299,12 @@ fn to_origin_form<B>(request: &mut Request<B>) -> Result<Authority, PoolError> {
         return Err(PoolError::NoAuthority(request.uri().clone()));
     };
     if !request.headers().contains_key(HOST) {
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+        // The host and port, never the URI's user information.
+        let host = match authority.port_u16() {
+            Some(port) => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+            None => HeaderValue::from_str(authority.host()),
+        };
+        if let Ok(host) = host {
             request.headers_mut().insert(HOST, host);
         }
     }

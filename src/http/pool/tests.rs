@@ -105,9 +105,16 @@ fn requests_go_out_in_origin_form_and_connect_in_authority_form() {
     assert_eq!(authority, "web:8080");
     assert_eq!(request.uri(), "/a/b?c=d");
     assert_eq!(request.headers()[HOST], "web:8080");
-    let mut request = Request::get("http://web").body(()).expect("request");
+    let mut request = Request::get("http://user:secret@web")
+        .body(())
+        .expect("request");
     to_origin_form(&mut request).expect("an authority");
     assert_eq!(request.uri(), "/");
+    assert_eq!(
+        request.headers()[HOST],
+        "web",
+        "no user information in Host"
+    );
     let mut request = Request::connect("http://db.internal:5432")
         .header(HOST, "kept.example")
         .body(())

@@ -2,8 +2,9 @@
 //! every HTTP tunnel service needs, on the relay (public client → edge) and on the edge
 //! (tunnel → local service) alike.
 //!
-//! - [`ReverseProxy`] is a `tower::Service<Request<B>>` over a hyper-util pooled client and
-//!   any connector (`HttpConnector`, backhaul's [`Connector`](crate::connector::Connector)):
+//! - [`ReverseProxy`] is a `tower::Service<Request<B>>` over a pooled client ([`Upstream`]:
+//!   backhaul's [`Http1Pool`](crate::http::pool::Http1Pool) or hyper-util's client) and any
+//!   connector (`HttpConnector`, backhaul's [`Connector`](crate::connector::Connector)):
 //!   it strips hop-by-hop headers, sends the request, splices the two connections when the
 //!   upstream switches protocols, and bounds how long the response head and each body
 //!   frame may take.
