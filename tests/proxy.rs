@@ -563,6 +563,62 @@ async fn metrics_count_what_was_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_tunnel_streams_follow_the_pool_flags() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("pool-flags");
+        let backend = Backend::start("web").await;
+        let mut relay = Relay::start(
+            dir.path(),
+            &[("alpha", "secret")],
+            &["--pool-max-idle", "2", "--pool-idle-timeout", "2s"],
+        )
+        .await;
+        let _edge = relay.spawn_edge("alpha", "secret", &[("web", backend.addr)], &[]);
+        relay.wait_edges(1).await;
+        let public = relay.public();
+        // Eight requests at once, each held by the backend: eight tunnel streams.
+        let round = || async {
+            let mut requests = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let public = public.clone();
+                requests.spawn(async move { public.get("alpha", "/hold/300").await });
+            }
+            while let Some(answer) = requests.join_next().await {
+                assert_eq!(
+                    answer.expect("a request task"),
+                    (StatusCode::OK, "held 300 ms".to_owned())
+                );
+            }
+        };
+        let opened = || async {
+            relay
+                .metrics()
+                .await
+                .get("backhaul_tunnel_opens_total", &[("outcome", "ok")])
+        };
+
+        round().await;
+        assert_eq!(opened().await, 8.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Only two streams were kept: the next eight reuse them and open six.
+        round().await;
+        assert_eq!(opened().await, 14.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(public.get("alpha", "/n/1").await.0, StatusCode::OK);
+        assert_eq!(opened().await, 14.0, "a fresh idle stream is reused");
+        // Past the idle timeout the kept streams are closed: a new request opens one.
+        tokio::time::sleep(Duration::from_millis(2_700)).await;
+        assert_eq!(public.get("alpha", "/n/2").await.0, StatusCode::OK);
+        assert_eq!(
+            opened().await,
+            15.0,
+            "an idle stream outlived --pool-idle-timeout"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_edge_finish_a_slow_request_and_exit_0() {
     bounded(LIMIT, async {
         let dir = TempDir::new("edge-sigterm");

@@ -19,7 +19,7 @@ use tracing::info;
 use crate::edge::{run_edge, EdgeConfig, Upstream};
 use backhaul::http::server::Limits;
 
-use crate::relay::{start, EdgeLimits, HttpsSettings, RelayConfig, Tokens};
+use crate::relay::{start, EdgeLimits, HttpsSettings, PoolLimits, RelayConfig, Tokens};
 use crate::{shutdown_signal, BoxError};
 
 const EDGE_NAME: &str = "demo";
@@ -106,6 +106,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         edge_probe_timeout: Duration::from_secs(1),
         trusted_proxies: Default::default(),
         edge_limits: EdgeLimits::default(),
+        pool: PoolLimits::default(),
         list_edges: true,
         cluster: None,
     })

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use backhaul::connector::Connector;
+use backhaul::http::pool::Http1Pool;
 use backhaul::http::proxy::Upstream;
 use backhaul::http::EdgeClients;
 use backhaul::relay::{EdgeHandle, RegistryEvent};
@@ -25,20 +26,32 @@ use super::*;
 /// The edges' pooled HTTP clients, one per session, counting opens.
 pub(super) type MeteredClients = EdgeClients<ProxyBody, MeterOpens>;
 
-/// The edges' clients, with opens counted in `metrics`: HTTP/1.1 ones (the library's
-/// lean `Http1Pool`, through `EdgeClients::pool`), or with `http2` HTTP/2 ones (a
-/// hyper-util client speaking prior knowledge; for requests `tunnel_version` sends as
-/// HTTP/2).
-pub(super) fn clients(registry: Registry, metrics: &Metrics, http2: bool) -> MeteredClients {
+/// The edges' clients, with opens counted in `metrics` and idle streams bounded by
+/// `pool`: HTTP/1.1 ones (the library's lean `Http1Pool`, through `EdgeClients::pool`),
+/// or with `http2` HTTP/2 ones (a hyper-util client speaking prior knowledge; for
+/// requests `tunnel_version` sends as HTTP/2).
+pub(super) fn clients(
+    registry: Registry,
+    metrics: &Metrics,
+    pool: PoolLimits,
+    http2: bool,
+) -> MeteredClients {
     let builder = EdgeClients::builder(registry).layer(MeterOpens {
         opens: metrics.opens.clone(),
     });
     if !http2 {
-        return builder.build();
+        return builder
+            .pool_builder(
+                Http1Pool::builder()
+                    .idle_timeout(pool.idle_timeout)
+                    .max_idle_per_authority(pool.max_idle),
+            )
+            .build();
     }
     let mut client = Client::builder(TokioExecutor::new());
     client
-        .pool_idle_timeout(backhaul::http::DEFAULT_POOL_IDLE_TIMEOUT)
+        .pool_idle_timeout(pool.idle_timeout)
+        .pool_max_idle_per_host(pool.max_idle)
         .http2_only(true);
     builder.client_builder(client).build()
 }

@@ -4,9 +4,10 @@
 //! is the library's: `backhaul::relay`'s `Acceptor`, `Tokens` and `Registry`. What is
 //! left here is HTTP policy. Routing is by Host: `<edge>.<domain>` reaches that edge's
 //! default service (`web`), `<service>.<edge>.<domain>` a named one; edges are found
-//! through the `Directory` trait. Each edge session has its own pooled hyper-util client
-//! (the library's `EdgeClients`), so keep-alive connections to an edge reuse tunnel
-//! streams. The public and admin listeners are the library's hardened `http::server`,
+//! through the `Directory` trait. Each edge session has its own pooled clients (the
+//! library's `EdgeClients`: an `Http1Pool` for HTTP/1.1, a hyper-util client for HTTP/2),
+//! so requests to an edge reuse kept-alive tunnel streams, as many and for as long as
+//! `--pool-max-idle` and `--pool-idle-timeout` allow. The public and admin listeners are the library's hardened `http::server`,
 //! reporting to the metrics through its `Observer`; a relay without `--cert/--key` keeps a
 //! self-signed identity with `Identity::load_or_generate`.
 
@@ -163,6 +164,14 @@ pub struct RelayArgs {
     /// How long an edge may take to answer a request (response head).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// How long a kept-alive tunnel stream to an edge may sit unused before it is
+    /// closed (the edge's stream slot and memory are given back).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// Kept-alive tunnel streams per edge and service, at most; a stream finishing its
+    /// response beyond that is closed instead of kept.
+    #[arg(long, default_value_t = backhaul::http::pool::DEFAULT_MAX_IDLE_PER_AUTHORITY)]
+    pub pool_max_idle: usize,
     /// How long in-flight requests may finish after Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -220,6 +229,8 @@ pub struct RelayConfig {
     pub edge_probe_timeout: Duration,
     pub trusted_proxies: TrustedProxies,
     pub edge_limits: EdgeLimits,
+    /// The kept-alive tunnel streams to edges.
+    pub pool: PoolLimits,
     pub list_edges: bool,
     /// With `--redis`: serve as one with the other relays of the cluster.
     pub cluster: Option<ClusterSettings>,
@@ -265,6 +276,23 @@ fn parse_tcp_forward(text: &str) -> Result<TcpForwardSpec, String> {
         edge: edge.to_owned(),
         service: service.to_owned(),
     })
+}
+
+/// How many kept-alive tunnel streams the relay holds to each edge, and for how long
+/// (`--pool-idle-timeout`, `--pool-max-idle`).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: backhaul::http::DEFAULT_POOL_IDLE_TIMEOUT,
+            max_idle: backhaul::http::pool::DEFAULT_MAX_IDLE_PER_AUTHORITY,
+        }
+    }
 }
 
 /// How the relay treats edges before and while they register (the library acceptor's
@@ -337,6 +365,10 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             ..Limits::DEFAULT
         },
         upstream_idle_timeout: args.upstream_idle_timeout,
+        pool: PoolLimits {
+            idle_timeout: args.pool_idle_timeout,
+            max_idle: args.pool_max_idle,
+        },
         edge_probe_timeout: args.edge_probe_timeout,
         trusted_proxies: TrustedProxies::parse(&args.trusted_proxies)?,
         edge_limits,
@@ -497,8 +529,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         .with_register_timeout(limits.register_timeout)
         .with_log_summary_interval(limits.log_summary_interval);
     let metrics = Metrics::new()?;
-    let clients = edges::clients(registry.clone(), &metrics, false);
-    let http2_clients = edges::clients(registry.clone(), &metrics, true);
+    let clients = edges::clients(registry.clone(), &metrics, config.pool, false);
+    let http2_clients = edges::clients(registry.clone(), &metrics, config.pool, true);
     let (cluster, peer_task, peer_addr) = match started_cluster {
         Some(StartedCluster {
             cluster,
