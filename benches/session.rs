@@ -8,7 +8,13 @@
 //!
 //! - `open_latency`: one sequential open of a bound stream whose edge service writes 1 byte
 //!   and finishes, timed until that byte is read, vs a raw quinn round trip (client opens a
-//!   stream and writes 1 byte, the server answers 1 byte).
+//!   stream and writes 1 byte, the server answers 1 byte). Two edges: `backhaul` answers
+//!   like the reference `edge` example (accept and bind in the event loop, serve on a
+//!   task), `backhaul_router` with backhaul's `Router` (accept, bind and serve on one task
+//!   per stream). After criterion's pass, a paired pass runs the three in turn, round after
+//!   round, and prints medians and each way's median extra time over the raw round trip of
+//!   the same round (this machine drifts too much between criterion's separate groups for
+//!   a difference of a few tens of µs), then the UDP datagrams each way per open.
 //! - `throughput`: 256 MiB from the relay to the edge through a backhaul-opened stream (the
 //!   edge's sink counts the bytes and answers the count when the stream ends) vs the same
 //!   through a raw quinn stream the relay opens.
@@ -27,6 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::IntoFuture;
+
+use backhaul::edge::Router;
+use backhaul::stream::TunnelStream;
 use backhaul::{
     ClientEvent, CloseCode, Config, Connection as _, Metadata, QuinnConnection, Role, Session,
 };
@@ -68,8 +78,22 @@ struct OurPair {
     quic: QuicPair,
 }
 
+/// How the edge of an [`OurPair`] answers open requests.
+#[derive(Clone, Copy)]
+enum EdgeServing {
+    /// Its event loop accepts and binds, then serves on a task (the reference `edge`
+    /// example's way): [`serve_our_edge`].
+    EventLoop,
+    /// backhaul's `Router`, which accepts, binds and serves on one task per stream.
+    Router,
+}
+
 impl OurPair {
     async fn new(relay_config: Config, edge_config: Config) -> Self {
+        Self::served(relay_config, edge_config, EdgeServing::EventLoop).await
+    }
+
+    async fn served(relay_config: Config, edge_config: Config, serving: EdgeServing) -> Self {
         let quic = QuicPair::new().await;
         let relay = Session::new(
             QuinnConnection::new(quic.relay.clone()),
@@ -84,7 +108,10 @@ impl OurPair {
         let (relay, edge) = tokio::join!(relay.start(), edge.start());
         let relay = backhaul::SessionClient::new(relay.expect("relay negotiates"));
         let (edge, events) = backhaul::SessionClient::with_events(edge.expect("edge negotiates"));
-        tokio::spawn(serve_our_edge(edge, events));
+        match serving {
+            EdgeServing::EventLoop => drop(tokio::spawn(serve_our_edge(edge, events))),
+            EdgeServing::Router => drop(tokio::spawn(router().serve(edge, events).into_future())),
+        }
         Self { relay, quic }
     }
 
@@ -99,6 +126,17 @@ impl OurPair {
         recv.read_exact(&mut byte).await.expect("backhaul answer");
         drop((send, recv));
     }
+}
+
+/// The [`ONE_BYTE`] service as a `Router` route.
+fn router() -> Router<QuinnConnection> {
+    Router::new().route(
+        ONE_BYTE,
+        tower::service_fn(|mut stream: TunnelStream<QuinnConnection>| async move {
+            stream.write_all(&[1]).await?;
+            stream.shutdown().await
+        }),
+    )
 }
 
 /// Serves backhaul open requests the way `SessionClient`'s docs (and the reference `edge`
@@ -302,27 +340,30 @@ where
 }
 
 fn open_latency(c: &mut Criterion, rt: &Runtime) {
-    let (ours, raw) = rt.block_on(async {
-        let ours = Arc::new(OurPair::new(Config::new(), Config::new()).await);
+    let (events, routed, raw) = rt.block_on(async {
+        let events = OurPair::served(Config::new(), Config::new(), EdgeServing::EventLoop).await;
+        let routed = OurPair::served(Config::new(), Config::new(), EdgeServing::Router).await;
         let raw = QuicPair::new().await;
         serve_raw(raw.relay.clone(), ONE_BYTE);
-        (ours, raw)
+        (Arc::new(events), Arc::new(routed), raw)
     });
     let mut group = c.benchmark_group("open_latency");
     group
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    group.bench_function("backhaul", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let ours = Arc::clone(&ours);
-            timed(async move {
-                for _ in 0..iters {
-                    ours.open_one().await;
-                }
-            })
+    for (name, pair) in [("backhaul", &events), ("backhaul_router", &routed)] {
+        group.bench_function(name, |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let pair = Arc::clone(pair);
+                timed(async move {
+                    for _ in 0..iters {
+                        pair.open_one().await;
+                    }
+                })
+            });
         });
-    });
+    }
     group.bench_function("raw_quinn", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let edge = raw.edge.clone();
@@ -334,8 +375,125 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
         });
     });
     group.finish();
-    ours.quic.close();
+
+    let opener = raw.edge.clone();
+    let rounds = rt.block_on({
+        let (events, routed) = (Arc::clone(&events), Arc::clone(&routed));
+        async move {
+            tokio::spawn(async move {
+                let mut rounds = PairedRounds::default();
+                for _ in 0..PAIRED_ROUNDS {
+                    let start = Instant::now();
+                    events.open_one().await;
+                    rounds.events.push(start.elapsed());
+                    let start = Instant::now();
+                    routed.open_one().await;
+                    rounds.routed.push(start.elapsed());
+                    let start = Instant::now();
+                    raw_round_trip(&opener).await;
+                    rounds.raw.push(start.elapsed());
+                }
+                rounds
+            })
+            .await
+            .expect("paired rounds")
+        }
+    });
+    rounds.report();
+    for (name, pair) in [("backhaul", &events), ("backhaul_router", &routed)] {
+        let connection = pair.quic.relay.clone();
+        let (sent, received) = datagrams_per_round(rt, &connection, {
+            let pair = Arc::clone(pair);
+            move || {
+                let pair = Arc::clone(&pair);
+                async move { pair.open_one().await }
+            }
+        });
+        println!("open_latency/{name}: {sent:.2} datagrams out, {received:.2} back per open");
+    }
+    let opener = raw.edge.clone();
+    let (sent, received) = datagrams_per_round(rt, &raw.edge, move || {
+        let connection = opener.clone();
+        async move { raw_round_trip(&connection).await }
+    });
+    println!("open_latency/raw_quinn: {sent:.2} datagrams out, {received:.2} back per round trip");
+    events.quic.close();
+    routed.quic.close();
     raw.close();
+}
+
+/// The times of `open_latency`'s alternating rounds.
+#[derive(Default)]
+struct PairedRounds {
+    events: Vec<Duration>,
+    routed: Vec<Duration>,
+    raw: Vec<Duration>,
+}
+
+impl PairedRounds {
+    /// Prints each way's median and the median of its extra time over the raw round trip
+    /// of the same round.
+    fn report(self) {
+        let extra = |ours: &[Duration]| -> Vec<Duration> {
+            ours.iter()
+                .zip(&self.raw)
+                .map(|(ours, raw)| ours.saturating_sub(*raw))
+                .collect()
+        };
+        let (events_extra, routed_extra) = (extra(&self.events), extra(&self.routed));
+        println!(
+            "open_latency, {PAIRED_ROUNDS} alternating rounds (medians): raw quinn {:.1} µs; \
+             backhaul {:.1} µs, {:.1} µs over raw; backhaul_router {:.1} µs, {:.1} µs over raw",
+            micros(median(self.raw)),
+            micros(median(self.events)),
+            micros(median(events_extra)),
+            micros(median(self.routed)),
+            micros(median(routed_extra)),
+        );
+    }
+}
+
+/// Runs `round` [`COUNTED_ROUNDS`] times and returns the UDP datagrams `connection` sent
+/// and received per round (from quinn's connection statistics).
+fn datagrams_per_round<F, Fut>(rt: &Runtime, connection: &quinn::Connection, round: F) -> (f64, f64)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let before = connection.stats();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            for _ in 0..COUNTED_ROUNDS {
+                round().await;
+            }
+            // Let what the last round set off (acknowledgements) go out.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await
+        .expect("counted rounds");
+    });
+    let after = connection.stats();
+    let per_round = |count: u64| count as f64 / COUNTED_ROUNDS as f64;
+    (
+        per_round(after.udp_tx.datagrams - before.udp_tx.datagrams),
+        per_round(after.udp_rx.datagrams - before.udp_rx.datagrams),
+    )
+}
+
+/// Rounds whose datagrams `open_latency` counts.
+const COUNTED_ROUNDS: u64 = 1000;
+
+/// Rounds of `open_latency`'s paired pass: an open of each way, then a raw round trip, in
+/// turn, so that the machine's drift from one second to the next hits all alike.
+const PAIRED_ROUNDS: usize = 3000;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort_unstable();
+    times[times.len() / 2]
+}
+
+fn micros(time: Duration) -> f64 {
+    time.as_secs_f64() * 1e6
 }
 
 fn throughput(c: &mut Criterion, rt: &Runtime) {
