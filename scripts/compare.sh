@@ -3,7 +3,8 @@
 # each way measured with wrk in interleaved rounds so that a busy machine slows every way
 # alike:
 #   direct         the backend itself
-#   rathole        rathole 0.5 (TCP tunnel, its default plain-TCP transport)
+#   rathole        rathole 0.5 (TCP tunnel, its default plain-TCP transport: unencrypted)
+#   rathole-noise  rathole 0.5 with its Noise transport (encrypted, as backhaul always is)
 #   bore           bore 0.6 (TCP tunnel)
 #   backhaul-tcp   backhaul's TCP forwarding (relay --tcp, edge tcp://): their service
 #   backhaul       backhaul's HTTP proxy (relay routes by Host, edge parses with to_local)
@@ -23,7 +24,7 @@
 #
 # Usage: scripts/compare.sh
 # Env:   ROUNDS=3 DURATION=5s THREADS=1 CONNECTIONS=64   wrk settings (per way and round)
-#        WAYS="direct rathole bore backhaul-tcp backhaul backhaul-pass quinn"   which ways
+#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass quinn"
 #        PEERS_DIR   where rathole and bore are installed (default <repo>/target/peers)
 #        COMPARE_TARGET_DIR   cargo target dir (default <repo>/target)
 #        KEEP_TMP=1  keep the temp dir (configs, logs, wrk output); its path is printed
@@ -38,7 +39,7 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5s}"
 THREADS="${THREADS:-1}"
 CONNECTIONS="${CONNECTIONS:-64}"
-WAYS="${WAYS:-direct rathole bore backhaul-tcp backhaul backhaul-pass quinn}"
+WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass quinn}"
 export RUST_LOG="${RUST_LOG:-warn}"
 export NO_COLOR=1
 
@@ -156,33 +157,47 @@ wait_for "the backend did not start" curl -fsS "http://127.0.0.1:$BACKEND_PORT/"
 declare -A URL HEADER PUBLIC_PID PRIVATE_PID
 URL[direct]="http://127.0.0.1:$BACKEND_PORT/"
 
-start_rathole() {
-    local control public token="compare-$RANDOM$RANDOM"
+start_rathole() { # way [noise]
+    local way="$1" transport="${2:-}" control public token="compare-$RANDOM$RANDOM"
+    local server_transport="" client_transport=""
     control="$(free_port tcp)"
     public="$(free_port tcp)"
-    cat >"$WORK/rathole-server.toml" <<EOF
+    if [[ "$transport" == noise ]]; then
+        # Noise_NK, rathole's default pattern: the server holds a key pair, the client
+        # pins its public half.
+        local keys private_key public_key
+        keys="$("$RATHOLE" --genkey)"
+        private_key="$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")"
+        public_key="$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")"
+        [[ -n "$private_key" && -n "$public_key" ]] || fail "rathole --genkey printed: $keys"
+        server_transport="$(printf '[server.transport]\ntype = "noise"\n[server.transport.noise]\nlocal_private_key = "%s"' "$private_key")"
+        client_transport="$(printf '[client.transport]\ntype = "noise"\n[client.transport.noise]\nremote_public_key = "%s"' "$public_key")"
+    fi
+    cat >"$WORK/$way-server.toml" <<EOF
 [server]
 bind_addr = "127.0.0.1:$control"
+$server_transport
 [server.services.web]
 token = "$token"
 bind_addr = "127.0.0.1:$public"
 EOF
-    cat >"$WORK/rathole-client.toml" <<EOF
+    cat >"$WORK/$way-client.toml" <<EOF
 [client]
 remote_addr = "127.0.0.1:$control"
+$client_transport
 [client.services.web]
 token = "$token"
 local_addr = "127.0.0.1:$BACKEND_PORT"
 EOF
-    "$RATHOLE" --server "$WORK/rathole-server.toml" >"$WORK/rathole-server.log" 2>&1 &
+    "$RATHOLE" --server "$WORK/$way-server.toml" >"$WORK/$way-server.log" 2>&1 &
     PIDS+=($!)
-    PUBLIC_PID[rathole]=$!
-    "$RATHOLE" --client "$WORK/rathole-client.toml" >"$WORK/rathole-client.log" 2>&1 &
+    PUBLIC_PID[$way]=$!
+    "$RATHOLE" --client "$WORK/$way-client.toml" >"$WORK/$way-client.log" 2>&1 &
     PIDS+=($!)
-    PRIVATE_PID[rathole]=$!
-    URL[rathole]="http://127.0.0.1:$public/"
-    wait_for "rathole did not tunnel: $(tail -3 "$WORK/rathole-server.log")" \
-        curl -fsS --max-time 1 "${URL[rathole]}"
+    PRIVATE_PID[$way]=$!
+    URL[$way]="http://127.0.0.1:$public/"
+    wait_for "$way did not tunnel: $(tail -3 "$WORK/$way-server.log")" \
+        curl -fsS --max-time 1 "${URL[$way]}"
 }
 
 start_bore() {
@@ -259,7 +274,8 @@ start_quinn() {
 for way in $WAYS; do
     case "$way" in
     direct) ;;
-    rathole) start_rathole ;;
+    rathole) start_rathole rathole ;;
+    rathole-noise) start_rathole rathole-noise noise ;;
     bore) start_bore ;;
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
@@ -268,7 +284,7 @@ for way in $WAYS; do
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, bore, backhaul-tcp, backhaul, backhaul-pass, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul, backhaul-pass, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"
@@ -368,7 +384,7 @@ def median(way, index):
     return statistics.median(row[index] for row in rows[way])
 
 base = "rathole" if "rathole" in rows else None
-print(f"{'way':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10}")
+print(f"{'way':<14} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10}")
 for way in ways:
     rps = median(way, 0)
     cpu = (
@@ -376,7 +392,7 @@ for way in ways:
         "" if way == "direct" else f"{median(way, 4):.1f}",
     )
     ratio = f"{rps / median(base, 0):.2f}x" if base else ""
-    print(f"{way:<12} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10}")
+    print(f"{way:<14} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10}")
 print("public = relay / server process, private = edge / client process (CPU time over the run / requests);")
 print("quinn = HTTP/1 over raw quinn streams between two processes (the relay-edge hop's ceiling), private = its server")
 EOF
