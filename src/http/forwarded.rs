@@ -23,8 +23,10 @@
 //! Set these *after* [`strip_hop_by_hop`](crate::http::proxy::strip_hop_by_hop), so a
 //! client cannot name them in `Connection` to have them removed.
 
-use std::net::IpAddr;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::Error;
@@ -127,10 +129,12 @@ impl TrustedProxies {
         proto: Proto,
     ) {
         let peer = peer.to_canonical();
-        let client = ip_value(peer);
-        let authority_value = authority.to_header_value();
+        let ForwardingValues {
+            client,
+            authority: authority_value,
+            element,
+        } = ForwardingValues::new(peer, authority, proto);
         let proto_value = HeaderValue::from_static(proto.as_str());
-        let element = forwarded_element(peer, authority, proto);
         if self.contains(peer) {
             append_to_chain(headers, X_FORWARDED_FOR, &client);
             append_to_chain(headers, FORWARDED, &element);
@@ -185,16 +189,18 @@ fn same_prefix(a: u128, b: u128, prefix: u8) -> bool {
     a & mask == b & mask
 }
 
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+fn is_forwarding_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-forwarded-") || *name == X_REAL_IP || *name == FORWARDED
 }
 
 fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
+    // Most requests carry none: look before collecting anything.
+    if !headers.keys().any(is_forwarding_header) {
+        return;
+    }
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            name.as_str().starts_with("x-forwarded-") || *name == X_REAL_IP || *name == FORWARDED
-        })
+        .filter(|name| is_forwarding_header(name))
         .cloned()
         .collect();
     for name in names {
@@ -202,26 +208,79 @@ fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// One `Forwarded` element (RFC 7239 §4): IPv6 nodes are bracketed and quoted, and the
-/// host is quoted when it is not a token (a port's colon, an IPv6 literal).
-fn forwarded_element(peer: IpAddr, authority: &Authority, proto: Proto) -> HeaderValue {
-    let node = match peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    // A validated authority holds only LDH, dots, digits, brackets and colons: quoting
-    // needs no escapes.
-    let authority = authority.as_str();
-    let is_token = authority
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    let host = if is_token {
-        authority.to_owned()
-    } else {
-        format!("\"{authority}\"")
-    };
-    let element = format!("for={node};host={host};proto={}", proto.as_str());
-    HeaderValue::from_str(&element).expect("built from validated parts")
+/// The values the proxy sets for one request, cut from one buffer: the `Forwarded`
+/// element, and inside it the client's IP and the public authority.
+struct ForwardingValues {
+    client: HeaderValue,
+    authority: HeaderValue,
+    element: HeaderValue,
+}
+
+impl ForwardingValues {
+    /// One `Forwarded` element (RFC 7239 §4): IPv6 nodes are bracketed and quoted, and
+    /// the host is quoted when it is not a token (a port's colon, an IPv6 literal).
+    fn new(peer: IpAddr, authority: &Authority, proto: Proto) -> Self {
+        let authority = authority.as_str();
+        let mut text = BytesMut::with_capacity(64 + authority.len());
+        text.put_slice(b"for=");
+        let client = match peer {
+            IpAddr::V4(v4) => {
+                let start = text.len();
+                put_ipv4(&mut text, v4);
+                start..text.len()
+            }
+            IpAddr::V6(v6) => {
+                text.put_slice(b"\"[");
+                let start = text.len();
+                // Writing into a `BytesMut` cannot fail.
+                let _ = write!(text, "{v6}");
+                let end = text.len();
+                text.put_slice(b"]\"");
+                start..end
+            }
+        };
+        // A validated authority holds only LDH, dots, digits, brackets and colons:
+        // quoting needs no escapes.
+        let is_token = authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        text.put_slice(b";host=");
+        if !is_token {
+            text.put_u8(b'"');
+        }
+        let host = text.len()..text.len() + authority.len();
+        text.put_slice(authority.as_bytes());
+        if !is_token {
+            text.put_u8(b'"');
+        }
+        text.put_slice(b";proto=");
+        text.put_slice(proto.as_str().as_bytes());
+        let text = text.freeze();
+        let value = |bytes: Bytes| {
+            HeaderValue::from_maybe_shared(bytes).expect("built from validated parts")
+        };
+        Self {
+            client: value(text.slice(client)),
+            authority: value(text.slice(host)),
+            element: value(text),
+        }
+    }
+}
+
+/// Writes `ip` in dotted decimal, as `Display` would, without the formatting machinery.
+fn put_ipv4(text: &mut BytesMut, ip: Ipv4Addr) {
+    for (index, octet) in ip.octets().into_iter().enumerate() {
+        if index > 0 {
+            text.put_u8(b'.');
+        }
+        if octet >= 100 {
+            text.put_u8(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            text.put_u8(b'0' + octet / 10 % 10);
+        }
+        text.put_u8(b'0' + octet % 10);
+    }
 }
 
 /// Appends `element` to a comma-separated chain, joining earlier lines of it.
@@ -353,6 +412,22 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_addresses_are_written_as_display_writes_them() {
+        for octet in 0..=255u8 {
+            for ip in [
+                Ipv4Addr::new(octet, 0, 9, 10),
+                Ipv4Addr::new(99, octet, 100, 255),
+                Ipv4Addr::new(1, 200, octet, 0),
+                Ipv4Addr::new(255, 10, 1, octet),
+            ] {
+                let mut text = BytesMut::new();
+                put_ipv4(&mut text, ip);
+                assert_eq!(&text[..], ip.to_string().as_bytes());
+            }
+        }
+    }
+
+    #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
         let none = TrustedProxies::none();
         let mut headers = HeaderMap::new();
@@ -371,6 +446,8 @@ mod tests {
             values(&headers, "forwarded"),
             ["for=192.0.2.1;host=\"[2001:db8::2]:8080\";proto=http"]
         );
+        // Quoted in `Forwarded` only.
+        assert_eq!(values(&headers, "x-forwarded-host"), ["[2001:db8::2]:8080"]);
     }
 
     #[test]
