@@ -76,7 +76,7 @@ pub fn takes_trailers(headers: &HeaderMap) -> bool {
 /// # Ok::<(), http::header::InvalidHeaderValue>(())
 /// ```
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    !upgrade_protocols(headers).is_empty()
+    tokens(headers, header::UPGRADE).any(|protocol| !protocol.eq_ignore_ascii_case(H2C))
         && tokens(headers, header::CONNECTION).any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
@@ -95,11 +95,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter(|protocols| !protocols.is_empty())
         .and_then(|protocols| HeaderValue::from_str(&protocols).ok());
     let trailers = takes_trailers(headers);
-    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .filter(|name| name != header::HOST)
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // The options are read from copies of the `Connection` values (a reference count
+    // each), so the headers they name can be removed by name as they are read; nearly
+    // always there is one value, and the copies of the others stay unallocated.
+    let mut options = headers.get_all(header::CONNECTION).iter();
+    let first = options.next().cloned();
+    let others: Vec<HeaderValue> = options.cloned().collect();
+    for option in first
+        .iter()
+        .chain(&others)
+        .filter_map(|value| value.to_str().ok())
+    {
+        for name in option.split(',').map(str::trim) {
+            // Removing by `&str` ignores case and skips what is not a header name.
+            if !name.is_empty() && !name.eq_ignore_ascii_case(header::HOST.as_str()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if trailers {
@@ -193,6 +207,22 @@ mod tests {
         assert!(is_upgrade(&headers));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn every_connection_line_names_headers_to_drop() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-first"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" , X-Second ,"),
+        );
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-third"));
+        for name in ["x-first", "x-second", "x-third", "x-kept"] {
+            headers.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
