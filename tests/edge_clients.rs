@@ -250,7 +250,9 @@ async fn a_sessions_http1_pool_reuses_its_streams_and_goes_with_the_session() {
         assert!((1..=300).contains(&opens), "{opens} opens");
         let pool = clients.pool(&old);
         assert_eq!(pool.idle(), opens, "every stream came back");
-        // The next 300 reuse them: no open at all.
+        // The next 300 at once reuse them: only requests beyond the idle streams open one
+        // (round one may have needed fewer than 300, requests reusing what others gave
+        // back), so the session never carries more than 300.
         let mut requests = JoinSet::new();
         for _ in 0..300 {
             let pool = pool.clone();
@@ -258,6 +260,13 @@ async fn a_sessions_http1_pool_reuses_its_streams_and_goes_with_the_session() {
         }
         while let Some(answer) = requests.join_next().await {
             assert_eq!(answer.expect("a request").0, StatusCode::OK);
+        }
+        let opens = tracking.opens.load(Ordering::SeqCst);
+        assert!(opens <= 300, "{opens} opens for 300 requests at a time");
+        assert_eq!(pool.idle(), opens, "every stream came back again");
+        // One after another, they open nothing at all.
+        for _ in 0..50 {
+            assert_eq!(get_pooled(&pool).await.0, StatusCode::OK);
         }
         assert_eq!(tracking.opens.load(Ordering::SeqCst), opens);
         assert_eq!(clients.len(), 1, "one session");
