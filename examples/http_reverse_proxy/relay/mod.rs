@@ -7,9 +7,10 @@
 //! through the `Directory` trait. Each edge session has its own pooled clients (the
 //! library's `EdgeClients`: an `Http1Pool` for HTTP/1.1, a hyper-util client for HTTP/2),
 //! so requests to an edge reuse kept-alive tunnel streams, as many and for as long as
-//! `--pool-max-idle` and `--pool-idle-timeout` allow. The public and admin listeners are the library's hardened `http::server`,
-//! reporting to the metrics through its `Observer`; a relay without `--cert/--key` keeps a
-//! self-signed identity with `Identity::load_or_generate`.
+//! `--pool-max-idle` and `--pool-idle-timeout` allow. The public and admin listeners are
+//! the library's hardened `http::server`, reporting to the metrics through its
+//! `Observer`; a relay without `--cert/--key` keeps a self-signed identity with
+//! `Identity::load_or_generate`.
 
 mod admin;
 mod cluster;
