@@ -402,21 +402,28 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
     rounds.report();
     for (name, pair) in [("backhaul", &events), ("backhaul_router", &routed)] {
         let connection = pair.quic.relay.clone();
-        let (sent, received) = datagrams_per_round(rt, &connection, {
+        let counts = counts_per_round(rt, &connection, {
             let pair = Arc::clone(pair);
             move || {
                 let pair = Arc::clone(&pair);
                 async move { pair.open_one().await }
             }
         });
-        println!("open_latency/{name}: {sent:.2} datagrams out, {received:.2} back per open");
+        println!(
+            "open_latency/{name}: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per open",
+            counts.sent, counts.received, counts.sleeps
+        );
     }
     let opener = raw.edge.clone();
-    let (sent, received) = datagrams_per_round(rt, &raw.edge, move || {
+    let counts = counts_per_round(rt, &raw.edge, move || {
         let connection = opener.clone();
         async move { raw_round_trip(&connection).await }
     });
-    println!("open_latency/raw_quinn: {sent:.2} datagrams out, {received:.2} back per round trip");
+    println!(
+        "open_latency/raw_quinn: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per round \
+         trip",
+        counts.sent, counts.received, counts.sleeps
+    );
     events.quic.close();
     routed.quic.close();
     raw.close();
@@ -453,14 +460,16 @@ impl PairedRounds {
     }
 }
 
-/// Runs `round` [`COUNTED_ROUNDS`] times and returns the UDP datagrams `connection` sent
-/// and received per round (from quinn's connection statistics).
-fn datagrams_per_round<F, Fut>(rt: &Runtime, connection: &quinn::Connection, round: F) -> (f64, f64)
+/// Runs `round` [`COUNTED_ROUNDS`] times and returns, per round, the UDP datagrams
+/// `connection` sent and received (from quinn's connection statistics) and the times the
+/// process's threads slept (from Linux's `/proc`; 0 elsewhere).
+fn counts_per_round<F, Fut>(rt: &Runtime, connection: &quinn::Connection, round: F) -> RoundCounts
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let before = connection.stats();
+    let sleeps_before = thread_sleeps();
     rt.block_on(async move {
         tokio::spawn(async move {
             for _ in 0..COUNTED_ROUNDS {
@@ -473,11 +482,41 @@ where
         .expect("counted rounds");
     });
     let after = connection.stats();
+    let sleeps = thread_sleeps() - sleeps_before;
     let per_round = |count: u64| count as f64 / COUNTED_ROUNDS as f64;
-    (
-        per_round(after.udp_tx.datagrams - before.udp_tx.datagrams),
-        per_round(after.udp_rx.datagrams - before.udp_rx.datagrams),
-    )
+    RoundCounts {
+        sent: per_round(after.udp_tx.datagrams - before.udp_tx.datagrams),
+        received: per_round(after.udp_rx.datagrams - before.udp_rx.datagrams),
+        sleeps: per_round(sleeps),
+    }
+}
+
+/// What one round of `open_latency` costs besides time, on average.
+struct RoundCounts {
+    /// UDP datagrams the relay's connection sent.
+    sent: f64,
+    /// UDP datagrams it received.
+    received: f64,
+    /// Times a thread of the process went to sleep (each wakes again, often on a futex):
+    /// a task hop to an idle worker costs one.
+    sleeps: f64,
+}
+
+/// Voluntary context switches of all the process's threads so far (Linux).
+fn thread_sleeps() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|count| count.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Rounds whose datagrams `open_latency` counts.

@@ -15,11 +15,12 @@
 //! - **the driver**, everything that touches tokio: `core` holds the machine behind one
 //!   lock (a short critical section per event, never across an await) and performs its
 //!   actions; `waiters` keeps the channels of the futures that wait, by the ids the machine
-//!   names them with; `driver` runs the tasks: a **reader** of the control stream, a
+//!   names them with; `driver` runs the tasks: a **reader** of the control stream and an
+//!   **acceptor** that reads each data stream's `StreamBind` header and hands the stream
+//!   to the machine (one task for both, since one datagram often wakes both), a
 //!   **writer** that drains `writer`'s queue (senders write their frames themselves when
-//!   nothing waits ahead of them, so it rarely has work), an **acceptor** that reads
-//!   each data stream's `StreamBind` header and hands the stream to the machine, and a
-//!   **keep-alive** task when `ping_interval` is set; `client` is the handle over them.
+//!   nothing waits ahead of them, so it rarely has work), and a **keep-alive** task when
+//!   `ping_interval` is set; `client` is the handle over them.
 //!
 //! Keeping the rules in one place without I/O is what makes them hold: an open is
 //! registered only while the session is live, and the moment it ends every waiter is
