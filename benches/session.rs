@@ -11,10 +11,13 @@
 //!   stream and writes 1 byte, the server answers 1 byte). Two edges: `backhaul` answers
 //!   like the reference `edge` example (accept and bind in the event loop, serve on a
 //!   task), `backhaul_router` with backhaul's `Router` (accept, bind and serve on one task
-//!   per stream). After criterion's pass, a paired pass runs the three in turn, round after
-//!   round, and prints medians and each way's median extra time over the raw round trip of
-//!   the same round (this machine drifts too much between criterion's separate groups for
-//!   a difference of a few tens of µs), then the UDP datagrams each way per open.
+//!   per stream). After criterion's pass, a paired pass runs them in turn, round after
+//!   round, with a fourth way, `raw_shape`: raw quinn in the protocol's shape (a request
+//!   on a long-lived control stream, answered there and by a stream the edge opens, all
+//!   awaited in the opener's own task). It prints medians and each way's median extra time
+//!   over the raw round trip of the same round (this machine drifts too much between
+//!   criterion's separate groups for a difference of a few tens of µs), then the UDP
+//!   datagrams each way and the threads' sleeps per open.
 //! - `throughput`: 256 MiB from the relay to the edge through a backhaul-opened stream (the
 //!   edge's sink counts the bytes and answers the count when the stream ends) vs the same
 //!   through a raw quinn stream the relay opens.
@@ -276,6 +279,64 @@ async fn raw_round_trip(connection: &quinn::Connection) {
     drop((send, recv));
 }
 
+/// Raw quinn in the protocol's shape, with nothing else: the opener writes one request
+/// byte on a long-lived control stream; the other side answers one byte on it and opens a
+/// stream of its own carrying two bytes (where backhaul sends a `StreamBind` and the
+/// service's byte). The opener waits for both in its own task. What backhaul adds over
+/// this is its own doing; what this adds over [`raw_round_trip`] is the shape's.
+struct ShapePair {
+    quic: QuicPair,
+    control: tokio::sync::Mutex<(quinn::SendStream, quinn::RecvStream)>,
+}
+
+impl ShapePair {
+    async fn new() -> Self {
+        let quic = QuicPair::new().await;
+        let (mut edge_send, mut edge_recv) = quic.edge.open_bi().await.expect("control open");
+        // quinn announces a stream with its first bytes.
+        edge_send.write_all(&[0]).await.expect("control hello");
+        let (relay_send, mut relay_recv) = quic.relay.accept_bi().await.expect("control");
+        let mut hello = [0u8; 1];
+        relay_recv
+            .read_exact(&mut hello)
+            .await
+            .expect("control hello");
+        let edge = quic.edge.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; 1];
+            while edge_recv.read_exact(&mut request).await.is_ok() {
+                if edge_send.write_all(&[2]).await.is_err() {
+                    return;
+                }
+                let edge = edge.clone();
+                tokio::spawn(async move {
+                    if let Ok((mut send, _recv)) = edge.open_bi().await {
+                        let _ = send.write_all(&[1, 1]).await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+        Self {
+            quic,
+            control: tokio::sync::Mutex::new((relay_send, relay_recv)),
+        }
+    }
+
+    async fn open_one(&self) {
+        let mut control = self.control.lock().await;
+        let (send, recv) = &mut *control;
+        send.write_all(&[1]).await.expect("shape request");
+        let mut answer = [0u8; 1];
+        let (stream, answered) =
+            tokio::join!(self.quic.relay.accept_bi(), recv.read_exact(&mut answer));
+        answered.expect("shape answer");
+        let (_send, mut recv) = stream.expect("shape stream");
+        let mut bytes = [0u8; 2];
+        recv.read_exact(&mut bytes).await.expect("shape bytes");
+    }
+}
+
 // ----- services --------------------------------------------------------------------------
 
 async fn run_service<W, R>(service: &str, mut send: W, mut recv: R)
@@ -347,6 +408,7 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
         serve_raw(raw.relay.clone(), ONE_BYTE);
         (Arc::new(events), Arc::new(routed), raw)
     });
+    let shape = Arc::new(rt.block_on(ShapePair::new()));
     let mut group = c.benchmark_group("open_latency");
     group
         .sample_size(30)
@@ -378,7 +440,8 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
 
     let opener = raw.edge.clone();
     let rounds = rt.block_on({
-        let (events, routed) = (Arc::clone(&events), Arc::clone(&routed));
+        let (events, routed, shape) =
+            (Arc::clone(&events), Arc::clone(&routed), Arc::clone(&shape));
         async move {
             tokio::spawn(async move {
                 let mut rounds = PairedRounds::default();
@@ -392,6 +455,9 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
                     let start = Instant::now();
                     raw_round_trip(&opener).await;
                     rounds.raw.push(start.elapsed());
+                    let start = Instant::now();
+                    shape.open_one().await;
+                    rounds.shape.push(start.elapsed());
                 }
                 rounds
             })
@@ -424,9 +490,21 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
          trip",
         counts.sent, counts.received, counts.sleeps
     );
+    let counts = counts_per_round(rt, &shape.quic.relay, {
+        let shape = Arc::clone(&shape);
+        move || {
+            let shape = Arc::clone(&shape);
+            async move { shape.open_one().await }
+        }
+    });
+    println!(
+        "open_latency/raw_shape: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per open",
+        counts.sent, counts.received, counts.sleeps
+    );
     events.quic.close();
     routed.quic.close();
     raw.close();
+    shape.quic.close();
 }
 
 /// The times of `open_latency`'s alternating rounds.
@@ -435,6 +513,7 @@ struct PairedRounds {
     events: Vec<Duration>,
     routed: Vec<Duration>,
     raw: Vec<Duration>,
+    shape: Vec<Duration>,
 }
 
 impl PairedRounds {
@@ -448,14 +527,18 @@ impl PairedRounds {
                 .collect()
         };
         let (events_extra, routed_extra) = (extra(&self.events), extra(&self.routed));
+        let shape_extra = extra(&self.shape);
         println!(
             "open_latency, {PAIRED_ROUNDS} alternating rounds (medians): raw quinn {:.1} µs; \
-             backhaul {:.1} µs, {:.1} µs over raw; backhaul_router {:.1} µs, {:.1} µs over raw",
+             backhaul {:.1} µs, {:.1} µs over raw; backhaul_router {:.1} µs, {:.1} µs over raw; \
+             raw_shape {:.1} µs, {:.1} µs over raw",
             micros(median(self.raw)),
             micros(median(self.events)),
             micros(median(events_extra)),
             micros(median(self.routed)),
             micros(median(routed_extra)),
+            micros(median(self.shape)),
+            micros(median(shape_extra)),
         );
     }
 }
