@@ -348,3 +348,121 @@ async fn a_panicking_route_is_logged_with_its_service_and_the_edge_keeps_serving
     assert_eq!(reply, b"after!");
     serving.abort();
 }
+
+/// A route that holds its stream until its future is dropped, counting the futures that
+/// started and those dropped.
+fn holding_route(
+    started: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl tower::Service<
+    TunnelStream,
+    Response = (),
+    Error = std::io::Error,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    use std::sync::atomic::Ordering;
+
+    struct CountsDrop(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for CountsDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let (started, dropped) = (started.clone(), dropped.clone());
+    tower::service_fn(move |stream: TunnelStream| {
+        started.fetch_add(1, Ordering::SeqCst);
+        let guard = CountsDrop(dropped.clone());
+        async move {
+            let _held = (guard, stream);
+            std::future::pending::<()>().await;
+            Ok::<(), std::io::Error>(())
+        }
+    })
+}
+
+/// Waits until `counter` reads `expected`.
+async fn count_becomes(counter: &std::sync::atomic::AtomicUsize, expected: usize) {
+    within(LIMIT, async {
+        while counter.load(std::sync::atomic::Ordering::SeqCst) != expected {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_router_s_serving_future_ends_every_stream_it_serves() {
+    use backhaul::edge::Router;
+
+    let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
+    let started = std::sync::Arc::default();
+    let dropped = std::sync::Arc::default();
+    let router = Router::new().route("hold", holding_route(&started, &dropped));
+    let serving = tokio::spawn(router.serve(edge.clone(), events).into_future());
+    // Two waves of 100 at once: the relay allows 100 opens in flight by default.
+    let mut opened = Vec::new();
+    for _ in 0..2 {
+        let mut wave = Vec::new();
+        for _ in 0..100 {
+            let relay = relay.clone();
+            wave.push(tokio::spawn(async move {
+                relay.open("hold", Metadata::Empty).await.expect("open")
+            }));
+        }
+        for stream in wave {
+            opened.push(within(LIMIT, stream).await.expect("opener"));
+        }
+    }
+    count_becomes(&started, 200).await;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+    serving.abort();
+    let _ = serving.await;
+    // Every route's future is dropped with the loop, and its stream with it.
+    count_becomes(&dropped, 200).await;
+    active_streams_become(&edge, 0).await;
+    for (_send, mut recv) in opened {
+        let mut rest = Vec::new();
+        let _ = within(LIMIT, recv.read_to_end(&mut rest)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_still_running_when_the_drain_times_out_are_stopped() {
+    use backhaul::edge::Router;
+
+    let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
+    let started = std::sync::Arc::default();
+    let dropped = std::sync::Arc::default();
+    let router = Router::new().route("hold", holding_route(&started, &dropped));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(
+        router
+            .serve(edge.clone(), events)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .with_drain_timeout(Duration::from_millis(300))
+            .into_future(),
+    );
+    let mut opened = Vec::new();
+    for _ in 0..20 {
+        opened.push(
+            within(LIMIT, relay.open("hold", Metadata::Empty))
+                .await
+                .expect("open"),
+        );
+    }
+    count_becomes(&started, 20).await;
+    let began = std::time::Instant::now();
+    stop.send(()).expect("serving");
+    // The loop ends by itself once the drain timed out and the streams were stopped.
+    let result = within(LIMIT, serving).await.expect("serving task");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 20);
+    active_streams_become(&edge, 0).await;
+    drop(opened);
+}

@@ -23,6 +23,7 @@ mod backoff;
 mod reconnect;
 mod router;
 mod serve;
+mod streams;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 pub use reconnect::{

@@ -1,5 +1,4 @@
 //! The serving loop of an edge session.
-use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
@@ -8,11 +7,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::{self, JoinError, JoinSet};
 use tower::Service;
-use tracing::{debug, error, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::router::{Route, Router};
+use super::streams::StreamTasks;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::session::ClientEvent;
@@ -121,8 +120,7 @@ impl<C: Connection> Serve<C> {
         } = self;
         let dispatcher = Dispatcher { router, client };
         let (draining, drain_signal) = watch::channel(false);
-        let mut streams = JoinSet::new();
-        let mut tasks = HashMap::new();
+        let streams = StreamTasks::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut events_open = true;
         let mut shutting_down = false;
@@ -139,12 +137,9 @@ impl<C: Connection> Serve<C> {
                     }
                     break;
                 }
-                Some(joined) = streams.join_next_with_id(), if !streams.is_empty() => {
-                    log_stream_end(joined.map(|(id, ())| id), &mut tasks);
-                }
                 event = events.recv() => match event {
                     Some(ClientEvent::OpenRequest { request_id, service, metadata }) => {
-                        dispatcher.dispatch(request_id, service, metadata, &mut streams, &mut tasks, &drain_signal)
+                        dispatcher.dispatch(request_id, service, metadata, &streams, &drain_signal)
                             .await;
                     }
                     Some(other) => debug!(event = ?other, "session event"),
@@ -161,16 +156,13 @@ impl<C: Connection> Serve<C> {
         loop {
             tokio::select! {
                 () = &mut deadline => {
-                    if !streams.is_empty() {
+                    if streams.len() > 0 {
                         warn!(streams = streams.len(), "drain timeout: aborting streams");
                     }
-                    streams.abort_all();
+                    streams.stop();
                     break;
                 }
-                joined = streams.join_next_with_id() => match joined {
-                    Some(joined) => log_stream_end(joined.map(|(id, ())| id), &mut tasks),
-                    None => break,
-                },
+                () = streams.drained() => break,
                 event = events.recv(), if events_open => match event {
                     Some(ClientEvent::OpenRequest { request_id, .. }) => {
                         let reason = Some("edge is shutting down".to_owned());
@@ -184,9 +176,7 @@ impl<C: Connection> Serve<C> {
                 },
             }
         }
-        while let Some(joined) = streams.join_next_with_id().await {
-            log_stream_end(joined.map(|(id, ())| id), &mut tasks);
-        }
+        streams.drained().await;
         let client = dispatcher.client;
         if shutting_down {
             let connection = client.connection();
@@ -222,8 +212,7 @@ impl<C: Connection> Dispatcher<C> {
         request_id: u64,
         service: ServiceId,
         _metadata: Metadata,
-        streams: &mut JoinSet<()>,
-        tasks: &mut HashMap<task::Id, ServiceId>,
+        streams: &StreamTasks,
         drain_signal: &watch::Receiver<bool>,
     ) {
         let client = &self.client;
@@ -252,9 +241,11 @@ impl<C: Connection> Dispatcher<C> {
             }
         }
         let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
-        let task = serve_stream(client.clone(), route, request_id, drain_signal.clone());
-        let task = streams.spawn(task.instrument(span));
-        tasks.insert(task.id(), service);
+        let client = client.clone();
+        let draining = drain_signal.clone();
+        streams.spawn(service, move || {
+            serve_stream(client, route, request_id, draining).instrument(span)
+        });
     }
 }
 
@@ -334,28 +325,4 @@ async fn serve_stream<C: Connection>(
         }
     };
     let _ = client.close_stream(id, code, reason).await;
-}
-
-/// Logs how a stream's task ended if it did not end normally: a route that panicked is a
-/// bug worth seeing, not a detail to drop with its `JoinError`.
-fn log_stream_end(joined: Result<task::Id, JoinError>, tasks: &mut HashMap<task::Id, ServiceId>) {
-    let (id, error) = match joined {
-        Ok(id) => (id, None),
-        Err(error) => (error.id(), Some(error)),
-    };
-    let service = tasks.remove(&id);
-    if let Some(error) = error.filter(JoinError::is_panic) {
-        let service = service.as_ref().map_or("?", ServiceId::as_str);
-        error!(service, panic = %panic_message(error), "route panicked");
-    }
-}
-
-/// The message a panic was raised with, when it is a string.
-fn panic_message(error: JoinError) -> String {
-    let payload = error.into_panic();
-    payload
-        .downcast_ref::<&str>()
-        .map(|message| (*message).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
