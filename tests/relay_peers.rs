@@ -92,11 +92,14 @@ impl PeerHost {
 
     /// As a crash would leave it, except that the peers are told (the endpoint closes).
     fn kill(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        // The endpoint first, as a dead process sends nothing more: aborted tasks drop
+        // their streams, and quinn finishes a stream dropped unfinished, so a FIN could
+        // otherwise still leave before the close.
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.close(0u32.into(), b"killed");
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 
