@@ -475,21 +475,14 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
                 async move { pair.open_one().await }
             }
         });
-        println!(
-            "open_latency/{name}: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per open",
-            counts.sent, counts.received, counts.sleeps
-        );
+        counts.print(name, "open");
     }
     let opener = raw.edge.clone();
     let counts = counts_per_round(rt, &raw.edge, move || {
         let connection = opener.clone();
         async move { raw_round_trip(&connection).await }
     });
-    println!(
-        "open_latency/raw_quinn: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per round \
-         trip",
-        counts.sent, counts.received, counts.sleeps
-    );
+    counts.print("raw_quinn", "round trip");
     let counts = counts_per_round(rt, &shape.quic.relay, {
         let shape = Arc::clone(&shape);
         move || {
@@ -497,10 +490,7 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
             async move { shape.open_one().await }
         }
     });
-    println!(
-        "open_latency/raw_shape: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per open",
-        counts.sent, counts.received, counts.sleeps
-    );
+    counts.print("raw_shape", "open");
     events.quic.close();
     routed.quic.close();
     raw.close();
@@ -583,6 +573,15 @@ struct RoundCounts {
     /// Times a thread of the process went to sleep (each wakes again, often on a futex):
     /// a task hop to an idle worker costs one.
     sleeps: f64,
+}
+
+impl RoundCounts {
+    fn print(&self, way: &str, round: &str) {
+        println!(
+            "open_latency/{way}: {:.2} datagrams out, {:.2} back, {:.2} thread sleeps per {round}",
+            self.sent, self.received, self.sleeps
+        );
+    }
 }
 
 /// Voluntary context switches of all the process's threads so far (Linux).
