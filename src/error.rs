@@ -34,6 +34,13 @@ pub enum Error {
         /// The peer's explanation.
         reason: Option<String>,
     },
+    /// The peer accepted an open, then abandoned its stream before the stream reached
+    /// this side (the service serving it panicked or was stopped): it will never come.
+    #[error("the peer abandoned the stream before binding it{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    StreamAbandoned {
+        /// The peer's explanation.
+        reason: Option<String>,
+    },
     /// The session was closed (by either side) and takes no more work.
     #[error("session closed")]
     SessionClosed,

@@ -19,6 +19,8 @@ use crate::error::Error;
 
 #[cfg(feature = "self-signed")]
 mod persistent;
+#[cfg(all(test, feature = "self-signed"))]
+pub(crate) mod test_pair;
 #[cfg(feature = "self-signed")]
 pub use persistent::key_path_beside;
 

@@ -6,6 +6,12 @@
 //! stream id) so services and logs can use it, and it implements tokio's `AsyncRead`/
 //! `AsyncWrite` and hyper's `rt::Read`/`rt::Write`, so it goes straight into
 //! `hyper::client::conn::http1::handshake` or a hyper server.
+//!
+//! Like a quinn stream or a TCP socket, a `TunnelStream` that is dropped is finished: the
+//! peer reads a clean end. Not so when its writer *abandoned* it: dropped during a panic,
+//! or stopped by the [`Router`](crate::edge::Router) serving it when a drain timed out or
+//! its serving loop was dropped. Then it is reset with [`ABANDONED_STREAM`], so a
+//! truncated transfer never passes for a complete one.
 
 use std::fmt;
 use std::io;
@@ -15,10 +21,29 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Metadata, ServiceId};
 use crate::session::{AcceptedSlot, SessionClient};
+use crate::transport::reset_on_drop::{Abandoned, ResetOnDrop};
 use crate::transport::{Connection, DefaultConnection};
+
+/// The application code of the reset a peer sees when a [`TunnelStream`]'s writer
+/// abandoned it mid-transfer (it panicked, or was stopped): what arrived may be partial.
+/// [`reset_code`] reads it from a failed read.
+pub const ABANDONED_STREAM: u32 = 0x5152_0004;
+
+/// The application code of the reset behind a failed read of a quinn stream (such as
+/// [`ABANDONED_STREAM`], or `tcp::CONNECTION_BROKEN` from a
+/// TCP tunnel); `None` if the read failed for another reason.
+#[cfg(feature = "quinn")]
+#[must_use]
+pub fn reset_code(error: &io::Error) -> Option<u32> {
+    match error.get_ref()?.downcast_ref::<quinn::ReadError>()? {
+        quinn::ReadError::Reset(code) => u32::try_from(code.into_inner()).ok(),
+        _ => None,
+    }
+}
 
 /// What an open said about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +58,7 @@ pub struct TunnelInfo {
 
 /// The two halves of a data stream as one duplex byte stream.
 pub(crate) struct Duplex<C: Connection> {
-    send: C::SendStream,
+    send: ResetOnDrop<C::SendStream>,
     recv: C::RecvStream,
 }
 
@@ -127,7 +152,9 @@ fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
 /// A bound data stream with what its open said.
 ///
 /// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
-/// the stream finishes it too. Streams made by the [`Connector`](crate::connector::Connector)
+/// the stream finishes it too, unless it was abandoned: dropped during a panic, or
+/// stopped by the [`Router`](crate::edge::Router) serving it. Then it is *reset* with
+/// [`ABANDONED_STREAM`], so the peer's reads fail instead of seeing a clean end. Streams made by the [`Connector`](crate::connector::Connector)
 /// and the [`Router`](crate::edge::Router) keep their session running while they live, so
 /// dropping the last `SessionClient` does not cut them off.
 pub struct TunnelStream<C: Connection = DefaultConnection> {
@@ -151,7 +178,10 @@ impl<C: Connection> TunnelStream<C> {
     /// Joins the halves of a bound stream.
     pub fn new(send: C::SendStream, recv: C::RecvStream, info: TunnelInfo) -> Self {
         Self {
-            io: wrap(Duplex { send, recv }),
+            io: wrap(Duplex {
+                send: ResetOnDrop::new(send, Abandoned::OnPanic),
+                recv,
+            }),
             info,
             draining: None,
             session: None,
@@ -207,10 +237,31 @@ impl<C: Connection> TunnelStream<C> {
 
     /// Splits into the transport's halves (for priorities, resets, stop codes…). A stream
     /// from [`SessionClient::accept_stream`] frees its `max_concurrent_streams` slot here.
+    ///
+    /// The halves keep their transport's own drop behaviour: a quinn `SendStream` dropped
+    /// unfinished is finished, not reset.
     #[must_use]
     pub fn into_parts(self) -> (C::SendStream, C::RecvStream, TunnelInfo) {
         let Duplex { send, recv } = unwrap(self.io);
-        (send, recv, self.info)
+        (send.into_inner(), recv, self.info)
+    }
+
+    /// As [`TunnelStream::into_parts`], with the send half reset if it is ever dropped
+    /// unfinished: for a splice, which only lets go of a stream early when it failed or
+    /// its task was aborted.
+    pub(crate) fn into_guarded_parts(self) -> (ResetOnDrop<C::SendStream>, C::RecvStream) {
+        let Duplex { mut send, recv } = unwrap(self.io);
+        send.set_abandoned(Abandoned::Always);
+        (send, recv)
+    }
+
+    /// Counts the stream as abandoned once `stop` is cancelled (its serving loop stopped
+    /// it), so it is then reset rather than finished when dropped.
+    pub(crate) fn abandoned_when_stopped(mut self, stop: CancellationToken) -> Self {
+        duplex_mut(&mut self.io)
+            .send
+            .set_abandoned(Abandoned::Stopped(stop));
+        self
     }
 
     /// Abandons the stream both ways with an application error `code`: the peer's reads

@@ -6,7 +6,7 @@ mod support;
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use backhaul::stream::TunnelStream;
+use backhaul::stream::{reset_code, TunnelStream, ABANDONED_STREAM};
 use backhaul::{
     ClientEvent, Config, Error, Metadata, RejectCode, Role, SessionClient, TimeoutKind,
 };
@@ -44,6 +44,16 @@ async fn active_streams_become(edge: &SessionClient, expected: usize) {
         }
     })
     .await;
+}
+
+/// Reads `recv` to its end, which must be a reset with [`ABANDONED_STREAM`]: a route that
+/// went away without finishing its stream (it panicked, or its task was stopped).
+async fn ends_abandoned(recv: &mut backhaul::QuinnRecvStream) {
+    let mut rest = Vec::new();
+    let error = within(LIMIT, recv.read_to_end(&mut rest))
+        .await
+        .expect_err("the stream must fail, not end cleanly");
+    assert_eq!(reset_code(&error), Some(ABANDONED_STREAM), "{error}");
 }
 
 /// Echoes a stream after writing its metadata bytes, so the opener can check that the
@@ -303,7 +313,10 @@ async fn a_panicking_route_is_logged_with_its_service_and_the_edge_keeps_serving
     let _logging = tracing::subscriber::set_default(subscriber);
 
     let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
-    let boom = tower::service_fn(|_stream: TunnelStream| async move {
+    // Half a response, then a panic: the relay must not take it for a whole one.
+    let boom = tower::service_fn(|mut stream: TunnelStream| async move {
+        stream.write_all(&pattern(b"half", 1000)).await?;
+        stream.flush().await?;
         if true {
             panic!("boom in the route");
         }
@@ -316,11 +329,22 @@ async fn a_panicking_route_is_logged_with_its_service_and_the_edge_keeps_serving
     let router = Router::new().route("boom", boom).route("echo", echo);
     let serving = tokio::spawn(router.serve(edge.clone(), events).into_future());
 
-    let (_send, mut recv) = within(LIMIT, relay.open("boom", Metadata::Empty))
-        .await
-        .expect("open");
-    let mut rest = Vec::new();
-    let _ = within(LIMIT, recv.read_to_end(&mut rest)).await;
+    // Depending on whether the stream's first bytes left before its reset, the open
+    // fails at once as abandoned, or succeeds and its reads fail: never a clean end, and
+    // never a wait for the bind timeout.
+    let began = std::time::Instant::now();
+    match within(LIMIT, relay.open("boom", Metadata::Empty)).await {
+        Ok((_send, mut recv)) => ends_abandoned(&mut recv).await,
+        Err(Error::StreamAbandoned { reason }) => {
+            assert!(reason.is_some_and(|reason| reason.contains("panicked")));
+        }
+        Err(other) => panic!("expected an abandoned stream, got {other:?}"),
+    }
+    assert!(
+        began.elapsed() < Config::new().stream_bind_timeout,
+        "failed only after {:?}",
+        began.elapsed()
+    );
     within(LIMIT, async {
         while !logs.text().contains("route panicked") {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -423,9 +447,9 @@ async fn dropping_the_router_s_serving_future_ends_every_stream_it_serves() {
     // Every route's future is dropped with the loop, and its stream with it.
     count_becomes(&dropped, 200).await;
     active_streams_become(&edge, 0).await;
+    // Each opener sees its stream fail, not end as if the route had finished it.
     for (_send, mut recv) in opened {
-        let mut rest = Vec::new();
-        let _ = within(LIMIT, recv.read_to_end(&mut rest)).await;
+        ends_abandoned(&mut recv).await;
     }
 }
 
@@ -464,5 +488,7 @@ async fn streams_still_running_when_the_drain_times_out_are_stopped() {
     assert!(began.elapsed() >= Duration::from_millis(300));
     assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 20);
     active_streams_become(&edge, 0).await;
-    drop(opened);
+    for (_send, mut recv) in opened {
+        ends_abandoned(&mut recv).await;
+    }
 }

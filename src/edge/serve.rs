@@ -7,6 +7,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::{debug, warn, Instrument};
 
@@ -243,8 +244,8 @@ impl<C: Connection> Dispatcher<C> {
         let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
         let client = client.clone();
         let draining = drain_signal.clone();
-        streams.spawn(service, move || {
-            serve_stream(client, route, request_id, draining).instrument(span)
+        streams.spawn(service, move |stop| {
+            serve_stream(client, route, request_id, draining, stop).instrument(span)
         });
     }
 }
@@ -305,10 +306,11 @@ async fn serve_stream<C: Connection>(
     mut route: Route<C>,
     request_id: u64,
     draining: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // The slot is held by the stream and `_slot` below, also if this task is aborted.
     let stream = match client.accept_stream(request_id).await {
-        Ok(stream) => stream.with_draining(draining),
+        Ok(stream) => stream.with_draining(draining).abandoned_when_stopped(stop),
         Err(error) => {
             warn!(%error, "could not accept the stream");
             return;
@@ -317,6 +319,10 @@ async fn serve_stream<C: Connection>(
     let id = stream.logical_stream_id();
     // The slot stays taken until the route returns, even if it dropped the stream early.
     let _slot = stream.session_hold();
+    let mut abandoned = TellAbandoned {
+        client: &client,
+        logical_stream_id: Some(id),
+    };
     let (code, reason) = match route.call(stream).await {
         Ok(()) => (CloseCode::Normal, None),
         Err(error) => {
@@ -324,5 +330,26 @@ async fn serve_stream<C: Connection>(
             (CloseCode::Error, Some(error.to_string()))
         }
     };
+    abandoned.logical_stream_id = None;
     let _ = client.close_stream(id, code, reason).await;
+}
+
+/// Tells the peer, if dropped before its route returned (the route panicked, or the
+/// serving loop stopped it), that the stream was abandoned: `StreamClose` with
+/// [`CloseCode::Reset`]. The stream itself is reset then, and a reset can discard its
+/// `StreamBind` with the rest, so an opener still waiting for the stream would otherwise
+/// wait out its bind timeout; with this it fails at once.
+struct TellAbandoned<'a, C: Connection> {
+    client: &'a SessionClient<C>,
+    logical_stream_id: Option<u64>,
+}
+
+impl<C: Connection> Drop for TellAbandoned<'_, C> {
+    fn drop(&mut self) {
+        if let Some(id) = self.logical_stream_id {
+            let reason = "the edge's service for this stream panicked or was stopped";
+            self.client
+                .close_stream_now(id, CloseCode::Reset, Some(reason.to_owned()));
+        }
+    }
 }

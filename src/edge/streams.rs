@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -42,20 +42,30 @@ impl StreamTasks {
         }
     }
 
-    /// Runs the future `make` returns on a task of its own, for `service`. The future is
-    /// made inside the task, so the task holds it once.
+    /// Runs the future `make` returns on a task of its own, for `service`. `make` gets the
+    /// token that stops the task, for the stream to know when it was abandoned. The future
+    /// is made inside the task, so the task holds it once. If it panics, it is dropped
+    /// while the panic unwinds, so that its streams see the panic and are reset rather
+    /// than finished.
     pub(super) fn spawn<F, Fut>(&self, service: ServiceId, make: F)
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = self.stop.clone();
         let counted = Running::enter(&self.running);
         tokio::spawn(async move {
             let _counted = counted;
-            let mut serving = pin!(make());
+            let mut serving = pin!(Some(make(stop.clone())));
             let caught = std::future::poll_fn(|cx| {
-                match std::panic::catch_unwind(AssertUnwindSafe(|| serving.as_mut().poll(cx))) {
+                let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let mut unwinding = DropOnUnwind(serving.as_mut());
+                    match unwinding.0.as_mut().as_pin_mut() {
+                        Some(future) => future.poll(cx),
+                        None => Poll::Ready(()),
+                    }
+                }));
+                match polled {
                     Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
                     Ok(Poll::Pending) => Poll::Pending,
                     Err(payload) => Poll::Ready(Err(payload)),
@@ -99,6 +109,18 @@ impl StreamTasks {
     /// Stops the streams still running (they end at their next step).
     pub(super) fn stop(&self) {
         self.stop.cancel();
+    }
+}
+
+/// Drops the future it points to if dropped itself while a panic unwinds: the future's
+/// streams then see `std::thread::panicking()` and count as abandoned.
+struct DropOnUnwind<'a, F>(Pin<&'a mut Option<F>>);
+
+impl<F> Drop for DropOnUnwind<'_, F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.set(None);
+        }
     }
 }
 

@@ -442,6 +442,16 @@ impl<C: Connection> SessionClient<C> {
             .await
     }
 
+    /// As [`close_stream`](Self::close_stream), for a drop: queued without waiting.
+    pub(crate) fn close_stream_now(
+        &self,
+        logical_stream_id: u64,
+        code: CloseCode,
+        reason: Option<String>,
+    ) {
+        self.core.close_stream_now(logical_stream_id, code, reason);
+    }
+
     /// Counters of this session.
     #[must_use]
     pub fn stats(&self) -> SessionStats {

@@ -474,6 +474,23 @@ impl<C: Connection> SessionCore<C> {
         self.perform(actions, None).await
     }
 
+    /// As [`close_stream`](Self::close_stream), from a place that cannot wait (a drop):
+    /// the `StreamClose` is queued for the control stream without waiting for room, and
+    /// dropped if there is none.
+    pub(crate) fn close_stream_now(
+        &self,
+        logical_stream_id: u64,
+        code: CloseCode,
+        reason: Option<String>,
+    ) {
+        let ((), actions) = self.step(|locked, out| {
+            locked
+                .machine
+                .close_stream(logical_stream_id, code, reason, out);
+        });
+        self.perform_all_now(actions);
+    }
+
     // ----- keep-alive and close ----------------------------------------------------------
 
     pub(crate) async fn ping(&self) -> Result<Duration, Error> {

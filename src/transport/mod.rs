@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod mem;
 #[cfg(feature = "quinn")]
 mod quinn;
+pub(crate) mod reset_on_drop;
 #[cfg(feature = "quinn")]
 mod stream_limit;
 

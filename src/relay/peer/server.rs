@@ -466,8 +466,10 @@ async fn join(
     edge: TunnelStream<QuinnConnection>,
 ) -> (Ended, Ended) {
     let _holds = (peer.session_hold(), edge.session_hold());
-    let (mut peer_send, mut peer_recv, _) = peer.into_parts();
-    let (mut edge_send, mut edge_recv, _) = edge.into_parts();
+    // Guarded halves: if this task is aborted (the relay shuts down) mid-splice, both
+    // streams are reset, not finished, so neither side takes a cut transfer as whole.
+    let (mut peer_send, mut peer_recv) = peer.into_guarded_parts();
+    let (mut edge_send, mut edge_recv) = edge.into_guarded_parts();
     splice(
         (&mut peer_send, &mut peer_recv),
         (&mut edge_send, &mut edge_recv),
@@ -475,7 +477,7 @@ async fn join(
     .await
 }
 
-/// Ends a stream nobody will use, as failed (dropping it would finish it cleanly).
+/// Ends a stream nobody will use, as failed with [`SPLICE_FAILED`].
 fn abandon(stream: TunnelStream<QuinnConnection>) {
     let (mut send, mut recv, _) = stream.into_parts();
     send.reset(SPLICE_FAILED);
@@ -538,5 +540,69 @@ impl Future for ServePeerConnection {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         self.inner.as_mut().poll(cx)
+    }
+}
+
+#[cfg(all(test, feature = "self-signed"))]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::quic::test_pair::{test_pair, TestPair};
+    use crate::stream::{reset_code, TunnelInfo, ABANDONED_STREAM};
+    use crate::transport::{Connection, QuinnRecvStream, QuinnSendStream};
+
+    /// A stream from the pair's dialer (the far end, kept bare) to its acceptor (wrapped as
+    /// the relay's `TunnelStream`).
+    async fn far_and_near(
+        pair: &TestPair,
+    ) -> (
+        (QuinnSendStream, QuinnRecvStream),
+        TunnelStream<QuinnConnection>,
+    ) {
+        let (mut send, recv) = pair.dialer.open_bi().await.unwrap();
+        send.write_all(b"hi").await.unwrap();
+        let (near_send, mut near_recv) = pair.acceptor.accept_bi().await.unwrap().unwrap();
+        let mut hi = [0u8; 2];
+        near_recv.read_exact(&mut hi).await.unwrap();
+        let info = TunnelInfo {
+            service: ServiceId::new("test"),
+            metadata: Metadata::Empty,
+            logical_stream_id: 0,
+        };
+        ((send, recv), TunnelStream::new(near_send, near_recv, info))
+    }
+
+    /// Reads until the stream ends; the reset code if it failed, `None` on a clean end.
+    async fn read_to_reset(recv: &mut QuinnRecvStream) -> Option<u32> {
+        let mut sink = Vec::new();
+        match recv.read_to_end(&mut sink).await {
+            Ok(_) => None,
+            Err(error) => Some(reset_code(&error).unwrap_or_else(|| panic!("{error}"))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_splice_aborted_mid_transfer_resets_both_streams_instead_of_finishing_them() {
+        let (peer_pair, edge_pair) = tokio::join!(test_pair(), test_pair());
+        let ((mut peer_send, mut peer_recv), peer) = far_and_near(&peer_pair).await;
+        let ((mut edge_send, mut edge_recv), edge) = far_and_near(&edge_pair).await;
+        let joined = tokio::spawn(join(peer, edge));
+
+        // Bytes cross both ways, then the relay's task is aborted (a shutdown, a crash of
+        // the task) with neither side finished.
+        peer_send.write_all(b"request part").await.unwrap();
+        edge_send.write_all(b"response part").await.unwrap();
+        let mut crossed = [0u8; 12];
+        edge_recv.read_exact(&mut crossed).await.unwrap();
+        assert_eq!(&crossed, b"request part");
+        let mut crossed = [0u8; 13];
+        peer_recv.read_exact(&mut crossed).await.unwrap();
+        assert_eq!(&crossed, b"response part");
+        joined.abort();
+        assert!(joined.await.unwrap_err().is_cancelled());
+
+        assert_eq!(read_to_reset(&mut peer_recv).await, Some(ABANDONED_STREAM));
+        assert_eq!(read_to_reset(&mut edge_recv).await, Some(ABANDONED_STREAM));
     }
 }

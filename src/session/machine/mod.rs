@@ -249,6 +249,9 @@ impl<S> SessionMachine<S> {
                     logical_stream_id: close.logical_stream_id,
                     code: close.code,
                 }));
+                if close.code == CloseCode::Reset {
+                    self.fail_unbound_open(close.logical_stream_id, close.reason.clone(), out);
+                }
                 self.release_stream(close.logical_stream_id);
                 out.push(Action::Deliver(ClientEvent::StreamClosed {
                     logical_stream_id: close.logical_stream_id,

@@ -131,6 +131,32 @@ impl<S> SessionMachine<S> {
         out.push(Action::AnswerOpen { request_id, answer });
     }
 
+    /// The peer reset stream `logical_stream_id` (`StreamClose` with
+    /// [`CloseCode::Reset`](crate::protocol::CloseCode::Reset)): if our open still waits
+    /// for that stream, it fails now instead of at its bind timeout. A reset stream may
+    /// never bind (QUIC drops its unsent bytes, the `StreamBind` among them); should it
+    /// bind after all, its id is retired and it is refused.
+    pub(super) fn fail_unbound_open(
+        &mut self,
+        logical_stream_id: u64,
+        reason: Option<String>,
+        out: &mut Actions<S>,
+    ) {
+        let Some(request_id) = self.bind_waiters.remove(&logical_stream_id) else {
+            return;
+        };
+        self.opens.remove(&request_id);
+        self.retired_ids.insert(logical_stream_id);
+        debug!(
+            request_id,
+            logical_stream_id, "stream abandoned before it bound"
+        );
+        out.push(Action::BindOpen {
+            request_id,
+            stream: Err(Error::StreamAbandoned { reason }),
+        });
+    }
+
     /// Routes a data stream whose `StreamBind` names `logical_stream_id`: to the open
     /// waiting for it, into the hold if it came before its `OpenResponse`, or refused.
     /// Returns when the stream expires if it was held, so the driver can set a timer

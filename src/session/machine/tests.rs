@@ -345,6 +345,74 @@ fn an_open_abandoned_while_waiting_for_its_stream_refuses_the_stream() {
     );
 }
 
+/// The peer's `StreamClose` for `logical_stream_id` with `code`.
+fn stream_close(logical_stream_id: u64, code: CloseCode) -> ProtocolMessage {
+    ProtocolMessage::StreamClose(StreamClose {
+        logical_stream_id,
+        code,
+        reason: Some("gone".into()),
+    })
+}
+
+#[test]
+fn a_reset_before_the_stream_bound_fails_its_open_at_once_and_retires_the_id() {
+    let mut m = machine();
+    let request_id = open(&mut m);
+    respond(&mut m, OpenResponse::accepted(request_id, 5));
+    let actions = message(&mut m, stream_close(5, CloseCode::Reset));
+    assert!(
+        actions.iter().any(|action| matches!(
+            action,
+            Action::BindOpen { request_id: r, stream: Err(Error::StreamAbandoned { reason: Some(reason) }) }
+                if *r == request_id && reason == "gone"
+        )),
+        "{actions:?}"
+    );
+    assert_eq!(m.stats().pending_opens, 0);
+    // Should the stream come after all, it is refused.
+    assert_eq!(
+        refused(&stream(&mut m, 5, 50, Instant::now())),
+        [(50, Refusal::Retired)]
+    );
+}
+
+#[test]
+fn other_closes_before_the_stream_bound_leave_its_open_waiting() {
+    // The peer finished the stream (or failed after writing): its bytes, the StreamBind
+    // first, are on their way, and may come after the close on the control stream.
+    for code in [CloseCode::Normal, CloseCode::Error, CloseCode::Timeout] {
+        let mut m = machine();
+        let request_id = open(&mut m);
+        respond(&mut m, OpenResponse::accepted(request_id, 6));
+        let actions = message(&mut m, stream_close(6, code));
+        assert!(
+            !actions
+                .iter()
+                .any(|action| matches!(action, Action::BindOpen { .. })),
+            "{code:?}: {actions:?}"
+        );
+        assert!(matches!(
+            stream(&mut m, 6, 60, Instant::now()).as_slice(),
+            [Action::BindOpen { request_id: r, stream: Ok(60) }] if *r == request_id
+        ));
+    }
+}
+
+#[test]
+fn a_reset_of_an_already_bound_stream_fails_nothing() {
+    let mut m = machine();
+    let request_id = open(&mut m);
+    respond(&mut m, OpenResponse::accepted(request_id, 8));
+    stream(&mut m, 8, 80, Instant::now());
+    let actions = message(&mut m, stream_close(8, CloseCode::Reset));
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, Action::BindOpen { .. })),
+        "{actions:?}"
+    );
+}
+
 #[test]
 fn a_stream_its_open_could_not_take_is_refused_and_counted() {
     let mut m = machine();
