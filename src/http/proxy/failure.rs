@@ -185,6 +185,16 @@ pub fn tunnel_failure(error: &Error, edge: &str, service: &str) -> (StatusCode, 
                     .unwrap_or_default()
             ),
         ),
+        Error::StreamAbandoned { reason } => (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "edge {edge:?} abandoned the stream to {service:?}{}",
+                reason
+                    .as_deref()
+                    .map(|reason| format!(" ({reason:?})"))
+                    .unwrap_or_default()
+            ),
+        ),
         Error::CapacityExceeded { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("too many requests in flight to edge {edge:?}"),
@@ -278,6 +288,13 @@ mod tests {
                 Error::Disconnected,
                 StatusCode::BAD_GATEWAY,
                 "edge \"alpha\" went offline",
+            ),
+            (
+                Error::StreamAbandoned {
+                    reason: Some("panicked\r\nX-Forged: 1".into()),
+                },
+                StatusCode::BAD_GATEWAY,
+                "edge \"alpha\" abandoned the stream to \"web\" (\"panicked\\r\\nX-Forged: 1\")",
             ),
         ];
         for (error, status, message) in cases {
