@@ -255,6 +255,15 @@ impl<C: Connection> TunnelStream<C> {
         (send, recv)
     }
 
+    /// Counts the stream as abandoned whenever it is dropped unfinished: for an owner that
+    /// finishes or resets it on every path but an abort (a splice).
+    pub(crate) fn abandoned_unless_finished(mut self) -> Self {
+        duplex_mut(&mut self.io)
+            .send
+            .set_abandoned(Abandoned::Always);
+        self
+    }
+
     /// Counts the stream as abandoned once `stop` is cancelled (its serving loop stopped
     /// it), so it is then reset rather than finished when dropped.
     pub(crate) fn abandoned_when_stopped(mut self, stop: CancellationToken) -> Self {

@@ -68,6 +68,20 @@ async fn tunnel(route: tcp::TcpRoute) -> Tunnel {
 }
 
 async fn tunnel_to_edge(route: tcp::TcpRoute, forwarded_edge: &str) -> Tunnel {
+    tunnel_with(route, forwarded_edge, Stops::default()).await
+}
+
+/// Graceful shutdowns to wire in: the relay's forwarder and the edge's `Router` each stop
+/// when their receiver fires, then give streams `DRAIN` before stopping them.
+#[derive(Default)]
+struct Stops {
+    relay: Option<tokio::sync::oneshot::Receiver<()>>,
+    edge: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+const DRAIN: Duration = Duration::from_millis(300);
+
+async fn tunnel_with(route: tcp::TcpRoute, forwarded_edge: &str, stops: Stops) -> Tunnel {
     let quic = quic_pair().await;
     let config = Config::new().with_max_concurrent_streams(2048);
     let (relay, edge) = tokio::join!(
@@ -76,12 +90,16 @@ async fn tunnel_to_edge(route: tcp::TcpRoute, forwarded_edge: &str) -> Tunnel {
     );
     let (relay, _) = relay.expect("relay session");
     let (edge, events) = edge.expect("edge session");
-    tokio::spawn(
-        Router::new()
-            .route("svc", route)
-            .serve(edge, events)
+    let serving = Router::new().route("svc", route).serve(edge, events);
+    tokio::spawn(match stops.edge {
+        Some(stop) => serving
+            .with_graceful_shutdown(async move {
+                let _ = stop.await;
+            })
+            .with_drain_timeout(DRAIN)
             .into_future(),
-    );
+        None => serving.into_future(),
+    });
 
     let registry = Registry::new();
     let attachment = registry
@@ -93,7 +111,14 @@ async fn tunnel_to_edge(route: tcp::TcpRoute, forwarded_edge: &str) -> Tunnel {
     let recorded = Recorded::default();
     let forward = TcpForward::new(listener, registry, forwarded_edge, "svc")
         .with_observer(recorded.clone())
+        .with_drain_timeout(DRAIN)
         .serve();
+    let forward = match stops.relay {
+        Some(stop) => forward.with_graceful_shutdown(async move {
+            let _ = stop.await;
+        }),
+        None => forward,
+    };
     Tunnel {
         public,
         recorded,
@@ -390,4 +415,82 @@ async fn an_edge_killed_mid_stream_resets_the_client() {
         tunnel.recorded.wait_for("tunnel_broken").await;
     })
     .await;
+}
+
+/// A backend that sends without end and reads what comes; reports how the upload ended:
+/// `Ok(bytes)` for a clean end, `Err` for a reset.
+async fn endless_backend() -> (SocketAddr, tokio::sync::mpsc::Receiver<std::io::Result<usize>>) {
+    let (ended, endings) = tokio::sync::mpsc::channel(4);
+    let address = backend(move |stream| {
+        let ended = ended.clone();
+        async move {
+            let (mut reader, mut writer) = stream.into_split();
+            tokio::spawn(async move {
+                let block = vec![3; 16 * 1024];
+                while writer.write_all(&block).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            });
+            let mut buffer = vec![0; 64 * 1024];
+            let mut total = 0;
+            let ending = loop {
+                match reader.read(&mut buffer).await {
+                    Ok(0) => break Ok(total),
+                    Ok(read) => total += read,
+                    Err(error) => break Err(error),
+                }
+            };
+            let _ = ended.send(ending).await;
+        }
+    })
+    .await;
+    (address, endings)
+}
+
+/// Starts a transfer both ways and waits until bytes crossed both ways; `stop` then stops
+/// one side gracefully, whose drain times out with the transfer still running. Neither the
+/// client nor the backend may see a clean end: the download and the upload were cut.
+async fn a_drain_timeout_mid_transfer_resets_both_ends(stop_relay: bool) {
+    let (address, mut endings) = endless_backend().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let stops = if stop_relay {
+        Stops {
+            relay: Some(stopped),
+            edge: None,
+        }
+    } else {
+        Stops {
+            relay: None,
+            edge: Some(stopped),
+        }
+    };
+    let tunnel = tunnel_with(tcp::forward_to(address.to_string()), "kiosk", stops).await;
+    let mut client = TcpStream::connect(tunnel.public).await.unwrap();
+    client.write_all(&pattern(b"upload", 64 * 1024)).await.unwrap();
+    let mut buffer = vec![0; 64 * 1024];
+    let mut received = 0;
+    while received < 64 * 1024 {
+        received += client.read(&mut buffer).await.expect("first bytes");
+    }
+    stop.send(()).unwrap();
+    let download = within(DRAIN * 20, read_until_end(&mut client)).await;
+    assert!(
+        download.is_err(),
+        "the client must see a reset, got a clean end after {download:?} more bytes"
+    );
+    let upload = within(DRAIN * 20, endings.recv()).await.expect("backend ended");
+    assert!(
+        upload.is_err(),
+        "the backend must see a reset, got a clean end after {upload:?} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_drain_timeout_mid_transfer_resets_client_and_backend() {
+    within(LIMIT, a_drain_timeout_mid_transfer_resets_both_ends(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_drain_timeout_mid_transfer_resets_client_and_backend() {
+    within(LIMIT, a_drain_timeout_mid_transfer_resets_both_ends(false)).await;
 }

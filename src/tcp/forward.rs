@@ -23,7 +23,8 @@ use tracing::{debug, warn};
 
 use super::splice::{splice, Side, SpliceError, Spliced};
 use super::{
-    abort_tcp, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE, STATUS_CONNECTED,
+    AbortUnlessDone, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE,
+    STATUS_CONNECTED,
 };
 use crate::connector::OpenTarget;
 use crate::error::Error;
@@ -398,29 +399,33 @@ struct Connection<D> {
 }
 
 impl<D: Directory<QuinnConnection>> Connection<D> {
-    async fn forward(self, mut client: TcpStream) {
+    async fn forward(self, client: TcpStream) {
         let _ = client.set_nodelay(true);
+        // Both ends are reset, not closed, if this task is aborted mid-transfer (the
+        // forwarder's drain timed out): neither side may take a cut transfer as whole.
+        let mut client = AbortUnlessDone::new(client);
         let mut stream = match self.open().await {
-            Ok(stream) => stream,
+            Ok(stream) => stream.abandoned_unless_finished(),
             Err(failure) => {
                 self.report(&failure);
-                abort_tcp(client);
                 return;
             }
         };
         self.observer.opened(&self.edge, &self.service);
-        match splice(&mut client, &mut stream).await {
-            Ok(carried) => self.observer.closed(&self.edge, &self.service, carried),
+        match splice(&mut *client, &mut stream).await {
+            Ok(carried) => {
+                client.release();
+                self.observer.closed(&self.edge, &self.service, carried);
+            }
             Err(error) => {
+                // The side that did not break is aborted: the stream here, the client
+                // when `client` drops.
                 let failure = match error.side {
                     Side::First => {
                         stream.reset(CONNECTION_BROKEN);
                         TcpFailure::ClientBroken(error)
                     }
-                    Side::Second => {
-                        abort_tcp(client);
-                        TcpFailure::TunnelBroken(error)
-                    }
+                    Side::Second => TcpFailure::TunnelBroken(error),
                 };
                 self.report(&failure);
             }

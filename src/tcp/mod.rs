@@ -116,6 +116,44 @@ pub(crate) fn abort_tcp(stream: TcpStream) {
     drop(stream);
 }
 
+/// A TCP connection that is reset, not closed, if dropped before [`release`]
+/// (`AbortUnlessDone::release`): a task that owns it mid-transfer and is aborted (a drain
+/// timeout, a serving loop dropped) must not end the transfer with a FIN.
+pub(crate) struct AbortUnlessDone(Option<TcpStream>);
+
+impl AbortUnlessDone {
+    pub(crate) const fn new(stream: TcpStream) -> Self {
+        Self(Some(stream))
+    }
+
+    /// The transfer ended as it should: the connection closes normally when dropped.
+    pub(crate) fn release(mut self) -> TcpStream {
+        self.0.take().expect("released once")
+    }
+}
+
+impl std::ops::Deref for AbortUnlessDone {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        self.0.as_ref().expect("present until released")
+    }
+}
+
+impl std::ops::DerefMut for AbortUnlessDone {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        self.0.as_mut().expect("present until released")
+    }
+}
+
+impl Drop for AbortUnlessDone {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            abort_tcp(stream);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

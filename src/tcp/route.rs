@@ -14,7 +14,8 @@ use tower::Service;
 use super::proxy_protocol::ProxyHeader;
 use super::splice::{splice, Side};
 use super::{
-    abort_tcp, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE, STATUS_CONNECTED,
+    abort_tcp, AbortUnlessDone, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE,
+    STATUS_CONNECTED,
 };
 use crate::edge::RouteError;
 use crate::error::Error;
@@ -148,16 +149,23 @@ impl TcpRoute {
 
 /// Splices a tunnel stream with a backend connection; when one side breaks, the other is
 /// aborted (TCP reset, stream reset with [`CONNECTION_BROKEN`]), never closed gracefully.
+/// The backend is reset too if this future is dropped mid-splice (the `Router` stopped
+/// the stream when its drain timed out), as the stream then is.
 pub(crate) async fn splice_aborting<C: Connection>(
     stream: &mut TunnelStream<C>,
-    mut backend: TcpStream,
+    backend: TcpStream,
 ) -> Result<super::Spliced, super::SpliceError> {
-    match splice(stream, &mut backend).await {
-        Ok(carried) => Ok(carried),
+    let mut backend = AbortUnlessDone::new(backend);
+    match splice(stream, &mut *backend).await {
+        Ok(carried) => {
+            backend.release();
+            Ok(carried)
+        }
         Err(failure) => {
-            match failure.side {
-                Side::First => abort_tcp(backend),
-                Side::Second => stream.reset(CONNECTION_BROKEN),
+            // The backend is reset when dropped here, unless it is the side that broke.
+            if failure.side == Side::Second {
+                stream.reset(CONNECTION_BROKEN);
+                drop(backend.release());
             }
             Err(failure)
         }
