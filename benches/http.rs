@@ -1,7 +1,7 @@
 //! HTTP through a backhaul tunnel beside its baselines, over real quinn and TCP on 127.0.0.1.
 //!
 //! One small GET (`GET /` answering the 13-byte body `Hello, world!` from the same axum
-//! app) six ways, in the same process and on the same runtime (multi-thread, 2 workers):
+//! app) seven ways, in the same process and on the same runtime (multi-thread, 2 workers):
 //!
 //! - `tunnel`: the relay's pooled `hyper_util` client over a backhaul [`Connector`] → the
 //!   edge's [`Router`] → [`backhaul::http::serve`] → axum.
@@ -14,6 +14,9 @@
 //!   `hyper::client::conn::http1` connection per concurrent worker, each on its own quinn
 //!   stream, served by hyper-util's auto server (as `backhaul::http::serve` does) on the
 //!   streams the other side accepts.
+//! - `raw_quinn_h1_x2`: as `raw_quinn_h1`, with the workers spread over two QUIC
+//!   connections (their own endpoints): how much a second connection, whose packets another
+//!   core can process, raises QUIC's ceiling on this machine.
 //! - `raw_quinn_pooled`: the same pooled `hyper_util` client as `tunnel`, but its connector
 //!   opens raw quinn streams: the only difference from `tunnel` is backhaul itself.
 //! - `tcp`: the pooled `hyper_util` client → hyper-util's auto server with axum on a
@@ -72,7 +75,9 @@ const LEVELS: [usize; 3] = [1, 16, 64];
 /// Requests each task sends per iteration at concurrency above 1.
 const PER_TASK: usize = 16;
 /// The ratios the latency pass prints: (ours, baseline).
-const RATIOS: [(&str, &str); 7] = [
+const RATIOS: [(&str, &str); 9] = [
+    ("raw_quinn_h1_x2", "raw_quinn_h1"),
+    ("raw_quinn_h1_x2", "tcp"),
     ("tunnel", "raw_quinn_h1"),
     ("tunnel", "raw_quinn_pooled"),
     ("tunnel", "tcp"),
@@ -351,7 +356,7 @@ async fn tunnel_pair() -> (SessionClient<QuinnConnection>, QuicPair) {
 /// What must outlive the measurements: QUIC connections, and sessions no client holds.
 type KeepAlive = Vec<(QuicPair, Option<SessionClient<QuinnConnection>>)>;
 
-/// Builds the six ways: connections, sessions, servers and clients, and what to keep
+/// Builds the seven ways: connections, sessions, servers and clients, and what to keep
 /// alive meanwhile.
 async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let executor = TokioExecutor::new();
@@ -409,6 +414,29 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let raw_h1_count = Arc::new(AtomicUsize::new(max_workers));
     pairs.push((quic, None));
 
+    // (b2) as (b), with the workers spread over two QUIC connections.
+    let quics = [QuicPair::new().await, QuicPair::new().await];
+    let mut senders = Vec::with_capacity(max_workers);
+    for quic in &quics {
+        tokio::spawn(serve_raw_quinn(quic.edge.clone()));
+    }
+    for worker in 0..max_workers {
+        let quic = &quics[worker % 2];
+        let (send, recv) = quic.relay.open_bi().await.expect("raw open_bi");
+        let io = TokioIo::new(QuinnIo { send, recv });
+        let (sender, connection) = http1::handshake(io).await.expect("raw h1 handshake");
+        tokio::spawn(connection);
+        senders.push(Mutex::new(sender));
+    }
+    let raw_h1_x2 = Target::PerWorkerH1 {
+        senders: Arc::new(senders),
+        host: "raw",
+    };
+    let raw_h1_x2_count = Arc::new(AtomicUsize::new(max_workers));
+    for quic in quics {
+        pairs.push((quic, None));
+    }
+
     // (b') the pooled client over raw quinn streams.
     let quic = QuicPair::new().await;
     tokio::spawn(serve_raw_quinn(quic.edge.clone()));
@@ -450,6 +478,12 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
             target: raw_h1,
             uri: Uri::from_static("/"),
             connections: raw_h1_count,
+        },
+        Way {
+            name: "raw_quinn_h1_x2",
+            target: raw_h1_x2,
+            uri: Uri::from_static("/"),
+            connections: raw_h1_x2_count,
         },
         Way {
             name: "raw_quinn_pooled",
