@@ -492,3 +492,44 @@ async fn streams_still_running_when_the_drain_times_out_are_stopped() {
         ends_abandoned(&mut recv).await;
     }
 }
+
+/// The `Router` takes open requests straight from the session's control reader while it
+/// serves (a handler the session holds); once its serving future is gone, the session
+/// must hold nothing of it: dropping the last edge client then ends the session's tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stopped_serving_leaves_its_session_free_to_end() {
+    use backhaul::edge::Router;
+
+    let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
+    let with_sessions = support::alive_tasks();
+    let echo = tower::service_fn(|stream: TunnelStream| async move {
+        serve_echo(stream).await;
+        Ok::<(), std::io::Error>(())
+    });
+    let serving = tokio::spawn(
+        Router::new()
+            .route("echo", echo)
+            .serve(edge.clone(), events)
+            .into_future(),
+    );
+    // Served through the reader's handler.
+    for round in 0..3u8 {
+        let (mut send, mut recv) = within(LIMIT, relay.open("echo", Metadata::Bytes(vec![round])))
+            .await
+            .expect("open");
+        send.write_all(b"!").await.unwrap();
+        send.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        within(LIMIT, recv.read_to_end(&mut reply)).await.unwrap();
+        assert_eq!(reply, [round, b'!']);
+    }
+    serving.abort();
+    let _ = serving.await;
+    active_streams_become(&edge, 0).await;
+    drop(edge);
+    let settled = support::settle_tasks(with_sessions - 1).await;
+    assert!(
+        settled < with_sessions,
+        "the edge session's tasks still run: {settled} tasks, {with_sessions} with both sessions"
+    );
+}

@@ -419,7 +419,10 @@ async fn an_edge_killed_mid_stream_resets_the_client() {
 
 /// A backend that sends without end and reads what comes; reports how the upload ended:
 /// `Ok(bytes)` for a clean end, `Err` for a reset.
-async fn endless_backend() -> (SocketAddr, tokio::sync::mpsc::Receiver<std::io::Result<usize>>) {
+async fn endless_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::Receiver<std::io::Result<usize>>,
+) {
     let (ended, endings) = tokio::sync::mpsc::channel(4);
     let address = backend(move |stream| {
         let ended = ended.clone();
@@ -466,7 +469,10 @@ async fn a_drain_timeout_mid_transfer_resets_both_ends(stop_relay: bool) {
     };
     let tunnel = tunnel_with(tcp::forward_to(address.to_string()), "kiosk", stops).await;
     let mut client = TcpStream::connect(tunnel.public).await.unwrap();
-    client.write_all(&pattern(b"upload", 64 * 1024)).await.unwrap();
+    client
+        .write_all(&pattern(b"upload", 64 * 1024))
+        .await
+        .unwrap();
     let mut buffer = vec![0; 64 * 1024];
     let mut received = 0;
     while received < 64 * 1024 {
@@ -478,7 +484,9 @@ async fn a_drain_timeout_mid_transfer_resets_both_ends(stop_relay: bool) {
         download.is_err(),
         "the client must see a reset, got a clean end after {download:?} more bytes"
     );
-    let upload = within(DRAIN * 20, endings.recv()).await.expect("backend ended");
+    let upload = within(DRAIN * 20, endings.recv())
+        .await
+        .expect("backend ended");
     assert!(
         upload.is_err(),
         "the backend must see a reset, got a clean end after {upload:?} bytes"

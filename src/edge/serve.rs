@@ -3,6 +3,7 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -12,9 +13,10 @@ use tower::Service;
 use tracing::{debug, warn, Instrument};
 
 use super::router::{Route, Router};
-use super::streams::StreamTasks;
+use super::streams::{StreamSpawner, StreamTasks};
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::session::core::OpenHandler;
 use crate::session::ClientEvent;
 use crate::session::SessionClient;
 use crate::transport::{Connection, DefaultConnection};
@@ -119,9 +121,15 @@ impl<C: Connection> Serve<C> {
             drain_timeout,
             close_timeout,
         } = self;
-        let dispatcher = Dispatcher { router, client };
         let (draining, drain_signal) = watch::channel(false);
         let streams = StreamTasks::new();
+        let dispatcher = Arc::new(Dispatcher {
+            router,
+            client: client.clone(),
+            streams: streams.spawner(),
+            drain_signal,
+        });
+        let handler = HandlerSet::set(&client, &dispatcher);
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut events_open = true;
         let mut shutting_down = false;
@@ -130,18 +138,20 @@ impl<C: Connection> Serve<C> {
                 () = &mut shutdown => {
                     debug!("graceful shutdown: closing the session, then draining");
                     shutting_down = true;
+                    // Requests from now on come through the events, to be refused.
+                    handler.remove();
                     // The peer stops routing here, and fails the opens it sent before it
                     // saw the close itself (they can no longer be answered).
                     let reason = Some("edge shutting down".to_owned());
-                    if let Err(error) = dispatcher.client.close(CloseCode::Normal, reason).await {
+                    if let Err(error) = client.close(CloseCode::Normal, reason).await {
                         debug!(%error, "could not send the session close");
                     }
                     break;
                 }
                 event = events.recv() => match event {
-                    Some(ClientEvent::OpenRequest { request_id, service, metadata }) => {
-                        dispatcher.dispatch(request_id, service, metadata, &streams, &drain_signal)
-                            .await;
+                    // Requests that came before the handler was set.
+                    Some(ClientEvent::OpenRequest { request_id, service, .. }) => {
+                        dispatcher.dispatch(request_id, service).await;
                     }
                     Some(other) => debug!(event = ?other, "session event"),
                     None => {
@@ -151,6 +161,7 @@ impl<C: Connection> Serve<C> {
                 },
             }
         }
+        handler.remove();
         let _ = draining.send(true);
         let deadline = tokio::time::sleep(drain_timeout);
         tokio::pin!(deadline);
@@ -167,8 +178,7 @@ impl<C: Connection> Serve<C> {
                 event = events.recv(), if events_open => match event {
                     Some(ClientEvent::OpenRequest { request_id, .. }) => {
                         let reason = Some("edge is shutting down".to_owned());
-                        let _ = dispatcher
-                            .client
+                        let _ = client
                             .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
                             .await;
                     }
@@ -178,7 +188,8 @@ impl<C: Connection> Serve<C> {
             }
         }
         streams.drained().await;
-        let client = dispatcher.client;
+        drop(handler);
+        drop(dispatcher);
         if shutting_down {
             let connection = client.connection();
             if tokio::time::timeout(close_timeout, peer_closed(connection))
@@ -201,52 +212,86 @@ impl<C: Connection> Serve<C> {
     }
 }
 
-/// Answers open requests from the routes.
+/// Answers open requests from the routes: set as the session's [`OpenHandler`] while
+/// the serving loop runs, so that an open's stream task starts from the session's control
+/// reader, and also called by the loop for requests that came through the events channel.
 struct Dispatcher<C: Connection> {
     router: Router<C>,
     client: SessionClient<C>,
+    streams: StreamSpawner,
+    drain_signal: watch::Receiver<bool>,
 }
 
 impl<C: Connection> Dispatcher<C> {
-    async fn dispatch(
+    /// Starts serving request `request_id` on a task of its own, or says why not.
+    fn start(
         &self,
         request_id: u64,
         service: ServiceId,
-        _metadata: Metadata,
-        streams: &StreamTasks,
-        drain_signal: &watch::Receiver<bool>,
-    ) {
-        let client = &self.client;
+    ) -> Result<(), (RejectCode, Option<String>)> {
         let Some(mut route) = self.router.find(&service) else {
             let reason = Some(format!("no service named {service}"));
-            let _ = client
-                .reject_open(request_id, RejectCode::UnsupportedService, reason)
-                .await;
-            return;
+            return Err((RejectCode::UnsupportedService, reason));
         };
         match poll_ready_now(&mut route) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(error)) => {
                 let reason = Some(format!("service {service} failed: {error}"));
-                let _ = client
-                    .reject_open(request_id, RejectCode::ServiceUnavailable, reason)
-                    .await;
-                return;
+                return Err((RejectCode::ServiceUnavailable, reason));
             }
             Poll::Pending => {
                 let reason = Some(format!("service {service} is at capacity"));
-                let _ = client
-                    .reject_open(request_id, RejectCode::LimitExceeded, reason)
-                    .await;
-                return;
+                return Err((RejectCode::LimitExceeded, reason));
             }
         }
         let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
-        let client = client.clone();
-        let draining = drain_signal.clone();
-        streams.spawn(service, move |stop| {
+        let client = self.client.clone();
+        let draining = self.drain_signal.clone();
+        self.streams.spawn(service, move |stop| {
             serve_stream(client, route, request_id, draining, stop).instrument(span)
         });
+        Ok(())
+    }
+
+    /// [`start`](Self::start), answering a refusal.
+    async fn dispatch(&self, request_id: u64, service: ServiceId) {
+        if let Err((code, reason)) = self.start(request_id, service) {
+            let _ = self.client.reject_open(request_id, code, reason).await;
+        }
+    }
+}
+
+impl<C: Connection> OpenHandler for Dispatcher<C> {
+    fn open_requested(
+        &self,
+        request_id: u64,
+        service: ServiceId,
+        _metadata: Metadata,
+    ) -> Result<(), (RejectCode, Option<String>)> {
+        self.start(request_id, service)
+    }
+}
+
+/// Keeps a [`Dispatcher`] set as its session's open handler, until dropped (or
+/// [`remove`](Self::remove)d): the handler holds a `SessionClient`, so it must not outlive
+/// the serving loop.
+struct HandlerSet<'a, C: Connection>(&'a SessionClient<C>);
+
+impl<'a, C: Connection> HandlerSet<'a, C> {
+    fn set(client: &'a SessionClient<C>, dispatcher: &Arc<Dispatcher<C>>) -> Self {
+        let handler: Arc<dyn OpenHandler> = dispatcher.clone();
+        client.set_open_handler(Some(handler));
+        Self(client)
+    }
+
+    fn remove(&self) {
+        self.0.set_open_handler(None);
+    }
+}
+
+impl<C: Connection> Drop for HandlerSet<'_, C> {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 

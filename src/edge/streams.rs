@@ -42,6 +42,61 @@ impl StreamTasks {
         }
     }
 
+    /// A handle that starts stream tasks counted in this set, for another task.
+    pub(super) fn spawner(&self) -> StreamSpawner {
+        StreamSpawner {
+            running: Arc::clone(&self.running),
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// How many streams are being served.
+    pub(super) fn len(&self) -> usize {
+        self.running.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once every stream task ended; from then on, the last task to end wakes
+    /// whoever waits here.
+    pub(super) async fn drained(&self) {
+        self.running.waited.store(true, Ordering::SeqCst);
+        loop {
+            let mut ended = pin!(self.running.ended.notified());
+            // Registered before the count is read: an end in between is not missed.
+            ended.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Stops the streams still running (they end at their next step).
+    pub(super) fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Drops the future it points to if dropped itself while a panic unwinds: the future's
+/// streams then see `std::thread::panicking()` and count as abandoned.
+struct DropOnUnwind<'a, F>(Pin<&'a mut Option<F>>);
+
+impl<F> Drop for DropOnUnwind<'_, F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.set(None);
+        }
+    }
+}
+
+/// Starts stream tasks counted in a [`StreamTasks`] set, from wherever the set's owner
+/// lets it (the session's control reader, for an open it takes straight away).
+#[derive(Clone)]
+pub(super) struct StreamSpawner {
+    running: Arc<Running>,
+    stop: CancellationToken,
+}
+
+impl StreamSpawner {
     /// Runs the future `make` returns on a task of its own, for `service`. `make` gets the
     /// token that stops the task, for the stream to know when it was abandoned. The future
     /// is made inside the task, so the task holds it once. If it panics, it is dropped
@@ -84,43 +139,6 @@ impl StreamTasks {
                 );
             }
         });
-    }
-
-    /// How many streams are being served.
-    pub(super) fn len(&self) -> usize {
-        self.running.count.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once every stream task ended; from then on, the last task to end wakes
-    /// whoever waits here.
-    pub(super) async fn drained(&self) {
-        self.running.waited.store(true, Ordering::SeqCst);
-        loop {
-            let mut ended = pin!(self.running.ended.notified());
-            // Registered before the count is read: an end in between is not missed.
-            ended.as_mut().enable();
-            if self.len() == 0 {
-                return;
-            }
-            ended.await;
-        }
-    }
-
-    /// Stops the streams still running (they end at their next step).
-    pub(super) fn stop(&self) {
-        self.stop.cancel();
-    }
-}
-
-/// Drops the future it points to if dropped itself while a panic unwinds: the future's
-/// streams then see `std::thread::panicking()` and count as abandoned.
-struct DropOnUnwind<'a, F>(Pin<&'a mut Option<F>>);
-
-impl<F> Drop for DropOnUnwind<'_, F> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.set(None);
-        }
     }
 }
 

@@ -442,6 +442,15 @@ impl<C: Connection> SessionClient<C> {
             .await
     }
 
+    /// Sets (or removes) what takes open requests in the control reader's task, ahead of
+    /// the events channel.
+    pub(crate) fn set_open_handler(
+        &self,
+        handler: Option<Arc<dyn crate::session::core::OpenHandler>>,
+    ) {
+        self.core.set_open_handler(handler);
+    }
+
     /// As [`close_stream`](Self::close_stream), for a drop: queued without waiting.
     pub(crate) fn close_stream_now(
         &self,

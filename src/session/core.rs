@@ -71,6 +71,25 @@ pub(crate) struct SessionCore<C: Connection> {
     /// How open requests are answered once nobody receives events, when the side that
     /// dropped its receiver said (see [`answer_unserved_opens`](Self::answer_unserved_opens)).
     unserved_answer: OnceLock<(RejectCode, Option<String>)>,
+    /// Takes the peer's open requests in the control reader's task, ahead of the events
+    /// channel, while set (see [`OpenHandler`]).
+    open_handler: Mutex<Option<Arc<dyn OpenHandler>>>,
+}
+
+/// Takes the peer's open requests as the control reader reads them, in its task: the
+/// edge's [`Router`](crate::edge::Router) sets one while it serves a session, so that an
+/// open starts its stream's task straight from the reader, instead of passing through the
+/// events channel and the serving loop's task first (a thread hand-off on the open's
+/// critical path).
+pub(crate) trait OpenHandler: Send + Sync {
+    /// Takes request `request_id` (it must not block), or refuses it: the session then
+    /// answers with the code and reason.
+    fn open_requested(
+        &self,
+        request_id: u64,
+        service: ServiceId,
+        metadata: Metadata,
+    ) -> Result<(), (RejectCode, Option<String>)>;
 }
 
 impl<C: Connection> SessionCore<C> {
@@ -88,7 +107,14 @@ impl<C: Connection> SessionCore<C> {
             open_slots,
             control_events: OnceLock::new(),
             unserved_answer: OnceLock::new(),
+            open_handler: Mutex::new(None),
         }
+    }
+
+    /// Sets (or with `None`, removes) the [`OpenHandler`] that takes open requests ahead
+    /// of the events channel.
+    pub(crate) fn set_open_handler(&self, handler: Option<Arc<dyn OpenHandler>>) {
+        *lock(&self.open_handler) = handler;
     }
 
     /// Answers the peer's open requests with `code` and `reason` once the events receiver
@@ -236,6 +262,29 @@ impl<C: Connection> SessionCore<C> {
         event: ClientEvent,
         events: Option<&mpsc::Sender<ClientEvent>>,
     ) -> Option<ProtocolMessage> {
+        let event = match event {
+            ClientEvent::OpenRequest {
+                request_id,
+                service,
+                metadata,
+            } => {
+                let handler = lock(&self.open_handler).clone();
+                match handler {
+                    Some(handler) => {
+                        let refused = handler.open_requested(request_id, service, metadata);
+                        return refused
+                            .err()
+                            .and_then(|(code, reason)| self.reject_now(request_id, code, reason));
+                    }
+                    None => ClientEvent::OpenRequest {
+                        request_id,
+                        service,
+                        metadata,
+                    },
+                }
+            }
+            other => other,
+        };
         let sent = match events {
             Some(events) => events.try_send(event),
             None => Err(mpsc::error::TrySendError::Closed(event)),
@@ -261,6 +310,21 @@ impl<C: Connection> SessionCore<C> {
                 _ => locked.machine.request_undeliverable(request_id, why, out),
             }
         });
+        actions.into_iter().find_map(|action| match action {
+            Action::Send(message) => Some(message),
+            _ => None,
+        })
+    }
+
+    /// Answers the peer's request `request_id` with a rejection: the message to send.
+    fn reject_now(
+        &self,
+        request_id: u64,
+        code: RejectCode,
+        reason: Option<String>,
+    ) -> Option<ProtocolMessage> {
+        let (_, actions) =
+            self.step(|locked, out| locked.machine.reject_open(request_id, code, reason, out));
         actions.into_iter().find_map(|action| match action {
             Action::Send(message) => Some(message),
             _ => None,
