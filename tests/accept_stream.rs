@@ -533,3 +533,62 @@ async fn a_router_that_stopped_serving_leaves_its_session_free_to_end() {
         "the edge session's tasks still run: {settled} tasks, {with_sessions} with both sessions"
     );
 }
+
+/// A route that panics when asked whether it is ready.
+#[derive(Clone)]
+struct PanicsWhenPolled;
+
+impl tower::Service<TunnelStream> for PanicsWhenPolled {
+    type Response = ();
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<(), std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::io::Error>> {
+        panic!("readiness check exploded");
+    }
+
+    fn call(&mut self, _stream: TunnelStream) -> Self::Future {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// The `Router` asks routes for readiness in the session's control reader: a route that
+/// panics there gets its open refused, and the session goes on serving the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_panicking_in_poll_ready_is_refused_and_the_session_keeps_serving() {
+    use backhaul::edge::Router;
+
+    let (relay, edge, events, _quic) = sessions(Config::new(), Config::new()).await;
+    let echo = tower::service_fn(|stream: TunnelStream| async move {
+        serve_echo(stream).await;
+        Ok::<(), std::io::Error>(())
+    });
+    let serving = tokio::spawn(
+        Router::new()
+            .route("boom", PanicsWhenPolled)
+            .route("echo", echo)
+            .serve(edge.clone(), events)
+            .into_future(),
+    );
+    for _ in 0..3 {
+        match within(LIMIT, relay.open("boom", Metadata::Empty)).await {
+            Err(Error::StreamRejected {
+                code: RejectCode::ServiceUnavailable,
+                reason,
+            }) => assert!(reason.is_some_and(|reason| reason.contains("boom"))),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let (mut send, mut recv) = within(LIMIT, relay.open("echo", Metadata::Bytes(vec![1])))
+            .await
+            .expect("the session still serves");
+        send.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        within(LIMIT, recv.read_to_end(&mut reply)).await.unwrap();
+        assert_eq!(reply, [1]);
+    }
+    assert_eq!(edge.stats().active_streams, 0);
+    serving.abort();
+}

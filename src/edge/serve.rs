@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
 use super::router::{Route, Router};
-use super::streams::{StreamSpawner, StreamTasks};
+use super::streams::{panic_message, StreamSpawner, StreamTasks};
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::session::core::OpenHandler;
@@ -223,8 +223,30 @@ struct Dispatcher<C: Connection> {
 }
 
 impl<C: Connection> Dispatcher<C> {
-    /// Starts serving request `request_id` on a task of its own, or says why not.
+    /// Starts serving request `request_id` on a task of its own, or says why not. A route
+    /// whose `poll_ready` panics refuses the request: this runs in the session's control
+    /// reader, which must not go down with it.
     fn start(
+        &self,
+        request_id: u64,
+        service: ServiceId,
+    ) -> Result<(), (RejectCode, Option<String>)> {
+        let name = service.clone();
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.try_start(request_id, service)
+        }));
+        started.unwrap_or_else(|payload| {
+            error!(
+                service = name.as_str(),
+                panic = %panic_message(payload.as_ref()),
+                "route panicked when asked for readiness"
+            );
+            let reason = Some(format!("service {name} failed"));
+            Err((RejectCode::ServiceUnavailable, reason))
+        })
+    }
+
+    fn try_start(
         &self,
         request_id: u64,
         service: ServiceId,

@@ -175,7 +175,7 @@ impl Drop for Counted {
 }
 
 /// The message a panic was raised with, when it is a string.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|message| (*message).to_owned())
