@@ -6,7 +6,15 @@
 //! the route is ready *without waiting* (a full concurrency limit is answered at once with
 //! `LimitExceeded`, never queued), allocates a logical stream id, accepts, opens and binds
 //! the data stream, and calls the route on a task of its own. Unknown services are
-//! rejected with `UnsupportedService` unless a fallback route is set.
+//! rejected with `UnsupportedService` unless a fallback route is set. While it serves, the
+//! choice of route and the spawn happen in the session's control reader, as it reads the
+//! request (the session holds the `Router`'s handler for that): an open then crosses one
+//! task less on its way to the route.
+//!
+//! A stream whose route panics, or that is still running when the drain times out, is
+//! reset rather than finished (see [`TunnelStream`](crate::stream::TunnelStream)), and the
+//! relay is told (`StreamClose` with `Reset`), so a cut response never passes for a whole
+//! one.
 //!
 //! Serving ends when the session ends or, with
 //! [`Serve::with_graceful_shutdown`], when the signal fires: the session is closed first

@@ -1,4 +1,6 @@
-//! The tasks serving an edge's streams, as its serving loop keeps track of them.
+//! The tasks serving an edge's streams, as its serving loop keeps track of them. They are
+//! started through a [`StreamSpawner`], by the session's control reader as it reads each
+//! request (or by the loop, for requests it got through the events channel).
 //!
 //! The loop needs three things from them: to wait until they all ended (the graceful
 //! shutdown's drain), to stop those left when the drain times out or the loop itself is
