@@ -397,45 +397,16 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
     pairs.push((quic, Some(relay)));
 
     // (b) hyper HTTP/1 over raw quinn streams, one per worker (no pool).
-    let quic = QuicPair::new().await;
-    tokio::spawn(serve_raw_quinn(quic.edge.clone()));
-    let mut senders = Vec::with_capacity(max_workers);
-    for _ in 0..max_workers {
-        let (send, recv) = quic.relay.open_bi().await.expect("raw open_bi");
-        let io = TokioIo::new(QuinnIo { send, recv });
-        let (sender, connection) = http1::handshake(io).await.expect("raw h1 handshake");
-        tokio::spawn(connection);
-        senders.push(Mutex::new(sender));
-    }
-    let raw_h1 = Target::PerWorkerH1 {
-        senders: Arc::new(senders),
-        host: "raw",
-    };
+    let quics = vec![QuicPair::new().await];
+    let raw_h1 = raw_h1_target(&quics, max_workers).await;
     let raw_h1_count = Arc::new(AtomicUsize::new(max_workers));
-    pairs.push((quic, None));
+    pairs.extend(quics.into_iter().map(|quic| (quic, None)));
 
     // (b2) as (b), with the workers spread over two QUIC connections.
-    let quics = [QuicPair::new().await, QuicPair::new().await];
-    let mut senders = Vec::with_capacity(max_workers);
-    for quic in &quics {
-        tokio::spawn(serve_raw_quinn(quic.edge.clone()));
-    }
-    for worker in 0..max_workers {
-        let quic = &quics[worker % 2];
-        let (send, recv) = quic.relay.open_bi().await.expect("raw open_bi");
-        let io = TokioIo::new(QuinnIo { send, recv });
-        let (sender, connection) = http1::handshake(io).await.expect("raw h1 handshake");
-        tokio::spawn(connection);
-        senders.push(Mutex::new(sender));
-    }
-    let raw_h1_x2 = Target::PerWorkerH1 {
-        senders: Arc::new(senders),
-        host: "raw",
-    };
+    let quics = vec![QuicPair::new().await, QuicPair::new().await];
+    let raw_h1_x2 = raw_h1_target(&quics, max_workers).await;
     let raw_h1_x2_count = Arc::new(AtomicUsize::new(max_workers));
-    for quic in quics {
-        pairs.push((quic, None));
-    }
+    pairs.extend(quics.into_iter().map(|quic| (quic, None)));
 
     // (b') the pooled client over raw quinn streams.
     let quic = QuicPair::new().await;
@@ -499,6 +470,27 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
         },
     ];
     (ways, pairs)
+}
+
+/// One hyper HTTP/1 connection per worker, each on a raw quinn stream of its own, the
+/// workers spread in turn over `quics` (whose edges serve the app).
+async fn raw_h1_target(quics: &[QuicPair], workers: usize) -> Target {
+    for quic in quics {
+        tokio::spawn(serve_raw_quinn(quic.edge.clone()));
+    }
+    let mut senders = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let quic = &quics[worker % quics.len()];
+        let (send, recv) = quic.relay.open_bi().await.expect("raw open_bi");
+        let io = TokioIo::new(QuinnIo { send, recv });
+        let (sender, connection) = http1::handshake(io).await.expect("raw h1 handshake");
+        tokio::spawn(connection);
+        senders.push(Mutex::new(sender));
+    }
+    Target::PerWorkerH1 {
+        senders: Arc::new(senders),
+        host: "raw",
+    }
 }
 
 /// One iteration: [`batch_len`] requests over `concurrency` tasks.
