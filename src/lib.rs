@@ -24,6 +24,7 @@
 //! - [`tcp`]: raw TCP through tunnels: the relay's public port, the edge's route to a
 //!   local service, PROXY protocol v2, a splice that never reports a cut as complete.
 //! - [`tls`]: TLS for public listeners: certificates chosen by SNI, reloaded from files.
+//! - [`listener`]: public TCP listeners with a listen backlog sized for bursts.
 //! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
 //!   them by name, lookup behind a `Directory` trait.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
@@ -77,6 +78,8 @@ mod error;
 pub mod http;
 #[cfg(feature = "quinn")]
 mod lazy_serve;
+#[cfg(any(feature = "http", feature = "tcp"))]
+pub mod listener;
 pub mod protocol;
 #[cfg(feature = "quinn")]
 pub mod quic;

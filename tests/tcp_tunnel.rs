@@ -106,7 +106,8 @@ async fn tunnel_with(route: tcp::TcpRoute, forwarded_edge: &str, stops: Stops) -
         .attach(EdgeName::new("kiosk").unwrap(), relay)
         .await
         .expect("attach");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // 500 connections at once: more than `TcpListener::bind`'s backlog of 128.
+    let listener = backhaul::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let public = listener.local_addr().unwrap();
     let recorded = Recorded::default();
     let forward = TcpForward::new(listener, registry, forwarded_edge, "svc")
@@ -134,7 +135,7 @@ where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = backhaul::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {

@@ -223,7 +223,7 @@ where
     ///     D: Directory + Send + Sync + 'static,
     /// {
     ///     let peers = HashMap::from([(RelayId::new("relay-a"), relay_a)]);
-    ///     let listener = tokio::net::TcpListener::bind("0.0.0.0:2222").await?;
+    ///     let listener = backhaul::listener::bind(([0, 0, 0, 0], 2222).into())?;
     ///     let forward = TcpForward::new(listener, directory, "kiosk", "ssh").with_peers(pool, peers);
     ///     tokio::spawn(forward.serve());
     ///     Ok(())

@@ -22,10 +22,10 @@
 //! ```no_run
 //! # async fn demo(registry: backhaul::relay::Registry) -> std::io::Result<()> {
 //! use backhaul::tcp::TcpForward;
-//! use tokio::net::TcpListener;
 //!
-//! // Relay: port 2222 reaches the "ssh" service of the edge "kiosk".
-//! let listener = TcpListener::bind("0.0.0.0:2222").await?;
+//! // Relay: port 2222 reaches the "ssh" service of the edge "kiosk". `listener::bind`
+//! // listens with a backlog for bursts (tokio's `TcpListener::bind` takes 128).
+//! let listener = backhaul::listener::bind(([0, 0, 0, 0], 2222).into())?;
 //! tokio::spawn(TcpForward::new(listener, registry, "kiosk", "ssh").serve());
 //! # Ok(()) }
 //! ```

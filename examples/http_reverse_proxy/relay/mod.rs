@@ -476,8 +476,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     let endpoint =
         backhaul::relay::server_endpoint(quic_listen, config.identity.clone(), DEFAULT_ALPN)
             .map_err(|e| format!("binding the QUIC listener on {quic_listen}: {e}"))?;
-    let http = TcpListener::bind(config.http_listen)
-        .await
+    let http = backhaul::listener::bind(config.http_listen)
         .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
@@ -488,8 +487,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         Some(settings) => {
             let certificates = ReloadableCertificates::load(settings.certificates.clone())
                 .map_err(|e| format!("loading the HTTPS certificates: {e}"))?;
-            let listener = TcpListener::bind(settings.listen)
-                .await
+            let listener = backhaul::listener::bind(settings.listen)
                 .map_err(|e| format!("binding the HTTPS listener on {}: {e}", settings.listen))?;
             Some((listener, certificates))
         }
@@ -603,8 +601,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         drain_timeout: config.shutdown_timeout,
     };
     for spec in config.tcp {
-        let listener = TcpListener::bind(spec.listen)
-            .await
+        let listener = backhaul::listener::bind(spec.listen)
             .map_err(|e| format!("binding the TCP port {}: {e}", spec.listen))?;
         tcp_addrs.push(listener.local_addr()?);
         let mut stop = stopped.clone();

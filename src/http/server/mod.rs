@@ -113,15 +113,16 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Listens on `addr`, with the default [`Limits`] and no observer.
+    /// Listens on `addr` (with a listen backlog of
+    /// [`listener::DEFAULT_BACKLOG`](crate::listener::DEFAULT_BACKLOG)), with the default
+    /// [`Limits`] and no observer.
     ///
     /// # Errors
     /// [`Error::Listen`] if the address cannot be bound.
     pub async fn bind(addr: impl Into<SocketAddr>) -> Result<Self, Error> {
         let addr = addr.into();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen { addr, source })?;
+        let listener =
+            crate::listener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
         Ok(Self::from_listener(listener))
     }
 
