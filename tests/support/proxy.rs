@@ -850,9 +850,9 @@ impl Backend {
                     }
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the backend");
+        // A backlog for bursts: tokio's `bind` takes 128.
+        let listener =
+            backhaul::listener::bind("127.0.0.1:0".parse().unwrap()).expect("binding the backend");
         let addr = listener.local_addr().expect("backend address");
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -936,7 +936,7 @@ pub fn cpu_time(pid: u32) -> Duration {
 /// An echo backend; with `proxy_protocol`, it first reads a PROXY v2 header and writes
 /// back the client address it names, then echoes.
 pub async fn echo_backend(proxy_protocol: bool) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = backhaul::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// What came back on a raw connection.
 #[derive(Debug)]
@@ -112,8 +112,7 @@ impl RawBackend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        let listener = backhaul::listener::bind("127.0.0.1:0".parse().unwrap())
             .expect("binding a raw backend");
         let addr = listener.local_addr().expect("raw backend address");
         let task = tokio::spawn(async move {
