@@ -1,12 +1,14 @@
 //! HTTP through a backhaul tunnel beside its baselines, over real quinn and TCP on 127.0.0.1.
 //!
 //! One small GET (`GET /` answering the 13-byte body `Hello, world!` from the same axum
-//! app) seven ways, in the same process and on the same runtime (multi-thread, 2 workers):
+//! app) eight ways, in the same process and on the same runtime (multi-thread, 2 workers):
 //!
 //! - `tunnel`: the relay's pooled `hyper_util` client over a backhaul [`Connector`] → the
 //!   edge's [`Router`] → [`backhaul::http::serve`] → axum.
 //! - `tunnel_pool`: like `tunnel` with backhaul's lean [`Http1Pool`] instead of
 //!   hyper-util's client (what the relay forwards through).
+//! - `tunnel_pool_x2`: like `tunnel_pool` over two sessions (two QUIC connections), half
+//!   the workers on each: what several connections per edge would give.
 //! - `tunnel_h1`: like `tunnel` without the pool: one `hyper::client::conn::http1`
 //!   connection per concurrent worker, each on a tunnel stream from
 //!   `Connector::connect`; it pairs with `raw_quinn_h1` to isolate backhaul's own cost.
@@ -75,9 +77,11 @@ const LEVELS: [usize; 3] = [1, 16, 64];
 /// Requests each task sends per iteration at concurrency above 1.
 const PER_TASK: usize = 16;
 /// The ratios the latency pass prints: (ours, baseline).
-const RATIOS: [(&str, &str); 9] = [
+const RATIOS: [(&str, &str); 11] = [
     ("raw_quinn_h1_x2", "raw_quinn_h1"),
     ("raw_quinn_h1_x2", "tcp"),
+    ("tunnel_pool_x2", "tunnel_pool"),
+    ("tunnel_pool_x2", "tcp"),
     ("tunnel", "raw_quinn_h1"),
     ("tunnel", "raw_quinn_pooled"),
     ("tunnel", "tcp"),
@@ -272,8 +276,9 @@ enum Target {
         senders: Arc<Vec<Mutex<http1::SendRequest<Empty<Bytes>>>>>,
         host: &'static str,
     },
-    /// backhaul's lean HTTP/1 pool → backhaul Connector → edge Router → axum.
-    TunnelPool(Http1Pool<Counted<Connector<QuinnConnection>>, Empty<Bytes>>),
+    /// backhaul's lean HTTP/1 pool → backhaul Connector → edge Router → axum; with more
+    /// than one pool (each on a session of its own), worker `w` uses pool `w % len`.
+    TunnelPool(Vec<Http1Pool<Counted<Connector<QuinnConnection>>, Empty<Bytes>>>),
     /// Pooled client → raw quinn streams.
     RawQuinnPooled(Client<Counted<RawQuinnConnector>, Empty<Bytes>>),
     /// Pooled client → TCP.
@@ -297,10 +302,11 @@ impl Way {
             Target::Tunnel(client) => client.get(uri.clone()).await.expect("tunnel GET"),
             Target::RawQuinnPooled(client) => client.get(uri.clone()).await.expect("raw GET"),
             Target::Tcp(client) => client.get(uri.clone()).await.expect("tcp GET"),
-            Target::TunnelPool(pool) => {
+            Target::TunnelPool(pools) => {
                 let request = Request::get(uri.clone())
                     .body(Empty::new())
                     .expect("request");
+                let pool = &pools[worker % pools.len()];
                 let response = pool.send(request).await.expect("pool GET");
                 let (parts, body) = response.into_parts();
                 let body = body.collect().await.expect("body").to_bytes();
@@ -356,7 +362,7 @@ async fn tunnel_pair() -> (SessionClient<QuinnConnection>, QuicPair) {
 /// What must outlive the measurements: QUIC connections, and sessions no client holds.
 type KeepAlive = Vec<(QuicPair, Option<SessionClient<QuinnConnection>>)>;
 
-/// Builds the seven ways: connections, sessions, servers and clients, and what to keep
+/// Builds the eight ways: connections, sessions, servers and clients, and what to keep
 /// alive meanwhile.
 async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let executor = TokioExecutor::new();
@@ -373,8 +379,23 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
     // (a'') backhaul's lean HTTP/1 pool over the same kind of session.
     let (relay, quic) = tunnel_pair().await;
     let tunnel_pool_count = Arc::new(AtomicUsize::new(0));
-    let tunnel_pool = Http1Pool::new(counted(Connector::new(relay), &tunnel_pool_count));
+    let tunnel_pool = vec![Http1Pool::new(counted(
+        Connector::new(relay),
+        &tunnel_pool_count,
+    ))];
     pairs.push((quic, None));
+
+    // (a2) the same over two sessions (two QUIC connections), half the workers on each.
+    let tunnel_pool_x2_count = Arc::new(AtomicUsize::new(0));
+    let mut tunnel_pool_x2 = Vec::new();
+    for _ in 0..2 {
+        let (relay, quic) = tunnel_pair().await;
+        tunnel_pool_x2.push(Http1Pool::new(counted(
+            Connector::new(relay),
+            &tunnel_pool_x2_count,
+        )));
+        pairs.push((quic, None));
+    }
 
     // (a') hyper HTTP/1 over tunnel streams, one per worker (no pool), on a session of
     // its own.
@@ -437,6 +458,12 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
             target: Target::TunnelPool(tunnel_pool),
             uri: Uri::from_static("http://web/"),
             connections: tunnel_pool_count,
+        },
+        Way {
+            name: "tunnel_pool_x2",
+            target: Target::TunnelPool(tunnel_pool_x2),
+            uri: Uri::from_static("http://web/"),
+            connections: tunnel_pool_x2_count,
         },
         Way {
             name: "tunnel_h1",
