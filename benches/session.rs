@@ -749,13 +749,15 @@ fn opens_64_concurrent(c: &mut Criterion, rt: &Runtime) {
 }
 
 fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
-    let (ours, raw) = rt.block_on(async {
+    let (ours, routed, raw) = rt.block_on(async {
         let relay_config = Config::new().with_max_inflight_opens(1024);
         let edge_config = Config::new().with_max_concurrent_streams(4096);
-        let ours = Arc::new(OurPair::new(relay_config, edge_config).await);
+        let ours = Arc::new(OurPair::new(relay_config.clone(), edge_config.clone()).await);
+        let routed =
+            Arc::new(OurPair::served(relay_config, edge_config, EdgeServing::Router).await);
         let raw = QuicPair::new().await;
         serve_raw(raw.relay.clone(), ONE_BYTE);
-        (ours, raw)
+        (ours, routed, raw)
     });
     let mut group = c.benchmark_group("opens_500_at_once");
     group
@@ -764,23 +766,27 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    group.bench_function("backhaul", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let ours = Arc::clone(&ours);
-            timed(async move {
-                for _ in 0..iters {
-                    let mut opens = JoinSet::new();
-                    for _ in 0..AT_ONCE {
-                        let ours = Arc::clone(&ours);
-                        opens.spawn(async move { ours.open_one().await });
+    // The edge answers in its event loop (`backhaul`) or with a `Router`, which takes the
+    // requests in the session's control reader and spawns each stream's task from there.
+    for (name, pair) in [("backhaul", &ours), ("backhaul_router", &routed)] {
+        group.bench_function(name, |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let pair = Arc::clone(pair);
+                timed(async move {
+                    for _ in 0..iters {
+                        let mut opens = JoinSet::new();
+                        for _ in 0..AT_ONCE {
+                            let pair = Arc::clone(&pair);
+                            opens.spawn(async move { pair.open_one().await });
+                        }
+                        while let Some(done) = opens.join_next().await {
+                            done.expect("open");
+                        }
                     }
-                    while let Some(done) = opens.join_next().await {
-                        done.expect("open");
-                    }
-                }
-            })
+                })
+            });
         });
-    });
+    }
     group.bench_function("raw_quinn", |b| {
         b.to_async(rt).iter_custom(|iters| {
             let edge = raw.edge.clone();
@@ -800,6 +806,7 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
     });
     group.finish();
     ours.quic.close();
+    routed.quic.close();
     raw.close();
 }
 
