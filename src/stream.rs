@@ -21,7 +21,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Metadata, ServiceId};
 use crate::session::{AcceptedSlot, SessionClient};
@@ -34,8 +33,8 @@ use crate::transport::{Connection, DefaultConnection};
 pub const ABANDONED_STREAM: u32 = 0x5152_0004;
 
 /// The application code of the reset behind a failed read of a quinn stream (such as
-/// [`ABANDONED_STREAM`], or `tcp::CONNECTION_BROKEN` from a
-/// TCP tunnel); `None` if the read failed for another reason.
+/// [`ABANDONED_STREAM`], or `tcp::CONNECTION_BROKEN` from a TCP tunnel); `None` if the
+/// read failed for another reason.
 #[cfg(feature = "quinn")]
 #[must_use]
 pub fn reset_code(error: &io::Error) -> Option<u32> {
@@ -154,9 +153,11 @@ fn duplex_ref<C: Connection>(io: &Io<C>) -> &Duplex<C> {
 /// Shutting down the write side finishes the QUIC stream (the peer reads EOF); dropping
 /// the stream finishes it too, unless it was abandoned: dropped during a panic, or
 /// stopped by the [`Router`](crate::edge::Router) serving it. Then it is *reset* with
-/// [`ABANDONED_STREAM`], so the peer's reads fail instead of seeing a clean end. Streams made by the [`Connector`](crate::connector::Connector)
-/// and the [`Router`](crate::edge::Router) keep their session running while they live, so
-/// dropping the last `SessionClient` does not cut them off.
+/// [`ABANDONED_STREAM`], so the peer's reads fail instead of seeing a clean end.
+///
+/// Streams made by the [`Connector`](crate::connector::Connector) and the
+/// [`Router`](crate::edge::Router) keep their session running while they live, so dropping
+/// the last `SessionClient` does not cut them off.
 pub struct TunnelStream<C: Connection = DefaultConnection> {
     io: Io<C>,
     info: TunnelInfo,
@@ -250,26 +251,15 @@ impl<C: Connection> TunnelStream<C> {
     /// unfinished: for a splice, which only lets go of a stream early when it failed or
     /// its task was aborted.
     pub(crate) fn into_guarded_parts(self) -> (ResetOnDrop<C::SendStream>, C::RecvStream) {
-        let Duplex { mut send, recv } = unwrap(self.io);
-        send.set_abandoned(Abandoned::Always);
+        let Duplex { send, recv } = unwrap(self.abandoned(Abandoned::Always).io);
         (send, recv)
     }
 
-    /// Counts the stream as abandoned whenever it is dropped unfinished: for an owner that
-    /// finishes or resets it on every path but an abort (a splice).
-    pub(crate) fn abandoned_unless_finished(mut self) -> Self {
-        duplex_mut(&mut self.io)
-            .send
-            .set_abandoned(Abandoned::Always);
-        self
-    }
-
-    /// Counts the stream as abandoned once `stop` is cancelled (its serving loop stopped
-    /// it), so it is then reset rather than finished when dropped.
-    pub(crate) fn abandoned_when_stopped(mut self, stop: CancellationToken) -> Self {
-        duplex_mut(&mut self.io)
-            .send
-            .set_abandoned(Abandoned::Stopped(stop));
+    /// Says when the stream counts as abandoned, and is then reset rather than finished if
+    /// dropped unfinished: `Always` for an owner that finishes or resets it on every path
+    /// but an abort (a splice), `Stopped` once its serving loop stopped it.
+    pub(crate) fn abandoned(mut self, when: Abandoned) -> Self {
+        duplex_mut(&mut self.io).send.set_abandoned(when);
         self
     }
 

@@ -101,6 +101,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         open_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
         shutdown_timeout: Duration::from_secs(5),
+        listen_backlog: backhaul::listener::DEFAULT_BACKLOG,
         public_limits: Limits::default(),
         upstream_idle_timeout: Duration::from_secs(60),
         edge_probe_timeout: Duration::from_secs(1),

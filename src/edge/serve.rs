@@ -19,6 +19,7 @@ use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
 use crate::session::core::OpenHandler;
 use crate::session::ClientEvent;
 use crate::session::SessionClient;
+use crate::transport::reset_on_drop::Abandoned;
 use crate::transport::{Connection, DefaultConnection};
 
 /// How long in-flight streams get to finish after a graceful shutdown begins, by default.
@@ -229,19 +230,18 @@ impl<C: Connection> Dispatcher<C> {
     fn start(
         &self,
         request_id: u64,
-        service: ServiceId,
+        service: &ServiceId,
     ) -> Result<(), (RejectCode, Option<String>)> {
-        let name = service.clone();
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.try_start(request_id, service)
         }));
         started.unwrap_or_else(|payload| {
             error!(
-                service = name.as_str(),
+                service = service.as_str(),
                 panic = %panic_message(payload.as_ref()),
                 "route panicked when asked for readiness"
             );
-            let reason = Some(format!("service {name} failed"));
+            let reason = Some(format!("service {service} failed"));
             Err((RejectCode::ServiceUnavailable, reason))
         })
     }
@@ -249,9 +249,9 @@ impl<C: Connection> Dispatcher<C> {
     fn try_start(
         &self,
         request_id: u64,
-        service: ServiceId,
+        service: &ServiceId,
     ) -> Result<(), (RejectCode, Option<String>)> {
-        let Some(mut route) = self.router.find(&service) else {
+        let Some(mut route) = self.router.find(service) else {
             let reason = Some(format!("no service named {service}"));
             return Err((RejectCode::UnsupportedService, reason));
         };
@@ -269,7 +269,7 @@ impl<C: Connection> Dispatcher<C> {
         let span = tracing::debug_span!("stream", service = ?service.as_str(), request_id);
         let client = self.client.clone();
         let draining = self.drain_signal.clone();
-        self.streams.spawn(service, move |stop| {
+        self.streams.spawn(service.clone(), move |stop| {
             serve_stream(client, route, request_id, draining, stop).instrument(span)
         });
         Ok(())
@@ -277,7 +277,7 @@ impl<C: Connection> Dispatcher<C> {
 
     /// [`start`](Self::start), answering a refusal.
     async fn dispatch(&self, request_id: u64, service: ServiceId) {
-        if let Err((code, reason)) = self.start(request_id, service) {
+        if let Err((code, reason)) = self.start(request_id, &service) {
             let _ = self.client.reject_open(request_id, code, reason).await;
         }
     }
@@ -290,7 +290,7 @@ impl<C: Connection> OpenHandler for Dispatcher<C> {
         service: ServiceId,
         _metadata: Metadata,
     ) -> Result<(), (RejectCode, Option<String>)> {
-        self.start(request_id, service)
+        self.start(request_id, &service)
     }
 }
 
@@ -377,7 +377,9 @@ async fn serve_stream<C: Connection>(
 ) {
     // The slot is held by the stream and `_slot` below, also if this task is aborted.
     let stream = match client.accept_stream(request_id).await {
-        Ok(stream) => stream.with_draining(draining).abandoned_when_stopped(stop),
+        Ok(stream) => stream
+            .with_draining(draining)
+            .abandoned(Abandoned::Stopped(stop)),
         Err(error) => {
             warn!(%error, "could not accept the stream");
             return;

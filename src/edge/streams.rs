@@ -27,9 +27,8 @@ use crate::protocol::ServiceId;
 
 /// The stream tasks of one serving loop. Dropping it stops those still running.
 pub(super) struct StreamTasks {
-    running: Arc<Running>,
-    stop: CancellationToken,
-    /// Cancels `stop` when the set goes: a serving loop dropped mid-way (an edge
+    tasks: StreamSpawner,
+    /// Cancels the tasks' token when the set goes: a serving loop dropped mid-way (an edge
     /// reconnecting) takes its streams with it.
     _stop_on_drop: DropGuard,
 }
@@ -38,31 +37,31 @@ impl StreamTasks {
     pub(super) fn new() -> Self {
         let stop = CancellationToken::new();
         Self {
-            running: Arc::default(),
             _stop_on_drop: stop.clone().drop_guard(),
-            stop,
+            tasks: StreamSpawner {
+                running: Arc::default(),
+                stop,
+            },
         }
     }
 
     /// A handle that starts stream tasks counted in this set, for another task.
     pub(super) fn spawner(&self) -> StreamSpawner {
-        StreamSpawner {
-            running: Arc::clone(&self.running),
-            stop: self.stop.clone(),
-        }
+        self.tasks.clone()
     }
 
     /// How many streams are being served.
     pub(super) fn len(&self) -> usize {
-        self.running.count.load(Ordering::SeqCst)
+        self.tasks.running.count.load(Ordering::SeqCst)
     }
 
     /// Resolves once every stream task ended; from then on, the last task to end wakes
     /// whoever waits here.
     pub(super) async fn drained(&self) {
-        self.running.waited.store(true, Ordering::SeqCst);
+        let running = &self.tasks.running;
+        running.waited.store(true, Ordering::SeqCst);
         loop {
-            let mut ended = pin!(self.running.ended.notified());
+            let mut ended = pin!(running.ended.notified());
             // Registered before the count is read: an end in between is not missed.
             ended.as_mut().enable();
             if self.len() == 0 {
@@ -74,7 +73,7 @@ impl StreamTasks {
 
     /// Stops the streams still running (they end at their next step).
     pub(super) fn stop(&self) {
-        self.stop.cancel();
+        self.tasks.stop.cancel();
     }
 }
 

@@ -262,28 +262,26 @@ impl<C: Connection> SessionCore<C> {
         event: ClientEvent,
         events: Option<&mpsc::Sender<ClientEvent>>,
     ) -> Option<ProtocolMessage> {
-        let event = match event {
-            ClientEvent::OpenRequest {
-                request_id,
-                service,
-                metadata,
-            } => {
-                let handler = lock(&self.open_handler).clone();
-                match handler {
-                    Some(handler) => {
-                        let refused = handler.open_requested(request_id, service, metadata);
-                        return refused
-                            .err()
-                            .and_then(|(code, reason)| self.reject_now(request_id, code, reason));
-                    }
-                    None => ClientEvent::OpenRequest {
-                        request_id,
-                        service,
-                        metadata,
-                    },
-                }
+        let handler = lock(&self.open_handler).clone();
+        let event = match (event, handler) {
+            (
+                ClientEvent::OpenRequest {
+                    request_id,
+                    service,
+                    metadata,
+                },
+                Some(handler),
+            ) => {
+                let refused = handler.open_requested(request_id, service, metadata);
+                return refused.err().and_then(|(code, reason)| {
+                    let ((), actions) = self.step(|locked, out| {
+                        // Unanswered until now, so this cannot fail.
+                        let _ = locked.machine.reject_open(request_id, code, reason, out);
+                    });
+                    first_message(actions)
+                });
             }
-            other => other,
+            (event, _) => event,
         };
         let sent = match events {
             Some(events) => events.try_send(event),
@@ -310,25 +308,7 @@ impl<C: Connection> SessionCore<C> {
                 _ => locked.machine.request_undeliverable(request_id, why, out),
             }
         });
-        actions.into_iter().find_map(|action| match action {
-            Action::Send(message) => Some(message),
-            _ => None,
-        })
-    }
-
-    /// Answers the peer's request `request_id` with a rejection: the message to send.
-    fn reject_now(
-        &self,
-        request_id: u64,
-        code: RejectCode,
-        reason: Option<String>,
-    ) -> Option<ProtocolMessage> {
-        let (_, actions) =
-            self.step(|locked, out| locked.machine.reject_open(request_id, code, reason, out));
-        actions.into_iter().find_map(|action| match action {
-            Action::Send(message) => Some(message),
-            _ => None,
-        })
+        first_message(actions)
     }
 
     /// The error every operation gets once the session ended.
@@ -628,6 +608,14 @@ impl<C: Connection> Drop for PingCleanup<'_, C> {
 }
 
 /// Resets both halves of a data stream this side will not use.
+/// The message a step asked to send, if any (a rejection, say).
+fn first_message<S>(actions: Actions<S>) -> Option<ProtocolMessage> {
+    actions.into_iter().find_map(|action| match action {
+        Action::Send(message) => Some(message),
+        _ => None,
+    })
+}
+
 pub(crate) fn refuse_stream<C: Connection>((mut send, mut recv): Stream<C>) {
     send.reset(REFUSED_STREAM_CODE);
     recv.stop(REFUSED_STREAM_CODE);

@@ -33,6 +33,7 @@ use crate::protocol::ServiceId;
 use crate::relay::peer::{resolve_peer_address, PeerAddresses, PeerPool};
 use crate::relay::{Directory, EdgeName, Location, RelayId};
 use crate::stream::TunnelStream;
+use crate::transport::reset_on_drop::Abandoned;
 use crate::transport::QuinnConnection;
 
 /// Public connections a [`TcpForward`] holds at once, by default; more wait in the
@@ -405,7 +406,7 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
         // forwarder's drain timed out): neither side may take a cut transfer as whole.
         let mut client = AbortUnlessDone::new(client);
         let mut stream = match self.open().await {
-            Ok(stream) => stream.abandoned_unless_finished(),
+            Ok(stream) => stream.abandoned(Abandoned::Always),
             Err(failure) => {
                 self.report(&failure);
                 return;

@@ -180,6 +180,10 @@ pub struct RelayArgs {
     /// wait in the kernel's backlog.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Listen backlog of the public HTTP, HTTPS and TCP ports: connections the kernel
+    /// holds for the relay to accept during a burst (capped by `net.core.somaxconn`).
+    #[arg(long, default_value_t = backhaul::listener::DEFAULT_BACKLOG)]
+    pub listen_backlog: u32,
     /// How long a public client may take to send a request head, from connecting or from
     /// its first byte (stops slowloris).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -225,6 +229,7 @@ pub struct RelayConfig {
     pub open_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub listen_backlog: u32,
     pub public_limits: Limits,
     pub upstream_idle_timeout: Duration,
     pub edge_probe_timeout: Duration,
@@ -358,6 +363,7 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         open_timeout: args.open_timeout,
         request_timeout: args.request_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        listen_backlog: args.listen_backlog,
         public_limits: Limits {
             max_connections: fit_to_fd_limit(args.max_connections),
             header_timeout: args.header_timeout,
@@ -476,7 +482,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     let endpoint =
         backhaul::relay::server_endpoint(quic_listen, config.identity.clone(), DEFAULT_ALPN)
             .map_err(|e| format!("binding the QUIC listener on {quic_listen}: {e}"))?;
-    let http = backhaul::listener::bind(config.http_listen)
+    let http = backhaul::listener::bind_with_backlog(config.http_listen, config.listen_backlog)
         .map_err(|e| format!("binding the HTTP listener on {}: {e}", config.http_listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
@@ -487,8 +493,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         Some(settings) => {
             let certificates = ReloadableCertificates::load(settings.certificates.clone())
                 .map_err(|e| format!("loading the HTTPS certificates: {e}"))?;
-            let listener = backhaul::listener::bind(settings.listen)
-                .map_err(|e| format!("binding the HTTPS listener on {}: {e}", settings.listen))?;
+            let listener =
+                backhaul::listener::bind_with_backlog(settings.listen, config.listen_backlog)
+                    .map_err(|e| {
+                        format!("binding the HTTPS listener on {}: {e}", settings.listen)
+                    })?;
             Some((listener, certificates))
         }
         None => None,
@@ -601,7 +610,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         drain_timeout: config.shutdown_timeout,
     };
     for spec in config.tcp {
-        let listener = backhaul::listener::bind(spec.listen)
+        let listener = backhaul::listener::bind_with_backlog(spec.listen, config.listen_backlog)
             .map_err(|e| format!("binding the TCP port {}: {e}", spec.listen))?;
         tcp_addrs.push(listener.local_addr()?);
         let mut stop = stopped.clone();
