@@ -17,6 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::error::Error;
 
+pub mod lane;
 #[cfg(feature = "self-signed")]
 mod persistent;
 #[cfg(all(test, feature = "self-signed"))]

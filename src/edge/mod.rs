@@ -28,6 +28,7 @@
 //! (an untrusted certificate, refused credentials) from those that pass by themselves.
 
 mod backoff;
+mod lanes;
 mod reconnect;
 mod router;
 mod serve;

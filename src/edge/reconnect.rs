@@ -32,6 +32,7 @@ use tower::util::BoxService;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info, warn};
 
+use super::lanes::{keep_lanes, LaneDialer};
 use super::{Backoff, Router, DEFAULT_CLOSE_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};
 use crate::config::Config;
 use crate::error::{Error, TimeoutKind};
@@ -39,7 +40,7 @@ use crate::protocol::RejectCode;
 use crate::quic::{client_config, client_endpoint, DEFAULT_ALPN};
 use crate::session::SessionClient;
 use crate::session::{Role, Session};
-use crate::transport::QuinnConnection;
+use crate::transport::{Connection, QuinnConnection};
 
 /// How long one QUIC handshake with a relay may take, by default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,6 +198,7 @@ struct Settings {
     drain_timeout: Duration,
     close_timeout: Duration,
     endpoint: Option<quinn::Endpoint>,
+    lanes: usize,
 }
 
 impl fmt::Debug for EdgeBuilder {
@@ -321,6 +323,19 @@ impl EdgeBuilder {
     #[must_use]
     pub const fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
+        self
+    }
+
+    /// How many QUIC connections each session runs over, its own included (default 1).
+    ///
+    /// One connection's packets are processed on one core at a time on each side, which
+    /// caps a busy edge's throughput; with more, the edge joins further connections to
+    /// its session once registered ([`quic::lane`](crate::quic::lane)), streams are
+    /// spread over all of them, and a lane that closes is dialed again. A relay that
+    /// does not take lanes, or allows fewer, leaves the session on what it took.
+    #[must_use]
+    pub fn lanes(mut self, connections: usize) -> Self {
+        self.settings.lanes = connections.max(1);
         self
     }
 
@@ -449,6 +464,7 @@ impl Edge {
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
                 close_timeout: DEFAULT_CLOSE_TIMEOUT,
                 endpoint: None,
+                lanes: 1,
             },
             tls: None,
         }
@@ -647,7 +663,7 @@ impl Run {
             dialed = self.dial_any(endpoint) => dialed,
             () = stopping(stopped.clone()) => return Attempt::Stopped,
         };
-        let (connection, relay) = match dialed {
+        let (connection, relay, server_name) = match dialed {
             Ok(dialed) => dialed,
             Err(attempt) => return attempt,
         };
@@ -670,15 +686,29 @@ impl Run {
         let since = Instant::now();
         state.set(EdgeState::Connected { since, relay });
         info!(%relay, "connected to the relay");
-        let served = self
+        let transport = client.connection().clone();
+        let serving = self
             .router
             .clone()
             .serve(client, events)
             .with_graceful_shutdown(stopping(stopped.clone()))
             .with_drain_timeout(self.settings.drain_timeout)
             .with_close_timeout(self.settings.close_timeout)
-            .await;
-        connection.close(0u32.into(), b"session ended");
+            .into_future();
+        let lanes = LaneDialer {
+            endpoint,
+            tls: &self.tls,
+            relay,
+            server_name: &server_name,
+            timeout: self.settings.connect_timeout,
+        };
+        let keeping = keep_lanes(lanes, transport.clone(), self.settings.lanes);
+        let served = tokio::select! {
+            served = serving => served,
+            never = keeping => match never {},
+        };
+        // The lanes too.
+        transport.close(0, b"session ended");
         if *stopped.borrow() {
             return Attempt::Stopped;
         }
@@ -692,7 +722,7 @@ impl Run {
     async fn dial_any(
         &self,
         endpoint: &quinn::Endpoint,
-    ) -> Result<(quinn::Connection, SocketAddr), Attempt> {
+    ) -> Result<(quinn::Connection, SocketAddr, String), Attempt> {
         let mut last_error = None;
         for relay in &self.settings.relays {
             let addrs = match tokio::net::lookup_host(relay.as_str()).await {
@@ -710,7 +740,7 @@ impl Run {
                 .unwrap_or_else(|| host_of(relay).to_owned());
             for addr in addrs {
                 match self.dial(endpoint, addr, &server_name).await {
-                    Ok(connection) => return Ok((connection, addr)),
+                    Ok(connection) => return Ok((connection, addr, server_name)),
                     Err(Attempt::Failed(error)) => {
                         debug!(%addr, error = ?error.to_string(), "relay did not answer");
                         last_error = Some(error);

@@ -35,6 +35,14 @@ impl<R: AsyncRead + Unpin> ControlReader<R> {
         }
     }
 
+    /// A reader of a stream of which `read` was already read.
+    pub(crate) fn with_read(recv: R, read: &[u8]) -> Self {
+        Self {
+            recv,
+            buffer: BytesMut::from(read),
+        }
+    }
+
     /// The next message; `Ok(None)` when the peer finished the stream between frames.
     pub(crate) async fn read_message(&mut self) -> Result<Option<ProtocolMessage>, Error> {
         loop {

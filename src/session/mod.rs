@@ -201,6 +201,26 @@ impl<C: Connection> Session<C> {
     /// protocol, [`Error::AlreadyStarted`] on a second call, [`Error::Disconnected`]/
     /// [`Error::Transport`] when the connection fails.
     pub async fn start(&self) -> Result<SessionHandle<C>, Error> {
+        self.start_with(None).await
+    }
+
+    /// As [`start`](Self::start) as [`Role::Server`], on a control stream already accepted
+    /// of which `read` was already read (a relay reads a first stream's first bytes to
+    /// tell a session from a lane joining one).
+    pub(crate) async fn start_accepted(
+        &self,
+        send: C::SendStream,
+        recv: C::RecvStream,
+        read: &[u8],
+    ) -> Result<SessionHandle<C>, Error> {
+        self.start_with(Some((send, ControlReader::with_read(recv, read))))
+            .await
+    }
+
+    async fn start_with(
+        &self,
+        control: Option<(C::SendStream, ControlReader<C::RecvStream>)>,
+    ) -> Result<SessionHandle<C>, Error> {
         self.shared.config.validate()?;
         let mut started = false;
         self.shared.state.send_if_modified(|state| {
@@ -213,7 +233,7 @@ impl<C: Connection> Session<C> {
         if !started {
             return Err(Error::AlreadyStarted);
         }
-        let result = timeout(self.shared.config.negotiation_timeout, self.handshake())
+        let result = timeout(self.shared.config.negotiation_timeout, self.handshake(control))
             .await
             .unwrap_or(Err(Error::Timeout(TimeoutKind::Negotiation)));
         match result {
@@ -228,18 +248,27 @@ impl<C: Connection> Session<C> {
         }
     }
 
-    async fn handshake(&self) -> Result<SessionHandle<C>, Error> {
+    async fn handshake(
+        &self,
+        control: Option<(C::SendStream, ControlReader<C::RecvStream>)>,
+    ) -> Result<SessionHandle<C>, Error> {
         let connection = &self.shared.connection;
-        let (mut send, recv) = match self.shared.role {
-            Role::Client => connection.open_bi().await.map_err(Error::transport)?,
-            Role::Server => connection
-                .accept_bi()
-                .await
-                .map_err(Error::transport)?
-                .ok_or(Error::Disconnected)?,
+        let (mut send, mut reader) = match (control, self.shared.role) {
+            (Some(control), _) => control,
+            (None, Role::Client) => {
+                let (send, recv) = connection.open_bi().await.map_err(Error::transport)?;
+                (send, ControlReader::new(recv))
+            }
+            (None, Role::Server) => {
+                let (send, recv) = connection
+                    .accept_bi()
+                    .await
+                    .map_err(Error::transport)?
+                    .ok_or(Error::Disconnected)?;
+                (send, ControlReader::new(recv))
+            }
         };
         send.prioritize();
-        let mut reader = ControlReader::new(recv);
         let params = negotiation::negotiate(
             self.shared.role,
             &self.shared.config,

@@ -12,6 +12,8 @@ use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+#[cfg(feature = "quinn")]
+mod lanes;
 pub mod mem;
 #[cfg(feature = "quinn")]
 mod quinn;
@@ -21,6 +23,8 @@ mod stream_limit;
 
 #[cfg(feature = "quinn")]
 pub use self::quinn::{QuinnConnection, QuinnRecvStream, QuinnSendStream};
+#[cfg(feature = "quinn")]
+pub use lanes::{LanesFull, CLOSE_LANE_SESSION_ENDED};
 #[cfg(feature = "quinn")]
 pub use stream_limit::{IncomingStreams, StreamLimit};
 

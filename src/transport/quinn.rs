@@ -1,11 +1,13 @@
 //! The quinn transport.
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::lanes::{Lane, Lanes, LanesFull};
 use super::stream_limit::{Incoming, IncomingStreams, OpenStream, StreamLimit};
 use super::{Connection, RecvStream, SendStream};
 
@@ -18,10 +20,16 @@ use super::{Connection, RecvStream, SendStream};
 /// doubles whenever three quarters of it are open, up to the [`StreamLimit`]'s maximum.
 /// Streams are counted by this wrapper and its clones: wrap a quinn connection once, and
 /// accept its streams through the wrapper.
+///
+/// A session may also run over more connections to the same peer, its *lanes*
+/// ([`add_lane`](Self::add_lane), see [`quic::lane`](crate::quic::lane)): streams are
+/// then opened on each connection in turn and accepted from all of them, so a busy session
+/// is not held to the one core that processes a connection's packets.
 #[derive(Debug, Clone)]
 pub struct QuinnConnection {
     inner: quinn::Connection,
     incoming: Arc<Incoming>,
+    lanes: Arc<Lanes>,
 }
 
 impl QuinnConnection {
@@ -38,6 +46,7 @@ impl QuinnConnection {
         Self {
             inner: connection,
             incoming: Arc::new(Incoming::new(limit)),
+            lanes: Arc::default(),
         }
     }
 
@@ -54,10 +63,54 @@ impl QuinnConnection {
     /// limit grows up to `limit.max()` from then on. A relay raises it this way once an
     /// edge has authenticated.
     pub fn set_stream_limit(&self, limit: StreamLimit) {
-        self.incoming.set(limit, |granted| {
-            self.inner
-                .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
-        });
+        set_limit(&self.incoming, &self.inner, limit);
+        for lane in self.lanes.snapshot() {
+            set_limit(&lane.incoming, &lane.connection, limit);
+        }
+    }
+
+    /// Carries this session's streams over `connection` too, a further connection to the
+    /// same peer, unless the session has `max` connections already (this one included).
+    /// The peer is given this connection's stream limit on it.
+    ///
+    /// Only for a connection whose peer is known to be this connection's peer, with the
+    /// session on both sides expecting it: [`quic::lane`](crate::quic::lane) is the
+    /// handshake that proves both.
+    ///
+    /// # Errors
+    /// [`LanesFull`] when the session has `max` connections already.
+    pub fn add_lane(&self, connection: quinn::Connection, max: usize) -> Result<(), LanesFull> {
+        let limit = self.incoming.stream_limit();
+        let incoming = Arc::new(Incoming::new(limit));
+        set_limit(&incoming, &connection, limit);
+        self.lanes.add(
+            Lane {
+                connection,
+                incoming,
+            },
+            max,
+        )
+    }
+
+    /// Stops carrying streams over the lane on `connection` (it closed).
+    pub(crate) fn forget_lane(&self, connection: &quinn::Connection) {
+        self.lanes.remove(connection);
+    }
+
+    /// How many connections the session runs over: 1 plus its lanes.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        1 + self.lanes.len()
+    }
+
+    /// The lanes' quinn connections (this one not included), for their statistics.
+    #[must_use]
+    pub fn lanes(&self) -> Vec<quinn::Connection> {
+        self.lanes
+            .snapshot()
+            .into_iter()
+            .map(|lane| lane.connection)
+            .collect()
     }
 
     /// How many streams the peer has open to this side, and its limit now and at most.
@@ -66,12 +119,58 @@ impl QuinnConnection {
         self.incoming.snapshot()
     }
 
-    /// Counts a stream the peer opened, raising its limit if it is filling up.
-    fn accepted(&self) -> Arc<OpenStream> {
-        Arc::new(self.incoming.accepted(|granted| {
-            self.inner
-                .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
-        }))
+    /// Waits for the peer's next stream on this connection or any lane. A lane that fails
+    /// is dropped from the set; only this connection's end ends the wait.
+    async fn accept_any(
+        &self,
+    ) -> Result<Option<(QuinnSendStream, QuinnRecvStream)>, quinn::ConnectionError> {
+        loop {
+            // Listening for changes before reading the set: a lane added in between wakes
+            // this wait rather than being missed.
+            let mut changed = pin!(self.lanes.changed());
+            changed.as_mut().enable();
+            let lanes = self.lanes.snapshot();
+            let mut own = pin!(self.inner.accept_bi());
+            if lanes.is_empty() {
+                tokio::select! {
+                    biased;
+                    accepted = own => return accepted_stream(&self.incoming, &self.inner, accepted),
+                    () = changed => continue,
+                }
+            }
+            let mut accepts: Vec<_> = lanes
+                .iter()
+                .map(|lane| Box::pin(lane.connection.accept_bi()))
+                .collect();
+            let start = self.lanes.rotation() % accepts.len();
+            let outcome = poll_fn(|cx| {
+                if let Poll::Ready(accepted) = own.as_mut().poll(cx) {
+                    return Poll::Ready(Some((None, accepted)));
+                }
+                for turn in 0..accepts.len() {
+                    let index = (start + turn) % accepts.len();
+                    if let Poll::Ready(accepted) = accepts[index].as_mut().poll(cx) {
+                        return Poll::Ready(Some((Some(index), accepted)));
+                    }
+                }
+                changed.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            match outcome {
+                None => {}
+                Some((None, accepted)) => {
+                    return accepted_stream(&self.incoming, &self.inner, accepted)
+                }
+                Some((Some(index), Ok(stream))) => {
+                    let lane = &lanes[index];
+                    return accepted_stream(&lane.incoming, &lane.connection, Ok(stream));
+                }
+                Some((Some(index), Err(error))) => {
+                    tracing::debug!(error = ?error.to_string(), "a lane of the session ended");
+                    self.lanes.remove(&lanes[index].connection);
+                }
+            }
+        }
     }
 
     /// The quinn connection (for RTT, stats, addresses…).
@@ -101,6 +200,18 @@ impl Connection for QuinnConnection {
     type AcceptError = quinn::ConnectionError;
 
     async fn open_bi(&self) -> Result<(QuinnSendStream, QuinnRecvStream), quinn::ConnectionError> {
+        if let Some(lane) = self.lanes.pick() {
+            match lane.connection.open_bi().await {
+                Ok((send, recv)) => {
+                    return Ok((QuinnSendStream::new(send), QuinnRecvStream::new(recv)))
+                }
+                // The lane is gone: the session's own connection takes the stream.
+                Err(error) => {
+                    tracing::debug!(error = ?error.to_string(), "a lane of the session ended");
+                    self.lanes.remove(&lane.connection);
+                }
+            }
+        }
         let (send, recv) = self.inner.open_bi().await?;
         Ok((QuinnSendStream::new(send), QuinnRecvStream::new(recv)))
     }
@@ -108,34 +219,53 @@ impl Connection for QuinnConnection {
     async fn accept_bi(
         &self,
     ) -> Result<Option<(QuinnSendStream, QuinnRecvStream)>, quinn::ConnectionError> {
-        match self.inner.accept_bi().await {
-            Ok((send, recv)) => {
-                let open = self.accepted();
-                Ok(Some((
-                    QuinnSendStream {
-                        inner: send,
-                        _open: Some(Arc::clone(&open)),
-                    },
-                    QuinnRecvStream {
-                        inner: recv,
-                        _open: Some(open),
-                    },
-                )))
-            }
-            Err(
-                quinn::ConnectionError::ApplicationClosed(_)
-                | quinn::ConnectionError::LocallyClosed,
-            ) => Ok(None),
-            Err(error) => Err(error),
-        }
+        self.accept_any().await
     }
 
     fn close(&self, code: u32, reason: &[u8]) {
         self.inner.close(quinn::VarInt::from_u32(code), reason);
+        self.lanes.close_all(code, reason);
     }
 
     fn is_open(&self) -> bool {
         self.inner.close_reason().is_none()
+    }
+}
+
+/// Gives the peer of `connection` the streams `limit` allows now.
+fn set_limit(incoming: &Incoming, connection: &quinn::Connection, limit: StreamLimit) {
+    incoming.set(limit, |granted| {
+        connection.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
+    });
+}
+
+/// A stream the peer opened on `connection`, counted against its limit there (which grows
+/// if it is filling up); a closed connection reads as the end of the streams.
+fn accepted_stream(
+    incoming: &Arc<Incoming>,
+    connection: &quinn::Connection,
+    accepted: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+) -> Result<Option<(QuinnSendStream, QuinnRecvStream)>, quinn::ConnectionError> {
+    match accepted {
+        Ok((send, recv)) => {
+            let open = Arc::new(incoming.accepted(|granted| {
+                connection.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(granted));
+            }));
+            Ok(Some((
+                QuinnSendStream {
+                    inner: send,
+                    _open: Some(Arc::clone(&open)),
+                },
+                QuinnRecvStream {
+                    inner: recv,
+                    _open: Some(open),
+                },
+            )))
+        }
+        Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => {
+            Ok(None)
+        }
+        Err(error) => Err(error),
     }
 }
 

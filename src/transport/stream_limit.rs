@@ -163,6 +163,11 @@ impl Incoming {
         }
     }
 
+    /// The limit the peer is held to (as last set).
+    pub(crate) fn stream_limit(&self) -> StreamLimit {
+        lock(&self.limits).limit
+    }
+
     pub(crate) fn snapshot(&self) -> IncomingStreams {
         let limits = lock(&self.limits);
         IncomingStreams {

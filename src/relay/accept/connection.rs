@@ -13,6 +13,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tower::{BoxError, Service, ServiceExt};
 use tracing::{debug, info, warn};
 
+use super::lane::{self, LaneEntry, LaneTable};
 use super::{
     AcceptStats, CLOSE_SHUTDOWN, CLOSE_UNREGISTERED, REFUSAL_LINGER, SHUTDOWN_GRACE,
     UNREGISTERED_STREAMS,
@@ -20,6 +21,7 @@ use super::{
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::{CloseCode, Metadata, RejectCode, ServiceId};
+use crate::quic::lane::LANE_MAGIC;
 use crate::quic::INITIAL_STREAMS;
 use crate::relay::admission::{Admission, LogSummary, Refusal, Source};
 use crate::relay::auth::{metadata_text, AuthRequest, EDGE_FIELD, REGISTER_SERVICE};
@@ -28,7 +30,7 @@ use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
 use crate::session::{ClientEvent, Role, Session, SessionClient};
-use crate::transport::{QuinnConnection, StreamLimit};
+use crate::transport::{Connection, QuinnConnection, StreamLimit};
 
 /// What every connection task shares.
 pub(super) struct Shared {
@@ -40,9 +42,10 @@ pub(super) struct Shared {
     pub(super) register_timeout: Duration,
     pub(super) registered_max_streams: u32,
     pub(super) claims: Arc<dyn DynClaims>,
+    pub(super) lanes: LaneTable,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Both tables stay consistent if a holder panics (no panicking code runs mid-update).
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -98,7 +101,7 @@ impl Shared {
     }
 
     /// Counts a refused registration and backs its source off.
-    fn penalize(&self, source: Source, claimed: &str) {
+    pub(super) fn penalize(&self, source: Source, claimed: &str) {
         AcceptStats::count(&self.stats.counters.unauthorized);
         let backoff = lock(&self.admission).failed(source, std::time::Instant::now());
         if lock(&self.log_summary).note("unauthorized", source) {
@@ -141,6 +144,16 @@ struct Registered {
     client: SessionClient<QuinnConnection>,
     events: mpsc::Receiver<ClientEvent>,
     attachment: Attachment,
+    /// Lets the edge's lanes join while the session lives.
+    _lanes: Option<LaneEntry>,
+}
+
+/// What a connection that passed its handshakes turned out to be.
+enum Admitted {
+    /// An edge, registered.
+    Edge(Registered),
+    /// A lane of a registered edge's session, handled (joined, or refused and closed).
+    Lane,
 }
 
 /// Why a connection did not register.
@@ -177,7 +190,7 @@ pub(super) async fn handle_connection<A>(
 async fn admit<A>(
     incoming: quinn::Incoming,
     slot: UnregisteredSlot,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     authenticator: A,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<(quinn::Connection, Registered)>
@@ -206,7 +219,7 @@ where
         },
         () = stopping(stop) => return None,
     };
-    let registering = register(&connection, shared, authenticator, remote, source);
+    let registering = register(&connection, shared, authenticator, remote, source, deadline);
     let registered = tokio::select! {
         registered = timeout_at(deadline, registering) => registered,
         () = stopping(stop) => {
@@ -215,7 +228,8 @@ where
         }
     };
     let registered = match registered {
-        Ok(Ok(registered)) => registered,
+        Ok(Ok(Admitted::Edge(registered))) => registered,
+        Ok(Ok(Admitted::Lane)) => return None,
         Ok(Err(refused)) => {
             if let Refused::Answered(_session) = refused {
                 // Let the refusal reach the edge before the connection goes: an honest
@@ -254,6 +268,7 @@ async fn serve_registered(
         client,
         events,
         attachment,
+        _lanes,
     } = registered;
     // The session answers the edge's opens itself from now on, so the events channel,
     // whose buffer an idle edge would pay for its whole life, is let go.
@@ -302,14 +317,15 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// The session handshake and the registration exchange.
+/// The session handshake and the registration exchange, or a lane's join.
 async fn register<A>(
     connection: &quinn::Connection,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     authenticator: A,
     remote: SocketAddr,
     source: Source,
-) -> Result<Registered, Refused>
+    deadline: Instant,
+) -> Result<Admitted, Refused>
 where
     A: Service<AuthRequest, Response = EdgeName>,
     A::Error: Into<BoxError>,
@@ -317,8 +333,25 @@ where
     let counters = &shared.stats.counters;
     let transport = QuinnConnection::new(connection.clone())
         .with_stream_limit(StreamLimit::fixed(UNREGISTERED_STREAMS));
+    // The first stream's first bytes tell a session (a control frame's length) from a
+    // lane joining one.
+    let mut first = [0; LANE_MAGIC.len()];
+    let (mut send, mut recv) = match transport.accept_bi().await {
+        Ok(Some(stream)) => stream,
+        Ok(None) | Err(_) => return Err(Refused::Gone),
+    };
+    if let Err(error) = recv.inner_mut().read_exact(&mut first).await {
+        AcceptStats::count(&counters.handshake_failed);
+        debug!(error = ?error.to_string(), "no session handshake");
+        return Err(Refused::Gone);
+    }
+    if first == LANE_MAGIC {
+        let (send, recv) = (send.inner_mut(), recv.inner_mut());
+        lane::join(shared, connection, send, recv, source, deadline).await;
+        return Ok(Admitted::Lane);
+    }
     let session = Session::new(transport, Role::Server, shared.session_config.clone());
-    let handle = match session.start().await {
+    let handle = match session.start_accepted(send, recv, &first).await {
         Ok(handle) => handle,
         Err(error) => {
             AcceptStats::count(&counters.handshake_failed);
@@ -414,11 +447,13 @@ where
     if !accept_registration(&client, request_id).await {
         return Err(Refused::Gone);
     }
-    Ok(Registered {
+    let lanes = lane::enter(shared, client.connection());
+    Ok(Admitted::Edge(Registered {
         client,
         events,
         attachment,
-    })
+        _lanes: lanes,
+    }))
 }
 
 /// Refuses an edge whose name a live edge holds, here or elsewhere in the cluster.

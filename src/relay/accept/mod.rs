@@ -34,8 +34,10 @@ use tower::{BoxError, Service};
 use tracing::{info_span, warn, Instrument};
 
 mod connection;
+mod lane;
 
 use connection::{handle_connection, turn_away, Shared};
+use lane::LaneTable;
 
 use super::admission::{Admission, AdmissionConfig, LogSummary};
 use super::auth::{AuthRequest, Tokens};
@@ -45,6 +47,7 @@ use super::registry::Registry;
 use crate::config::Config;
 use crate::error::Error;
 use crate::lazy_serve::{LazyServe, Signal};
+use crate::quic::lane::DEFAULT_MAX_LANES;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
 
 /// Streams an unregistered peer may open: the control stream, with room to spare.
@@ -121,6 +124,8 @@ struct Counters {
     auth_unavailable: AtomicU64,
     name_taken: AtomicU64,
     directory_unavailable: AtomicU64,
+    lanes_joined: AtomicU64,
+    lanes_refused: AtomicU64,
     unregistered: AtomicUsize,
 }
 
@@ -152,6 +157,10 @@ pub struct AcceptCounts {
     /// Registrations answered "unavailable" because the shared directory could not decide
     /// the name's claim.
     pub directory_unavailable: u64,
+    /// Lanes (further connections of registered edges' sessions) added to their sessions.
+    pub lanes_joined: u64,
+    /// Lanes refused: a key no live session has, or a session with its lanes already.
+    pub lanes_refused: u64,
     /// Connections not registered yet, now.
     pub unregistered: usize,
 }
@@ -174,6 +183,8 @@ impl AcceptStats {
             auth_unavailable: get(&c.auth_unavailable),
             name_taken: get(&c.name_taken),
             directory_unavailable: get(&c.directory_unavailable),
+            lanes_joined: get(&c.lanes_joined),
+            lanes_refused: get(&c.lanes_refused),
             unregistered: c.unregistered.load(Ordering::Relaxed),
         }
     }
@@ -214,6 +225,7 @@ pub struct Acceptor<A = Tokens> {
     register_timeout: Duration,
     log_summary_interval: Duration,
     registered_max_streams: u32,
+    max_lanes: usize,
     claims: Arc<dyn DynClaims>,
     stats: AcceptStats,
 }
@@ -247,6 +259,7 @@ where
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
             registered_max_streams: DEFAULT_MAX_STREAMS,
+            max_lanes: DEFAULT_MAX_LANES,
             claims: Arc::new(LocalClaims),
             stats: AcceptStats::default(),
         }
@@ -301,6 +314,15 @@ where
         self
     }
 
+    /// The most QUIC connections an edge's session may run over, its own included
+    /// (default [`DEFAULT_MAX_LANES`]; 1 turns lanes off). See
+    /// [`quic::lane`](crate::quic::lane).
+    #[must_use]
+    pub fn with_max_lanes(mut self, max_lanes: usize) -> Self {
+        self.max_lanes = max_lanes.max(1);
+        self
+    }
+
     /// The registry edges are attached to.
     #[must_use]
     pub fn registry(&self) -> &Registry {
@@ -330,6 +352,7 @@ where
             register_timeout,
             log_summary_interval,
             registered_max_streams,
+            max_lanes,
             claims,
             stats,
         } = self;
@@ -342,6 +365,7 @@ where
             register_timeout,
             registered_max_streams,
             claims,
+            lanes: LaneTable::new(max_lanes),
         });
         let (stop, stopped) = watch::channel(false);
         let mut connections = JoinSet::new();
