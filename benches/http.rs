@@ -1,14 +1,17 @@
 //! HTTP through a backhaul tunnel beside its baselines, over real quinn and TCP on 127.0.0.1.
 //!
 //! One small GET (`GET /` answering the 13-byte body `Hello, world!` from the same axum
-//! app) eight ways, in the same process and on the same runtime (multi-thread, 2 workers):
+//! app) nine ways, in the same process and on the same runtime (multi-thread, 2 workers):
 //!
 //! - `tunnel`: the relay's pooled `hyper_util` client over a backhaul [`Connector`] → the
 //!   edge's [`Router`] → [`backhaul::http::serve`] → axum.
 //! - `tunnel_pool`: like `tunnel` with backhaul's lean [`Http1Pool`] instead of
 //!   hyper-util's client (what the relay forwards through).
 //! - `tunnel_pool_x2`: like `tunnel_pool` over two sessions (two QUIC connections), half
-//!   the workers on each: what several connections per edge would give.
+//!   the workers on each.
+//! - `tunnel_pool_lanes2`: like `tunnel_pool` over one session running on two lanes (two
+//!   QUIC connections joined as `Edge::lanes(2)` does): one pool, the streams spread
+//!   over both connections.
 //! - `tunnel_h1`: like `tunnel` without the pool: one `hyper::client::conn::http1`
 //!   connection per concurrent worker, each on a tunnel stream from
 //!   `Connector::connect`; it pairs with `raw_quinn_h1` to isolate backhaul's own cost.
@@ -77,7 +80,10 @@ const LEVELS: [usize; 3] = [1, 16, 64];
 /// Requests each task sends per iteration at concurrency above 1.
 const PER_TASK: usize = 16;
 /// The ratios the latency pass prints: (ours, baseline).
-const RATIOS: [(&str, &str); 11] = [
+const RATIOS: [(&str, &str); 14] = [
+    ("tunnel_pool_lanes2", "tunnel_pool"),
+    ("tunnel_pool_lanes2", "tunnel_pool_x2"),
+    ("tunnel_pool_lanes2", "tcp"),
     ("raw_quinn_h1_x2", "raw_quinn_h1"),
     ("raw_quinn_h1_x2", "tcp"),
     ("tunnel_pool_x2", "tunnel_pool"),
@@ -338,17 +344,30 @@ impl Way {
 /// A backhaul session pair on a fresh QUIC connection whose edge serves the app as "web"
 /// with an edge `Router`; returns the relay's client and the connection to keep alive.
 async fn tunnel_pair() -> (SessionClient<QuinnConnection>, QuicPair) {
-    let quic = QuicPair::new().await;
-    let relay = Session::new(
-        QuinnConnection::new(quic.relay.clone()),
-        Role::Server,
-        Config::new(),
-    );
-    let edge = Session::new(
-        QuinnConnection::new(quic.edge.clone()),
-        Role::Client,
-        Config::new(),
-    );
+    let (relay, mut quics) = tunnel_lanes(1).await;
+    (relay, quics.remove(0))
+}
+
+/// As [`tunnel_pair`], the session running over `lanes` QUIC connections (its own and
+/// `lanes - 1` joined to it on both sides, as `Edge::lanes` and the relay's `Acceptor`
+/// do after the lane handshake).
+async fn tunnel_lanes(lanes: usize) -> (SessionClient<QuinnConnection>, Vec<QuicPair>) {
+    let mut quics = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        quics.push(QuicPair::new().await);
+    }
+    let relay_transport = QuinnConnection::new(quics[0].relay.clone());
+    let edge_transport = QuinnConnection::new(quics[0].edge.clone());
+    for lane in &quics[1..] {
+        relay_transport
+            .add_lane(lane.relay.clone(), lanes)
+            .expect("lane");
+        edge_transport
+            .add_lane(lane.edge.clone(), lanes)
+            .expect("lane");
+    }
+    let relay = Session::new(relay_transport, Role::Server, Config::new());
+    let edge = Session::new(edge_transport, Role::Client, Config::new());
     let (relay, edge) = tokio::join!(relay.start(), edge.start());
     let relay = SessionClient::new(relay.expect("relay negotiates"));
     let (edge, events) = SessionClient::with_events(edge.expect("edge negotiates"));
@@ -356,13 +375,13 @@ async fn tunnel_pair() -> (SessionClient<QuinnConnection>, QuicPair) {
         .route("web", backhaul::http::serve(app()))
         .serve(edge, events);
     tokio::spawn(serving.into_future());
-    (relay, quic)
+    (relay, quics)
 }
 
 /// What must outlive the measurements: QUIC connections, and sessions no client holds.
 type KeepAlive = Vec<(QuicPair, Option<SessionClient<QuinnConnection>>)>;
 
-/// Builds the eight ways: connections, sessions, servers and clients, and what to keep
+/// Builds the nine ways: connections, sessions, servers and clients, and what to keep
 /// alive meanwhile.
 async fn build_ways() -> (Vec<Way>, KeepAlive) {
     let executor = TokioExecutor::new();
@@ -396,6 +415,15 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
         )));
         pairs.push((quic, None));
     }
+
+    // (a3) one session over two lanes (two QUIC connections), one pool.
+    let (relay, quics) = tunnel_lanes(2).await;
+    let tunnel_lanes_count = Arc::new(AtomicUsize::new(0));
+    let tunnel_pool_lanes2 = vec![Http1Pool::new(counted(
+        Connector::new(relay),
+        &tunnel_lanes_count,
+    ))];
+    pairs.extend(quics.into_iter().map(|quic| (quic, None)));
 
     // (a') hyper HTTP/1 over tunnel streams, one per worker (no pool), on a session of
     // its own.
@@ -464,6 +492,12 @@ async fn build_ways() -> (Vec<Way>, KeepAlive) {
             target: Target::TunnelPool(tunnel_pool_x2),
             uri: Uri::from_static("http://web/"),
             connections: tunnel_pool_x2_count,
+        },
+        Way {
+            name: "tunnel_pool_lanes2",
+            target: Target::TunnelPool(tunnel_pool_lanes2),
+            uri: Uri::from_static("http://web/"),
+            connections: tunnel_lanes_count,
         },
         Way {
             name: "tunnel_h1",

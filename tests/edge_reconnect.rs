@@ -51,6 +51,8 @@ struct TestRelay {
     sessions: mpsc::UnboundedReceiver<SessionClient<QuinnConnection>>,
     ends: mpsc::UnboundedReceiver<SessionEnd>,
     registrations: Arc<AtomicUsize>,
+    /// QUIC connections dialed to it.
+    dialed: Arc<AtomicUsize>,
     /// While false, a connection whose session ended is left open (a relay still reading
     /// the last responses); true by default.
     hang_up: watch::Sender<bool>,
@@ -64,13 +66,16 @@ impl TestRelay {
         let (session_tx, sessions) = mpsc::unbounded_channel();
         let (end_tx, ends) = mpsc::unbounded_channel();
         let registrations = Arc::new(AtomicUsize::new(0));
+        let dialed = Arc::new(AtomicUsize::new(0));
         let (hang_up, may_hang_up) = watch::channel(true);
         let accept_loop = tokio::spawn({
             let endpoint = endpoint.clone();
             let registrations = Arc::clone(&registrations);
+            let dialed = Arc::clone(&dialed);
             async move {
                 let mut connections = JoinSet::new();
                 while let Some(incoming) = endpoint.accept().await {
+                    dialed.fetch_add(1, Ordering::SeqCst);
                     let peer = Peer {
                         sessions: session_tx.clone(),
                         ends: end_tx.clone(),
@@ -89,6 +94,7 @@ impl TestRelay {
             sessions,
             ends,
             registrations,
+            dialed,
             hang_up,
             accept_loop,
         }
@@ -360,6 +366,24 @@ async fn edge_connects_serves_and_stops_on_the_signal() {
         settle_tasks(baseline).await <= baseline,
         "tasks outlived the edge"
     );
+}
+
+#[tokio::test]
+async fn lanes_asked_of_a_relay_that_does_not_know_them_leave_the_edge_on_one_connection() {
+    // This relay runs a plain session on every connection, as relays before lanes (and
+    // the quic-reverse crate) do: a lane's join is not a session handshake, so it fails.
+    let (identity, trusted) = identity();
+    let mut relay = TestRelay::start(loopback(), identity, Policy::Accept).await;
+    let edge_builder = edge_to(relay.addr, &trusted).lanes(3);
+    let mut edge = spawn_edge(edge_builder.build(router()).unwrap());
+    edge.connected().await;
+    let session = relay.next_session().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // One lane tried, then no more: the relay said, by failing it, that it takes none.
+    assert_eq!(relay.dialed.load(Ordering::SeqCst), 2);
+    assert!(edge.state.borrow().is_connected(), "the session was kept");
+    assert_eq!(echo(&session, b"one connection").await, b"one connection");
+    edge.shut_down().await.expect("a graceful stop");
 }
 
 #[tokio::test]

@@ -134,6 +134,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
             pass_through_answer_timeout: backhaul::http::proxy::DEFAULT_ANSWER_TIMEOUT,
             max_streams: 1000,
             max_backoff: Duration::from_secs(5),
+            lanes: 1,
             connect_timeout: Duration::from_secs(10),
             attach_all: false,
         },

@@ -127,6 +127,11 @@ pub struct EdgeArgs {
     /// nothing for the others) instead of using the first that answers.
     #[arg(long)]
     pub attach_all: bool,
+    /// QUIC connections per relay session (lanes). One connection is processed by one
+    /// core at a time on each side; a busy edge on a relay with cores to spare serves
+    /// more with 2–4. The relay may allow fewer (its --max-lanes).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub lanes: u8,
 }
 
 /// Everything an edge needs to run.
@@ -153,6 +158,8 @@ pub struct EdgeConfig {
     pub connect_timeout: Duration,
     /// One session per relay of `relay` at once, rather than failover between them.
     pub attach_all: bool,
+    /// QUIC connections per session.
+    pub lanes: usize,
 }
 
 pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
@@ -194,6 +201,7 @@ pub async fn run(args: EdgeArgs) -> Result<(), BoxError> {
         max_backoff: args.max_backoff,
         connect_timeout: args.connect_timeout,
         attach_all: args.attach_all,
+        lanes: usize::from(args.lanes),
     };
     run_edge(config, shutdown_signal()).await
 }
@@ -361,6 +369,7 @@ async fn run_sessions(
         .backoff(Backoff::new(Duration::from_millis(250), config.max_backoff))
         .connect_timeout(config.connect_timeout)
         .drain_timeout(config.shutdown_timeout)
+        .lanes(config.lanes)
         .build(build_router(config)?)?
         .with_graceful_shutdown(shutdown);
     match edge.await {

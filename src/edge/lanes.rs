@@ -109,7 +109,10 @@ enum LaneFailure {
     Transient(String),
 }
 
-async fn dial_lane(dialer: &LaneDialer<'_>, key: &LaneKey) -> Result<quinn::Connection, LaneFailure> {
+async fn dial_lane(
+    dialer: &LaneDialer<'_>,
+    key: &LaneKey,
+) -> Result<quinn::Connection, LaneFailure> {
     let connecting = dialer
         .endpoint
         .connect_with(dialer.tls.clone(), dialer.relay, dialer.server_name)

@@ -123,7 +123,9 @@ pub async fn join(lane: &quinn::Connection, key: &LaneKey) -> Result<(), JoinErr
     let mut request = [0; LANE_MAGIC.len() + 32];
     request[..LANE_MAGIC.len()].copy_from_slice(&LANE_MAGIC);
     request[LANE_MAGIC.len()..].copy_from_slice(&key.0);
-    send.write_all(&request).await.map_err(|error| transport(error.into()))?;
+    send.write_all(&request)
+        .await
+        .map_err(|error| transport(error.into()))?;
     let _ = send.finish();
     let mut answer = [0; 1];
     match recv.read_exact(&mut answer).await {

@@ -233,9 +233,12 @@ impl<C: Connection> Session<C> {
         if !started {
             return Err(Error::AlreadyStarted);
         }
-        let result = timeout(self.shared.config.negotiation_timeout, self.handshake(control))
-            .await
-            .unwrap_or(Err(Error::Timeout(TimeoutKind::Negotiation)));
+        let result = timeout(
+            self.shared.config.negotiation_timeout,
+            self.handshake(control),
+        )
+        .await
+        .unwrap_or(Err(Error::Timeout(TimeoutKind::Negotiation)));
         match result {
             Ok(handle) => {
                 self.shared.set_state(State::Ready);

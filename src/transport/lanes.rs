@@ -249,7 +249,11 @@ mod tests {
                 .expect("echo in time");
             assert_eq!(echoed, payload);
         }
-        assert_eq!(session.dialer.connections(), 1, "the closed lane is dropped");
+        assert_eq!(
+            session.dialer.connections(),
+            1,
+            "the closed lane is dropped"
+        );
         assert!(session.dialer.is_open());
         echoing.abort();
     }

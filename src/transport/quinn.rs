@@ -262,9 +262,9 @@ fn accepted_stream(
                 },
             )))
         }
-        Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => {
-            Ok(None)
-        }
+        Err(
+            quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed,
+        ) => Ok(None),
         Err(error) => Err(error),
     }
 }

@@ -156,6 +156,10 @@ pub struct RelayArgs {
     /// otherwise the silent holder is replaced.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub takeover_ping_timeout: Duration,
+    /// QUIC connections one edge's session may run over (an edge asks with --lanes);
+    /// 1 turns lanes off.
+    #[arg(long, default_value_t = backhaul::quic::lane::DEFAULT_MAX_LANES)]
+    pub max_lanes: usize,
     /// Keep-alive ping interval; an edge missing a pong for as long again is dropped.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub keepalive: Duration,
@@ -309,6 +313,7 @@ pub struct EdgeLimits {
     pub register_timeout: Duration,
     pub log_summary_interval: Duration,
     pub takeover_ping_timeout: Duration,
+    pub max_lanes: usize,
 }
 
 impl Default for EdgeLimits {
@@ -318,6 +323,7 @@ impl Default for EdgeLimits {
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             log_summary_interval: DEFAULT_LOG_SUMMARY_INTERVAL,
             takeover_ping_timeout: DEFAULT_TAKEOVER_PING_TIMEOUT,
+            max_lanes: backhaul::quic::lane::DEFAULT_MAX_LANES,
         }
     }
 }
@@ -350,6 +356,7 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
         register_timeout: args.register_timeout,
         log_summary_interval: args.log_summary_interval,
         takeover_ping_timeout: args.takeover_ping_timeout,
+        max_lanes: args.max_lanes,
     };
     let config = RelayConfig {
         quic_listen: args.quic_listen,
@@ -535,7 +542,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         .with_admission(limits.admission)
         .with_session_config(session_config)
         .with_register_timeout(limits.register_timeout)
-        .with_log_summary_interval(limits.log_summary_interval);
+        .with_log_summary_interval(limits.log_summary_interval)
+        .with_max_lanes(limits.max_lanes);
     let metrics = Metrics::new()?;
     let clients = edges::clients(registry.clone(), &metrics, config.pool, false);
     let http2_clients = edges::clients(registry.clone(), &metrics, config.pool, true);

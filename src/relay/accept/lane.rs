@@ -77,17 +77,25 @@ pub(super) async fn join(
     let counters = &shared.stats.counters;
     let Ok(key) = read_key(recv).await else {
         AcceptStats::count(&counters.handshake_failed);
-        lane.close(VarInt::from_u32(CLOSE_LANE_REFUSED), b"incomplete lane request");
+        lane.close(
+            VarInt::from_u32(CLOSE_LANE_REFUSED),
+            b"incomplete lane request",
+        );
         return;
     };
     let session = lock(&shared.lanes.sessions).get(&key).cloned();
     let refusal = match session {
+        // Lanes are off here: every session is full with its own connection.
+        _ if shared.lanes.max_lanes < 2 => JoinAnswer::Full,
         Some(session) => match session.add_lane(lane.clone(), shared.lanes.max_lanes) {
             Ok(()) => {
                 // The session's edge proved itself when it registered.
                 lane.set_receive_window(VarInt::MAX);
                 AcceptStats::count(&counters.lanes_joined);
-                debug!(connections = session.connections(), "a lane joined a session");
+                debug!(
+                    connections = session.connections(),
+                    "a lane joined a session"
+                );
                 answer(send, JoinAnswer::Joined).await;
                 return;
             }

@@ -1,0 +1,283 @@
+//! Lanes over real quinn on 127.0.0.1: an edge's session spread over several QUIC
+//! connections to the library relay. Opens are spread over every lane and arrive intact,
+//! a relay's lane limit is kept, a lost lane is dialed again while the others carry on,
+//! and a lane presenting a key no session has is refused, its source backed off, without
+//! disturbing registered edges.
+
+#[path = "support/relay.rs"]
+mod relay_fixture;
+mod support;
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use backhaul::edge::{Edge, RegisterError, Router};
+use backhaul::quic::lane::{join, JoinAnswer, JoinError, LaneKey, CLOSE_LANE_REFUSED, LANE_MAGIC};
+use backhaul::relay::{registration_metadata, EdgeHandle, Registry, REGISTER_SERVICE};
+use backhaul::stream::TunnelStream;
+use backhaul::{QuinnConnection, ServiceId, SessionClient};
+use relay_fixture::{current, eventually, TestRelay};
+use support::{pattern, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::{JoinHandle, JoinSet};
+use tower::{Service, ServiceExt};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Echoes every stream.
+fn echo_router() -> Router<QuinnConnection> {
+    let echo = tower::service_fn(|mut stream: TunnelStream<QuinnConnection>| async move {
+        let (mut reader, mut writer) = tokio::io::split(&mut stream);
+        tokio::io::copy(&mut reader, &mut writer).await?;
+        writer.shutdown().await
+    });
+    Router::new().route("echo", echo)
+}
+
+/// An edge registered as "alpha" asking for `lanes` connections, running on a task.
+fn spawn_edge(relay: &TestRelay, lanes: usize) -> JoinHandle<Result<(), backhaul::Error>> {
+    let register = tower::service_fn(|client: SessionClient<QuinnConnection>| async move {
+        client
+            .open(REGISTER_SERVICE, registration_metadata("alpha", "secret"))
+            .await?;
+        Ok::<_, RegisterError>(())
+    });
+    let edge = Edge::builder()
+        .relay(relay.addr)
+        .server_name("localhost")
+        .trust(relay.trusted.clone())
+        .lanes(lanes)
+        .register(register)
+        .build(echo_router())
+        .expect("edge");
+    tokio::spawn(edge.into_future())
+}
+
+/// Waits until the relay's session of `edge` runs over `connections` connections.
+async fn connections_become(edge: &EdgeHandle, connections: usize) {
+    let transport = edge.client().connection().clone();
+    eventually(LIMIT, "the session's connections", || {
+        std::future::ready(transport.connections() == connections)
+    })
+    .await;
+}
+
+/// Opens `count` echo streams at once through `edge`, each with its own 64 KiB, and
+/// checks every byte that comes back.
+async fn echo_many(edge: &EdgeHandle, count: usize) {
+    let mut opens = JoinSet::new();
+    for index in 0..count {
+        let mut connector = edge.connector();
+        opens.spawn(async move {
+            let payload = pattern(&index.to_be_bytes(), 64 * 1024);
+            // The connector waits for room among the session's in-flight opens.
+            let connector = ServiceExt::<ServiceId>::ready(&mut connector)
+                .await
+                .expect("ready");
+            let stream = connector.call(ServiceId::from("echo")).await.expect("open");
+            let (mut recv, mut send) = tokio::io::split(stream);
+            let reading = async {
+                let mut echoed = Vec::new();
+                recv.read_to_end(&mut echoed).await.expect("read");
+                echoed
+            };
+            let writing = async {
+                send.write_all(&payload).await.expect("write");
+                send.shutdown().await.expect("finish");
+            };
+            let (echoed, ()) = tokio::join!(reading, writing);
+            assert!(echoed == payload, "stream {index}: echo differs");
+        });
+    }
+    within(LIMIT, async {
+        while let Some(done) = opens.join_next().await {
+            done.expect("an echo");
+        }
+    })
+    .await;
+}
+
+/// Stream frames each of the session's connections received, its own first.
+fn stream_frames(edge: &EdgeHandle) -> Vec<u64> {
+    let transport = edge.client().connection();
+    std::iter::once(transport.inner().clone())
+        .chain(transport.lanes())
+        .map(|connection| connection.stats().frame_rx.stream)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_opens_at_once_are_spread_over_three_lanes_and_arrive_intact() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, 3);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 3).await;
+    assert_eq!(relay.stats.snapshot().lanes_joined, 2);
+    echo_many(&edge, 300).await;
+    let frames = stream_frames(&edge);
+    assert_eq!(frames.len(), 3);
+    // Round robin: about a third of the 300 × 64 KiB each; the edge's own connection also
+    // carries the control stream.
+    let least = frames.iter().min().copied().unwrap_or_default();
+    let most = frames.iter().max().copied().unwrap_or_default();
+    assert!(least * 2 > most, "stream frames per connection: {frames:?}");
+    edge_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_allowing_fewer_lanes_keeps_the_edge_on_what_it_allows() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| {
+        acceptor.with_max_lanes(2)
+    });
+    let edge_task = spawn_edge(&relay, 4);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 2).await;
+    eventually(LIMIT, "the refused lane", || {
+        std::future::ready(relay.stats.snapshot().lanes_refused == 1)
+    })
+    .await;
+    // Told "full", the edge asks no more: no refusal counts up, no source is backed off.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = relay.stats.snapshot();
+    assert_eq!((counts.lanes_joined, counts.lanes_refused), (1, 1));
+    assert_eq!(counts.unauthorized, 0);
+    echo_many(&edge, 50).await;
+    assert_eq!(edge.client().connection().connections(), 2);
+    edge_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_lanes_serves_the_edge_on_one_connection_unpenalised() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| {
+        acceptor.with_max_lanes(1)
+    });
+    let edge_task = spawn_edge(&relay, 3);
+    let edge = current(&relay.registry, "alpha", None).await;
+    eventually(LIMIT, "the refused lane", || {
+        std::future::ready(relay.stats.snapshot().lanes_refused == 1)
+    })
+    .await;
+    echo_many(&edge, 50).await;
+    let counts = relay.stats.snapshot();
+    assert_eq!((counts.lanes_joined, counts.unauthorized), (0, 0));
+    assert_eq!(edge.client().connection().connections(), 1);
+    edge_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lane_is_dialed_again_while_the_others_carry_on() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, 3);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 3).await;
+    let lost = edge.client().connection().lanes()[0].clone();
+    lost.close(0u32.into(), b"network change");
+    // Opens meanwhile go over what is left, and none is lost.
+    echo_many(&edge, 100).await;
+    eventually(LIMIT, "the lane dialed again", || {
+        std::future::ready(relay.stats.snapshot().lanes_joined == 3)
+    })
+    .await;
+    connections_become(&edge, 3).await;
+    assert!(edge
+        .client()
+        .connection()
+        .lanes()
+        .iter()
+        .all(|lane| lane.stable_id() != lost.stable_id()));
+    echo_many(&edge, 100).await;
+    assert_eq!(
+        edge.epoch(),
+        current(&relay.registry, "alpha", None).await.epoch(),
+        "the session itself was never lost"
+    );
+    edge_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessed_lane_key_is_refused_and_backed_off_while_edges_are_served() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, 2);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 2).await;
+
+    let endpoint = relay.endpoint_from("127.0.0.9");
+    let guesser = endpoint
+        .connect(relay.addr, "localhost")
+        .unwrap()
+        .await
+        .expect("QUIC handshake");
+    let (mut send, mut recv) = guesser.open_bi().await.unwrap();
+    let mut request = LANE_MAGIC.to_vec();
+    request.extend_from_slice(&[0x5a; 32]);
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    let mut answer = [0; 1];
+    within(LIMIT, recv.read_exact(&mut answer))
+        .await
+        .expect("an answer");
+    assert_eq!(answer[0], 1, "{:?} expected", JoinAnswer::UnknownSession);
+    // Backed off: the same source's next handshake is refused.
+    let again = endpoint.connect(relay.addr, "localhost").unwrap().await;
+    assert!(again.is_err(), "a backed-off source is refused");
+    let counts = relay.stats.snapshot();
+    assert_eq!((counts.lanes_refused, counts.unauthorized), (1, 1));
+    // Left open by the guesser, the connection is closed after its linger.
+    assert_eq!(
+        within(LIMIT, relay_fixture::close_code(&guesser)).await,
+        Some(u64::from(CLOSE_LANE_REFUSED))
+    );
+
+    // A request cut short is a failed handshake, not a guess.
+    let other = relay.endpoint_from("127.0.0.10");
+    let cut = other
+        .connect(relay.addr, "localhost")
+        .unwrap()
+        .await
+        .expect("QUIC handshake");
+    let (mut send, _recv) = cut.open_bi().await.unwrap();
+    send.write_all(&LANE_MAGIC).await.unwrap();
+    send.write_all(&[1; 7]).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(
+        within(LIMIT, relay_fixture::close_code(&cut)).await,
+        Some(u64::from(CLOSE_LANE_REFUSED))
+    );
+    assert_eq!(relay.stats.snapshot().unauthorized, 1);
+
+    echo_many(&edge, 50).await;
+    assert_eq!(edge.client().connection().connections(), 2);
+    edge_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_session_ends_its_lanes_close_and_its_key_is_forgotten() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, 3);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 3).await;
+    let lanes = edge.client().connection().lanes();
+    let key = LaneKey::of(edge.client().connection().inner()).expect("a key");
+    edge_task.abort();
+    let _ = edge_task.await;
+    for lane in &lanes {
+        within(LIMIT, lane.closed()).await;
+    }
+    eventually(LIMIT, "the edge gone", || {
+        std::future::ready(relay.registry.get("alpha").is_none())
+    })
+    .await;
+    drop(edge);
+    // A late lane of the ended session finds no session to join.
+    let endpoint = relay.endpoint_from("127.0.0.11");
+    let late = endpoint
+        .connect(relay.addr, "localhost")
+        .unwrap()
+        .await
+        .expect("QUIC handshake");
+    let joined = within(LIMIT, join(&late, &key)).await;
+    assert!(
+        matches!(joined, Err(JoinError::Refused(JoinAnswer::UnknownSession))),
+        "{joined:?}"
+    );
+}
