@@ -9,6 +9,8 @@
 #   backhaul-tcp   backhaul's TCP forwarding (relay --tcp, edge tcp://): their service
 #   backhaul       backhaul's HTTP proxy (relay routes by Host, edge parses with to_local)
 #   backhaul-pass  the same with the edge's --pass-through (streams spliced unparsed)
+#   backhaul-lanes, backhaul-pass-lanes, backhaul-tcp-lanes
+#                  the same ways with the edge's --lanes 2 (two QUIC connections)
 #   quinn          the ceiling of the relay-to-edge hop: HTTP/1 GETs over raw quinn streams
 #                  between two processes with backhaul's QUIC settings
 #                  (examples/quic_ceiling.rs, its own load generator: wrk speaks no QUIC)
@@ -240,25 +242,26 @@ start_backhaul() { # way [edge flags...]
         curl -fsS --max-time 1 -H "${HEADER[$way]}" "${URL[$way]}"
 }
 
-start_backhaul_tcp() {
-    local quic public admin token="compare-$RANDOM$RANDOM"
+start_backhaul_tcp() { # way [edge flags...]
+    local way="$1" quic public admin token="compare-$RANDOM$RANDOM"
+    shift
     quic="$(free_port udp)"
     public="$(free_port tcp)"
     admin="$(free_port tcp)"
     "$PROXY" relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$(free_port tcp)" \
-        --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/relay-tcp-cert.pem" \
-        --tcp "$public=bench/web" --edge-token "bench=$token" >"$WORK/relay-tcp.log" 2>&1 &
+        --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/$way-cert.pem" \
+        --tcp "$public=bench/web" --edge-token "bench=$token" >"$WORK/$way-relay.log" 2>&1 &
     PIDS+=($!)
-    PUBLIC_PID[backhaul-tcp]=$!
-    wait_for "the relay wrote no certificate" test -s "$WORK/relay-tcp-cert.pem"
-    "$PROXY" edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/relay-tcp-cert.pem" \
-        --name bench --token "$token" --expose "web=tcp://127.0.0.1:$BACKEND_PORT" \
-        >"$WORK/edge-tcp.log" 2>&1 &
+    PUBLIC_PID[$way]=$!
+    wait_for "the relay wrote no certificate" test -s "$WORK/$way-cert.pem"
+    "$PROXY" edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/$way-cert.pem" \
+        --name bench --token "$token" --expose "web=tcp://127.0.0.1:$BACKEND_PORT" "$@" \
+        >"$WORK/$way-edge.log" 2>&1 &
     PIDS+=($!)
-    PRIVATE_PID[backhaul-tcp]=$!
-    URL[backhaul-tcp]="http://127.0.0.1:$public/"
-    wait_for "the TCP tunnel did not answer: $(tail -3 "$WORK/edge-tcp.log")" \
-        curl -fsS --max-time 1 "${URL[backhaul-tcp]}"
+    PRIVATE_PID[$way]=$!
+    URL[$way]="http://127.0.0.1:$public/"
+    wait_for "the TCP tunnel did not answer: $(tail -3 "$WORK/$way-edge.log")" \
+        curl -fsS --max-time 1 "${URL[$way]}"
 }
 
 start_quinn() {
@@ -279,12 +282,15 @@ for way in $WAYS; do
     bore) start_bore ;;
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
-    backhaul-tcp) start_backhaul_tcp ;;
+    backhaul-lanes) start_backhaul backhaul-lanes --lanes 2 ;;
+    backhaul-pass-lanes) start_backhaul backhaul-pass-lanes --pass-through web --lanes 2 ;;
+    backhaul-tcp) start_backhaul_tcp backhaul-tcp ;;
+    backhaul-tcp-lanes) start_backhaul_tcp backhaul-tcp-lanes --lanes 2 ;;
     quinn)
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul, backhaul-pass, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-lanes, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"
@@ -384,7 +390,7 @@ def median(way, index):
     return statistics.median(row[index] for row in rows[way])
 
 base = "rathole" if "rathole" in rows else None
-print(f"{'way':<14} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10}")
+print(f"{'way':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10}")
 for way in ways:
     rps = median(way, 0)
     cpu = (
@@ -392,7 +398,7 @@ for way in ways:
         "" if way == "direct" else f"{median(way, 4):.1f}",
     )
     ratio = f"{rps / median(base, 0):.2f}x" if base else ""
-    print(f"{way:<14} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10}")
+    print(f"{way:<20} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10}")
 print("public = relay / server process, private = edge / client process (CPU time over the run / requests);")
 print("quinn = HTTP/1 over raw quinn streams between two processes (the relay-edge hop's ceiling), private = its server")
 EOF
