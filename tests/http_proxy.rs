@@ -547,3 +547,94 @@ async fn silent_streams_to_an_unreachable_pass_through_service_are_closed_at_the
     })
     .await;
 }
+
+/// How a raw upgrade backend's read of the upgraded connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum UpgradedEnd {
+    /// A clean end after these bytes.
+    Finished(Vec<u8>),
+    /// A read error of this kind after these bytes.
+    Failed(std::io::ErrorKind, Vec<u8>),
+}
+
+/// A backend answering one upgrade request (`Upgrade: test`) by hand, then reading the
+/// upgraded connection to its end; says how it ended.
+async fn raw_upgrade_backend() -> (SocketAddr, tokio::sync::oneshot::Receiver<UpgradedEnd>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (report, reported) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut byte = [0; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tcp.read_exact(&mut byte).await.expect("request head");
+            head.push(byte[0]);
+        }
+        tcp.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await
+        .expect("101");
+        let mut received = Vec::new();
+        let mut buf = [0; 1024];
+        let end = loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => break UpgradedEnd::Finished(received),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(error) => break UpgradedEnd::Failed(error.kind(), received),
+            }
+        };
+        let _ = report.send(end);
+    });
+    (addr, reported)
+}
+
+/// Sends an upgrade request for `web.test` on `tcp` and reads the answer's head.
+async fn upgrade_through(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(
+        b"GET /raw HTTP/1.1\r\nHost: web.test\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.expect("answer head");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_cut_by_the_client_is_reset_at_the_backend_not_finished() {
+    use tokio::io::AsyncWriteExt;
+    let (backend, ended) = raw_upgrade_backend().await;
+    let tunnel = tunnel_with(
+        EdgeMode::PassThrough,
+        Some(http_uri(backend)),
+        Timeouts::default(),
+        Timeouts::default(),
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(tunnel.public)
+        .await
+        .expect("connect");
+    let head = within(LIMIT, upgrade_through(&mut tcp)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp.write_all(b"half of a message").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client's machine drops the connection: a reset, not a goodbye.
+    tcp.set_zero_linger().expect("linger");
+    drop(tcp);
+    let end = within(LIMIT, ended).await.expect("the backend's report");
+    // The relay's splice fails on the reset and drops the tunnel's side: that must reach
+    // the backend as a failure (the edge splices pass-through streams aborting), never as
+    // the clean end of a complete exchange.
+    assert!(
+        matches!(&end, UpgradedEnd::Failed(_, received) if received == b"half of a message"),
+        "{end:?}"
+    );
+}

@@ -104,9 +104,16 @@ async fn start(limits: Limits) -> TestServer {
     let release = Arc::new(Notify::new());
     let holding = Arc::new(Notify::new());
     let (hold_release, hold_started) = (Arc::clone(&release), Arc::clone(&holding));
-    let service = tower::service_fn(move |request: Request<Incoming>| {
+    let service = tower::service_fn(move |mut request: Request<Incoming>| {
         let (release, holding) = (Arc::clone(&hold_release), Arc::clone(&hold_started));
         async move {
+            if let Some(shut_down) = match request.uri().path() {
+                "/upgrade-cut" => Some(false),
+                "/upgrade-done" => Some(true),
+                _ => None,
+            } {
+                return Ok(upgrade_then_end(&mut request, shut_down));
+            }
             let body = match request.uri().path() {
                 "/peer" => {
                     let info = request.extensions().get::<ConnectionInfo>().copied();
@@ -166,6 +173,30 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Answers `101` and, on the upgraded connection, writes "partial" and then either shuts
+/// the connection down (a clean end) or drops it (a failure half way).
+fn upgrade_then_end(request: &mut Request<Incoming>, shut_down: bool) -> Response<Body> {
+    let upgrading = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrading.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let _ = io.write_all(b"partial").await;
+        let _ = io.flush().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if shut_down {
+            let _ = io.shutdown().await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "test")
+        .body(Empty::new().boxed())
+        .expect("a response")
 }
 
 fn full(text: String) -> Body {
@@ -724,4 +755,38 @@ async fn a_trickled_tls_handshake_is_cut_at_the_header_timeout() {
         task.abort();
     })
     .await;
+}
+
+/// How reading an upgraded connection to its end went: the bytes, and whether it ended
+/// cleanly (`None`) or with a read error.
+async fn read_upgraded(addr: SocketAddr, path: &str) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connecting");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    let mut received = Vec::new();
+    let mut buf = [0; 1024];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => return (received, None),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(error) => return (received, Some(error.kind())),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_dropped_half_way_is_reset_and_one_shut_down_is_finished() {
+    let server = start(patient()).await;
+    let (received, failed) = bounded(read_upgraded(server.addr, "/upgrade-done")).await;
+    assert!(received.ends_with(b"\r\n\r\npartial"), "{received:?}");
+    assert_eq!(failed, None, "a connection shut down ends cleanly");
+    // Dropped without a shutdown (a splice that failed, a task that was aborted): the
+    // client must not take the bytes it got for everything there was.
+    let (received, failed) = bounded(read_upgraded(server.addr, "/upgrade-cut")).await;
+    assert!(received.ends_with(b"\r\n\r\npartial"), "{received:?}");
+    assert_eq!(failed, Some(std::io::ErrorKind::ConnectionReset));
+    // Plain requests still end with a graceful close.
+    assert_eq!(get(server.addr, "/").await.1, "hello");
 }

@@ -6,7 +6,10 @@
 //! - `Service<OpenTarget>`: the same with per-call [`Metadata`] (request id, tenant…);
 //! - `Service<http::Uri>`: the connector of `hyper_util::client::legacy::Client`, which
 //!   then pools and reuses tunneled connections. The URI's host names the service unless
-//!   [`Connector::with_resolver`] says otherwise.
+//!   [`Connector::with_resolver`] says otherwise. hyper shuts a connection down when it
+//!   ends cleanly, so a stream opened this way that is dropped unfinished (a request or an
+//!   upgraded connection cut short) is reset, not finished: the edge never mistakes a
+//!   cut for a complete exchange.
 //!
 //! `poll_ready` tells the truth: it fails once the session has ended, and it waits
 //! (returns `Pending`, then wakes the task) while `max_inflight_opens` opens are under way,
@@ -32,6 +35,7 @@ use crate::error::Error;
 use crate::protocol::{Metadata, ServiceId};
 use crate::session::SessionClient;
 use crate::stream::{TunnelInfo, TunnelStream};
+use crate::transport::reset_on_drop::Abandoned;
 use crate::transport::{Connection, DefaultConnection};
 
 /// Where to open a stream, with the metadata to send.
@@ -183,7 +187,7 @@ impl<C: Connection> Connector<C> {
         target: impl Into<OpenTarget>,
     ) -> Result<TunnelStream<C>, Error> {
         std::future::poll_fn(|cx| self.poll_slot(cx)).await?;
-        self.open(target.into()).await
+        self.open(target.into(), Abandoned::OnPanic).await
     }
 
     /// The session client.
@@ -210,7 +214,9 @@ impl<C: Connection> Connector<C> {
         Poll::Ready(Ok(()))
     }
 
-    fn open(&mut self, target: OpenTarget) -> ConnectFuture<C> {
+    /// Opens `target`; the stream is reset rather than finished if dropped unfinished
+    /// while `abandoned` says so.
+    fn open(&mut self, target: OpenTarget, abandoned: Abandoned) -> ConnectFuture<C> {
         let client = self.shared.client.clone();
         let slot = self
             .slot
@@ -231,7 +237,9 @@ impl<C: Connection> Connector<C> {
                 metadata,
                 logical_stream_id,
             };
-            Ok(TunnelStream::new(send, recv, info).holding_session(client))
+            Ok(TunnelStream::new(send, recv, info)
+                .abandoned(abandoned)
+                .holding_session(client))
         })
     }
 }
@@ -246,7 +254,7 @@ impl<C: Connection> Service<OpenTarget> for Connector<C> {
     }
 
     fn call(&mut self, target: OpenTarget) -> Self::Future {
-        self.open(target)
+        self.open(target, Abandoned::OnPanic)
     }
 }
 
@@ -261,7 +269,7 @@ impl<C: Connection> Service<ServiceId> for Connector<C> {
 
     fn call(&mut self, service: ServiceId) -> Self::Future {
         let target = OpenTarget::new(service).with_metadata(self.shared.metadata.clone());
-        self.open(target)
+        self.open(target, Abandoned::OnPanic)
     }
 }
 
@@ -279,7 +287,10 @@ impl<C: Connection> Service<Uri> for Connector<C> {
         match (self.shared.resolver)(&uri) {
             Some(service) => {
                 let target = OpenTarget::new(service).with_metadata(self.shared.metadata.clone());
-                self.open(target)
+                // hyper shuts a connection's I/O down when the connection ends cleanly; one
+                // it drops (a request or an upgraded connection cut short, a connection
+                // given up) is reset, so a cut transfer never reads as complete.
+                self.open(target, Abandoned::Always)
             }
             None => {
                 self.slot = None;

@@ -9,6 +9,11 @@ use tracing::debug;
 /// sides are done; returns the bytes sent (upstream, downstream).
 ///
 /// No idle limit applies: a WebSocket may legitimately stay quiet for a long time.
+///
+/// When copying fails, both connections are dropped without being shut down: a tunnel
+/// stream from the [`Connector`](crate::connector::Connector) and a connection of the
+/// public [`Server`](crate::http::server::Server) are then reset, so a break on one side
+/// reaches the other as a failure, not as the clean end of the exchange.
 /// [`ReverseProxy`](super::ReverseProxy) spawns this on a `101`; the task ends when either
 /// side closes or fails.
 ///

@@ -66,6 +66,9 @@ pub(super) struct WatchedIo {
     read_timer_at: Option<Instant>,
     write_timer: Pin<Box<Sleep>>,
     write_stalled_since: Option<Instant>,
+    /// Set once the connection was shut down (hyper does so when a connection ends
+    /// cleanly); one dropped without it is reset.
+    shut_down: bool,
 }
 
 impl WatchedIo {
@@ -79,6 +82,7 @@ impl WatchedIo {
             read_timer_at: None,
             write_timer: Box::pin(tokio::time::sleep_until(now)),
             write_stalled_since: None,
+            shut_down: false,
         }
     }
 
@@ -202,6 +206,20 @@ impl AsyncWrite for WatchedIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.shut_down = true;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for WatchedIo {
+    /// A connection dropped before it was shut down was cut: a response or an upgraded
+    /// connection failed half way, or the server stopped waiting for it. A reset tells
+    /// the client so, where a FIN would let a response without a length (HTTP/1.0, a
+    /// WebSocket) pass for complete.
+    fn drop(&mut self) {
+        if !self.shut_down {
+            let _ = socket2::SockRef::from(&self.inner).set_linger(Some(Duration::ZERO));
+        }
     }
 }
