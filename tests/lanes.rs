@@ -281,3 +281,76 @@ async fn when_the_session_ends_its_lanes_close_and_its_key_is_forgotten() {
         "{joined:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_lost_mid_transfer_fails_its_streams_and_the_others_arrive_intact() {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, 3);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, 3).await;
+    const STREAMS: usize = 150;
+    const HALF: usize = 128 * 1024;
+    let halfway = std::sync::Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+    let resume = std::sync::Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+    let mut transfers = JoinSet::new();
+    for index in 0..STREAMS {
+        let mut connector = edge.connector();
+        let (halfway, resume) = (halfway.clone(), resume.clone());
+        transfers.spawn(async move {
+            let payload = pattern(&index.to_be_bytes(), 2 * HALF);
+            let connector = ServiceExt::<ServiceId>::ready(&mut connector)
+                .await
+                .expect("ready");
+            let stream = connector.call(ServiceId::from("echo")).await.expect("open");
+            let (mut recv, mut send) = tokio::io::split(stream);
+            let reading = async {
+                let mut echoed = Vec::new();
+                recv.read_to_end(&mut echoed).await.map(|_| echoed)
+            };
+            let writing = async {
+                let first = send.write_all(&payload[..HALF]).await;
+                halfway.wait().await;
+                resume.wait().await;
+                first?;
+                send.write_all(&payload[HALF..]).await?;
+                send.shutdown().await
+            };
+            let (echoed, written) = tokio::join!(reading, writing);
+            match (echoed, written) {
+                (Ok(echoed), Ok(())) => {
+                    assert!(
+                        echoed == payload,
+                        "stream {index}: a whole echo that differs"
+                    );
+                    true
+                }
+                _ => false,
+            }
+        });
+    }
+    within(LIMIT, halfway.wait()).await;
+    // Every stream is half way: one of the three connections goes.
+    let lost = edge.client().connection().lanes()[0].clone();
+    lost.close(0u32.into(), b"network change");
+    within(LIMIT, resume.wait()).await;
+    let mut whole = 0;
+    let mut failed = 0;
+    within(LIMIT, async {
+        while let Some(done) = transfers.join_next().await {
+            if done.expect("a transfer") {
+                whole += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    })
+    .await;
+    // Round robin put about a third of the streams on the lost lane: those fail, loudly;
+    // the rest arrive whole.
+    assert!(failed >= STREAMS / 6, "{failed} failed, {whole} whole");
+    assert!(whole >= STREAMS / 2, "{failed} failed, {whole} whole");
+    // The session and the edge go on; the lane comes back.
+    connections_become(&edge, 3).await;
+    echo_many(&edge, 30).await;
+    edge_task.abort();
+}

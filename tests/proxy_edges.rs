@@ -543,3 +543,50 @@ async fn a_live_edge_keeps_its_name_and_a_silent_one_is_replaced() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_asking_for_more_lanes_than_allowed_gets_the_limit_and_is_served() {
+    bounded(LIMIT, async {
+        let dir = TempDir::new("lanes");
+        let backend = Backend::start("web").await;
+        let mut relay =
+            Relay::start(dir.path(), &[("alpha", "secret")], &["--max-lanes", "3"]).await;
+        // Asks for four: the relay allows three.
+        let _edge = relay.spawn_edge(
+            "alpha",
+            "secret",
+            &[("web", backend.addr)],
+            &["--lanes", "4"],
+        );
+        relay.wait_edges(1).await;
+        eventually(LIMIT, "two lanes joined and one refused", || async {
+            let scrape = relay.metrics().await;
+            let count =
+                |outcome| scrape.sample("backhaul_edge_lanes_total", &[("outcome", outcome)]);
+            (count("joined") == Some(2.0) && count("refused") == Some(1.0)).then_some(())
+        })
+        .await;
+        let public = relay.public();
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let public = public.clone();
+            requests.spawn(async move { public.get("alpha", "/whoami").await });
+        }
+        while let Some(answer) = requests.join_next().await {
+            assert_eq!(
+                answer.expect("a request"),
+                (StatusCode::OK, "web".to_owned())
+            );
+        }
+        // Refused for being full, not for a bad key: nothing counted as unauthorized.
+        let scrape = relay.metrics().await;
+        assert_eq!(
+            scrape.get(
+                "backhaul_edge_registrations_total",
+                &[("outcome", "unauthorized")]
+            ),
+            0.0
+        );
+    })
+    .await;
+}

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub registrations: IntCounterVec,
     pub unregistered: IntGauge,
     pub handshakes_refused: IntCounterVec,
+    /// Further QUIC connections (lanes) offered to edges' sessions, by outcome.
+    pub lanes: IntCounterVec,
     pub opens: IntCounterVec,
     pub bytes: IntCounterVec,
     pub requests: IntCounterVec,
@@ -133,6 +135,14 @@ impl Metrics {
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(unregistered.clone()))?;
         registry.register(Box::new(handshakes_refused.clone()))?;
+        let lanes = IntCounterVec::new(
+            Opts::new(
+                "backhaul_edge_lanes_total",
+                "Further QUIC connections edges joined to their sessions (--lanes), by outcome: joined, refused",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(lanes.clone()))?;
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -144,6 +154,7 @@ impl Metrics {
             registrations,
             unregistered,
             handshakes_refused,
+            lanes,
             opens,
             bytes,
             requests,

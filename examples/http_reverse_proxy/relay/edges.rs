@@ -126,6 +126,12 @@ pub(super) fn sync_edge_metrics(state: &RelayState) {
     ] {
         raise(&metrics.registrations.with_label_values(&[outcome]), count);
     }
+    for (outcome, count) in [
+        ("joined", counts.lanes_joined),
+        ("refused", counts.lanes_refused),
+    ] {
+        raise(&metrics.lanes.with_label_values(&[outcome]), count);
+    }
     for (reason, count) in [
         ("handshake_rate", counts.refused_handshake_rate),
         ("unregistered_cap", counts.refused_unregistered_cap),
