@@ -11,6 +11,7 @@ mod support;
 use std::future::IntoFuture;
 use std::time::Duration;
 
+use backhaul::connector::Connector;
 use backhaul::edge::{Edge, RegisterError, Router};
 use backhaul::quic::lane::{join, JoinAnswer, JoinError, LaneKey, CLOSE_LANE_REFUSED, LANE_MAGIC};
 use backhaul::relay::{registration_metadata, EdgeHandle, Registry, REGISTER_SERVICE};
@@ -18,7 +19,7 @@ use backhaul::stream::TunnelStream;
 use backhaul::{QuinnConnection, ServiceId, SessionClient};
 use relay_fixture::{current, eventually, TestRelay};
 use support::{pattern, within};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::{Service, ServiceExt};
 
@@ -53,6 +54,22 @@ fn spawn_edge(relay: &TestRelay, lanes: usize) -> JoinHandle<Result<(), backhaul
     tokio::spawn(edge.into_future())
 }
 
+/// A library relay (default limits) and an edge "alpha" asking for `lanes`, once its
+/// session runs over all of them.
+async fn laned_edge(
+    lanes: usize,
+) -> (
+    TestRelay,
+    JoinHandle<Result<(), backhaul::Error>>,
+    EdgeHandle,
+) {
+    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
+    let edge_task = spawn_edge(&relay, lanes);
+    let edge = current(&relay.registry, "alpha", None).await;
+    connections_become(&edge, lanes).await;
+    (relay, edge_task, edge)
+}
+
 /// Waits until the relay's session of `edge` runs over `connections` connections.
 async fn connections_become(edge: &EdgeHandle, connections: usize) {
     let transport = edge.client().connection().clone();
@@ -62,20 +79,30 @@ async fn connections_become(edge: &EdgeHandle, connections: usize) {
     .await;
 }
 
+/// An echo stream through `connector`, split; the connector waits for room among the
+/// session's in-flight opens.
+async fn open_echo(
+    mut connector: Connector,
+) -> (
+    ReadHalf<TunnelStream<QuinnConnection>>,
+    WriteHalf<TunnelStream<QuinnConnection>>,
+) {
+    let connector = ServiceExt::<ServiceId>::ready(&mut connector)
+        .await
+        .expect("ready");
+    let stream = connector.call(ServiceId::from("echo")).await.expect("open");
+    tokio::io::split(stream)
+}
+
 /// Opens `count` echo streams at once through `edge`, each with its own 64 KiB, and
 /// checks every byte that comes back.
 async fn echo_many(edge: &EdgeHandle, count: usize) {
     let mut opens = JoinSet::new();
     for index in 0..count {
-        let mut connector = edge.connector();
+        let connector = edge.connector();
         opens.spawn(async move {
             let payload = pattern(&index.to_be_bytes(), 64 * 1024);
-            // The connector waits for room among the session's in-flight opens.
-            let connector = ServiceExt::<ServiceId>::ready(&mut connector)
-                .await
-                .expect("ready");
-            let stream = connector.call(ServiceId::from("echo")).await.expect("open");
-            let (mut recv, mut send) = tokio::io::split(stream);
+            let (mut recv, mut send) = open_echo(connector).await;
             let reading = async {
                 let mut echoed = Vec::new();
                 recv.read_to_end(&mut echoed).await.expect("read");
@@ -108,10 +135,7 @@ fn stream_frames(edge: &EdgeHandle) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_opens_at_once_are_spread_over_three_lanes_and_arrive_intact() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
-    let edge_task = spawn_edge(&relay, 3);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 3).await;
+    let (relay, edge_task, edge) = laned_edge(3).await;
     assert_eq!(relay.stats.snapshot().lanes_joined, 2);
     echo_many(&edge, 300).await;
     let frames = stream_frames(&edge);
@@ -125,51 +149,34 @@ async fn three_hundred_opens_at_once_are_spread_over_three_lanes_and_arrive_inta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_allowing_fewer_lanes_keeps_the_edge_on_what_it_allows() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| {
-        acceptor.with_max_lanes(2)
-    });
-    let edge_task = spawn_edge(&relay, 4);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 2).await;
-    eventually(LIMIT, "the refused lane", || {
-        std::future::ready(relay.stats.snapshot().lanes_refused == 1)
-    })
-    .await;
-    // Told "full", the edge asks no more: no refusal counts up, no source is backed off.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let counts = relay.stats.snapshot();
-    assert_eq!((counts.lanes_joined, counts.lanes_refused), (1, 1));
-    assert_eq!(counts.unauthorized, 0);
-    echo_many(&edge, 50).await;
-    assert_eq!(edge.client().connection().connections(), 2);
-    edge_task.abort();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_without_lanes_serves_the_edge_on_one_connection_unpenalised() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| {
-        acceptor.with_max_lanes(1)
-    });
-    let edge_task = spawn_edge(&relay, 3);
-    let edge = current(&relay.registry, "alpha", None).await;
-    eventually(LIMIT, "the refused lane", || {
-        std::future::ready(relay.stats.snapshot().lanes_refused == 1)
-    })
-    .await;
-    echo_many(&edge, 50).await;
-    let counts = relay.stats.snapshot();
-    assert_eq!((counts.lanes_joined, counts.unauthorized), (0, 0));
-    assert_eq!(edge.client().connection().connections(), 1);
-    edge_task.abort();
+async fn an_edge_asking_more_lanes_than_the_relay_allows_keeps_what_it_got_unpenalised() {
+    // (the relay's limit, the edge's wish): a relay allowing two, one with lanes off.
+    for (max_lanes, asked) in [(2, 4), (1, 3)] {
+        let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| {
+            acceptor.with_max_lanes(max_lanes)
+        });
+        let edge_task = spawn_edge(&relay, asked);
+        let edge = current(&relay.registry, "alpha", None).await;
+        connections_become(&edge, max_lanes).await;
+        eventually(LIMIT, "the refused lane", || {
+            std::future::ready(relay.stats.snapshot().lanes_refused == 1)
+        })
+        .await;
+        // Told "full", the edge asks no more, and no source is backed off.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let counts = relay.stats.snapshot();
+        let joined = u64::try_from(max_lanes - 1).unwrap();
+        assert_eq!((counts.lanes_joined, counts.lanes_refused), (joined, 1));
+        assert_eq!(counts.unauthorized, 0);
+        echo_many(&edge, 50).await;
+        assert_eq!(edge.client().connection().connections(), max_lanes);
+        edge_task.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lane_is_dialed_again_while_the_others_carry_on() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
-    let edge_task = spawn_edge(&relay, 3);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 3).await;
+    let (relay, edge_task, edge) = laned_edge(3).await;
     let lost = edge.client().connection().lanes()[0].clone();
     lost.close(0u32.into(), b"network change");
     // Opens meanwhile go over what is left, and none is lost.
@@ -196,10 +203,7 @@ async fn a_lost_lane_is_dialed_again_while_the_others_carry_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessed_lane_key_is_refused_and_backed_off_while_edges_are_served() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
-    let edge_task = spawn_edge(&relay, 2);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 2).await;
+    let (relay, edge_task, edge) = laned_edge(2).await;
 
     let endpoint = relay.endpoint_from("127.0.0.9");
     let guesser = endpoint
@@ -252,10 +256,7 @@ async fn a_guessed_lane_key_is_refused_and_backed_off_while_edges_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_session_ends_its_lanes_close_and_its_key_is_forgotten() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
-    let edge_task = spawn_edge(&relay, 3);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 3).await;
+    let (relay, edge_task, edge) = laned_edge(3).await;
     let lanes = edge.client().connection().lanes();
     let key = LaneKey::of(edge.client().connection().inner()).expect("a key");
     edge_task.abort();
@@ -284,25 +285,18 @@ async fn when_the_session_ends_its_lanes_close_and_its_key_is_forgotten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_lost_mid_transfer_fails_its_streams_and_the_others_arrive_intact() {
-    let relay = TestRelay::start(&["alpha=secret"], Registry::new(), |acceptor| acceptor);
-    let edge_task = spawn_edge(&relay, 3);
-    let edge = current(&relay.registry, "alpha", None).await;
-    connections_become(&edge, 3).await;
+    let (_relay, edge_task, edge) = laned_edge(3).await;
     const STREAMS: usize = 150;
     const HALF: usize = 128 * 1024;
     let halfway = std::sync::Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
     let resume = std::sync::Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
     let mut transfers = JoinSet::new();
     for index in 0..STREAMS {
-        let mut connector = edge.connector();
+        let connector = edge.connector();
         let (halfway, resume) = (halfway.clone(), resume.clone());
         transfers.spawn(async move {
             let payload = pattern(&index.to_be_bytes(), 2 * HALF);
-            let connector = ServiceExt::<ServiceId>::ready(&mut connector)
-                .await
-                .expect("ready");
-            let stream = connector.call(ServiceId::from("echo")).await.expect("open");
-            let (mut recv, mut send) = tokio::io::split(stream);
+            let (mut recv, mut send) = open_echo(connector).await;
             let reading = async {
                 let mut echoed = Vec::new();
                 recv.read_to_end(&mut echoed).await.map(|_| echoed)
