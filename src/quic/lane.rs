@@ -1,7 +1,7 @@
 //! The lane handshake: how a further QUIC connection joins a session.
 //!
 //! A session's data streams can run over several connections to the same peer (its
-//! *lanes*, see [`QuinnConnection::add_lane`]), because one connection keeps about one core
+//! *lanes*, see [`QuinnConnection::add_lane`](crate::transport::QuinnConnection::add_lane)), because one connection keeps about one core
 //! busy. The edge dials the relay again and, on the new connection's first stream, asks to
 //! join the session it already has; the relay adds the connection to that session.
 //!
