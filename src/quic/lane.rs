@@ -28,8 +28,10 @@ pub const LANE_MAGIC: [u8; 4] = *b"BHL\x01";
 /// The TLS exporter label the [`LaneKey`] is derived with.
 pub const LANE_KEY_LABEL: &[u8] = b"backhaul lane v1";
 
-/// The most connections a session may run over by default, its own included.
-pub const DEFAULT_MAX_LANES: usize = 8;
+/// The most connections a session may run over by default, its own included: enough for
+/// an edge to use four cores of a relay, while one authenticated edge can hold at most four
+/// connections' worth of the relay's memory.
+pub const DEFAULT_MAX_LANES: usize = 4;
 
 /// QUIC close code of a lane the relay did not take.
 pub const CLOSE_LANE_REFUSED: u32 = 0x12;
