@@ -444,10 +444,11 @@ where
     // Counted as decided, before the edge hears it: whoever the edge tells (a test, an
     // operator reading metrics) already sees it counted.
     AcceptStats::count(&counters.registered);
+    // Lanes may join from the moment the edge hears it is registered.
+    let lanes = lane::enter(shared, client.connection());
     if !accept_registration(&client, request_id).await {
         return Err(Refused::Gone);
     }
-    let lanes = lane::enter(shared, client.connection());
     Ok(Admitted::Edge(Registered {
         client,
         events,
