@@ -170,6 +170,16 @@ async fn an_edge_asking_more_lanes_than_the_relay_allows_keeps_what_it_got_unpen
         assert_eq!(counts.unauthorized, 0);
         echo_many(&edge, 50).await;
         assert_eq!(edge.client().connection().connections(), max_lanes);
+        if let Some(lane) = edge.client().connection().lanes().first() {
+            // A lane it got and lost is replaced, and still no more is asked for.
+            lane.close(0u32.into(), b"network change");
+            eventually(LIMIT, "the lane replaced", || {
+                std::future::ready(relay.stats.snapshot().lanes_joined == joined + 1)
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(relay.stats.snapshot().lanes_refused, 1);
+        }
         edge_task.abort();
     }
 }

@@ -40,7 +40,7 @@ type Closing = Pin<Box<dyn std::future::Future<Output = quinn::Connection> + Sen
 pub(super) async fn keep_lanes(
     dialer: LaneDialer<'_>,
     session: QuinnConnection,
-    wanted: usize,
+    mut wanted: usize,
 ) -> Infallible {
     let stopped = std::future::pending::<Infallible>;
     let Some(key) = LaneKey::of(session.inner()) else {
@@ -71,7 +71,9 @@ pub(super) async fn keep_lanes(
                     if lanes.is_empty() {
                         return stopped().await;
                     }
-                    // Keep the lanes the relay took; do not ask again for more.
+                    // Keep the lanes the relay took (and replace them if lost), but do
+                    // not ask for more.
+                    wanted = lanes.len() + 1;
                     break;
                 }
                 Err(LaneFailure::Transient(error)) => {
