@@ -41,6 +41,8 @@ pub(crate) struct Lanes {
     count: AtomicUsize,
     /// Round-robin position of the next stream opened.
     next: AtomicUsize,
+    /// Round-robin position of the next accept.
+    accept_turn: AtomicUsize,
     /// Woken when the set changes, so a waiting accept polls the new set.
     changed: Notify,
 }
@@ -102,10 +104,10 @@ impl Lanes {
         self.lock().clone()
     }
 
-    /// A position to start polling the lanes from, so that no lane's streams wait behind
-    /// another's.
-    pub(crate) fn rotation(&self) -> usize {
-        self.next.load(Ordering::Relaxed)
+    /// Where the next accept starts polling the session's connections, one further each
+    /// time, so that no connection's streams wait behind another's.
+    pub(crate) fn next_accept_turn(&self) -> usize {
+        self.accept_turn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Resolves on the next change of the set (see [`Notify::notified`]).

@@ -142,15 +142,21 @@ impl QuinnConnection {
                 .iter()
                 .map(|lane| Box::pin(lane.connection.accept_bi()))
                 .collect();
-            let start = self.lanes.rotation() % accepts.len();
+            // Each accept starts with the next connection (this one is 0), so no
+            // connection's streams wait behind another's.
+            let connections = accepts.len() + 1;
+            let start = self.lanes.next_accept_turn() % connections;
             let outcome = poll_fn(|cx| {
-                if let Poll::Ready(accepted) = own.as_mut().poll(cx) {
-                    return Poll::Ready(Some((None, accepted)));
-                }
-                for turn in 0..accepts.len() {
-                    let index = (start + turn) % accepts.len();
-                    if let Poll::Ready(accepted) = accepts[index].as_mut().poll(cx) {
-                        return Poll::Ready(Some((Some(index), accepted)));
+                for turn in 0..connections {
+                    let ready = match (start + turn) % connections {
+                        0 => own.as_mut().poll(cx).map(|accepted| (None, accepted)),
+                        lane => accepts[lane - 1]
+                            .as_mut()
+                            .poll(cx)
+                            .map(|accepted| (Some(lane - 1), accepted)),
+                    };
+                    if ready.is_ready() {
+                        return ready.map(Some);
                     }
                 }
                 changed.as_mut().poll(cx).map(|()| None)
