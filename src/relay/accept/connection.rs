@@ -1,5 +1,6 @@
 //! One edge connection, from its first packet to its end: admission slot, QUIC and
-//! session handshakes, the `_register` exchange, the registry, and the refusals.
+//! session handshakes, the `_register` exchange, the registry, and the refusals; or, when
+//! its first stream asks to join a registered edge's session, a lane (see [`super::lane`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
