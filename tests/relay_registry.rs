@@ -305,7 +305,10 @@ async fn concurrent_attaches_and_drops_on_few_names_keep_the_registry_consistent
                         let current = attachment.is_current();
                         // Dropped: detaches with its epoch (a no-op if it was replaced).
                         let held = attachment.detach();
-                        assert_eq!(held, current);
+                        // A replaced attachment stays replaced, so its detach removes
+                        // nothing. (Another session may replace it between the two calls,
+                        // so being current does not promise the detach still holds.)
+                        assert!(current || !held, "a replaced attachment removed an entry");
                         true
                     }
                     // Replaced (so closed) before it got to attach: not possible here,
