@@ -429,16 +429,24 @@ async fn endless_backend() -> (
         let ended = ended.clone();
         async move {
             let (mut reader, mut writer) = stream.into_split();
+            // A socket reports a reset to one call only: if the writer meets it first,
+            // the reader then reads an end. So the writer says when it failed.
+            let write_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer_failed = std::sync::Arc::clone(&write_failed);
             tokio::spawn(async move {
                 let block = vec![3; 16 * 1024];
                 while writer.write_all(&block).await.is_ok() {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
+                writer_failed.store(true, std::sync::atomic::Ordering::SeqCst);
             });
             let mut buffer = vec![0; 64 * 1024];
             let mut total = 0;
             let ending = loop {
                 match reader.read(&mut buffer).await {
+                    Ok(0) if write_failed.load(std::sync::atomic::Ordering::SeqCst) => {
+                        break Err(std::io::Error::other("reset (seen by the writer first)"))
+                    }
                     Ok(0) => break Ok(total),
                     Ok(read) => total += read,
                     Err(error) => break Err(error),
