@@ -46,20 +46,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The log (one access line per request at `info`) is written by a thread of its own:
-    // a write to stdout per request on the runtime's workers cost the relay about a tenth
-    // of its requests. Nothing is dropped: a log reader that falls 128 Ki lines behind
-    // slows the writers down instead. The guard flushes what is queued on exit.
-    let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_target(false)
+        // Colour codes only for a terminal, not in files and pipes.
         .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(log_writer)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
