@@ -9,6 +9,8 @@
 #   backhaul-tcp   backhaul's TCP forwarding (relay --tcp, edge tcp://): their service
 #   backhaul       backhaul's HTTP proxy (relay routes by Host, edge parses with to_local)
 #   backhaul-pass  the same with the edge's --pass-through (streams spliced unparsed)
+#   backhaul-express  backhaul-pass with the relay's --express (plain HTTP/1.1 requests
+#                  parsed once on the relay, bodies passed through)
 #   backhaul-lanes, backhaul-pass-lanes, backhaul-tcp-lanes
 #                  the same ways with the edge's --lanes 2 (two QUIC connections)
 #   quinn          the ceiling of the relay-to-edge hop: HTTP/1 GETs over raw quinn streams
@@ -26,7 +28,7 @@
 #
 # Usage: scripts/compare.sh
 # Env:   ROUNDS=3 DURATION=5s THREADS=1 CONNECTIONS=64   wrk settings (per way and round)
-#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass quinn"
+#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-express quinn"
 #        PEERS_DIR   where rathole and bore are installed (default <repo>/target/peers)
 #        COMPARE_TARGET_DIR   cargo target dir (default <repo>/target)
 #        KEEP_TMP=1  keep the temp dir (configs, logs, wrk output); its path is printed
@@ -41,7 +43,7 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5s}"
 THREADS="${THREADS:-1}"
 CONNECTIONS="${CONNECTIONS:-64}"
-WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass quinn}"
+WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-express quinn}"
 export RUST_LOG="${RUST_LOG:-warn}"
 export NO_COLOR=1
 
@@ -227,7 +229,7 @@ start_backhaul() { # way [edge flags...]
     admin="$(free_port tcp)"
     "$PROXY" relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$http" \
         --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/$way-cert.pem" \
-        --edge-token "bench=$token" >"$WORK/$way-relay.log" 2>&1 &
+        --edge-token "bench=$token" ${RELAY_FLAGS:-} >"$WORK/$way-relay.log" 2>&1 &
     PIDS+=($!)
     PUBLIC_PID[$way]=$!
     wait_for "the relay wrote no certificate" test -s "$WORK/$way-cert.pem"
@@ -282,6 +284,7 @@ for way in $WAYS; do
     bore) start_bore ;;
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
+    backhaul-express) RELAY_FLAGS=--express start_backhaul backhaul-express --pass-through web ;;
     backhaul-lanes) start_backhaul backhaul-lanes --lanes 2 ;;
     backhaul-pass-lanes) start_backhaul backhaul-pass-lanes --pass-through web --lanes 2 ;;
     backhaul-tcp) start_backhaul_tcp backhaul-tcp ;;
@@ -290,7 +293,7 @@ for way in $WAYS; do
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-lanes, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-express, backhaul-pass-lanes, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"

@@ -21,6 +21,16 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_host_to_edges_and_services() {
+    routes_by_host_to_edges_and_services_with(&[]).await;
+}
+
+/// The same on the relay's express lane (`--express`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_to_edges_and_services_on_the_express_lane() {
+    routes_by_host_to_edges_and_services_with(&["--express"]).await;
+}
+
+async fn routes_by_host_to_edges_and_services_with(relay_flags: &[&str]) {
     bounded(LIMIT, async {
         let dir = TempDir::new("routing");
         let alpha_web = Backend::start("alpha-web").await;
@@ -30,7 +40,7 @@ async fn routes_by_host_to_edges_and_services() {
             dir.path(),
             &[("alpha", "alpha-secret"), ("beta", "beta-secret")],
             // The edge list on the index page is opt-in.
-            &["--list-edges"],
+            &[&["--list-edges"], relay_flags].concat(),
         )
         .await;
         let _alpha = relay.spawn_edge(
@@ -115,11 +125,21 @@ async fn routes_by_host_to_edges_and_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_64_mib_both_ways_with_checksums() {
+    streams_64_mib_both_ways_with_checksums_with(&[]).await;
+}
+
+/// The same on the relay's express lane (`--express`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_64_mib_both_ways_with_checksums_on_the_express_lane() {
+    streams_64_mib_both_ways_with_checksums_with(&["--express"]).await;
+}
+
+async fn streams_64_mib_both_ways_with_checksums_with(relay_flags: &[&str]) {
     const LEN: u64 = 64 << 20;
     bounded(LIMIT, async {
         let dir = TempDir::new("stream");
         let backend = Backend::start("web").await;
-        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], &[]).await;
+        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], relay_flags).await;
         let _edge = relay.spawn_edge("alpha", "secret", &[("web", backend.addr)], &[]);
         relay.wait_edges(1).await;
         let public = relay.public();
@@ -160,10 +180,20 @@ async fn streams_64_mib_both_ways_with_checksums() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_200_concurrent_requests_correctly() {
+    answers_200_concurrent_requests_correctly_with(&[]).await;
+}
+
+/// The same on the relay's express lane (`--express`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_200_concurrent_requests_correctly_on_the_express_lane() {
+    answers_200_concurrent_requests_correctly_with(&["--express"]).await;
+}
+
+async fn answers_200_concurrent_requests_correctly_with(relay_flags: &[&str]) {
     bounded(LIMIT, async {
         let dir = TempDir::new("concurrent");
         let backend = Backend::start("web").await;
-        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], &[]).await;
+        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], relay_flags).await;
         let _edge = relay.spawn_edge("alpha", "secret", &[("web", backend.addr)], &[]);
         relay.wait_edges(1).await;
         let public = relay.public();
@@ -440,10 +470,20 @@ async fn the_edge_reconnects_after_the_relay_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_was_sent() {
+    metrics_count_what_was_sent_with(&[]).await;
+}
+
+/// The same on the relay's express lane (`--express`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_was_sent_on_the_express_lane() {
+    metrics_count_what_was_sent_with(&["--express"]).await;
+}
+
+async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
     bounded(LIMIT, async {
         let dir = TempDir::new("metrics");
         let backend = Backend::start("web").await;
-        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], &[]).await;
+        let mut relay = Relay::start(dir.path(), &[("alpha", "secret")], relay_flags).await;
         let mut edge = relay.spawn_edge("alpha", "secret", &[("web", backend.addr)], &[]);
         relay.wait_edges(1).await;
         let public = relay.public();

@@ -109,6 +109,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         edge_limits: EdgeLimits::default(),
         pool: PoolLimits::default(),
         list_edges: true,
+        express: false,
         cluster: None,
     })
     .await?;

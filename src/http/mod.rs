@@ -20,6 +20,7 @@
 //! proxy as trust boundary, and [`authority`] parses the authority a request is for.
 
 pub mod authority;
+pub mod express;
 pub mod forwarded;
 pub mod pool;
 pub mod proxy;

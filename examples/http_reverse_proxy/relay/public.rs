@@ -25,6 +25,7 @@ use hyper_util::client::legacy::connect::Connect;
 use tower::ServiceExt;
 
 use super::cluster::peer_failure;
+use super::express::RelayExpress;
 use super::host::{resolve_host, Target};
 use super::*;
 
@@ -42,6 +43,7 @@ pub(super) async fn serve_public(
         &state.metrics,
         if tls.is_some() { "https" } else { "public" },
     );
+    let state_for_express = Arc::clone(&state);
     let service = tower::service_fn(move |request: Request<Incoming>| {
         // The server puts the connection's addresses in every request.
         let info = request.extensions().get::<ConnectionInfo>().copied();
@@ -61,7 +63,11 @@ pub(super) async fn serve_public(
             handle_request(state, request, remote, proto).await
         })
     });
-    serve_http(listener, limits, observer, tls, service, stop).await;
+    // The express lane carries what it can; the redirecting listener answers everything.
+    let express = (state_for_express.express && redirect_to.is_none()).then(|| RelayExpress {
+        state: state_for_express,
+    });
+    serve_http(listener, limits, observer, tls, service, express, stop).await;
 }
 
 /// A 308 to the same authority and path over HTTPS on `port`.
@@ -113,8 +119,17 @@ async fn handle_request(
     let response = checked_route(&state, request, remote, proto)
         .instrument(span.clone())
         .await;
-    let status = response.status();
-    let elapsed = started.elapsed();
+    record_request(&state, &span, response.status(), started.elapsed());
+    Ok(response)
+}
+
+/// Counts an answered request and writes its access log line in `span`.
+pub(super) fn record_request(
+    state: &RelayState,
+    span: &tracing::Span,
+    status: StatusCode,
+    elapsed: Duration,
+) {
     state
         .metrics
         .requests
@@ -127,7 +142,6 @@ async fn handle_request(
         .with_label_values(&[class.as_str()])
         .observe(elapsed.as_secs_f64());
     span.in_scope(|| info!(status = status.as_u16(), ?elapsed, "request"));
-    Ok(response)
 }
 
 /// Refuses what must not be forwarded, then routes by the request's authority.

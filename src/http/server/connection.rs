@@ -21,6 +21,7 @@ use tracing::{debug, info};
 use super::activity::{Activity, InFlightBody};
 use super::watched_io::WatchedIo;
 use super::{BoxError, ConnectionInfo, Limits, Observer};
+use crate::http::express::{self, Express, Handoff, LaneContext, Prefixed};
 
 /// What every connection of one server shares.
 pub(super) struct Shared {
@@ -29,6 +30,8 @@ pub(super) struct Shared {
     pub(super) observer: Arc<dyn Observer>,
     /// Cancelled when the server shuts down.
     pub(super) stop: CancellationToken,
+    /// Plain HTTP/1.1 requests go this way first, when set.
+    pub(super) express: Option<Arc<dyn Express>>,
     /// TLS first, when the server serves HTTPS.
     #[cfg(feature = "tls")]
     pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
@@ -105,29 +108,56 @@ pub(super) async fn serve_connection<S, B>(
         // client that stalls it is cut at the header timeout like a slow head.
         match tls.accept(watched_io).await {
             Ok(stream) => {
-                drive(
-                    TokioIo::new(stream),
-                    hyper_service,
-                    &shared,
-                    &activity,
-                    &info,
-                )
-                .await
+                let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                match express_first(stream, &shared, &activity, info, http2).await {
+                    Handoff::Done => report_end(&shared, &activity, &info, Ok(())),
+                    Handoff::Hyper(io) => {
+                        drive(TokioIo::new(io), hyper_service, &shared, &activity, &info).await;
+                    }
+                }
             }
             Err(error) => report_end(&shared, &activity, &info, Err(Box::new(error))),
         }
         drop(open);
         return;
     }
-    drive(
-        TokioIo::new(watched_io),
-        hyper_service,
-        &shared,
-        &activity,
-        &info,
-    )
-    .await;
+    match express_first(watched_io, &shared, &activity, info, false).await {
+        Handoff::Done => report_end(&shared, &activity, &info, Ok(())),
+        Handoff::Hyper(io) => {
+            drive(TokioIo::new(io), hyper_service, &shared, &activity, &info).await;
+        }
+    }
     drop(open);
+}
+
+/// Serves `io` on the express lane if the server has one (and the connection is not
+/// HTTP/2 by ALPN); what the lane leaves goes to hyper.
+async fn express_first<I>(
+    io: I,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    info: ConnectionInfo,
+    http2: bool,
+) -> Handoff<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let express = match &shared.express {
+        Some(express) if !http2 => express.as_ref(),
+        _ => return Handoff::Hyper(Prefixed::new(bytes::Bytes::new(), io)),
+    };
+    let request_started = || activity.request_started(http::Version::HTTP_11);
+    express::serve(
+        io,
+        LaneContext {
+            express,
+            info,
+            max_head_bytes: shared.limits.max_head_bytes,
+            stop: &shared.stop,
+            request_started: &request_started,
+        },
+    )
+    .await
 }
 
 /// Serves HTTP on `io` until the connection ends, is cut, or the server shuts down.

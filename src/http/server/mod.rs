@@ -89,6 +89,7 @@ pub use serve::{Serve, ServeFuture};
 pub use watched_io::Cut;
 
 use crate::error::Error;
+use crate::http::express::Express;
 use accept::Acceptor;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -99,6 +100,7 @@ pub struct Server {
     acceptor: Acceptor,
     limits: Limits,
     observer: Arc<dyn Observer>,
+    express: Option<Arc<dyn Express>>,
     #[cfg(feature = "tls")]
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -108,6 +110,7 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("local_addr", &self.acceptor.local_addr().ok())
             .field("limits", &self.limits)
+            .field("express", &self.express.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +136,7 @@ impl Server {
             acceptor: Acceptor::new(listener),
             limits: Limits::DEFAULT,
             observer: Arc::new(()),
+            express: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -173,6 +177,16 @@ impl Server {
     #[must_use]
     pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// Carries plain HTTP/1.1 requests on the [express lane](crate::http::express):
+    /// `express` routes them to edges, each head parsed once, and whatever it does not
+    /// carry goes to the service as without it. HTTP/2 connections (by ALPN or prior
+    /// knowledge) always go to the service.
+    #[must_use]
+    pub fn with_express(mut self, express: impl Express) -> Self {
+        self.express = Some(Arc::new(express));
         self
     }
 

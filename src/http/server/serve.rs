@@ -118,6 +118,7 @@ where
         mut acceptor,
         limits,
         observer,
+        express,
         #[cfg(feature = "tls")]
         tls,
     } = server;
@@ -126,6 +127,7 @@ where
         limits,
         observer,
         stop: CancellationToken::new(),
+        express,
         #[cfg(feature = "tls")]
         tls,
     });

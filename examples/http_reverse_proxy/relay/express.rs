@@ -1,0 +1,92 @@
+//! The relay's route for the library's express lane (`--express`): plain HTTP/1.1
+//! requests for an edge attached to this relay go straight to it, parsed once.
+//!
+//! The route makes the same choices as the full path in `public.rs` (the same host
+//! resolution, forwarding headers, Host, timeouts, metrics and access log); it declines
+//! whatever the full path answers itself or explains (an index page, an unknown host, an
+//! edge not attached here, a redirect to HTTPS), and the lane then hands the connection
+//! to it.
+
+use backhaul::http::authority::request_authority;
+use backhaul::http::express::{Express, Outcome, RouteFuture, Upstream};
+use backhaul::http::forwarded::Proto;
+use backhaul::http::proxy::Timeouts;
+use http::request::Parts;
+
+use super::host::{resolve_host, Target};
+use super::public::record_request;
+use super::*;
+
+/// The relay's [`Express`] route for one listener.
+pub(super) struct RelayExpress {
+    pub(super) state: Arc<RelayState>,
+}
+
+impl Express for RelayExpress {
+    fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
+        Box::pin(std::future::ready(self.upstream(head, info)))
+    }
+}
+
+impl RelayExpress {
+    fn upstream(&self, head: &mut Parts, info: &ConnectionInfo) -> Option<Upstream> {
+        let state = &self.state;
+        let authority = request_authority(head.version, &head.uri, &head.headers).ok()??;
+        let Target::Edge { edge, service } =
+            resolve_host(Some(&authority), &state.domain, &state.default_service)
+        else {
+            return None;
+        };
+        let handle = state.registry.get(&edge)?;
+        let proto = if info.is_secure() {
+            Proto::Https
+        } else {
+            Proto::Http
+        };
+        let headers = &mut head.headers;
+        let trusted = &state.trusted_proxies;
+        trusted.set_forwarding_headers(headers, info.peer_addr().ip(), &authority, proto);
+        headers.insert(HOST, authority.to_header_value());
+        let span = info_span!(
+            "request",
+            method = %head.method,
+            host = authority.as_str(),
+            path = ?head.uri.path(),
+            edge = edge.as_str(),
+            service = service.as_str(),
+        );
+        let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
+        let finished = {
+            let state = Arc::clone(state);
+            move |outcome: &Outcome| {
+                let metrics = &state.metrics;
+                metrics
+                    .bytes_counter("to_edge")
+                    .inc_by(outcome.request_body_bytes);
+                metrics
+                    .bytes_counter("from_edge")
+                    .inc_by(outcome.response_body_bytes);
+                // Counted with the full path's opens; a failed open is the full path's.
+                metrics
+                    .opens
+                    .with_label_values(&["ok"])
+                    .inc_by(u64::from(outcome.streams_opened));
+                if let Some(failure) = &outcome.failure {
+                    span.in_scope(|| warn!(%failure, "express forwarding failed"));
+                }
+                // A connection cut before any answer is no request answered.
+                if let Some(status) = outcome.status {
+                    record_request(&state, &span, status, outcome.elapsed);
+                }
+            }
+        };
+        Some(
+            Upstream::new(key, handle.connector(), service.as_str())
+                .with_timeouts(Timeouts {
+                    response: state.request_timeout,
+                    body_idle: state.upstream_idle_timeout,
+                })
+                .on_finished(finished),
+        )
+    }
+}

@@ -1,0 +1,566 @@
+//! One client connection on the express lane: request after request until the client
+//! closes, a request needs hyper, or an exchange fails.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::chunked::ChunkedScanner;
+use super::head::{self, Framing, PlainRequest, RequestHead, ResponseHead};
+use super::prefixed::Prefixed;
+use super::{Express, Failure, Outcome, Upstream};
+use crate::http::server::ConnectionInfo;
+use crate::stream::{TunnelStream, ABANDONED_STREAM};
+
+/// Room kept free in a buffer before reading into it.
+const READ_ROOM: usize = 8 * 1024;
+/// The largest response head the lane reads from an edge.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// How the lane left a connection.
+pub(crate) enum Handoff<I> {
+    /// Closed (or cut, or the client left): nothing more to do.
+    Done,
+    /// hyper serves the rest, starting with the bytes the lane read and did not use.
+    Hyper(Prefixed<I>),
+}
+
+/// What the lane needs from the server around it.
+pub(crate) struct LaneContext<'a, G> {
+    pub(crate) express: &'a dyn Express,
+    pub(crate) info: ConnectionInfo,
+    pub(crate) max_head_bytes: usize,
+    /// Cancelled when the server shuts down.
+    pub(crate) stop: &'a CancellationToken,
+    /// Marks a request in flight until the guard drops (the server's deadlines depend on
+    /// it).
+    pub(crate) request_started: &'a (dyn Fn() -> G + Send + Sync),
+}
+
+/// The stream to the edge the connection's last request used.
+struct Kept {
+    key: String,
+    stream: TunnelStream,
+}
+
+/// Serves `client` on the express lane; see the [module docs](super).
+pub(crate) async fn serve<I, G>(mut client: I, cx: LaneContext<'_, G>) -> Handoff<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut lane = Lane {
+        buf: BytesMut::with_capacity(READ_ROOM),
+        response: BytesMut::new(),
+        out: BytesMut::new(),
+        kept: None,
+    };
+    loop {
+        let request = match lane.read_head(&mut client, &cx).await {
+            Head::Plain(request) => request,
+            Head::Closed => {
+                let _ = client.shutdown().await;
+                return Handoff::Done;
+            }
+            Head::Failed => return Handoff::Done,
+            Head::Decline => return lane.hand_over(client),
+        };
+        let in_flight = (cx.request_started)();
+        let started = Instant::now();
+        let PlainRequest {
+            mut parts,
+            head_len,
+            body_len,
+            close,
+        } = request;
+        let Some(mut upstream) = cx.express.route(&mut parts, &cx.info).await else {
+            drop(in_flight);
+            return lane.hand_over(client);
+        };
+        let Some((mut stream, reused)) = lane.stream_for(&mut upstream).await else {
+            drop(in_flight);
+            return lane.hand_over(client);
+        };
+        let mut exchange = Exchange {
+            method: parts.method.clone(),
+            status: None,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            streams_opened: u32::from(!reused),
+        };
+        let ended = lane
+            .exchange(
+                &mut client,
+                (&mut stream, reused),
+                &mut upstream,
+                &mut exchange,
+                Sent {
+                    parts: &parts,
+                    head_len,
+                    body_len,
+                    close,
+                },
+                cx.stop,
+            )
+            .await;
+        let answered = match &ended {
+            // The lane's own answer, when the failure came before any response head.
+            Err(failure) if exchange.status.is_none() && !matches!(failure, Failure::Client(_)) => {
+                Some(failure_status(failure))
+            }
+            _ => None,
+        };
+        let outcome = Outcome {
+            status: exchange.status.or(answered),
+            elapsed: started.elapsed(),
+            request_body_bytes: exchange.request_body_bytes,
+            response_body_bytes: exchange.response_body_bytes,
+            streams_opened: exchange.streams_opened,
+            failure: ended.as_ref().err().cloned(),
+        };
+        if let Some(finished) = upstream.finished.take() {
+            finished(&outcome);
+        }
+        drop(in_flight);
+        match ended {
+            Ok(Next::Continue { reusable }) => {
+                if reusable {
+                    lane.kept = Some(Kept {
+                        key: upstream.key,
+                        stream,
+                    });
+                }
+            }
+            Ok(Next::Close) => {
+                let _ = client.shutdown().await;
+                return Handoff::Done;
+            }
+            Err(failure) => {
+                stream.reset(ABANDONED_STREAM);
+                // Mid-body the connection is dropped as it is (a reset), so the client
+                // sees a failure, not a short body.
+                if let Some(status) = answered {
+                    lane.answer_failure(&mut client, status, &failure).await;
+                }
+                return Handoff::Done;
+            }
+        }
+    }
+}
+
+// Made once per request and taken apart at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    Plain(PlainRequest),
+    Decline,
+    /// The client closed (or the server stops) between requests.
+    Closed,
+    /// Reading failed: cut by a server deadline, or the connection broke.
+    Failed,
+}
+
+enum Next {
+    Continue { reusable: bool },
+    Close,
+}
+
+/// The request as read, for [`Lane::exchange`].
+struct Sent<'a> {
+    parts: &'a Parts,
+    head_len: usize,
+    body_len: u64,
+    close: bool,
+}
+
+/// What one exchange did, for its [`Outcome`].
+struct Exchange {
+    method: Method,
+    status: Option<StatusCode>,
+    request_body_bytes: u64,
+    response_body_bytes: u64,
+    streams_opened: u32,
+}
+
+struct Lane {
+    /// Bytes from the client not yet used.
+    buf: BytesMut,
+    /// Bytes from the edge not yet used.
+    response: BytesMut,
+    /// What is written next (a head and the first body bytes, in one write).
+    out: BytesMut,
+    kept: Option<Kept>,
+}
+
+impl Lane {
+    async fn read_head<I, G>(&mut self, client: &mut I, cx: &LaneContext<'_, G>) -> Head
+    where
+        I: AsyncRead + Unpin,
+    {
+        loop {
+            if !self.buf.is_empty() {
+                match head::parse_request(&self.buf) {
+                    RequestHead::Partial => {}
+                    RequestHead::Plain(request) => return Head::Plain(request),
+                    RequestHead::Decline => return Head::Decline,
+                }
+                if self.buf.len() >= cx.max_head_bytes {
+                    // hyper answers 431 (or 414) and counts it.
+                    return Head::Decline;
+                }
+            }
+            self.buf.reserve(READ_ROOM);
+            let read = if self.buf.is_empty() {
+                tokio::select! {
+                    biased;
+                    () = cx.stop.cancelled() => return Head::Closed,
+                    read = client.read_buf(&mut self.buf) => read,
+                }
+            } else {
+                client.read_buf(&mut self.buf).await
+            };
+            match read {
+                Ok(0) if self.buf.is_empty() => return Head::Closed,
+                // A head cut short: hyper reports it as it would.
+                Ok(0) => return Head::Decline,
+                Ok(_) => {}
+                Err(_) => return Head::Failed,
+            }
+        }
+    }
+
+    fn hand_over<I>(self, client: I) -> Handoff<I> {
+        Handoff::Hyper(Prefixed::new(self.buf.freeze(), client))
+    }
+
+    /// The kept stream if `upstream` has its key, else a new one (`None` if it cannot
+    /// be opened: hyper's path then answers, with its explanation of why).
+    /// The second member tells whether the stream is a kept one.
+    async fn stream_for(&mut self, upstream: &mut Upstream) -> Option<(TunnelStream, bool)> {
+        match self.kept.take() {
+            Some(kept) if kept.key == upstream.key => return Some((kept.stream, true)),
+            _ => {}
+        }
+        let stream = upstream
+            .connector
+            .connect(upstream.target.clone())
+            .await
+            .ok()?;
+        Some((stream, false))
+    }
+
+    async fn exchange<I>(
+        &mut self,
+        client: &mut I,
+        (stream, reused): (&mut TunnelStream, bool),
+        upstream: &mut Upstream,
+        exchange: &mut Exchange,
+        sent: Sent<'_>,
+        stop: &CancellationToken,
+    ) -> Result<Next, Failure>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Sent {
+            parts,
+            head_len,
+            body_len,
+            close,
+        } = sent;
+        let mut request = BytesMut::with_capacity(head_len + 256);
+        head::write_request(parts, &mut request);
+        let buffered = usize::try_from(body_len).map_or(self.buf.len() - head_len, |body_len| {
+            body_len.min(self.buf.len() - head_len)
+        });
+        request.extend_from_slice(&self.buf[head_len..head_len + buffered]);
+        self.buf.advance(head_len + buffered);
+        exchange.request_body_bytes = buffered as u64;
+        let remaining = body_len - buffered as u64;
+        // A kept stream the edge closed meanwhile fails before any answer: a safe request
+        // sent whole from memory is sent again on a new stream, once.
+        let mut may_retry = reused && remaining == 0 && is_safe(&parts.method);
+        let head = loop {
+            let sent = self
+                .send_request(client, stream, &request, remaining, exchange)
+                .await;
+            let answered = match sent {
+                Ok(()) => {
+                    self.read_response_head(client, stream, upstream.timeouts.response, exchange)
+                        .await
+                }
+                Err(failure) => Err(failure),
+            };
+            match answered {
+                Ok(head) => break head,
+                Err(Failure::Upstream(_)) if may_retry && self.response.is_empty() => {
+                    may_retry = false;
+                    stream.reset(ABANDONED_STREAM);
+                    *stream = upstream
+                        .connector
+                        .connect(upstream.target.clone())
+                        .await
+                        .map_err(|error| Failure::Upstream(error.to_string()))?;
+                    exchange.streams_opened += 1;
+                }
+                Err(failure) => return Err(failure),
+            }
+        };
+        let closing = close || head.framing == Framing::UntilClose || stop.is_cancelled();
+        self.out.clear();
+        head::write_response(&head, closing, &mut self.out);
+        self.response.advance(head.head_len);
+        exchange.status = Some(head.status);
+        let idle = upstream.timeouts.body_idle;
+        match head.framing {
+            Framing::Empty => write_out(client, &mut self.out).await?,
+            Framing::Length(length) => {
+                self.copy_length(client, stream, length, idle, exchange)
+                    .await?;
+            }
+            Framing::Chunked => self.copy_chunked(client, stream, idle, exchange).await?,
+            Framing::UntilClose => {
+                self.copy_until_close(client, stream, idle, exchange)
+                    .await?;
+                return Ok(Next::Close);
+            }
+        }
+        if closing {
+            return Ok(Next::Close);
+        }
+        // Bytes past the response's end: the edge is out of step, its stream is not kept.
+        let reusable = head.reusable && self.response.is_empty();
+        self.response.clear();
+        Ok(Next::Continue { reusable })
+    }
+
+    /// Writes the request head (with the body bytes already read) and the rest of the
+    /// body as it arrives from the client.
+    async fn send_request<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        request: &[u8],
+        mut remaining: u64,
+        exchange: &mut Exchange,
+    ) -> Result<(), Failure>
+    where
+        I: AsyncRead + Unpin,
+    {
+        stream.write_all(request).await.map_err(upstream_failure)?;
+        while remaining > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(READ_ROOM);
+                match client.read_buf(&mut self.buf).await {
+                    Ok(0) => return Err(Failure::Client("it closed mid-body".into())),
+                    Ok(_) => {}
+                    Err(error) => return Err(Failure::Client(error.to_string())),
+                }
+            }
+            let take =
+                usize::try_from(remaining).map_or(self.buf.len(), |rest| rest.min(self.buf.len()));
+            stream
+                .write_all(&self.buf[..take])
+                .await
+                .map_err(upstream_failure)?;
+            self.buf.advance(take);
+            remaining -= take as u64;
+            exchange.request_body_bytes += take as u64;
+        }
+        stream.flush().await.map_err(upstream_failure)
+    }
+
+    /// Reads the response head, passing informational (1xx) heads on to the client.
+    async fn read_response_head<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        limit: Duration,
+        exchange: &Exchange,
+    ) -> Result<ResponseHead, Failure>
+    where
+        I: AsyncWrite + Unpin,
+    {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !self.response.is_empty() {
+                match head::parse_response(&self.response, &exchange.method) {
+                    Ok(Some(head)) if head.status.is_informational() => {
+                        self.out.clear();
+                        head::write_response(&head, false, &mut self.out);
+                        self.response.advance(head.head_len);
+                        write_out(client, &mut self.out).await?;
+                        continue;
+                    }
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(bad) => return Err(Failure::BadResponse(bad.to_string())),
+                }
+                if self.response.len() >= MAX_RESPONSE_HEAD {
+                    return Err(Failure::BadResponse(
+                        "the response head is too large".into(),
+                    ));
+                }
+            }
+            self.response.reserve(READ_ROOM);
+            match tokio::time::timeout_at(deadline, stream.read_buf(&mut self.response)).await {
+                Err(_elapsed) => return Err(Failure::ResponseTimeout(limit)),
+                Ok(Ok(0)) => {
+                    return Err(Failure::Upstream(
+                        "the stream ended before a response head".into(),
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(upstream_failure(error)),
+            }
+        }
+    }
+
+    async fn copy_length<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        length: u64,
+        idle: Duration,
+        exchange: &mut Exchange,
+    ) -> Result<(), Failure>
+    where
+        I: AsyncWrite + Unpin,
+    {
+        let mut remaining = length;
+        loop {
+            let take = usize::try_from(remaining)
+                .map_or(self.response.len(), |rest| rest.min(self.response.len()));
+            self.out.extend_from_slice(&self.response[..take]);
+            self.response.advance(take);
+            remaining -= take as u64;
+            exchange.response_body_bytes += take as u64;
+            write_out(client, &mut self.out).await?;
+            if remaining == 0 {
+                return Ok(());
+            }
+            if self.read_more(stream, idle).await? == 0 {
+                return Err(Failure::Upstream(format!(
+                    "the stream ended {remaining} bytes before the response body's end"
+                )));
+            }
+        }
+    }
+
+    async fn copy_chunked<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        idle: Duration,
+        exchange: &mut Exchange,
+    ) -> Result<(), Failure>
+    where
+        I: AsyncWrite + Unpin,
+    {
+        let mut scanner = ChunkedScanner::new();
+        loop {
+            let take = scanner
+                .scan(&self.response)
+                .map_err(|error| Failure::BadResponse(error.to_string()))?;
+            self.out.extend_from_slice(&self.response[..take]);
+            self.response.advance(take);
+            exchange.response_body_bytes += take as u64;
+            write_out(client, &mut self.out).await?;
+            if scanner.is_done() {
+                return Ok(());
+            }
+            if self.read_more(stream, idle).await? == 0 {
+                return Err(Failure::Upstream(
+                    "the stream ended inside a chunked response body".into(),
+                ));
+            }
+        }
+    }
+
+    async fn copy_until_close<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        idle: Duration,
+        exchange: &mut Exchange,
+    ) -> Result<(), Failure>
+    where
+        I: AsyncWrite + Unpin,
+    {
+        loop {
+            exchange.response_body_bytes += self.response.len() as u64;
+            self.out.extend_from_slice(&self.response);
+            self.response.clear();
+            write_out(client, &mut self.out).await?;
+            if self.read_more(stream, idle).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads more of the response body, or fails after `idle` without a byte.
+    async fn read_more(
+        &mut self,
+        stream: &mut TunnelStream,
+        idle: Duration,
+    ) -> Result<usize, Failure> {
+        self.response.reserve(READ_ROOM);
+        match tokio::time::timeout(idle, stream.read_buf(&mut self.response)).await {
+            Err(_elapsed) => Err(Failure::BodyIdle(idle)),
+            Ok(read) => read.map_err(upstream_failure),
+        }
+    }
+
+    /// Answers a failed exchange before any response head went out: 504 for a timeout,
+    /// 502 for the rest.
+    async fn answer_failure<I>(&mut self, client: &mut I, status: StatusCode, failure: &Failure)
+    where
+        I: AsyncWrite + Unpin,
+    {
+        self.out.clear();
+        head::write_failure(status, &failure.to_string(), &mut self.out);
+        if write_out(client, &mut self.out).await.is_ok() {
+            let _ = client.shutdown().await;
+        }
+    }
+}
+
+/// Writes and empties `out`.
+async fn write_out<I>(client: &mut I, out: &mut BytesMut) -> Result<(), Failure>
+where
+    I: AsyncWrite + Unpin,
+{
+    if out.is_empty() {
+        return Ok(());
+    }
+    let written = client.write_all(out).await;
+    out.clear();
+    written.map_err(|error| Failure::Client(error.to_string()))?;
+    // TLS holds records until flushed.
+    client
+        .flush()
+        .await
+        .map_err(|error| Failure::Client(error.to_string()))
+}
+
+/// The status the lane answers a failure before any response head with.
+fn failure_status(failure: &Failure) -> StatusCode {
+    match failure {
+        Failure::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Safe methods (RFC 9110 §9.2.1): sending one twice changes nothing.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+fn upstream_failure(error: std::io::Error) -> Failure {
+    Failure::Upstream(error.to_string())
+}

@@ -1,0 +1,483 @@
+//! Message heads on the express lane: a client's request head read and checked once,
+//! the edge's response head read for its framing, both written out again in canonical
+//! form.
+//!
+//! The lane carries only the plain case and says so by declining: anything it does not
+//! read as a plain HTTP/1.1 request (a parse error, a body it would have to decode, an
+//! upgrade, `Expect`, a second `Content-Length`) goes to hyper, whose answers to such
+//! requests (400, 417, upgrades) are the ones to keep. Heads are re-serialized, never
+//! copied: the edge receives one spelling of each field, whatever the client sent.
+
+use bytes::BufMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, StatusCode, Uri, Version};
+
+use crate::http::proxy::strip_hop_by_hop;
+
+/// Field lines a head may have on the lane; more, and hyper (whose limit is
+/// [`Limits::max_headers`](crate::http::server::Limits)) decides.
+const MAX_FIELDS: usize = 100;
+
+/// What reading the bytes buffered so far as a request head gave.
+// Made once per request and taken apart at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(super) enum RequestHead {
+    /// Not a whole head yet.
+    Partial,
+    /// A plain HTTP/1.1 request the lane can carry.
+    Plain(PlainRequest),
+    /// Anything else: hyper serves the connection from this head on.
+    Decline,
+}
+
+/// A request head the lane carries: hop-by-hop fields already removed.
+#[derive(Debug)]
+pub(super) struct PlainRequest {
+    pub(super) parts: Parts,
+    /// Bytes of the head in the buffer, the body starts after them.
+    pub(super) head_len: usize,
+    /// The body's length (`Content-Length`, 0 without one).
+    pub(super) body_len: u64,
+    /// The client asked to close after this exchange (`Connection: close`).
+    pub(super) close: bool,
+}
+
+/// Reads `buf` as a request head; see [`RequestHead`].
+pub(super) fn parse_request(buf: &[u8]) -> RequestHead {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut request = httparse::Request::new(&mut fields);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return RequestHead::Partial,
+        Err(_) => return RequestHead::Decline,
+    };
+    match plain_request(&request, head_len) {
+        Some(plain) => RequestHead::Plain(plain),
+        None => RequestHead::Decline,
+    }
+}
+
+fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option<PlainRequest> {
+    if request.version != Some(1) {
+        return None;
+    }
+    let method = Method::from_bytes(request.method?.as_bytes()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let target = request.path?;
+    // Origin form only: absolute form and `*` are rare enough to leave to hyper.
+    if !target.starts_with('/') {
+        return None;
+    }
+    let uri = Uri::try_from(target).ok()?;
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    let mut body_len = None;
+    let mut hosts = 0;
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(field.value).ok()?;
+        if name == header::CONTENT_LENGTH {
+            if body_len.is_some() {
+                return None;
+            }
+            body_len = Some(decimal(field.value)?);
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+            || name.as_str() == "http2-settings"
+        {
+            return None;
+        }
+        headers.append(name, value);
+    }
+    if hosts != 1 {
+        return None;
+    }
+    let close = has_token(&headers, header::CONNECTION, "close");
+    strip_hop_by_hop(&mut headers, false);
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.headers = headers;
+    Some(PlainRequest {
+        parts,
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        close,
+    })
+}
+
+/// A `Content-Length` value: digits only, no sign, no list, no overflow.
+fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// True if a comma-separated field `name` lists `token` (case-insensitively).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// Writes `parts` as an HTTP/1.1 request head (origin form) to `out`.
+pub(super) fn write_request(parts: &Parts, out: &mut impl BufMut) {
+    out.put_slice(parts.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    write_fields(&parts.headers, out);
+}
+
+fn write_fields(headers: &HeaderMap, out: &mut impl BufMut) {
+    for (name, value) in headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// How a response's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// No body (a response to HEAD, 204, 304).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, passed through as it is.
+    Chunked,
+    /// Until the edge's stream ends; the client's connection closes after it.
+    UntilClose,
+}
+
+/// A response head read from the edge, ready to be written to the client.
+#[derive(Debug)]
+pub(super) struct ResponseHead {
+    pub(super) status: StatusCode,
+    pub(super) head_len: usize,
+    pub(super) framing: Framing,
+    /// The edge's stream can carry another request after this response.
+    pub(super) reusable: bool,
+    /// The head as the client receives it (hop-by-hop fields removed).
+    pub(super) fields: HeaderMap,
+}
+
+/// Why the edge's response head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadResponse {
+    #[error("the response head is malformed")]
+    Malformed,
+    #[error("the response head has too many fields")]
+    TooManyFields,
+    #[error("the response switched protocols unasked")]
+    Unasked101,
+    #[error("the response's Content-Length is invalid or repeated")]
+    BadLength,
+}
+
+/// Reads `buf` as a response head to a `method` request: `Ok(None)` if incomplete.
+pub(super) fn parse_response(
+    buf: &[u8],
+    method: &Method,
+) -> Result<Option<ResponseHead>, BadResponse> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut fields);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(BadResponse::TooManyFields),
+        Err(_) => return Err(BadResponse::Malformed),
+    };
+    let code = response.code.ok_or(BadResponse::Malformed)?;
+    let status = StatusCode::from_u16(code).map_err(|_| BadResponse::Malformed)?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(BadResponse::Unasked101);
+    }
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    let mut length = None;
+    let mut chunked = None;
+    for field in response.headers.iter() {
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| BadResponse::Malformed)?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| BadResponse::Malformed)?;
+        if name == header::CONTENT_LENGTH {
+            let parsed = decimal(field.value).ok_or(BadResponse::BadLength)?;
+            if length.is_some_and(|seen| seen != parsed) {
+                return Err(BadResponse::BadLength);
+            }
+            length = Some(parsed);
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                continue;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding decides: chunked is the framing only if it comes last.
+            chunked = Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|codings| codings.rsplit(',').next())
+                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")),
+            );
+        }
+        headers.append(name, value);
+    }
+    let keep_alive =
+        response.version == Some(1) && !has_token(&headers, header::CONNECTION, "close");
+    let informational = status.is_informational();
+    let framing = if informational
+        || *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(length)) => Framing::Length(length),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    if framing == Framing::Chunked || framing == Framing::UntilClose {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let transfer_encoding = headers.remove(header::TRANSFER_ENCODING);
+    strip_hop_by_hop(&mut headers, false);
+    if framing == Framing::Chunked {
+        if let Some(value) = transfer_encoding {
+            headers.insert(header::TRANSFER_ENCODING, value);
+        }
+    }
+    Ok(Some(ResponseHead {
+        status,
+        head_len,
+        framing,
+        reusable: keep_alive && framing != Framing::UntilClose,
+        fields: headers,
+    }))
+}
+
+/// Writes a response head to `out`, with `Connection: close` if `closing`.
+pub(super) fn write_response(head: &ResponseHead, closing: bool, out: &mut impl BufMut) {
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(head.status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(head.status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    if closing {
+        out.put_slice(b"connection: close\r\n");
+    }
+    write_fields(&head.fields, out);
+}
+
+/// A short plain-text response the lane answers with itself (502, 504), closing.
+pub(super) fn write_failure(status: StatusCode, message: &str, out: &mut impl BufMut) {
+    let body = format!("{message}\n");
+    out.put_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.put_slice(body.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(raw: &str) -> PlainRequest {
+        match parse_request(raw.as_bytes()) {
+            RequestHead::Plain(plain) => plain,
+            other => panic!("expected a plain request, got {other:?}"),
+        }
+    }
+
+    fn declined(raw: &str) -> bool {
+        matches!(parse_request(raw.as_bytes()), RequestHead::Decline)
+    }
+
+    #[test]
+    fn a_plain_request_is_read_with_its_length_and_without_hop_by_hop_fields() {
+        let raw = "POST /upload?x=1 HTTP/1.1\r\nHost: demo.localhost\r\nContent-Length: 5\r\n\
+                   Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n\r\nhello";
+        let request = plain(raw);
+        assert_eq!(request.parts.method, Method::POST);
+        assert_eq!(request.parts.uri, "/upload?x=1");
+        assert_eq!(request.body_len, 5);
+        assert_eq!(request.head_len, raw.len() - 5);
+        assert!(!request.close);
+        let headers = &request.parts.headers;
+        assert_eq!(headers["host"], "demo.localhost");
+        assert!(headers.get("connection").is_none());
+        assert!(headers.get("x-secret").is_none());
+        assert!(headers.get("keep-alive").is_none());
+
+        let mut out = Vec::new();
+        write_request(&request.parts, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /upload?x=1 HTTP/1.1\r\nhost: demo.localhost\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_head_split_anywhere_is_partial_until_its_last_byte() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        for end in 0..raw.len() {
+            assert!(
+                matches!(parse_request(&raw.as_bytes()[..end]), RequestHead::Partial),
+                "{end}"
+            );
+        }
+        assert!(plain(raw).close);
+    }
+
+    #[test]
+    fn what_the_lane_does_not_carry_is_declined_for_hyper() {
+        for raw in [
+            "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            "G\0T / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(declined(raw), "not declined: {raw:?}");
+        }
+    }
+
+    fn response(raw: &str, method: &Method) -> ResponseHead {
+        parse_response(raw.as_bytes(), method)
+            .expect("valid")
+            .expect("complete")
+    }
+
+    #[test]
+    fn a_response_is_framed_as_rfc_9112_says() {
+        let get = Method::GET;
+        let length = response("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", &get);
+        assert_eq!(
+            (length.framing, length.reusable),
+            (Framing::Length(12), true)
+        );
+        let chunked = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            &get,
+        );
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(chunked.fields.get("content-length").is_none());
+        assert_eq!(chunked.fields["transfer-encoding"], "chunked");
+        let until_close = response("HTTP/1.1 200 OK\r\n\r\n", &get);
+        assert_eq!(
+            (until_close.framing, until_close.reusable),
+            (Framing::UntilClose, false)
+        );
+        let gzip_only = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", &get);
+        assert_eq!(gzip_only.framing, Framing::UntilClose);
+        let head = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(head.framing, Framing::Empty);
+        for code in [204, 304, 103] {
+            let raw = format!("HTTP/1.1 {code} X\r\nContent-Length: 7\r\n\r\n");
+            assert_eq!(response(&raw, &get).framing, Framing::Empty, "{code}");
+        }
+        let closing = response(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            &get,
+        );
+        assert!(!closing.reusable);
+        let old = response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &get);
+        assert!(!old.reusable);
+        let same_twice = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            &get,
+        );
+        assert_eq!(same_twice.framing, Framing::Length(2));
+        assert_eq!(
+            same_twice.fields.get_all("content-length").iter().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_responses_are_refused() {
+        let get = Method::GET;
+        for (raw, why) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+                BadResponse::BadLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                BadResponse::BadLength,
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                BadResponse::Unasked101,
+            ),
+            ("HTTP/1.1 2000 OK\r\n\r\n", BadResponse::Malformed),
+            (
+                "HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+                BadResponse::Malformed,
+            ),
+            ("NOT HTTP\r\n\r\n", BadResponse::Malformed),
+        ] {
+            assert_eq!(
+                parse_response(raw.as_bytes(), &get).unwrap_err(),
+                why,
+                "{raw:?}"
+            );
+        }
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le", &get)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_response_head_is_written_canonically_without_hop_by_hop_fields() {
+        let head = response(
+            "HTTP/1.1 404 Whatever\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Content-Length: 0\r\nX-Kept: yes\r\n\r\n",
+            &Method::GET,
+        );
+        let mut out = Vec::new();
+        write_response(&head, true, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\nx-kept: yes\r\n\r\n"
+        );
+    }
+}

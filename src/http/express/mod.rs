@@ -1,0 +1,174 @@
+//! The express lane: plain HTTP/1.1 requests forwarded to an edge with each head parsed
+//! once, bodies passed through by their framing.
+//!
+//! The [`Server`](crate::http::server::Server) answers with hyper, and a reverse proxy
+//! built on it forwards with hyper's client: a request is parsed from the client,
+//! written to the edge, its response parsed from the edge and written to the client,
+//! four passes through an HTTP codec plus a hop between two tasks for every request.
+//! For the common case, a keep-alive client sending plain requests to one host, most of
+//! that work changes nothing, and a relay spends half its CPU on it. The lane does only
+//! what a proxy must:
+//!
+//! - it reads each request head once (`httparse`, the parser hyper itself uses), lets
+//!   your [`Express`] route choose the edge and add its forwarding headers, and writes
+//!   the head again canonically, without hop-by-hop fields;
+//! - it copies a `Content-Length` body through by count;
+//! - it reads the response head once for its status and framing (length, chunked,
+//!   until close) and copies the body through while checking that framing strictly
+//!   (`chunked`), so that it knows where the response ends and the stream to the edge
+//!   can carry the next request;
+//! - it keeps one stream to the edge per client connection while requests keep going to
+//!   the same edge and service.
+//!
+//! **Anything unusual is hyper's.** A head the lane does not read as a plain HTTP/1.1
+//! request, a request your route declines, an edge it cannot open a stream to: the lane
+//! hands the connection, the head it read included, to hyper and the server's service,
+//! which answers that request and every later one on the connection as it would
+//! without the lane. So malformed requests get hyper's 400/431, `Expect`, chunked
+//! request bodies, upgrades, HTTP/1.0 and HTTP/2 take the full path, and failures to
+//! reach an edge are explained by your service. The lane declines at a request boundary
+//! only, with nothing in flight, so the handover loses no byte.
+//!
+//! What the lane answers by itself, and then closes the connection: `502 Bad Gateway`
+//! when the edge's stream fails or its response head is malformed, `504 Gateway Timeout`
+//! when the response head does not come within [`Timeouts::response`]. A response body
+//! that stalls for [`Timeouts::body_idle`] or breaks off cuts the client's connection (a
+//! reset, so the client cannot take a truncated body for a whole one).
+//!
+//! The server's limits apply as on the full path: the header timeout, the idle timeout,
+//! the write timeout, the head size, graceful shutdown between requests.
+
+mod chunked;
+mod connection;
+mod head;
+mod prefixed;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::StatusCode;
+
+use crate::connector::{Connector, OpenTarget};
+use crate::http::proxy::Timeouts;
+use crate::http::server::ConnectionInfo;
+
+pub(crate) use connection::{serve, Handoff, LaneContext};
+pub(crate) use prefixed::Prefixed;
+
+/// A boxed future of an [`Express::route`].
+pub type RouteFuture<'a> = Pin<Box<dyn Future<Output = Option<Upstream>> + Send + 'a>>;
+
+/// Where the express lane sends a request; see the [module docs](self).
+///
+/// `route` sees the request as the edge will receive it: HTTP/1.1 in origin form, with
+/// one `Host`, hop-by-hop fields already removed. It adds what the proxy adds (forwarding
+/// headers, a rewritten `Host`) and returns the edge to send it to, or `None` to leave
+/// the request (and the rest of its connection) to the server's service: for hosts it
+/// does not serve, edges on other relays, anything it answers itself.
+pub trait Express: Send + Sync + 'static {
+    /// Chooses the upstream for `head`, received on the connection `info`.
+    fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a>;
+}
+
+/// An edge and service to forward a request to, made by an [`Express`] route.
+///
+/// Requests on one client connection whose upstreams have the same key go over one
+/// stream to the edge, one after the other; a request with another key opens a new one.
+/// Two upstreams with the same key must therefore reach the same service of the same
+/// edge (a key of edge name and service does).
+pub struct Upstream {
+    key: String,
+    connector: Connector,
+    target: OpenTarget,
+    timeouts: Timeouts,
+    finished: Option<Finished>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("key", &self.key)
+            .field("target", &self.target)
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Forwards to `target` through `connector`; `key` names the edge and service.
+    pub fn new(
+        key: impl Into<String>,
+        connector: Connector,
+        target: impl Into<OpenTarget>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            connector,
+            target: target.into(),
+            timeouts: Timeouts::default(),
+            finished: None,
+        }
+    }
+
+    /// The response head and response body timeouts (default [`Timeouts::default`]).
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Calls `finished` once the exchange is over (answered, failed or cut), for logs
+    /// and metrics. Not called if the lane hands the request to hyper.
+    #[must_use]
+    pub fn on_finished(mut self, finished: impl FnOnce(&Outcome) + Send + 'static) -> Self {
+        self.finished = Some(Box::new(finished));
+        self
+    }
+}
+
+/// The hook told how an exchange went.
+type Finished = Box<dyn FnOnce(&Outcome) + Send>;
+
+/// How one request on the express lane went.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The status the client received: the edge's, or the lane's own 502/504. `None` if
+    /// the connection was cut before a response head was sent.
+    pub status: Option<StatusCode>,
+    /// From the request head read to the response's last byte written.
+    pub elapsed: Duration,
+    /// Request body bytes sent to the edge.
+    pub request_body_bytes: u64,
+    /// Response body bytes sent to the client.
+    pub response_body_bytes: u64,
+    /// Streams to the edge this request opened: 0 on a kept stream, 2 when a kept stream
+    /// failed and the request was sent again. (An open that fails hands the request to
+    /// hyper, which opens and reports on its own.)
+    pub streams_opened: u32,
+    /// What went wrong, if the exchange did not complete.
+    pub failure: Option<Failure>,
+}
+
+/// Why an express exchange did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The stream to the edge failed (open, write or read).
+    #[error("the stream to the edge failed: {0}")]
+    Upstream(String),
+    /// The edge's response head was not HTTP the lane can pass on.
+    #[error("the edge's response is malformed: {0}")]
+    BadResponse(String),
+    /// No response head within [`Timeouts::response`].
+    #[error("no response head within {0:?}")]
+    ResponseTimeout(Duration),
+    /// The response body stalled for [`Timeouts::body_idle`].
+    #[error("the response body stalled for {0:?}")]
+    BodyIdle(Duration),
+    /// The client went away or could not be written to.
+    #[error("the client's connection failed: {0}")]
+    Client(String),
+}
