@@ -1,12 +1,14 @@
 //! One client connection on the express lane: request after request until the client
 //! closes, a request needs hyper, or an exchange fails.
 
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use http::request::Parts;
 use http::{Method, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -240,9 +242,10 @@ impl Lane {
     /// be opened: hyper's path then answers, with its explanation of why).
     /// The second member tells whether the stream is a kept one.
     async fn stream_for(&mut self, upstream: &mut Upstream) -> Option<(TunnelStream, bool)> {
-        match self.kept.take() {
-            Some(kept) if kept.key == upstream.key => return Some((kept.stream, true)),
-            _ => {}
+        if let Some(mut kept) = self.kept.take() {
+            if kept.key == upstream.key && still_open(&mut kept.stream).await {
+                return Some((kept.stream, true));
+            }
         }
         let stream = upstream
             .connector
@@ -525,6 +528,22 @@ impl Lane {
             let _ = client.shutdown().await;
         }
     }
+}
+
+/// False if the edge ended (or reset, or wrote on) a kept stream while it was idle: a
+/// service that closes idle keep-alive connections does so through its stream. A close
+/// still on its way is met by the retry of safe requests.
+async fn still_open(stream: &mut TunnelStream) -> bool {
+    std::future::poll_fn(|cx| {
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        Poll::Ready(
+            Pin::new(&mut *stream)
+                .poll_read(cx, &mut probe)
+                .is_pending(),
+        )
+    })
+    .await
 }
 
 /// Writes and empties `out`.

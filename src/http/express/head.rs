@@ -100,6 +100,11 @@ fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option
     }
     let close = has_token(&headers, header::CONNECTION, "close");
     strip_hop_by_hop(&mut headers, false);
+    // The framing is the lane's, not the client's to name away with `Connection`: the
+    // body is forwarded by this count, so the edge must be told it.
+    if let Some(length) = body_len {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -256,11 +261,21 @@ pub(super) fn parse_response(
         headers.remove(header::CONTENT_LENGTH);
     }
     let transfer_encoding = headers.remove(header::TRANSFER_ENCODING);
+    let content_length = headers.get(header::CONTENT_LENGTH).cloned();
     strip_hop_by_hop(&mut headers, false);
-    if framing == Framing::Chunked {
-        if let Some(value) = transfer_encoding {
-            headers.insert(header::TRANSFER_ENCODING, value);
+    // The framing the lane copies by must reach the client whatever `Connection` names.
+    match framing {
+        Framing::Chunked => {
+            if let Some(value) = transfer_encoding {
+                headers.insert(header::TRANSFER_ENCODING, value);
+            }
         }
+        Framing::Length(_) | Framing::Empty => {
+            if let Some(value) = content_length {
+                headers.insert(header::CONTENT_LENGTH, value);
+            }
+        }
+        Framing::UntilClose => {}
     }
     Ok(Some(ResponseHead {
         status,
@@ -336,6 +351,26 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST /upload?x=1 HTTP/1.1\r\nhost: demo.localhost\r\ncontent-length: 5\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn connection_cannot_name_the_framing_away() {
+        let request = plain(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert_eq!(request.body_len, 3);
+        assert_eq!(request.parts.headers["content-length"], "3");
+        let length = response(
+            "HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 2\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(length.framing, Framing::Length(2));
+        assert_eq!(length.fields["content-length"], "2");
+        let chunked = response(
+            "HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(chunked.fields["transfer-encoding"], "chunked");
     }
 
     #[test]

@@ -144,9 +144,10 @@ pub struct Outcome {
     pub request_body_bytes: u64,
     /// Response body bytes sent to the client.
     pub response_body_bytes: u64,
-    /// Streams to the edge this request opened: 0 on a kept stream, 2 when a kept stream
-    /// failed and the request was sent again. (An open that fails hands the request to
-    /// hyper, which opens and reports on its own.)
+    /// Streams to the edge this request opened: 1 for a new stream, 0 on a kept one, one
+    /// more when a kept stream failed before answering and the request was sent again on
+    /// a new one. (An open that fails hands the request to hyper, which opens and reports
+    /// on its own.)
     pub streams_opened: u32,
     /// What went wrong, if the exchange did not complete.
     pub failure: Option<Failure>,
