@@ -7,10 +7,11 @@
 #   rathole-noise  rathole 0.5 with its Noise transport (encrypted, as backhaul always is)
 #   bore           bore 0.6 (TCP tunnel)
 #   backhaul-tcp   backhaul's TCP forwarding (relay --tcp, edge tcp://): their service
-#   backhaul       backhaul's HTTP proxy (relay routes by Host, edge parses with to_local)
+#   backhaul       backhaul's HTTP proxy (relay routes by Host on its express lane, edge
+#                  parses with to_local)
 #   backhaul-pass  the same with the edge's --pass-through (streams spliced unparsed)
-#   backhaul-express  backhaul-pass with the relay's --express (plain HTTP/1.1 requests
-#                  parsed once on the relay, bodies passed through)
+#   backhaul-pass-full  backhaul-pass with the relay's --no-express (every request through
+#                  hyper's server and client: the full path)
 #   backhaul-lanes, backhaul-pass-lanes, backhaul-tcp-lanes
 #                  the same ways with the edge's --lanes 2 (two QUIC connections)
 #   quinn          the ceiling of the relay-to-edge hop: HTTP/1 GETs over raw quinn streams
@@ -28,7 +29,7 @@
 #
 # Usage: scripts/compare.sh
 # Env:   ROUNDS=3 DURATION=5s THREADS=1 CONNECTIONS=64   wrk settings (per way and round)
-#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-express quinn"
+#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-pass-full quinn"
 #        PEERS_DIR   where rathole and bore are installed (default <repo>/target/peers)
 #        COMPARE_TARGET_DIR   cargo target dir (default <repo>/target)
 #        KEEP_TMP=1  keep the temp dir (configs, logs, wrk output); its path is printed
@@ -43,7 +44,7 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5s}"
 THREADS="${THREADS:-1}"
 CONNECTIONS="${CONNECTIONS:-64}"
-WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-express quinn}"
+WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-pass-full quinn}"
 export RUST_LOG="${RUST_LOG:-warn}"
 export NO_COLOR=1
 
@@ -284,7 +285,7 @@ for way in $WAYS; do
     bore) start_bore ;;
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
-    backhaul-express) RELAY_FLAGS=--express start_backhaul backhaul-express --pass-through web ;;
+    backhaul-pass-full) RELAY_FLAGS=--no-express start_backhaul backhaul-pass-full --pass-through web ;;
     backhaul-lanes) start_backhaul backhaul-lanes --lanes 2 ;;
     backhaul-pass-lanes) start_backhaul backhaul-pass-lanes --pass-through web --lanes 2 ;;
     backhaul-tcp) start_backhaul_tcp backhaul-tcp ;;
@@ -293,7 +294,7 @@ for way in $WAYS; do
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-express, backhaul-pass-lanes, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"

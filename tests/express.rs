@@ -29,7 +29,7 @@ use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use axum::extract::Path;
 use backhaul::connector::Connector;
 use backhaul::edge::{RouteError, Router};
-use backhaul::http::express::{self, Express, Outcome, RouteFuture, Upstream};
+use backhaul::http::express::{self, Express, Outcome, RouteFuture, StreamPool, Upstream};
 use backhaul::http::proxy::{pass_through, Timeouts};
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::stream::TunnelStream;
@@ -44,7 +44,7 @@ use support::raw::RawBackend;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
 
@@ -96,7 +96,8 @@ impl Seen {
 
 /// An axum backend: `support::http::app()` plus `/headers` (the request's header lines,
 /// sorted), `/whoami`, `/chunked/{len}` (a pattern body without a length, so sent
-/// chunked) and `/hold` (answers once released). Every response says who answered.
+/// chunked), `/hold` (answers once released) and `/gate` (answers `passed` once given a
+/// permit). Every response says who answered.
 struct AxumBackend {
     addr: SocketAddr,
     seen: Arc<Seen>,
@@ -104,7 +105,39 @@ struct AxumBackend {
     holding: Arc<Notify>,
     /// Lets `/hold` answer.
     release: Arc<Notify>,
+    /// Holds `/gate` requests, any number at once.
+    gate: Arc<Gate>,
     task: JoinHandle<()>,
+}
+
+/// Where `/gate` requests wait: each counts its arrival, then waits for a permit.
+struct Gate {
+    arrived: AtomicUsize,
+    permits: Semaphore,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            arrived: AtomicUsize::new(0),
+            permits: Semaphore::new(0),
+        }
+    }
+}
+
+impl Gate {
+    /// Waits (bounded) until `count` requests in all have arrived at the gate.
+    async fn arrivals(&self, count: usize) {
+        eventually(PROMPT, &format!("{count} requests at the gate"), || {
+            (self.arrived.load(Ordering::SeqCst) == count).then_some(())
+        })
+        .await;
+    }
+
+    /// Lets `count` waiting (or coming) requests through.
+    fn open(&self, count: usize) {
+        self.permits.add_permits(count);
+    }
 }
 
 impl Drop for AxumBackend {
@@ -137,6 +170,8 @@ async fn axum_backend(name: &'static str) -> AxumBackend {
     let holding = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (hold_started, hold_release) = (Arc::clone(&holding), Arc::clone(&release));
+    let gate = Arc::new(Gate::default());
+    let gated = Arc::clone(&gate);
     let recorder = Arc::clone(&seen);
     let app = support::http::app()
         .route(
@@ -168,6 +203,21 @@ async fn axum_backend(name: &'static str) -> AxumBackend {
                 }
             }),
         )
+        .route(
+            "/gate",
+            axum::routing::get(move || {
+                let gate = Arc::clone(&gated);
+                async move {
+                    gate.arrived.fetch_add(1, Ordering::SeqCst);
+                    gate.permits
+                        .acquire()
+                        .await
+                        .expect("the gate stays")
+                        .forget();
+                    "passed"
+                }
+            }),
+        )
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 recorder.push(request.method().as_str(), &request.uri().to_string());
@@ -192,6 +242,7 @@ async fn axum_backend(name: &'static str) -> AxumBackend {
         seen,
         holding,
         release,
+        gate,
         task,
     }
 }
@@ -234,6 +285,7 @@ fn head_field(head: &str, name: &str) -> Option<String> {
 /// - `/silent`: nothing, ever;
 /// - `/stall`: [`STALL_LENGTH`] announced, [`STALL_PREFIX`] sent, then silence;
 /// - `/close-after`: `ok` (a keep-alive response), then a close;
+/// - `/close-soon`: `ok` (a keep-alive response), then a close 100 ms later;
 /// - `/no-content`: a 204; `/not-modified`: a 304 announcing 10 bytes (sends none);
 /// - `/names-length`: `ok` with `Connection: content-length`;
 /// - anything else: `ok`.
@@ -321,6 +373,14 @@ async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicU
                 closed.fetch_add(1, Ordering::SeqCst);
                 return;
             }
+            "/close-soon" => {
+                let _ = tcp.write_all(OK).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tcp.shutdown().await;
+                drop(tcp);
+                closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
             "/no-content" => {
                 tcp.write_all(b"HTTP/1.1 204 No Content\r\nX-Answered-By: raw\r\n\r\n")
                     .await
@@ -366,10 +426,12 @@ impl Drop for Active {
 
 /// The express route: the Host's first label picks the edge service (`web`, `web2` as
 /// `b`, `raw`, and `nope`, which the edge does not have); any other host is declined.
-/// It sets `x-forwarded-for` and `x-route`, and records each exchange's outcome.
+/// It sets `x-forwarded-for` and `x-route`, records each exchange's outcome, and gives
+/// every upstream the setup's pool if it has one.
 struct TestRoute {
     connector: Connector<QuinnConnection>,
     timeouts: Timeouts,
+    pool: Option<StreamPool>,
     calls: AtomicUsize,
     outcomes: Mutex<Vec<(String, Outcome)>>,
 }
@@ -400,13 +462,15 @@ impl TestRoute {
         headers.insert("x-route", label.parse().expect("a label"));
         let target = head.uri.to_string();
         let recorder = Arc::clone(this);
-        Some(
-            Upstream::new(label, this.connector.clone(), service)
-                .with_timeouts(this.timeouts)
-                .on_finished(move |outcome| {
-                    lock(&recorder.outcomes).push((target, outcome.clone()));
-                }),
-        )
+        let upstream = Upstream::new(label, this.connector.clone(), service)
+            .with_timeouts(this.timeouts)
+            .on_finished(move |outcome| {
+                lock(&recorder.outcomes).push((target, outcome.clone()));
+            });
+        Some(match &this.pool {
+            Some(pool) => upstream.with_pool(pool.clone()),
+            None => upstream,
+        })
     }
 }
 
@@ -441,10 +505,13 @@ async fn fallback(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
 // The whole setup
 
 /// What a test changes in the setup.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Setup {
     timeouts: Timeouts,
     limits: Limits,
+    /// The pool every upstream keeps its streams in (none: each client connection keeps
+    /// its own).
+    pool: Option<StreamPool>,
 }
 
 impl Default for Setup {
@@ -457,6 +524,7 @@ impl Default for Setup {
                 write_timeout: Duration::from_secs(60),
                 ..Limits::DEFAULT
             },
+            pool: None,
         }
     }
 }
@@ -532,6 +600,7 @@ impl Lane {
         let route = Arc::new(TestRoute {
             connector: Connector::new(relay.clone()),
             timeouts: setup.timeouts,
+            pool: setup.pool,
             calls: AtomicUsize::new(0),
             outcomes: Mutex::new(Vec::new()),
         });
@@ -576,6 +645,19 @@ impl Lane {
 
     fn active(&self, service: &str) -> usize {
         self.streams[service].active.load(Ordering::SeqCst)
+    }
+
+    /// The setup's pool (the test must have given one).
+    fn pool(&self) -> &StreamPool {
+        self.route.pool.as_ref().expect("a setup with a pool")
+    }
+
+    /// Waits (bounded) until the pool holds `count` idle streams.
+    async fn pool_holds(&self, count: usize) {
+        eventually(PROMPT, &format!("{count} idle streams in the pool"), || {
+            (self.pool().idle() == count).then_some(())
+        })
+        .await;
     }
 
     fn outcomes(&self) -> Vec<(String, Outcome)> {
@@ -1195,7 +1277,7 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
         // (what, request, the fallback's answer, whether the route is asked)
-        let cases: [(&str, &[u8], &str, bool); 8] = [
+        let cases: [(&str, &[u8], &str, bool); 7] = [
             (
                 "HTTP/1.0",
                 b"GET /old HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n",
@@ -1231,12 +1313,6 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
                 "a host the route declines",
                 b"GET /elsewhere HTTP/1.1\r\nHost: other.test\r\n\r\n",
                 "fallback GET /elsewhere HTTP/1.1 0 bytes: ",
-                true,
-            ),
-            (
-                "a service the edge does not have",
-                b"GET /nope HTTP/1.1\r\nHost: nope.test\r\n\r\n",
-                "fallback GET /nope HTTP/1.1 0 bytes: ",
                 true,
             ),
             (
@@ -1390,6 +1466,36 @@ async fn a_malformed_response_head_is_a_502_and_a_closed_connection() {
             matches!(outcome.failure, Some(express::Failure::BadResponse(_))),
             "{outcome:?}"
         );
+    })
+    .await;
+}
+
+/// A service the edge does not have: the open is refused, the lane answers 502 with
+/// the session's reason, then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_open_is_a_502_and_a_closed_connection() {
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"GET /nope HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(reply.status, 502, "{reply:?}");
+        assert_eq!(reply.header("connection").as_deref(), Some("close"));
+        assert_eq!(reply.answered_by(), "<nobody>", "the lane answered");
+        assert!(reply.text().contains("no stream to the edge"), "{reply:?}");
+        assert_eq!(client.end().await, End::Closed(Vec::new()));
+        let outcome = lane.outcome("/nope").await;
+        assert_eq!(outcome.status, Some(StatusCode::BAD_GATEWAY));
+        assert_eq!(outcome.streams_opened, 0);
+        match &outcome.failure {
+            Some(express::Failure::Open(error)) => assert!(
+                matches!(**error, backhaul::Error::StreamRejected { .. }),
+                "{error:?}"
+            ),
+            other => panic!("expected a refused open, got {other:?}"),
+        }
     })
     .await;
 }
@@ -1797,6 +1903,288 @@ async fn hundreds_of_connections_at_once_are_answered_and_leave_no_stream_behind
         assert!(outcomes.iter().all(
             |(_, outcome)| outcome.failure.is_none() && outcome.status == Some(StatusCode::OK)
         ));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams: the pool
+
+/// A setup whose upstreams keep their streams in a new pool.
+fn pooled(idle_timeout: Duration, max_idle_per_key: usize) -> Setup {
+    Setup {
+        pool: Some(StreamPool::new(idle_timeout, max_idle_per_key)),
+        ..Setup::default()
+    }
+}
+
+/// One GET on a new connection, closed after the answer (a 200): who answered, and
+/// the body.
+async fn get_alone(addr: SocketAddr, host: &str, path: &str) -> (String, String) {
+    let (mut sender, connection) = connect(addr).await;
+    let response = get(&mut sender, host, path).await;
+    assert_eq!(response.status(), StatusCode::OK, "{host}{path}");
+    let by = answered_by(&response);
+    let body = text(response).await;
+    drop(sender);
+    within(PROMPT, connection)
+        .await
+        .expect("the client's connection task");
+    (by, body)
+}
+
+/// With a pool, one request per client connection, connection after connection: all
+/// go over one tunnel stream, back in the pool after each exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_pool_connection_after_connection_reuses_one_stream() {
+    const CONNECTIONS: usize = 10;
+    let lane = Lane::start(pooled(Duration::from_secs(60), 4)).await;
+    within(LIMIT, async {
+        for n in 0..CONNECTIONS {
+            let (by, body) = get_alone(lane.public, "web.test", &format!("/n/{n}")).await;
+            assert_eq!((by.as_str(), body), ("web", format!("reply {n}")));
+            // The stream goes back after the answer: the next connection would race it.
+            lane.pool_holds(1).await;
+        }
+        assert_eq!(lane.opened("web"), 1, "one stream for all the connections");
+        assert_eq!(lane.active("web"), 1);
+        assert_eq!(lane.pool().idle(), 1);
+        let outcomes = lane.outcomes();
+        assert_eq!(outcomes.len(), CONNECTIONS);
+        for (n, (target, outcome)) in outcomes.into_iter().enumerate() {
+            assert_eq!(target, format!("/n/{n}"));
+            assert_eq!(outcome.status, Some(StatusCode::OK), "{target}");
+            assert_eq!(outcome.failure, None, "{target}");
+            assert_eq!(outcome.streams_opened, u32::from(n == 0), "{target}");
+        }
+    })
+    .await;
+}
+
+/// Requests held at the backend at once each have a stream; once answered, the pool
+/// keeps `max_idle_per_key` of them and the rest are finished (they end on the edge);
+/// the next burst takes the kept ones and opens only the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_at_most_its_cap_per_key_and_finishes_the_rest() {
+    const AT_ONCE: usize = 8;
+    const CAP: usize = 2;
+    let lane = Lane::start(pooled(Duration::from_secs(60), CAP)).await;
+    within(LIMIT, async {
+        let gate = Arc::clone(&lane.web.gate);
+        for (round, opened) in [(1, AT_ONCE), (2, AT_ONCE + AT_ONCE - CAP)] {
+            let mut clients = JoinSet::new();
+            for _ in 0..AT_ONCE {
+                let public = lane.public;
+                clients.spawn(async move { get_alone(public, "web.test", "/gate").await });
+            }
+            gate.arrivals(round * AT_ONCE).await;
+            assert_eq!(lane.opened("web"), opened, "round {round}");
+            assert_eq!(lane.active("web"), AT_ONCE, "round {round}");
+            assert_eq!(
+                lane.pool().idle(),
+                0,
+                "round {round}: every kept stream in use"
+            );
+            gate.open(AT_ONCE);
+            while let Some(done) = clients.join_next().await {
+                let (by, body) = done.expect("a client");
+                assert_eq!((by.as_str(), body.as_str()), ("web", "passed"));
+            }
+            lane.pool_holds(CAP).await;
+            eventually(
+                PROMPT,
+                "the streams past the cap to end on the edge",
+                || (lane.active("web") == CAP).then_some(()),
+            )
+            .await;
+            assert_eq!(lane.pool().idle(), CAP, "round {round}");
+            assert_eq!(lane.opened("web"), opened, "round {round}");
+        }
+        // The kept ones still serve.
+        let (by, _) = get_alone(lane.public, "web.test", "/n/1").await;
+        assert_eq!(by, "web");
+        assert_eq!(lane.opened("web"), 2 * AT_ONCE - CAP);
+        let outcomes = lane.outcomes();
+        let opened: u32 = outcomes
+            .iter()
+            .map(|(_, outcome)| outcome.streams_opened)
+            .sum();
+        assert_eq!(opened as usize, lane.opened("web"), "{outcomes:?}");
+    })
+    .await;
+}
+
+/// A stream idle in the pool for longer than its timeout is finished (it ends on the
+/// edge) without a request coming for it, and the next request opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_idle_past_the_pools_timeout_is_finished() {
+    let idle_timeout = Duration::from_millis(300);
+    let lane = Lane::start(pooled(idle_timeout, 4)).await;
+    within(LIMIT, async {
+        let (by, _) = get_alone(lane.public, "web.test", "/n/1").await;
+        assert_eq!(by, "web");
+        lane.pool_holds(1).await;
+        assert_eq!(lane.active("web"), 1);
+        // The reaper looks every quarter of the timeout: a second is ample.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            lane.pool().idle(),
+            0,
+            "an expired stream is still in the pool"
+        );
+        eventually(PROMPT, "the expired stream to end on the edge", || {
+            (lane.active("web") == 0).then_some(())
+        })
+        .await;
+        let (by, body) = get_alone(lane.public, "web.test", "/n/2").await;
+        assert_eq!((by.as_str(), body.as_str()), ("web", "reply 2"));
+        assert_eq!(lane.opened("web"), 2);
+        assert_eq!(lane.outcome("/n/2").await.streams_opened, 1);
+    })
+    .await;
+}
+
+/// A pooled stream whose backend closed its keep-alive connection while the stream was
+/// idle: the next request, a POST the lane does not send twice, on another connection,
+/// gets the backend's answer over a new stream (the ended one is skipped, and ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_stream_the_edge_ended_while_idle_is_skipped() {
+    let lane = Lane::start(pooled(Duration::from_secs(60), 4)).await;
+    within(LIMIT, async {
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"GET /close-soon HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "ok"),
+            "{reply:?}"
+        );
+        drop(client);
+        lane.pool_holds(1).await;
+        eventually(PROMPT, "the backend's close", || {
+            (lane.raw.closed.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
+        // Time for the close to cross the edge and the tunnel to the pooled stream.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            lane.pool().idle(),
+            1,
+            "the pool looks at a stream when taking it"
+        );
+
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"POST /after HTTP/1.1\r\nHost: raw.test\r\nContent-Length: 2\r\n\r\nhi")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(
+            (
+                reply.status,
+                reply.answered_by().as_str(),
+                reply.text().as_str()
+            ),
+            (200, "raw", "ok"),
+            "the POST after the backend closed: {reply:?}"
+        );
+        let outcome = lane.outcome("/after").await;
+        assert_eq!(outcome.failure, None);
+        assert_eq!(outcome.streams_opened, 1);
+        assert_eq!(lane.opened("raw"), 2);
+        assert_eq!(lane.raw.seen.all(), ["GET /close-soon", "POST /after"]);
+        lane.pool_holds(1).await;
+        eventually(PROMPT, "the skipped stream to end on the edge", || {
+            (lane.active("raw") == 1).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+/// Hundreds of connections at once through a pool, a few requests each: every answer
+/// is right, and once the clients are gone the edge has exactly the pooled streams
+/// left, no more than the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_connections_at_once_through_the_pool_leave_only_the_pooled_streams() {
+    const CONNECTIONS: usize = 300;
+    const REQUESTS: usize = 3;
+    const CAP: usize = 16;
+    let lane = Lane::start(pooled(Duration::from_secs(60), CAP)).await;
+    within(LIMIT, async {
+        let mut clients = JoinSet::new();
+        for c in 0..CONNECTIONS {
+            let public = lane.public;
+            clients.spawn(async move {
+                let (mut sender, connection) = connect(public).await;
+                for r in 0..REQUESTS {
+                    let n = c * 100 + r;
+                    let response = get(&mut sender, "web.test", &format!("/n/{n}")).await;
+                    assert_eq!(response.status(), StatusCode::OK, "{n}");
+                    assert_eq!(answered_by(&response), "web", "{n}");
+                    assert_eq!(
+                        text(response).await,
+                        format!("reply {n}"),
+                        "{n} got another's answer"
+                    );
+                }
+                drop(sender);
+                connection.await.expect("the client's connection task");
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.expect("a client");
+        }
+        assert_eq!(lane.calls(), CONNECTIONS * REQUESTS);
+        assert_eq!(lane.web.seen.all().len(), CONNECTIONS * REQUESTS);
+        let idle = eventually(
+            LIMIT / 2,
+            "the edge's streams to be the pooled ones",
+            || {
+                let idle = lane.pool().idle();
+                let on_edge = lane.edge.stats().active_streams;
+                (lane.active("web") == idle && on_edge == idle).then_some(idle)
+            },
+        )
+        .await;
+        assert!((1..=CAP).contains(&idle), "{idle} idle streams");
+        let outcomes = lane.outcomes();
+        assert_eq!(outcomes.len(), CONNECTIONS * REQUESTS);
+        assert!(outcomes.iter().all(
+            |(_, outcome)| outcome.failure.is_none() && outcome.status == Some(StatusCode::OK)
+        ));
+        let opened: u32 = outcomes
+            .iter()
+            .map(|(_, outcome)| outcome.streams_opened)
+            .sum();
+        assert_eq!(opened as usize, lane.opened("web"));
+    })
+    .await;
+}
+
+/// Upstreams with different keys do not share pooled streams: `a` and `b` each open
+/// their own, and each later request gets its own key's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_streams_apart_by_key() {
+    let lane = Lane::start(pooled(Duration::from_secs(60), 4)).await;
+    within(LIMIT, async {
+        for (n, (host, backend)) in [
+            ("a.test", "web"),
+            ("b.test", "web2"),
+            ("a.test", "web"),
+            ("b.test", "web2"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (by, body) = get_alone(lane.public, host, "/whoami").await;
+            assert_eq!((by.as_str(), body.as_str()), (backend, backend), "{host}");
+            lane.pool_holds(n.min(1) + 1).await;
+        }
+        assert_eq!(lane.opened("web"), 1, "a");
+        assert_eq!(lane.opened("web2"), 1, "b");
+        assert_eq!(lane.pool().idle(), 2);
     })
     .await;
 }

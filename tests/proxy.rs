@@ -24,10 +24,10 @@ async fn routes_by_host_to_edges_and_services() {
     routes_by_host_to_edges_and_services_with(&[]).await;
 }
 
-/// The same on the relay's express lane (`--express`).
+/// The same on the relay's full path (`--no-express`: hyper's server and client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_by_host_to_edges_and_services_on_the_express_lane() {
-    routes_by_host_to_edges_and_services_with(&["--express"]).await;
+async fn routes_by_host_to_edges_and_services_on_the_full_path() {
+    routes_by_host_to_edges_and_services_with(&["--no-express"]).await;
 }
 
 async fn routes_by_host_to_edges_and_services_with(relay_flags: &[&str]) {
@@ -128,10 +128,10 @@ async fn streams_64_mib_both_ways_with_checksums() {
     streams_64_mib_both_ways_with_checksums_with(&[]).await;
 }
 
-/// The same on the relay's express lane (`--express`).
+/// The same on the relay's full path (`--no-express`: hyper's server and client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_64_mib_both_ways_with_checksums_on_the_express_lane() {
-    streams_64_mib_both_ways_with_checksums_with(&["--express"]).await;
+async fn streams_64_mib_both_ways_with_checksums_on_the_full_path() {
+    streams_64_mib_both_ways_with_checksums_with(&["--no-express"]).await;
 }
 
 async fn streams_64_mib_both_ways_with_checksums_with(relay_flags: &[&str]) {
@@ -183,10 +183,10 @@ async fn answers_200_concurrent_requests_correctly() {
     answers_200_concurrent_requests_correctly_with(&[]).await;
 }
 
-/// The same on the relay's express lane (`--express`).
+/// The same on the relay's full path (`--no-express`: hyper's server and client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_200_concurrent_requests_correctly_on_the_express_lane() {
-    answers_200_concurrent_requests_correctly_with(&["--express"]).await;
+async fn answers_200_concurrent_requests_correctly_on_the_full_path() {
+    answers_200_concurrent_requests_correctly_with(&["--no-express"]).await;
 }
 
 async fn answers_200_concurrent_requests_correctly_with(relay_flags: &[&str]) {
@@ -473,10 +473,10 @@ async fn metrics_count_what_was_sent() {
     metrics_count_what_was_sent_with(&[]).await;
 }
 
-/// The same on the relay's express lane (`--express`).
+/// The same on the relay's full path (`--no-express`: hyper's server and client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_what_was_sent_on_the_express_lane() {
-    metrics_count_what_was_sent_with(&["--express"]).await;
+async fn metrics_count_what_was_sent_on_the_full_path() {
+    metrics_count_what_was_sent_with(&["--no-express"]).await;
 }
 
 async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
@@ -602,15 +602,30 @@ async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
     .await;
 }
 
+/// On the express lane (the default) and on the full path alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_alive_tunnel_streams_follow_the_pool_flags() {
+    kept_alive_tunnel_streams_follow_the_pool_flags_with(&[]).await;
+}
+
+/// The same on the relay's full path (`--no-express`: hyper's server and client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_tunnel_streams_follow_the_pool_flags_on_the_full_path() {
+    kept_alive_tunnel_streams_follow_the_pool_flags_with(&["--no-express"]).await;
+}
+
+async fn kept_alive_tunnel_streams_follow_the_pool_flags_with(relay_flags: &[&str]) {
     bounded(LIMIT, async {
         let dir = TempDir::new("pool-flags");
         let backend = Backend::start("web").await;
         let mut relay = Relay::start(
             dir.path(),
             &[("alpha", "secret")],
-            &["--pool-max-idle", "2", "--pool-idle-timeout", "2s"],
+            &[
+                &["--pool-max-idle", "2", "--pool-idle-timeout", "2s"],
+                relay_flags,
+            ]
+            .concat(),
         )
         .await;
         let _edge = relay.spawn_edge("alpha", "secret", &[("web", backend.addr)], &[]);

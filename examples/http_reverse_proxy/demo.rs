@@ -109,7 +109,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         edge_limits: EdgeLimits::default(),
         pool: PoolLimits::default(),
         list_edges: true,
-        express: false,
+        express: true,
         cluster: None,
     })
     .await?;

@@ -1,5 +1,5 @@
-//! The relay's route for the library's express lane (`--express`): plain HTTP/1.1
-//! requests for an edge attached to this relay go straight to it, parsed once.
+//! The relay's route for the library's express lane (on unless `--no-express`): plain
+//! HTTP/1.1 requests for an edge attached to this relay go straight to it, parsed once.
 //!
 //! The route makes the same choices as the full path in `public.rs` (the same host
 //! resolution, forwarding headers, Host, timeouts, metrics and access log); it declines
@@ -8,9 +8,10 @@
 //! to it.
 
 use backhaul::http::authority::request_authority;
-use backhaul::http::express::{Express, Outcome, RouteFuture, Upstream};
+use backhaul::http::express::{Express, Failure, FailureAnswer, Outcome, RouteFuture, Upstream};
 use backhaul::http::forwarded::Proto;
-use backhaul::http::proxy::Timeouts;
+use backhaul::http::proxy::{express_failure, Failure as Explained, Timeouts};
+use backhaul::{QuinnConnection, SessionClient};
 use http::request::Parts;
 
 use super::host::{resolve_host, Target};
@@ -37,6 +38,7 @@ impl RelayExpress {
         else {
             return None;
         };
+        let pool = state.express.clone()?;
         let handle = state.registry.get(&edge)?;
         let proto = if info.is_secure() {
             Proto::Https
@@ -57,7 +59,7 @@ impl RelayExpress {
         );
         let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
         let finished = {
-            let state = Arc::clone(state);
+            let (state, span) = (Arc::clone(state), span.clone());
             move |outcome: &Outcome| {
                 let metrics = &state.metrics;
                 metrics
@@ -71,8 +73,21 @@ impl RelayExpress {
                     .opens
                     .with_label_values(&["ok"])
                     .inc_by(u64::from(outcome.streams_opened));
-                if let Some(failure) = &outcome.failure {
-                    span.in_scope(|| warn!(%failure, "express forwarding failed"));
+                match &outcome.failure {
+                    Some(Failure::BodyIdle(idle)) => {
+                        metrics.upstream_idle_timeouts.inc();
+                        span.in_scope(|| {
+                            warn!(
+                                ?idle,
+                                "the edge stalled mid-body: aborting the client's response"
+                            )
+                        });
+                    }
+                    // Failures answered with a status are logged with their explanation.
+                    Some(failure) if outcome.status.is_none() => {
+                        span.in_scope(|| debug!(%failure, "the exchange was cut"));
+                    }
+                    _ => {}
                 }
                 // A connection cut before any answer is no request answered.
                 if let Some(status) = outcome.status {
@@ -80,13 +95,64 @@ impl RelayExpress {
                 }
             }
         };
+        let explain = {
+            let (state, span) = (Arc::clone(state), span.clone());
+            let client = handle.client().clone();
+            let (edge, service) = (edge.to_string(), service.clone());
+            move |failure: &Failure| -> FailureAnswer {
+                let failure = failure.clone();
+                Box::pin(async move {
+                    let explained = explain(&state, &client, &edge, &service, &failure).await;
+                    // The chain can hold text from the edge: Debug escapes it.
+                    span.in_scope(|| {
+                        warn!(
+                            error = ?explained.detail,
+                            status = explained.status.as_u16(),
+                            "forwarding to the edge failed"
+                        )
+                    });
+                    (explained.status, explained.message)
+                })
+            }
+        };
         Some(
             Upstream::new(key, handle.connector(), service.as_str())
+                .with_pool(pool)
+                .answer_failures_with(explain)
                 .with_timeouts(Timeouts {
                     response: state.request_timeout,
                     body_idle: state.upstream_idle_timeout,
                 })
                 .on_finished(finished),
         )
+    }
+}
+
+/// What went wrong on the way to `edge`, worded as the full path words it: a timeout is
+/// checked with a ping (no pong: 502 "not responding"), and a stream that broke on a
+/// closed QUIC connection is the edge going offline.
+async fn explain(
+    state: &RelayState,
+    client: &SessionClient<QuinnConnection>,
+    edge: &str,
+    service: &str,
+    failure: &Failure,
+) -> Explained {
+    let explained = express_failure(failure, edge, service);
+    if explained.is_timeout() {
+        return explained
+            .probe(client, edge, state.edge_probe_timeout)
+            .await;
+    }
+    match (failure, client.connection().inner().close_reason()) {
+        (Failure::Upstream(_), Some(reason)) => Explained::new(
+            StatusCode::BAD_GATEWAY,
+            format!("edge {edge:?} went offline mid-request (its connection was lost)"),
+            format!(
+                "{}; the edge's connection ended: {reason}",
+                explained.detail
+            ),
+        ),
+        _ => explained,
     }
 }

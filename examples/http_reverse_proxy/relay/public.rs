@@ -64,9 +64,10 @@ pub(super) async fn serve_public(
         })
     });
     // The express lane carries what it can; the redirecting listener answers everything.
-    let express = (state_for_express.express && redirect_to.is_none()).then(|| RelayExpress {
-        state: state_for_express,
-    });
+    let express =
+        (state_for_express.express.is_some() && redirect_to.is_none()).then(|| RelayExpress {
+            state: state_for_express,
+        });
     serve_http(listener, limits, observer, tls, service, express, stop).await;
 }
 

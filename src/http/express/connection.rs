@@ -2,6 +2,7 @@
 //! closes, a request needs hyper, or an exchange fails.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -83,41 +84,52 @@ where
             drop(in_flight);
             return lane.hand_over(client);
         };
-        let Some((mut stream, reused)) = lane.stream_for(&mut upstream).await else {
-            drop(in_flight);
-            return lane.hand_over(client);
-        };
         let mut exchange = Exchange {
             method: parts.method.clone(),
             status: None,
             request_body_bytes: 0,
             response_body_bytes: 0,
-            streams_opened: u32::from(!reused),
+            streams_opened: 0,
         };
-        let ended = lane
-            .exchange(
-                &mut client,
-                (&mut stream, reused),
-                &mut upstream,
-                &mut exchange,
-                Sent {
+        let mut stream = None;
+        let ended = match lane.stream_for(&mut upstream).await {
+            Err(error) => Err(Failure::Open(Arc::new(error))),
+            Ok((opened, reused)) => {
+                exchange.streams_opened = u32::from(!reused);
+                let stream = stream.insert(opened);
+                let sent = Sent {
                     parts: &parts,
                     head_len,
                     body_len,
                     close,
-                },
-                cx.stop,
-            )
-            .await;
-        let answered = match &ended {
-            // The lane's own answer, when the failure came before any response head.
+                };
+                lane.exchange(
+                    &mut client,
+                    (stream, reused),
+                    &mut upstream,
+                    &mut exchange,
+                    sent,
+                    cx.stop,
+                )
+                .await
+            }
+        };
+        // Before any response head, a failure is answered (unless the client is gone);
+        // mid-body the connection is dropped as it is (a reset), so the client sees a
+        // failure, not a short body.
+        let answer = match &ended {
             Err(failure) if exchange.status.is_none() && !matches!(failure, Failure::Client(_)) => {
-                Some(failure_status(failure))
+                Some(match upstream.answer_failure.take() {
+                    Some(answer) => answer(failure).await,
+                    None => (failure.status(), failure.to_string()),
+                })
             }
             _ => None,
         };
         let outcome = Outcome {
-            status: exchange.status.or(answered),
+            status: exchange
+                .status
+                .or(answer.as_ref().map(|(status, _)| *status)),
             elapsed: started.elapsed(),
             request_body_bytes: exchange.request_body_bytes,
             response_body_bytes: exchange.response_body_bytes,
@@ -128,25 +140,27 @@ where
             finished(&outcome);
         }
         drop(in_flight);
-        match ended {
-            Ok(Next::Continue { reusable }) => {
-                if reusable {
+        match (ended, stream) {
+            (Ok(Next::Continue { reusable: true }), Some(stream)) => match upstream.pool {
+                Some(pool) => pool.put(upstream.key, stream),
+                None => {
                     lane.kept = Some(Kept {
                         key: upstream.key,
                         stream,
                     });
                 }
-            }
-            Ok(Next::Close) => {
+            },
+            (Ok(Next::Continue { .. }), _) => {}
+            (Ok(Next::Close), _) => {
                 let _ = client.shutdown().await;
                 return Handoff::Done;
             }
-            Err(failure) => {
-                stream.reset(ABANDONED_STREAM);
-                // Mid-body the connection is dropped as it is (a reset), so the client
-                // sees a failure, not a short body.
-                if let Some(status) = answered {
-                    lane.answer_failure(&mut client, status, &failure).await;
+            (Err(_), stream) => {
+                if let Some(mut stream) = stream {
+                    stream.reset(ABANDONED_STREAM);
+                }
+                if let Some((status, message)) = answer {
+                    lane.answer_failure(&mut client, status, &message).await;
                 }
                 return Handoff::Done;
             }
@@ -215,14 +229,12 @@ impl Lane {
                 }
             }
             self.buf.reserve(READ_ROOM);
-            let read = if self.buf.is_empty() {
-                tokio::select! {
-                    biased;
-                    () = cx.stop.cancelled() => return Head::Closed,
-                    read = client.read_buf(&mut self.buf) => read,
-                }
-            } else {
-                client.read_buf(&mut self.buf).await
+            // On shutdown a connection between requests closes at once, with a head
+            // half-sent or none.
+            let read = tokio::select! {
+                biased;
+                () = cx.stop.cancelled() => return Head::Closed,
+                read = client.read_buf(&mut self.buf) => read,
             };
             match read {
                 Ok(0) if self.buf.is_empty() => return Head::Closed,
@@ -238,21 +250,26 @@ impl Lane {
         Handoff::Hyper(Prefixed::new(self.buf.freeze(), client))
     }
 
-    /// The kept stream if `upstream` has its key, else a new one (`None` if it cannot
-    /// be opened: hyper's path then answers, with its explanation of why).
-    /// The second member tells whether the stream is a kept one.
-    async fn stream_for(&mut self, upstream: &mut Upstream) -> Option<(TunnelStream, bool)> {
+    /// The connection's kept stream if `upstream` has its key, else one from the pool,
+    /// else a new one; a stream the edge ended while idle is dropped on the way. The second member tells whether the stream is a kept one.
+    async fn stream_for(
+        &mut self,
+        upstream: &mut Upstream,
+    ) -> Result<(TunnelStream, bool), crate::Error> {
         if let Some(mut kept) = self.kept.take() {
             if kept.key == upstream.key && still_open(&mut kept.stream).await {
-                return Some((kept.stream, true));
+                return Ok((kept.stream, true));
             }
         }
-        let stream = upstream
-            .connector
-            .connect(upstream.target.clone())
-            .await
-            .ok()?;
-        Some((stream, false))
+        if let Some(pool) = &upstream.pool {
+            while let Some(mut stream) = pool.take(&upstream.key) {
+                if still_open(&mut stream).await {
+                    return Ok((stream, true));
+                }
+            }
+        }
+        let stream = upstream.connector.connect(upstream.target.clone()).await?;
+        Ok((stream, false))
     }
 
     async fn exchange<I>(
@@ -305,7 +322,7 @@ impl Lane {
                         .connector
                         .connect(upstream.target.clone())
                         .await
-                        .map_err(|error| Failure::Upstream(error.to_string()))?;
+                        .map_err(|error| Failure::Open(Arc::new(error)))?;
                     exchange.streams_opened += 1;
                 }
                 Err(failure) => return Err(failure),
@@ -516,14 +533,13 @@ impl Lane {
         }
     }
 
-    /// Answers a failed exchange before any response head went out: 504 for a timeout,
-    /// 502 for the rest.
-    async fn answer_failure<I>(&mut self, client: &mut I, status: StatusCode, failure: &Failure)
+    /// Answers a failed exchange before any response head went out, and closes.
+    async fn answer_failure<I>(&mut self, client: &mut I, status: StatusCode, message: &str)
     where
         I: AsyncWrite + Unpin,
     {
         self.out.clear();
-        head::write_failure(status, &failure.to_string(), &mut self.out);
+        head::write_failure(status, message, &mut self.out);
         if write_out(client, &mut self.out).await.is_ok() {
             let _ = client.shutdown().await;
         }
@@ -562,14 +578,6 @@ where
         .flush()
         .await
         .map_err(|error| Failure::Client(error.to_string()))
-}
-
-/// The status the lane answers a failure before any response head with.
-fn failure_status(failure: &Failure) -> StatusCode {
-    match failure {
-        Failure::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    }
 }
 
 /// Safe methods (RFC 9110 §9.2.1): sending one twice changes nothing.

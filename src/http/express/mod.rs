@@ -17,23 +17,23 @@
 //!   until close) and copies the body through while checking that framing strictly
 //!   (`chunked`), so that it knows where the response ends and the stream to the edge
 //!   can carry the next request;
-//! - it keeps one stream to the edge per client connection while requests keep going to
-//!   the same edge and service.
+//! - it reuses the stream for the next request to the same edge and service, from a
+//!   [`StreamPool`] shared by all client connections (or kept by the client connection).
 //!
 //! **Anything unusual is hyper's.** A head the lane does not read as a plain HTTP/1.1
-//! request, a request your route declines, an edge it cannot open a stream to: the lane
-//! hands the connection, the head it read included, to hyper and the server's service,
-//! which answers that request and every later one on the connection as it would
-//! without the lane. So malformed requests get hyper's 400/431, `Expect`, chunked
-//! request bodies, upgrades, HTTP/1.0 and HTTP/2 take the full path, and failures to
-//! reach an edge are explained by your service. The lane declines at a request boundary
-//! only, with nothing in flight, so the handover loses no byte.
+//! request, or a request your route declines: the lane hands the connection, the head it
+//! read included, to hyper and the server's service, which answers that request and
+//! every later one on the connection as it would without the lane. So malformed
+//! requests get hyper's 400/431, and `Expect`, chunked request bodies, upgrades,
+//! HTTP/1.0 and HTTP/2 take the full path. The lane declines at a request boundary only,
+//! with nothing in flight, so the handover loses no byte.
 //!
-//! What the lane answers by itself, and then closes the connection: `502 Bad Gateway`
-//! when the edge's stream fails or its response head is malformed, `504 Gateway Timeout`
-//! when the response head does not come within [`Timeouts::response`]. A response body
-//! that stalls for [`Timeouts::body_idle`] or breaks off cuts the client's connection (a
-//! reset, so the client cannot take a truncated body for a whole one).
+//! **Failures before a response head are answered, then the connection closes**: a
+//! stream that cannot be opened, fails or ends early, or brings a malformed head is a
+//! `502 Bad Gateway`, no head within [`Timeouts::response`] a `504 Gateway Timeout`,
+//! worded by [`Upstream::answer_failures_with`] if set. A response body that stalls for
+//! [`Timeouts::body_idle`] or breaks off cuts the client's connection (a reset, so the
+//! client cannot take a truncated body for a whole one).
 //!
 //! The server's limits apply as on the full path: the header timeout, the idle timeout,
 //! the write timeout, the head size, graceful shutdown between requests.
@@ -41,21 +41,25 @@
 mod chunked;
 mod connection;
 mod head;
+mod pool;
 mod prefixed;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
 use http::StatusCode;
 
 use crate::connector::{Connector, OpenTarget};
+use crate::error::Error;
 use crate::http::proxy::Timeouts;
 use crate::http::server::ConnectionInfo;
 
 pub(crate) use connection::{serve, Handoff, LaneContext};
+pub use pool::StreamPool;
 pub(crate) use prefixed::Prefixed;
 
 /// A boxed future of an [`Express::route`].
@@ -84,7 +88,9 @@ pub struct Upstream {
     connector: Connector,
     target: OpenTarget,
     timeouts: Timeouts,
+    pool: Option<StreamPool>,
     finished: Option<Finished>,
+    answer_failure: Option<AnswerFailure>,
 }
 
 impl fmt::Debug for Upstream {
@@ -109,7 +115,9 @@ impl Upstream {
             connector,
             target: target.into(),
             timeouts: Timeouts::default(),
+            pool: None,
             finished: None,
+            answer_failure: None,
         }
     }
 
@@ -117,6 +125,30 @@ impl Upstream {
     #[must_use]
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// Keeps the stream in `pool` between requests, for any client connection's next
+    /// request with the same key. Without a pool the stream stays with the client
+    /// connection that used it, for as long as that connection lives: fine for a few
+    /// known clients; facing the public, a pool bounds the idle streams (and the
+    /// connections behind them on the edge).
+    #[must_use]
+    pub fn with_pool(mut self, pool: StreamPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Words the answer to a failure that came before any response head (the stream
+    /// could not be opened, failed, timed out, answered with a malformed head): `answer`
+    /// gives the status and the plain-text message, and may take its time (to ping the
+    /// edge, say). Without it: [`Failure::status`] and the failure's own words.
+    #[must_use]
+    pub fn answer_failures_with(
+        mut self,
+        answer: impl FnOnce(&Failure) -> FailureAnswer + Send + 'static,
+    ) -> Self {
+        self.answer_failure = Some(Box::new(answer));
         self
     }
 
@@ -131,6 +163,12 @@ impl Upstream {
 
 /// The hook told how an exchange went.
 type Finished = Box<dyn FnOnce(&Outcome) + Send>;
+
+/// What a failure is answered with: a status and a plain-text message.
+pub type FailureAnswer = Pin<Box<dyn Future<Output = (StatusCode, String)> + Send>>;
+
+/// The hook that words failures for the client.
+type AnswerFailure = Box<dyn FnOnce(&Failure) -> FailureAnswer + Send>;
 
 /// How one request on the express lane went.
 #[derive(Debug, Clone)]
@@ -154,9 +192,13 @@ pub struct Outcome {
 }
 
 /// Why an express exchange did not complete.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Failure {
+    /// No stream to the edge could be opened (the session's error: the edge refused,
+    /// is busy, went away, did not answer the open in time).
+    #[error("no stream to the edge: {0}")]
+    Open(Arc<Error>),
     /// The stream to the edge failed (open, write or read).
     #[error("the stream to the edge failed: {0}")]
     Upstream(String),
@@ -172,4 +214,32 @@ pub enum Failure {
     /// The client went away or could not be written to.
     #[error("the client's connection failed: {0}")]
     Client(String),
+}
+
+impl PartialEq for Failure {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            // Session errors are not comparable: their messages are.
+            (Self::Open(a), Self::Open(b)) => a.to_string() == b.to_string(),
+            (Self::Upstream(a), Self::Upstream(b))
+            | (Self::BadResponse(a), Self::BadResponse(b))
+            | (Self::Client(a), Self::Client(b)) => a == b,
+            (Self::ResponseTimeout(a), Self::ResponseTimeout(b))
+            | (Self::BodyIdle(a), Self::BodyIdle(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Failure {
+    /// The status the lane answers this failure with when no response head went out
+    /// yet (and no [`Upstream::answer_failures_with`] says otherwise): 504 for a
+    /// response timeout, 502 for the rest.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
 }

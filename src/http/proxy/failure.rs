@@ -13,6 +13,7 @@ use http::{Response, StatusCode};
 use super::forward::ForwardError;
 use super::{text_response, ProxyBody};
 use crate::error::Error;
+use crate::http::express::Failure as ExpressFailure;
 use crate::protocol::RejectCode;
 use crate::session::SessionClient;
 use crate::transport::Connection;
@@ -138,6 +139,67 @@ pub fn forward_failure(error: &ForwardError, edge: &str, service: &str) -> Failu
         ),
     };
     Failure::new(status, message, detail)
+}
+
+/// Maps a failed [express](crate::http::express) exchange with `service` on `edge`, as
+/// [`forward_failure`] does for the full path: a response timeout is a 504 (see
+/// [`Failure::probe`]), a stream that could not be opened goes through
+/// [`tunnel_failure`], the rest is a 502.
+///
+/// ```
+/// use std::time::Duration;
+/// use backhaul::http::express;
+/// use backhaul::http::proxy::express_failure;
+///
+/// let timeout = express::Failure::ResponseTimeout(Duration::from_secs(3));
+/// let failure = express_failure(&timeout, "kiosk", "web");
+/// assert_eq!(failure.status, http::StatusCode::GATEWAY_TIMEOUT);
+/// assert_eq!(failure.message, "edge \"kiosk\" did not answer within 3s");
+/// assert!(failure.is_timeout());
+/// ```
+pub fn express_failure(failure: &ExpressFailure, edge: &str, service: &str) -> Failure {
+    let detail = failure.to_string();
+    match failure {
+        ExpressFailure::ResponseTimeout(limit) => Failure {
+            timed_out: true,
+            ..Failure::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("edge {edge:?} did not answer within {limit:?}"),
+                detail,
+            )
+        },
+        ExpressFailure::Open(error) => {
+            if let Error::Timeout(kind) = error.as_ref() {
+                return Failure {
+                    timed_out: true,
+                    ..Failure::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("edge {edge:?} did not answer in time (waiting for {kind})"),
+                        detail,
+                    )
+                };
+            }
+            let (status, message) = tunnel_failure(error, edge, service);
+            Failure::new(status, message, detail)
+        }
+        ExpressFailure::Upstream(_) => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "edge {edge:?} closed the stream before answering (it may have gone offline mid-request)"
+            ),
+            detail,
+        ),
+        ExpressFailure::BadResponse(why) => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("edge {edge:?} answered with a malformed response: {why}"),
+            detail,
+        ),
+        _ => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            format!("edge {edge:?} failed: {detail}"),
+            detail.clone(),
+        ),
+    }
 }
 
 /// Maps a tunnel error (other than a timeout) to a status and a message naming `edge`

@@ -65,7 +65,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 
-pub use failure::{error_chain, find_cause, forward_failure, tunnel_failure, Failure};
+pub use failure::{
+    error_chain, express_failure, find_cause, forward_failure, tunnel_failure, Failure,
+};
 pub use forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts, Upstream};
 pub use hop_by_hop::{is_upgrade, strip_hop_by_hop, takes_trailers};
 pub use idle::{BodyIdleTimeout, IdleHook, IdleTimeoutBody};
