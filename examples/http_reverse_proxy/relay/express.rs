@@ -58,73 +58,101 @@ impl RelayExpress {
             service = service.as_str(),
         );
         let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
-        let finished = {
-            let (state, span) = (Arc::clone(state), span.clone());
-            move |outcome: &Outcome| {
-                let metrics = &state.metrics;
-                metrics
-                    .bytes_counter("to_edge")
-                    .inc_by(outcome.request_body_bytes);
-                metrics
-                    .bytes_counter("from_edge")
-                    .inc_by(outcome.response_body_bytes);
-                // Counted with the full path's opens; a failed open is the full path's.
-                metrics
-                    .opens
-                    .with_label_values(&["ok"])
-                    .inc_by(u64::from(outcome.streams_opened));
-                match &outcome.failure {
-                    Some(Failure::BodyIdle(idle)) => {
-                        metrics.upstream_idle_timeouts.inc();
-                        span.in_scope(|| {
-                            warn!(
-                                ?idle,
-                                "the edge stalled mid-body: aborting the client's response"
-                            )
-                        });
-                    }
-                    // Failures answered with a status are logged with their explanation.
-                    Some(failure) if outcome.status.is_none() => {
-                        span.in_scope(|| debug!(%failure, "the exchange was cut"));
-                    }
-                    _ => {}
-                }
-                // A connection cut before any answer is no request answered.
-                if let Some(status) = outcome.status {
-                    record_request(&state, &span, status, outcome.elapsed);
-                }
-            }
-        };
+        let connector = handle.connector();
+        // One allocation shared by both hooks.
+        let request = Arc::new(LaneRequest {
+            state: Arc::clone(state),
+            client: handle.client().clone(),
+            edge: edge.to_string(),
+            service,
+            span,
+        });
         let explain = {
-            let (state, span) = (Arc::clone(state), span.clone());
-            let client = handle.client().clone();
-            let (edge, service) = (edge.to_string(), service.clone());
+            let request = Arc::clone(&request);
             move |failure: &Failure| -> FailureAnswer {
                 let failure = failure.clone();
-                Box::pin(async move {
-                    let explained = explain(&state, &client, &edge, &service, &failure).await;
-                    // The chain can hold text from the edge: Debug escapes it.
-                    span.in_scope(|| {
-                        warn!(
-                            error = ?explained.detail,
-                            status = explained.status.as_u16(),
-                            "forwarding to the edge failed"
-                        )
-                    });
-                    (explained.status, explained.message)
-                })
+                Box::pin(async move { request.answer(&failure).await })
             }
         };
         Some(
-            Upstream::new(key, handle.connector(), service.as_str())
+            Upstream::new(key, connector, request.service.as_str())
                 .with_pool(pool)
                 .answer_failures_with(explain)
                 .with_timeouts(Timeouts {
                     response: state.request_timeout,
                     body_idle: state.upstream_idle_timeout,
                 })
-                .on_finished(finished),
+                .on_finished(move |outcome| request.finished(outcome)),
         )
+    }
+}
+
+/// One request on the lane, for its hooks.
+struct LaneRequest {
+    state: Arc<RelayState>,
+    client: SessionClient<QuinnConnection>,
+    edge: String,
+    service: String,
+    span: tracing::Span,
+}
+
+impl LaneRequest {
+    /// Counts and logs the exchange as the full path does.
+    fn finished(&self, outcome: &Outcome) {
+        let metrics = &self.state.metrics;
+        metrics
+            .bytes_counter("to_edge")
+            .inc_by(outcome.request_body_bytes);
+        metrics
+            .bytes_counter("from_edge")
+            .inc_by(outcome.response_body_bytes);
+        // Counted with the full path's opens; a failed open is counted as a failure.
+        metrics
+            .opens
+            .with_label_values(&["ok"])
+            .inc_by(u64::from(outcome.streams_opened));
+        let span = &self.span;
+        match &outcome.failure {
+            Some(Failure::BodyIdle(idle)) => {
+                metrics.upstream_idle_timeouts.inc();
+                span.in_scope(|| {
+                    warn!(
+                        ?idle,
+                        "the edge stalled mid-body: aborting the client's response"
+                    )
+                });
+            }
+            // Failures answered with a status were logged with their explanation.
+            Some(failure) if outcome.status.is_none() => {
+                span.in_scope(|| debug!(%failure, "the exchange was cut"));
+            }
+            _ => {}
+        }
+        // A connection cut before any answer is no request answered.
+        if let Some(status) = outcome.status {
+            record_request(&self.state, span, status, outcome.elapsed);
+        }
+    }
+
+    /// The status and words for a failure before any response head, logged.
+    async fn answer(&self, failure: &Failure) -> (StatusCode, String) {
+        let explained = explain(
+            &self.state,
+            &self.client,
+            &self.edge,
+            &self.service,
+            failure,
+        )
+        .await;
+        // The chain can hold text from the edge: Debug escapes it.
+        self.span.in_scope(|| {
+            warn!(
+                error = ?explained.detail,
+                status = explained.status.as_u16(),
+                "forwarding to the edge failed"
+            )
+        });
+        (explained.status, explained.message)
     }
 }
 

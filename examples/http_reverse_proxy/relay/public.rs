@@ -136,11 +136,17 @@ pub(super) fn record_request(
         .requests
         .with_label_values(&[status.as_str()])
         .inc();
-    let class = format!("{}xx", status.as_u16() / 100);
+    let class = match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
     state
         .metrics
         .request_duration
-        .with_label_values(&[class.as_str()])
+        .with_label_values(&[class])
         .observe(elapsed.as_secs_f64());
     span.in_scope(|| info!(status = status.as_u16(), ?elapsed, "request"));
 }

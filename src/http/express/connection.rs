@@ -60,6 +60,8 @@ where
         buf: BytesMut::with_capacity(READ_ROOM),
         response: BytesMut::new(),
         out: BytesMut::new(),
+        request: BytesMut::new(),
+        fields: BytesMut::new(),
         kept: None,
     };
     loop {
@@ -208,6 +210,11 @@ struct Lane {
     response: BytesMut,
     /// What is written next (a head and the first body bytes, in one write).
     out: BytesMut,
+    /// The request head (and body bytes read with it) as sent to the edge, kept until
+    /// the answer comes in case it must be sent again.
+    request: BytesMut,
+    /// The response's field lines as the client receives them.
+    fields: BytesMut,
     kept: Option<Kept>,
 }
 
@@ -290,7 +297,8 @@ impl Lane {
             body_len,
             close,
         } = sent;
-        let mut request = BytesMut::with_capacity(head_len + 256);
+        let mut request = std::mem::take(&mut self.request);
+        request.clear();
         head::write_request(parts, &mut request);
         let buffered = usize::try_from(body_len).map_or(self.buf.len() - head_len, |body_len| {
             body_len.min(self.buf.len() - head_len)
@@ -328,9 +336,10 @@ impl Lane {
                 Err(failure) => return Err(failure),
             }
         };
+        self.request = request;
         let closing = close || head.framing == Framing::UntilClose || stop.is_cancelled();
         self.out.clear();
-        head::write_response(&head, closing, &mut self.out);
+        head::write_response(&head, &self.fields, closing, &mut self.out);
         self.response.advance(head.head_len);
         exchange.status = Some(head.status);
         let idle = upstream.timeouts.body_idle;
@@ -406,10 +415,11 @@ impl Lane {
         let deadline = Instant::now() + limit;
         loop {
             if !self.response.is_empty() {
-                match head::parse_response(&self.response, &exchange.method) {
+                self.fields.clear();
+                match head::parse_response(&self.response, &exchange.method, &mut self.fields) {
                     Ok(Some(head)) if head.status.is_informational() => {
                         self.out.clear();
-                        head::write_response(&head, false, &mut self.out);
+                        head::write_response(&head, &self.fields, false, &mut self.out);
                         self.response.advance(head.head_len);
                         write_out(client, &mut self.out).await?;
                         continue;

@@ -8,7 +8,7 @@
 //! requests (400, 417, upgrades) are the ones to keep. Heads are re-serialized, never
 //! copied: the edge receives one spelling of each field, whatever the client sent.
 
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -73,7 +73,8 @@ fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option
         return None;
     }
     let uri = Uri::try_from(target).ok()?;
-    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    // Room for what the route adds (forwarding headers) without growing.
+    let mut headers = HeaderMap::with_capacity(request.headers.len() + 6);
     let mut body_len = None;
     let mut hosts = 0;
     for field in request.headers.iter() {
@@ -177,8 +178,6 @@ pub(super) struct ResponseHead {
     pub(super) framing: Framing,
     /// The edge's stream can carry another request after this response.
     pub(super) reusable: bool,
-    /// The head as the client receives it (hop-by-hop fields removed).
-    pub(super) fields: HeaderMap,
 }
 
 /// Why the edge's response head was refused.
@@ -194,13 +193,30 @@ pub(super) enum BadResponse {
     BadLength,
 }
 
+/// Fields that concern one hop only (as the full path's `strip_hop_by_hop`), besides
+/// those `Connection` names; the framing fields are the lane's to write.
+const RESPONSE_HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "http2-settings",
+    "proxy-connection",
+];
+
 /// Reads `buf` as a response head to a `method` request: `Ok(None)` if incomplete.
+/// The field lines the client is to receive (hop-by-hop ones left out, the framing
+/// written once) are appended to `fields`, serialized.
 pub(super) fn parse_response(
     buf: &[u8],
     method: &Method,
+    fields: &mut BytesMut,
 ) -> Result<Option<ResponseHead>, BadResponse> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut response = httparse::Response::new(&mut fields);
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut parsed);
     let head_len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -212,38 +228,32 @@ pub(super) fn parse_response(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(BadResponse::Unasked101);
     }
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    let lines = &*response.headers;
     let mut length = None;
     let mut chunked = None;
-    for field in response.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| BadResponse::Malformed)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| BadResponse::Malformed)?;
-        if name == header::CONTENT_LENGTH {
+    let mut close = false;
+    for field in lines {
+        let name = field.name;
+        if name.eq_ignore_ascii_case("content-length") {
             let parsed = decimal(field.value).ok_or(BadResponse::BadLength)?;
             if length.is_some_and(|seen| seen != parsed) {
                 return Err(BadResponse::BadLength);
             }
             length = Some(parsed);
-            if headers.contains_key(header::CONTENT_LENGTH) {
-                continue;
-            }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides: chunked is the framing only if it comes last.
-            chunked = Some(
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|codings| codings.rsplit(',').next())
-                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")),
-            );
+            let last = field
+                .value
+                .rsplit(|byte| *byte == b',')
+                .next()
+                .unwrap_or(&[]);
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            close |= tokens(field.value).any(|token| token.eq_ignore_ascii_case(b"close"));
         }
-        headers.append(name, value);
     }
-    let keep_alive =
-        response.version == Some(1) && !has_token(&headers, header::CONNECTION, "close");
-    let informational = status.is_informational();
-    let framing = if informational
+    let keep_alive = response.version == Some(1) && !close;
+    let framing = if status.is_informational()
         || *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -257,37 +267,70 @@ pub(super) fn parse_response(
             (None, None) => Framing::UntilClose,
         }
     };
-    if framing == Framing::Chunked || framing == Framing::UntilClose {
-        headers.remove(header::CONTENT_LENGTH);
+    for field in lines {
+        let name = field.name;
+        let passed = if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            // Written below, from what was read.
+            name.eq_ignore_ascii_case("transfer-encoding") && framing == Framing::Chunked
+        } else {
+            !RESPONSE_HOP_BY_HOP
+                .iter()
+                .any(|hop| name.eq_ignore_ascii_case(hop))
+                && !named_by_connection(lines, name)
+        };
+        if passed {
+            put_field(fields, name.as_bytes(), field.value);
+        }
     }
-    let transfer_encoding = headers.remove(header::TRANSFER_ENCODING);
-    let content_length = headers.get(header::CONTENT_LENGTH).cloned();
-    strip_hop_by_hop(&mut headers, false);
-    // The framing the lane copies by must reach the client whatever `Connection` names.
-    match framing {
-        Framing::Chunked => {
-            if let Some(value) = transfer_encoding {
-                headers.insert(header::TRANSFER_ENCODING, value);
-            }
-        }
-        Framing::Length(_) | Framing::Empty => {
-            if let Some(value) = content_length {
-                headers.insert(header::CONTENT_LENGTH, value);
-            }
-        }
-        Framing::UntilClose => {}
+    if let (Some(length), Framing::Length(_) | Framing::Empty, false) =
+        (length, framing, status.is_informational())
+    {
+        fields.put_slice(b"content-length: ");
+        fields.put_slice(length.to_string().as_bytes());
+        fields.put_slice(b"\r\n");
     }
     Ok(Some(ResponseHead {
         status,
         head_len,
         framing,
         reusable: keep_alive && framing != Framing::UntilClose,
-        fields: headers,
     }))
 }
 
-/// Writes a response head to `out`, with `Connection: close` if `closing`.
-pub(super) fn write_response(head: &ResponseHead, closing: bool, out: &mut impl BufMut) {
+/// The comma-separated items of a field value, trimmed, empty ones left out.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|byte| *byte == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
+/// True if a `Connection` field of `lines` names the field `name`.
+fn named_by_connection(lines: &[httparse::Header<'_>], name: &str) -> bool {
+    lines
+        .iter()
+        .filter(|field| field.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|field| tokens(field.value))
+        .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+fn put_field(out: &mut impl BufMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// Writes a response head with the serialized `fields` to `out`, with
+/// `Connection: close` if `closing`.
+pub(super) fn write_response(
+    head: &ResponseHead,
+    fields: &[u8],
+    closing: bool,
+    out: &mut impl BufMut,
+) {
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(head.status.as_str().as_bytes());
     out.put_u8(b' ');
@@ -296,7 +339,8 @@ pub(super) fn write_response(head: &ResponseHead, closing: bool, out: &mut impl 
     if closing {
         out.put_slice(b"connection: close\r\n");
     }
-    write_fields(&head.fields, out);
+    out.put_slice(fields);
+    out.put_slice(b"\r\n");
 }
 
 /// A short plain-text response the lane answers with itself (502, 504), closing.
@@ -412,10 +456,47 @@ mod tests {
         }
     }
 
-    fn response(raw: &str, method: &Method) -> ResponseHead {
-        parse_response(raw.as_bytes(), method)
+    /// A response head as parsed, with the fields the client is to receive.
+    struct Parsed {
+        head: ResponseHead,
+        fields: HeaderMap,
+        raw_fields: BytesMut,
+    }
+
+    impl std::ops::Deref for Parsed {
+        type Target = ResponseHead;
+        fn deref(&self) -> &ResponseHead {
+            &self.head
+        }
+    }
+
+    fn response(raw: &str, method: &Method) -> Parsed {
+        let mut raw_fields = BytesMut::new();
+        let head = parse_response(raw.as_bytes(), method, &mut raw_fields)
             .expect("valid")
-            .expect("complete")
+            .expect("complete");
+        let mut fields = HeaderMap::new();
+        for line in raw_fields[..].split(|byte| *byte == b'\n') {
+            if line.is_empty() {
+                continue;
+            }
+            let line = line.strip_suffix(b"\r").expect("CRLF");
+            let text = std::str::from_utf8(line).expect("text");
+            let (name, value) = text.split_once(": ").expect("a field line");
+            fields.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+                HeaderValue::from_str(value).expect("a value"),
+            );
+        }
+        Parsed {
+            head,
+            fields,
+            raw_fields,
+        }
+    }
+
+    fn refused(raw: &[u8], method: &Method) -> Result<Option<ResponseHead>, BadResponse> {
+        parse_response(raw, method, &mut BytesMut::new())
     }
 
     #[test]
@@ -490,13 +571,9 @@ mod tests {
             ),
             ("NOT HTTP\r\n\r\n", BadResponse::Malformed),
         ] {
-            assert_eq!(
-                parse_response(raw.as_bytes(), &get).unwrap_err(),
-                why,
-                "{raw:?}"
-            );
+            assert_eq!(refused(raw.as_bytes(), &get).unwrap_err(), why, "{raw:?}");
         }
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le", &get)
+        assert!(refused(b"HTTP/1.1 200 OK\r\nContent-Le", &get)
             .unwrap()
             .is_none());
     }
@@ -509,10 +586,10 @@ mod tests {
             &Method::GET,
         );
         let mut out = Vec::new();
-        write_response(&head, true, &mut out);
+        write_response(&head, &head.raw_fields, true, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\nx-kept: yes\r\n\r\n"
+            "HTTP/1.1 404 Not Found\r\nconnection: close\r\nX-Kept: yes\r\ncontent-length: 0\r\n\r\n"
         );
     }
 }
