@@ -39,7 +39,7 @@ impl RelayExpress {
             return None;
         };
         let pool = state.express.clone()?;
-        let handle = state.registry.get(&edge)?;
+        let handle = state.registry.get(edge)?;
         let proto = if info.is_secure() {
             Proto::Https
         } else {
@@ -48,14 +48,17 @@ impl RelayExpress {
         let headers = &mut head.headers;
         let trusted = &state.trusted_proxies;
         trusted.set_forwarding_headers(headers, info.peer_addr().ip(), &authority, proto);
-        headers.insert(HOST, authority.to_header_value());
+        // Host is the public authority, as on the full path (usually it is already).
+        if headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_str().as_bytes()) {
+            headers.insert(HOST, authority.to_header_value());
+        }
         let span = info_span!(
             "request",
             method = %head.method,
             host = authority.as_str(),
             path = ?head.uri.path(),
-            edge = edge.as_str(),
-            service = service.as_str(),
+            edge,
+            service,
         );
         let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
         let connector = handle.connector();
@@ -63,8 +66,8 @@ impl RelayExpress {
         let request = Arc::new(LaneRequest {
             state: Arc::clone(state),
             client: handle.client().clone(),
-            edge: edge.to_string(),
-            service,
+            names: format!("{edge}/{service}"),
+            edge_len: edge.len(),
             span,
         });
         let explain = {
@@ -75,7 +78,7 @@ impl RelayExpress {
             }
         };
         Some(
-            Upstream::new(key, connector, request.service.as_str())
+            Upstream::new(key, connector, service)
                 .with_pool(pool)
                 .answer_failures_with(explain)
                 .with_timeouts(Timeouts {
@@ -91,12 +94,21 @@ impl RelayExpress {
 struct LaneRequest {
     state: Arc<RelayState>,
     client: SessionClient<QuinnConnection>,
-    edge: String,
-    service: String,
+    /// `edge/service`, in one allocation.
+    names: String,
+    edge_len: usize,
     span: tracing::Span,
 }
 
 impl LaneRequest {
+    fn edge(&self) -> &str {
+        &self.names[..self.edge_len]
+    }
+
+    fn service(&self) -> &str {
+        &self.names[self.edge_len + 1..]
+    }
+
     /// Counts and logs the exchange as the full path does.
     fn finished(&self, outcome: &Outcome) {
         let metrics = &self.state.metrics;
@@ -139,8 +151,8 @@ impl LaneRequest {
         let explained = explain(
             &self.state,
             &self.client,
-            &self.edge,
-            &self.service,
+            self.edge(),
+            self.service(),
             failure,
         )
         .await;

@@ -5,23 +5,23 @@
 
 use backhaul::http::authority::{Authority, Host};
 
-/// Where an authority points.
+/// Where an authority points (names borrowed from the authority or the default).
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Target {
+pub(super) enum Target<'a> {
     /// The bare domain: the relay's own index page.
     Index,
     /// A service on an edge.
-    Edge { edge: String, service: String },
+    Edge { edge: &'a str, service: &'a str },
     /// Not under our domain.
     Unknown,
 }
 
 /// Routes an authority under `domain`; the port plays no part.
-pub(super) fn resolve_host(
-    authority: Option<&Authority>,
+pub(super) fn resolve_host<'a>(
+    authority: Option<&'a Authority>,
     domain: &str,
-    default_service: &str,
-) -> Target {
+    default_service: &'a str,
+) -> Target<'a> {
     let Some(Host::Name(host)) = authority.map(Authority::host) else {
         return Target::Unknown;
     };
@@ -35,44 +35,40 @@ pub(super) fn resolve_host(
     else {
         return Target::Unknown;
     };
-    let (edge, service) = match labels.split('.').collect::<Vec<_>>().as_slice() {
-        [edge] => (*edge, default_service),
-        [service, edge] => (*edge, *service),
-        _ => return Target::Unknown,
+    let (edge, service) = match labels.split_once('.') {
+        None => (labels, default_service),
+        Some((service, edge)) if !edge.contains('.') => (edge, service),
+        Some(_) => return Target::Unknown,
     };
-    Target::Edge {
-        edge: edge.to_owned(),
-        service: service.to_owned(),
-    }
+    Target::Edge { edge, service }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn resolve(host: &str) -> Target {
+    /// Where `host` points, spelled out: `index`, `unknown` or `edge/service`.
+    fn resolve(host: &str) -> String {
         let authority: Authority = host.parse().unwrap_or_else(|_| panic!("{host:?} is valid"));
-        resolve_host(Some(&authority), "localhost", "web")
-    }
-
-    fn edge(edge: &str, service: &str) -> Target {
-        Target::Edge {
-            edge: edge.into(),
-            service: service.into(),
+        match resolve_host(Some(&authority), "localhost", "web") {
+            Target::Index => "index".to_owned(),
+            Target::Unknown => "unknown".to_owned(),
+            Target::Edge { edge, service } => format!("{edge}/{service}"),
         }
     }
 
     #[test]
     fn hosts_resolve_to_edges_and_services() {
-        assert_eq!(resolve("localhost:8080"), Target::Index);
-        assert_eq!(resolve("localhost."), Target::Index);
-        assert_eq!(resolve("demo.localhost:8080"), edge("demo", "web"));
-        assert_eq!(resolve("API.Demo.localhost"), edge("demo", "api"));
-        assert_eq!(resolve("example.com"), Target::Unknown);
-        assert_eq!(resolve("a.b.c.localhost"), Target::Unknown);
-        assert_eq!(resolve("xlocalhost"), Target::Unknown);
-        assert_eq!(resolve("127.0.0.1:8080"), Target::Unknown);
-        assert_eq!(resolve("[::1]:8080"), Target::Unknown);
+        assert_eq!(resolve("localhost:8080"), "index");
+        assert_eq!(resolve("localhost."), "index");
+        assert_eq!(resolve("demo.localhost:8080"), "demo/web");
+        assert_eq!(resolve("API.Demo.localhost"), "demo/api");
+        assert_eq!(resolve("example.com"), "unknown");
+        assert_eq!(resolve("a.b.c.localhost"), "unknown");
+        assert_eq!(resolve("b.c.localhost"), "c/b");
+        assert_eq!(resolve("xlocalhost"), "unknown");
+        assert_eq!(resolve("127.0.0.1:8080"), "unknown");
+        assert_eq!(resolve("[::1]:8080"), "unknown");
         assert_eq!(resolve_host(None, "localhost", "web"), Target::Unknown);
     }
 }

@@ -191,9 +191,13 @@ async fn route(
     proto: Proto,
 ) -> Response<ProxyBody> {
     let target = resolve_host(authority.as_ref(), &state.domain, &state.default_service);
-    let (edge_name, service, authority) = match (target, authority) {
+    let (edge_name, service, authority) = match (target, &authority) {
         (Target::Index, _) => return index_page(state),
-        (Target::Edge { edge, service }, Some(authority)) => (edge, service, authority),
+        (Target::Edge { edge, service }, Some(_)) => (
+            edge.to_owned(),
+            service.to_owned(),
+            authority.expect("matched as Some"),
+        ),
         (_, authority) => {
             let host = authority.as_ref().map_or("", Authority::as_str);
             return text_response(
