@@ -329,17 +329,18 @@ async fn wrong_token_makes_the_edge_exit_2_and_routes_nothing() {
         let mut edge = relay.spawn_edge("alpha", "wrong", &[("web", backend.addr)], &[]);
         let status = edge.wait_exit(Duration::from_secs(15)).await;
         assert_eq!(status.code(), Some(2), "{}", edge.logs());
-        let stderr = edge.stderr();
-        assert!(
-            stderr.contains("error: unauthorized: invalid credentials for edge \"alpha\""),
-            "{stderr}"
-        );
+        edge.wait_for_stderr("the unauthorized error", |stderr| {
+            stderr.contains("error: unauthorized: invalid credentials for edge \"alpha\"")
+        })
+        .await;
 
         // An edge name the relay does not know is refused the same way.
         let mut stranger = relay.spawn_edge("mallory", "right", &[("web", backend.addr)], &[]);
         let status = stranger.wait_exit(Duration::from_secs(15)).await;
         assert_eq!(status.code(), Some(2), "{}", stranger.logs());
-        assert!(stranger.stderr().contains("unauthorized"));
+        stranger
+            .wait_for_stderr("unauthorized", |stderr| stderr.contains("unauthorized"))
+            .await;
 
         assert_eq!(relay.edges().await, Some(0));
         let (status, body) = public.get("alpha", "/whoami").await;
@@ -388,11 +389,9 @@ async fn a_held_name_cannot_be_taken_without_its_token() {
         let mut second = relay.spawn_edge("alpha", "beta-secret", &[("web", impostor.addr)], &[]);
         let status = second.wait_exit(Duration::from_secs(15)).await;
         assert_eq!(status.code(), Some(2), "{}", second.logs());
-        assert!(
-            second.stderr().contains("unauthorized"),
-            "{}",
-            second.logs()
-        );
+        second
+            .wait_for_stderr("unauthorized", |stderr| stderr.contains("unauthorized"))
+            .await;
 
         // The first edge never noticed: still running, still registered, still serving.
         assert!(first.exited().is_none(), "{}", first.logs());
@@ -462,7 +461,8 @@ async fn the_edge_reconnects_after_the_relay_restarts() {
         assert!(restarted.elapsed() < Duration::from_secs(10));
         // The same edge process reconnected on its own.
         assert!(edge.exited().is_none(), "{}", edge.logs());
-        assert!(edge.stdout().contains("reconnecting"), "{}", edge.logs());
+        edge.wait_for_log("reconnecting", |log| log.contains("reconnecting"))
+            .await;
         relay.wait_edges(1).await;
     })
     .await;
@@ -731,7 +731,8 @@ async fn sigterm_lets_the_edge_finish_a_slow_request_and_exit_0() {
         let status = edge.wait_exit(Duration::from_secs(15)).await;
         assert_eq!(status.code(), Some(0), "{}", edge.logs());
         eprintln!("the edge exited {:?} after SIGTERM", terminated.elapsed());
-        assert!(edge.stdout().contains("edge stopped"), "{}", edge.logs());
+        edge.wait_for_log("edge stopped", |log| log.contains("edge stopped"))
+            .await;
     })
     .await;
 }

@@ -255,7 +255,9 @@ async fn a_restarted_relay_keeps_its_identity_and_guards_its_key() {
         let mut refused = Proc::spawn("relay-open-key", dir.path(), &relay_command(&relay));
         let status = refused.wait_exit(Duration::from_secs(15)).await;
         assert!(!status.success(), "{}", refused.logs());
-        assert!(refused.stderr().contains("chmod 600"), "{}", refused.logs());
+        refused
+            .wait_for_stderr("chmod 600", |stderr| stderr.contains("chmod 600"))
+            .await;
     })
     .await;
 }
@@ -291,7 +293,13 @@ async fn an_edge_that_does_not_trust_the_relay_says_so_and_exits_3() {
         let mut edge = Proc::spawn("edge-stale-cert", dir.path(), &args);
         let status = edge.wait_exit(Duration::from_secs(20)).await;
         assert_eq!(status.code(), Some(3), "{}", edge.logs());
-        let stderr = edge.stderr();
+        let stderr = edge
+            .wait_for_stderr("the untrusted-relay error", |stderr| {
+                stderr.contains("does not trust")
+                    && stderr.contains(stale_arg)
+                    && stderr.contains("copy its current certificate")
+            })
+            .await;
         assert!(stderr.contains("does not trust"), "{stderr}");
         assert!(stderr.contains(stale_arg), "{stderr}");
         assert!(stderr.contains("copy its current certificate"), "{stderr}");
@@ -474,11 +482,9 @@ async fn a_live_edge_keeps_its_name_and_a_silent_one_is_replaced() {
             async move { refused.then_some(()) }
         })
         .await;
-        assert!(
-            second.stdout().contains("already connected"),
-            "{}",
-            second.logs()
-        );
+        second
+            .wait_for_log("already connected", |log| log.contains("already connected"))
+            .await;
         for _ in 0..5 {
             assert_eq!(
                 public.get("alpha", "/whoami").await,

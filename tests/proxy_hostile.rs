@@ -174,6 +174,16 @@ async fn slow_readers_do_not_stall_the_edge() {
         let bound = baseline + SLOW_READERS as u64 * 1536;
         assert!(peak < bound, "relay RSS {peak} KiB over the bound {bound} KiB");
         assert_eq!(relay.edges().await, Some(1), "the edge was dropped");
+        // The log is written behind the events: first wait for the access line of the last
+        // well-behaved request, so that what was logged before it is in the file.
+        let last = format!("path=\"/n/{}\"", latencies.len());
+        relay
+            .proc
+            .wait_for_log("the last well-behaved request", |log| {
+                log.lines()
+                    .any(|line| line.contains(&last) && line.contains(": request status="))
+            })
+            .await;
         assert!(
             !relay.proc.stderr().contains("keep-alive") && !relay.proc.stdout().contains("keep-alive"),
             "keep-alives failed:\n{}",
@@ -326,18 +336,12 @@ async fn a_low_file_limit_does_not_stop_the_relay() {
         .await;
         let _edge = relay.spawn_edge("demo", "demo-secret", &[("web", backend.addr)], &[]);
         relay.wait_edges(1).await;
-        assert!(
-            relay
-                .proc
-                .stderr()
-                .contains("allows fewer public connections")
-                || relay
-                    .proc
-                    .stdout()
-                    .contains("allows fewer public connections"),
-            "no warning about the lowered cap\n{}",
-            relay.proc.logs()
-        );
+        relay
+            .proc
+            .wait_for_output("the warning about the lowered cap", |logs| {
+                logs.contains("allows fewer public connections")
+            })
+            .await;
 
         // More silent connections than the relay has descriptors.
         let mut silent = Vec::new();
@@ -459,7 +463,13 @@ async fn malformed_requests_are_counted_and_logged() {
                 "{code}"
             );
         }
-        let logs = relay.proc.stdout() + &relay.proc.stderr();
+        // Wait for both lines, then check there are no more.
+        let logs = relay
+            .proc
+            .wait_for_output("both refusals logged", |logs| {
+                logs.matches("malformed request refused").count() >= 2
+            })
+            .await;
         assert_eq!(
             logs.matches("malformed request refused").count(),
             2,

@@ -477,11 +477,10 @@ async fn a_stalled_edge_body_aborts_the_client_connection() {
             metrics.get("backhaul_upstream_idle_timeouts_total", &[]),
             1.0
         );
-        assert!(
-            relay.proc.stdout().contains("stalled mid-body"),
-            "{}",
-            relay.proc.logs()
-        );
+        relay
+            .proc
+            .wait_for_log("stalled mid-body", |log| log.contains("stalled mid-body"))
+            .await;
     })
     .await;
 }
@@ -688,17 +687,17 @@ async fn a_stopped_edge_is_reported_as_not_responding() {
             assert!(body.contains("edge \"alpha\" is not responding"), "{body}");
         }
         assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
-        let logs = relay.proc.stdout();
         for cause in [
             "no response head within",
             "timed out waiting for open response",
         ] {
-            assert!(
-                logs.lines()
-                    .any(|line| line.contains(cause) && line.contains("no pong within")),
-                "{cause}: {}",
-                relay.proc.logs()
-            );
+            relay
+                .proc
+                .wait_for_log(&format!("{cause:?} with \"no pong within\""), |log| {
+                    log.lines()
+                        .any(|line| line.contains(cause) && line.contains("no pong within"))
+                })
+                .await;
         }
     })
     .await;
@@ -743,14 +742,12 @@ async fn an_edge_lost_mid_request_is_reported_as_gone() {
             "{:?}",
             started.elapsed()
         );
-        assert!(
-            relay
-                .proc
-                .stdout()
-                .contains("forwarding to the edge failed"),
-            "{}",
-            relay.proc.logs()
-        );
+        relay
+            .proc
+            .wait_for_log("forwarding to the edge failed", |log| {
+                log.contains("forwarding to the edge failed")
+            })
+            .await;
     })
     .await;
 }

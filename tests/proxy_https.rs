@@ -156,10 +156,13 @@ async fn https_serves_h2_and_h1_redirects_and_reloads_on_sighup() {
         let long = long.await.unwrap();
         assert!(long.status.success(), "the request in flight: {long:?}");
         assert_eq!(stdout(&long), "held 4000 ms\n2");
-        assert!(
-            relay.proc.logs().contains("HTTPS certificates reloaded"),
-            "the relay says it reloaded"
-        );
+        // The relay says it reloaded.
+        relay
+            .proc
+            .wait_for_output("HTTPS certificates reloaded", |logs| {
+                logs.contains("HTTPS certificates reloaded")
+            })
+            .await;
     })
     .await;
 }

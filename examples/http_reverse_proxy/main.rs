@@ -46,6 +46,14 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Log lines (one per request at `info`) are formatted by the worker that logs them
+    // but written by a thread of their own: a slow terminal or pipe then holds up no
+    // request. Lossless: a full queue makes loggers wait rather than drop lines. The
+    // guard writes out what is queued when `main` returns.
+    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -53,6 +61,7 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         // Colour codes only for a terminal, not in files and pipes.
         .with_ansi(std::io::stdout().is_terminal())
+        .with_writer(writer)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -294,6 +294,52 @@ impl Proc {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits until `check` accepts the process's stdout, where its log goes, and returns
+    /// it. The example writes its log from a thread of its own, so a line can land in the
+    /// file a few milliseconds after the event it describes (after the response a test has
+    /// just read, say): a test that looks for a line waits for it, polling every 20 ms for
+    /// at most 10 s. Panics naming `what`, with the logs, if it never shows.
+    pub async fn wait_for_log(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        self.wait_for(what, "stdout", Self::stdout, check).await
+    }
+
+    /// Like [`wait_for_log`](Self::wait_for_log), for stderr (where the example prints the
+    /// error it exits with).
+    pub async fn wait_for_stderr(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        self.wait_for(what, "stderr", Self::stderr, check).await
+    }
+
+    /// Like [`wait_for_log`](Self::wait_for_log), for stdout and stderr together (stdout,
+    /// a newline, then stderr).
+    pub async fn wait_for_output(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let both = |proc: &Self| format!("{}\n{}", proc.stdout(), proc.stderr());
+        self.wait_for(what, "stdout or stderr", both, check).await
+    }
+
+    async fn wait_for(
+        &self,
+        what: &str,
+        stream: &str,
+        read: impl Fn(&Self) -> String,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
+        const LIMIT: Duration = Duration::from_secs(10);
+        let started = Instant::now();
+        loop {
+            let text = read(self);
+            if check(&text) {
+                return text;
+            }
+            assert!(
+                started.elapsed() < LIMIT,
+                "{}: {what} not in its {stream} within {LIMIT:?}\n{}",
+                self.name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The last lines of both logs, for failure messages.
     pub fn logs(&self) -> String {
         let tail = |text: String| {
