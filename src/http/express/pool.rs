@@ -15,8 +15,13 @@ use std::time::{Duration, Instant};
 
 use crate::stream::TunnelStream;
 
-/// Idle tunnel streams by [`Upstream`](super::Upstream) key; cheap to clone (one
-/// shared set). See the [module docs](self).
+/// Idle tunnel streams by [`Upstream`](super::Upstream) key, shared by all client
+/// connections; cheap to clone (one shared set).
+///
+/// Without it, each idle keep-alive client would hold a stream to the edge (and, behind a
+/// pass-through edge, a connection to the service) for as long as it stays connected.
+/// The pool bounds that as the full path's pool does: at most `max_idle_per_key` idle
+/// streams per edge and service, each finished after `idle_timeout`.
 #[derive(Clone)]
 pub struct StreamPool {
     shared: Arc<Shared>,
