@@ -1858,6 +1858,33 @@ async fn a_kept_stream_the_backend_closed_is_not_used_for_the_next_request() {
     .await;
 }
 
+/// `connections` clients at once, each sending `requests` GETs on its own keep-alive
+/// connection; every answer must be the backend's, and its own.
+async fn burst(public: SocketAddr, connections: usize, requests: usize) {
+    let mut clients = JoinSet::new();
+    for c in 0..connections {
+        clients.spawn(async move {
+            let (mut sender, connection) = connect(public).await;
+            for r in 0..requests {
+                let n = c * 100 + r;
+                let response = get(&mut sender, "web.test", &format!("/n/{n}")).await;
+                assert_eq!(response.status(), StatusCode::OK, "{n}");
+                assert_eq!(answered_by(&response), "web", "{n}");
+                assert_eq!(
+                    text(response).await,
+                    format!("reply {n}"),
+                    "{n} got another's answer"
+                );
+            }
+            drop(sender);
+            connection.await.expect("the client's connection task");
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.expect("a client");
+    }
+}
+
 /// Hundreds of connections at once, each with a few requests on the lane: every answer
 /// is right, each connection used one stream, and once the clients are gone the edge has
 /// no stream left.
@@ -1867,29 +1894,7 @@ async fn hundreds_of_connections_at_once_are_answered_and_leave_no_stream_behind
     const REQUESTS: usize = 3;
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
-        let mut clients = JoinSet::new();
-        for c in 0..CONNECTIONS {
-            let public = lane.public;
-            clients.spawn(async move {
-                let (mut sender, connection) = connect(public).await;
-                for r in 0..REQUESTS {
-                    let n = c * 100 + r;
-                    let response = get(&mut sender, "web.test", &format!("/n/{n}")).await;
-                    assert_eq!(response.status(), StatusCode::OK, "{n}");
-                    assert_eq!(answered_by(&response), "web", "{n}");
-                    assert_eq!(
-                        text(response).await,
-                        format!("reply {n}"),
-                        "{n} got another's answer"
-                    );
-                }
-                drop(sender);
-                connection.await.expect("the client's connection task");
-            });
-        }
-        while let Some(done) = clients.join_next().await {
-            done.expect("a client");
-        }
+        burst(lane.public, CONNECTIONS, REQUESTS).await;
         assert_eq!(lane.calls(), CONNECTIONS * REQUESTS);
         assert_eq!(lane.web.seen.all().len(), CONNECTIONS * REQUESTS);
         assert_eq!(lane.opened("web"), CONNECTIONS, "one stream per connection");
@@ -2114,29 +2119,7 @@ async fn hundreds_of_connections_at_once_through_the_pool_leave_only_the_pooled_
     const CAP: usize = 16;
     let lane = Lane::start(pooled(Duration::from_secs(60), CAP)).await;
     within(LIMIT, async {
-        let mut clients = JoinSet::new();
-        for c in 0..CONNECTIONS {
-            let public = lane.public;
-            clients.spawn(async move {
-                let (mut sender, connection) = connect(public).await;
-                for r in 0..REQUESTS {
-                    let n = c * 100 + r;
-                    let response = get(&mut sender, "web.test", &format!("/n/{n}")).await;
-                    assert_eq!(response.status(), StatusCode::OK, "{n}");
-                    assert_eq!(answered_by(&response), "web", "{n}");
-                    assert_eq!(
-                        text(response).await,
-                        format!("reply {n}"),
-                        "{n} got another's answer"
-                    );
-                }
-                drop(sender);
-                connection.await.expect("the client's connection task");
-            });
-        }
-        while let Some(done) = clients.join_next().await {
-            done.expect("a client");
-        }
+        burst(lane.public, CONNECTIONS, REQUESTS).await;
         assert_eq!(lane.calls(), CONNECTIONS * REQUESTS);
         assert_eq!(lane.web.seen.all().len(), CONNECTIONS * REQUESTS);
         let idle = eventually(

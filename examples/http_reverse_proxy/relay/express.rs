@@ -15,7 +15,7 @@ use backhaul::{QuinnConnection, SessionClient};
 use http::request::Parts;
 
 use super::host::{resolve_host, Target};
-use super::public::record_request;
+use super::public::{record_request, what_only_the_relay_knows};
 use super::*;
 
 /// The relay's [`Express`] route for one listener.
@@ -168,9 +168,7 @@ impl LaneRequest {
     }
 }
 
-/// What went wrong on the way to `edge`, worded as the full path words it: a timeout is
-/// checked with a ping (no pong: 502 "not responding"), and a stream that broke on a
-/// closed QUIC connection is the edge going offline.
+/// What went wrong on the way to `edge`, worded as the full path words it.
 async fn explain(
     state: &RelayState,
     client: &SessionClient<QuinnConnection>,
@@ -179,20 +177,6 @@ async fn explain(
     failure: &Failure,
 ) -> Explained {
     let explained = express_failure(failure, edge, service);
-    if explained.is_timeout() {
-        return explained
-            .probe(client, edge, state.edge_probe_timeout)
-            .await;
-    }
-    match (failure, client.connection().inner().close_reason()) {
-        (Failure::Upstream(_), Some(reason)) => Explained::new(
-            StatusCode::BAD_GATEWAY,
-            format!("edge {edge:?} went offline mid-request (its connection was lost)"),
-            format!(
-                "{}; the edge's connection ended: {reason}",
-                explained.detail
-            ),
-        ),
-        _ => explained,
-    }
+    let broke = matches!(failure, Failure::Upstream(_));
+    what_only_the_relay_knows(state, client, edge, explained, broke).await
 }

@@ -28,6 +28,7 @@ use super::cluster::peer_failure;
 use super::express::RelayExpress;
 use super::host::{resolve_host, Target};
 use super::*;
+use backhaul::{QuinnConnection, SessionClient};
 
 /// Serves the public on `listener`: over TLS with `tls`; with `redirect_to`, every plain
 /// HTTP request is answered with a redirect to HTTPS on that port instead.
@@ -311,9 +312,8 @@ fn idle_hook(state: &RelayState, edge: &str, service: &str) -> impl Fn(Duration)
     }
 }
 
-/// What went wrong on the way to `edge` (the library's mapping), plus what only the
-/// relay knows: a timeout is checked with a ping (no pong: 502 "not responding"), and a
-/// failure that is no tunnel error on a closed QUIC connection is the edge going offline.
+/// What went wrong on the way to `edge` (the library's mapping), revised by
+/// [`what_only_the_relay_knows`]; a failure that is no tunnel error broke the stream.
 async fn explain_failure(
     state: &RelayState,
     edge: &EdgeEntry,
@@ -322,14 +322,25 @@ async fn explain_failure(
     error: &ForwardError,
 ) -> Failure {
     let failure = forward_failure(error, name, service);
+    let broke = find_cause::<Error>(error).is_none();
+    what_only_the_relay_knows(state, edge.client(), name, failure, broke).await
+}
+
+/// Revises a mapped failure with what only the relay knows, on both of its paths: a
+/// timeout is checked with a ping (no pong: 502 "not responding"), and a stream that
+/// `broke` on a closed QUIC connection is the edge going offline.
+pub(super) async fn what_only_the_relay_knows(
+    state: &RelayState,
+    client: &SessionClient<QuinnConnection>,
+    name: &str,
+    failure: Failure,
+    broke: bool,
+) -> Failure {
     if failure.is_timeout() {
-        return failure
-            .probe(edge.client(), name, state.edge_probe_timeout)
-            .await;
+        return failure.probe(client, name, state.edge_probe_timeout).await;
     }
-    let connection = edge.client().connection().inner();
-    match connection.close_reason() {
-        Some(reason) if find_cause::<Error>(error).is_none() => Failure::new(
+    match client.connection().inner().close_reason() {
+        Some(reason) if broke => Failure::new(
             StatusCode::BAD_GATEWAY,
             format!("edge {name:?} went offline mid-request (its connection was lost)"),
             format!("{}; the edge's connection ended: {reason}", failure.detail),

@@ -41,6 +41,15 @@ impl Failure {
         }
     }
 
+    /// A 504 for an upstream that did not answer in time, which [`probe`](Self::probe)
+    /// may revise.
+    fn timeout(message: String, detail: String) -> Self {
+        Self {
+            timed_out: true,
+            ..Self::new(StatusCode::GATEWAY_TIMEOUT, message, detail)
+        }
+    }
+
     /// True if the upstream timed out (a 504 that [`probe`](Self::probe) may revise).
     pub fn is_timeout(&self) -> bool {
         self.timed_out
@@ -99,25 +108,17 @@ impl Failure {
 pub fn forward_failure(error: &ForwardError, edge: &str, service: &str) -> Failure {
     let detail = error_chain(error);
     if let ForwardError::Timeout(limit) = error {
-        return Failure {
-            timed_out: true,
-            ..Failure::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("edge {edge:?} did not answer within {limit:?}"),
-                detail,
-            )
-        };
+        return Failure::timeout(
+            format!("edge {edge:?} did not answer within {limit:?}"),
+            detail,
+        );
     }
     if let Some(tunnel) = find_cause::<Error>(error) {
         if let Error::Timeout(kind) = tunnel {
-            return Failure {
-                timed_out: true,
-                ..Failure::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("edge {edge:?} did not answer in time (waiting for {kind})"),
-                    detail,
-                )
-            };
+            return Failure::timeout(
+                format!("edge {edge:?} did not answer in time (waiting for {kind})"),
+                detail,
+            );
         }
         let (status, message) = tunnel_failure(tunnel, edge, service);
         return Failure::new(status, message, detail);
@@ -160,24 +161,16 @@ pub fn forward_failure(error: &ForwardError, edge: &str, service: &str) -> Failu
 pub fn express_failure(failure: &ExpressFailure, edge: &str, service: &str) -> Failure {
     let detail = failure.to_string();
     match failure {
-        ExpressFailure::ResponseTimeout(limit) => Failure {
-            timed_out: true,
-            ..Failure::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("edge {edge:?} did not answer within {limit:?}"),
-                detail,
-            )
-        },
+        ExpressFailure::ResponseTimeout(limit) => Failure::timeout(
+            format!("edge {edge:?} did not answer within {limit:?}"),
+            detail,
+        ),
         ExpressFailure::Open(error) => {
             if let Error::Timeout(kind) = error.as_ref() {
-                return Failure {
-                    timed_out: true,
-                    ..Failure::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("edge {edge:?} did not answer in time (waiting for {kind})"),
-                        detail,
-                    )
-                };
+                return Failure::timeout(
+                    format!("edge {edge:?} did not answer in time (waiting for {kind})"),
+                    detail,
+                );
             }
             let (status, message) = tunnel_failure(error, edge, service);
             Failure::new(status, message, detail)
