@@ -37,6 +37,56 @@
 //!
 //! The server's limits apply as on the full path: the header timeout, the idle timeout,
 //! the write timeout, the head size, graceful shutdown between requests.
+//!
+//! # Example
+//! A relay whose public server sends `<edge>.example.com` to that edge's `web` service
+//! on the lane, and everything else to its own service:
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//!
+//! use backhaul::http::express::{Express, RouteFuture, StreamPool, Upstream};
+//! use backhaul::http::server::{ConnectionInfo, Server};
+//! use backhaul::relay::Registry;
+//! use http::request::Parts;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use hyper::body::{Bytes, Incoming};
+//!
+//! struct ByHost {
+//!     registry: Registry,
+//!     pool: StreamPool,
+//! }
+//!
+//! impl Express for ByHost {
+//!     fn route<'a>(&'a self, head: &'a mut Parts, _info: &'a ConnectionInfo) -> RouteFuture<'a> {
+//!         let host = head.headers.get(http::header::HOST).and_then(|host| host.to_str().ok());
+//!         let edge = host.and_then(|host| host.strip_suffix(".example.com"));
+//!         let upstream = edge.and_then(|edge| self.registry.get(edge)).map(|handle| {
+//!             // The epoch tells a reconnected edge's session from the one before.
+//!             let key = format!("{}/{}/web", handle.name(), handle.epoch().get());
+//!             Upstream::new(key, handle.connector(), "web").with_pool(self.pool.clone())
+//!         });
+//!         Box::pin(std::future::ready(upstream))
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = Registry::new(); // filled by the relay's acceptor
+//! let pool = StreamPool::new(Duration::from_secs(60), 32);
+//! let elsewhere = tower::service_fn(|_request: Request<Incoming>| async {
+//!     let mut response = Response::new(Full::new(Bytes::from("no such edge\n")));
+//!     *response.status_mut() = StatusCode::NOT_FOUND;
+//!     Ok::<_, Infallible>(response)
+//! });
+//! let server = Server::bind(([127, 0, 0, 1], 0))
+//!     .await?
+//!     .with_express(ByHost { registry, pool });
+//! let serving = tokio::spawn(std::future::IntoFuture::into_future(server.serve(elsewhere)));
+//! # serving.abort();
+//! # Ok(()) }
+//! ```
 
 mod chunked;
 mod connection;
