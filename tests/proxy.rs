@@ -555,6 +555,16 @@ async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
         );
 
         let after = relay.metrics().await;
+        // The plain GETs at least take the express lane, unless it is off.
+        let express = after.get("backhaul_http_express_requests_total", &[]);
+        if relay_flags.contains(&"--no-express") {
+            assert_eq!(express, 0.0);
+        } else {
+            assert!(
+                (5.0..=f64::from(ok) + 1.0).contains(&express),
+                "express: {express}"
+            );
+        }
         let requests = |code| after.get("backhaul_http_requests_total", &[("code", code)]);
         assert_eq!(requests("200"), f64::from(ok));
         assert_eq!(requests("502"), 4.0);

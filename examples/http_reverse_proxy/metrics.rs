@@ -37,6 +37,8 @@ pub struct Metrics {
     pub connections_cut: IntCounterVec,
     /// Edge response bodies cut because the edge stalled mid-body.
     pub upstream_idle_timeouts: IntCounter,
+    /// Requests answered on the relay's express lane (also counted in `requests`).
+    pub express_requests: IntCounter,
 }
 
 impl Metrics {
@@ -148,6 +150,11 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_idle_timeouts.clone()))?;
+        let express_requests = IntCounter::new(
+            "backhaul_http_express_requests_total",
+            "Requests answered on the relay's express lane (a part of backhaul_http_requests_total; the rest took the full path)",
+        )?;
+        registry.register(Box::new(express_requests.clone()))?;
         Ok(Self {
             registry,
             edges_connected,
@@ -164,6 +171,7 @@ impl Metrics {
             connections_open,
             connections_cut,
             upstream_idle_timeouts,
+            express_requests,
         })
     }
 

@@ -142,6 +142,7 @@ impl LaneRequest {
         }
         // A connection cut before any answer is no request answered.
         if let Some(status) = outcome.status {
+            metrics.express_requests.inc();
             record_request(&self.state, span, status, outcome.elapsed);
         }
     }
