@@ -1442,24 +1442,32 @@ async fn http2_with_prior_knowledge_is_served_by_hyper() {
 // ---------------------------------------------------------------------------------------
 // Failures
 
+/// Sends `request` on a new connection: the lane itself (not the backend) answers 502
+/// with `Connection: close`, then closes the connection.
+async fn lane_answers_502_and_closes(lane: &Lane, request: &[u8]) -> Reply {
+    let mut client = RawClient::connect(lane.public).await;
+    client.send(request).await;
+    let reply = client.reply().await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_eq!(reply.header("connection").as_deref(), Some("close"));
+    assert_eq!(
+        reply.answered_by(),
+        "<nobody>",
+        "the lane answered, not the backend"
+    );
+    // The reply was read whole; what follows must be the connection's end.
+    let rest = client.end().await;
+    assert_eq!(rest, End::Closed(Vec::new()));
+    reply
+}
+
 /// A response head that is not HTTP: the lane's 502, then the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_response_head_is_a_502_and_a_closed_connection() {
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
-        let mut client = RawClient::connect(lane.public).await;
-        client
-            .send(b"GET /malformed HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+        lane_answers_502_and_closes(&lane, b"GET /malformed HTTP/1.1\r\nHost: raw.test\r\n\r\n")
             .await;
-        let reply = client.reply().await;
-        assert_eq!(reply.status, 502, "{reply:?}");
-        assert_eq!(reply.header("connection").as_deref(), Some("close"));
-        assert_eq!(
-            reply.answered_by(),
-            "<nobody>",
-            "the lane answered, not the backend"
-        );
-        assert_eq!(client.end().await, End::Closed(Vec::new()));
         let outcome = lane.outcome("/malformed").await;
         assert_eq!(outcome.status, Some(StatusCode::BAD_GATEWAY));
         assert!(
@@ -1476,16 +1484,10 @@ async fn a_malformed_response_head_is_a_502_and_a_closed_connection() {
 async fn a_refused_open_is_a_502_and_a_closed_connection() {
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
-        let mut client = RawClient::connect(lane.public).await;
-        client
-            .send(b"GET /nope HTTP/1.1\r\nHost: nope.test\r\n\r\n")
-            .await;
-        let reply = client.reply().await;
-        assert_eq!(reply.status, 502, "{reply:?}");
-        assert_eq!(reply.header("connection").as_deref(), Some("close"));
-        assert_eq!(reply.answered_by(), "<nobody>", "the lane answered");
+        let reply =
+            lane_answers_502_and_closes(&lane, b"GET /nope HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+                .await;
         assert!(reply.text().contains("no stream to the edge"), "{reply:?}");
-        assert_eq!(client.end().await, End::Closed(Vec::new()));
         let outcome = lane.outcome("/nope").await;
         assert_eq!(outcome.status, Some(StatusCode::BAD_GATEWAY));
         assert_eq!(outcome.streams_opened, 0);

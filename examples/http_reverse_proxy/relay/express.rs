@@ -11,6 +11,7 @@ use backhaul::http::authority::request_authority;
 use backhaul::http::express::{Express, Failure, FailureAnswer, Outcome, RouteFuture, Upstream};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{express_failure, Failure as Explained, Timeouts};
+use backhaul::relay::EdgeHandle;
 use backhaul::{QuinnConnection, SessionClient};
 use http::request::Parts;
 
@@ -65,7 +66,7 @@ impl RelayExpress {
         // One allocation shared by both hooks.
         let request = Arc::new(LaneRequest {
             state: Arc::clone(state),
-            client: handle.client().clone(),
+            handle,
             names: format!("{edge}/{service}"),
             edge_len: edge.len(),
             span,
@@ -93,7 +94,8 @@ impl RelayExpress {
 /// One request on the lane, for its hooks.
 struct LaneRequest {
     state: Arc<RelayState>,
-    client: SessionClient<QuinnConnection>,
+    /// The edge's registry entry (its session, for the ping that explains a timeout).
+    handle: EdgeHandle<QuinnConnection>,
     /// `edge/service`, in one allocation.
     names: String,
     edge_len: usize,
@@ -151,7 +153,7 @@ impl LaneRequest {
     async fn answer(&self, failure: &Failure) -> (StatusCode, String) {
         let explained = explain(
             &self.state,
-            &self.client,
+            self.handle.client(),
             self.edge(),
             self.service(),
             failure,

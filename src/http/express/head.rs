@@ -13,7 +13,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use crate::http::proxy::strip_hop_by_hop;
+use crate::http::proxy::{hop_by_hop, strip_hop_by_hop};
 
 /// Field lines a head may have on the lane; more, and hyper (whose limit is
 /// [`Limits::max_headers`](crate::http::server::Limits)) decides.
@@ -99,7 +99,8 @@ fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option
     if hosts != 1 {
         return None;
     }
-    let close = has_token(&headers, header::CONNECTION, "close");
+    let close = hop_by_hop::tokens(&headers, header::CONNECTION)
+        .any(|token| token.eq_ignore_ascii_case("close"));
     strip_hop_by_hop(&mut headers, false);
     // The framing is the lane's, not the client's to name away with `Connection`: the
     // body is forwarded by this count, so the edge must be told it.
@@ -125,16 +126,6 @@ fn decimal(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-/// True if a comma-separated field `name` lists `token` (case-insensitively).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| item.trim().eq_ignore_ascii_case(token))
 }
 
 /// Writes `parts` as an HTTP/1.1 request head (origin form) to `out`.

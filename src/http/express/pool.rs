@@ -10,9 +10,10 @@
 //! client sending request after request keeps meeting the same stream.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::http::pool::{reap, Expiring};
 use crate::stream::TunnelStream;
 
 /// Idle tunnel streams by [`Upstream`](super::Upstream) key, shared by all client
@@ -122,10 +123,9 @@ impl StreamPool {
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<IdleStream>>> {
-        // Every update is one map operation: a poisoned map is still consistent.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+impl Expiring for Shared {
+    fn idle_timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Drops the streams that have idled longer than the timeout.
@@ -144,17 +144,9 @@ impl Shared {
     }
 }
 
-/// Closes expired idle streams every quarter of the idle timeout while the pool lives.
-async fn reap(shared: Weak<Shared>) {
-    let Some(period) = shared.upgrade().map(|shared| shared.timeout / 4) else {
-        return;
-    };
-    let period = period.max(Duration::from_millis(10));
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        shared.expire();
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<IdleStream>>> {
+        // Every update is one map operation: a poisoned map is still consistent.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -379,19 +379,36 @@ where
     }
 }
 
-/// Closes expired idle connections every quarter of the idle timeout while the pool
-/// lives.
-async fn reap<B>(idle: Weak<IdleSet<B>>) {
-    let Some(period) = idle.upgrade().map(|idle| idle.timeout() / 4) else {
+/// A set of idle connections or streams that expire: what [`reap`] sweeps.
+pub(crate) trait Expiring: Send + Sync + 'static {
+    /// How long an entry may sit idle.
+    fn idle_timeout(&self) -> Duration;
+    /// Drops the entries idle longer than that.
+    fn expire(&self);
+}
+
+impl<B: Send + 'static> Expiring for IdleSet<B> {
+    fn idle_timeout(&self) -> Duration {
+        self.timeout()
+    }
+
+    fn expire(&self) {
+        IdleSet::expire(self);
+    }
+}
+
+/// Expires `set`'s idle entries every quarter of its idle timeout while it lives.
+pub(crate) async fn reap<T: Expiring>(set: Weak<T>) {
+    let Some(period) = set.upgrade().map(|set| set.idle_timeout() / 4) else {
         return;
     };
     let period = period.max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(period).await;
-        let Some(idle) = idle.upgrade() else {
+        let Some(set) = set.upgrade() else {
             return;
         };
-        idle.expire();
+        set.expire();
     }
 }
 

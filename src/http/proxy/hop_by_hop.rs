@@ -28,7 +28,8 @@ const H2C: &str = "h2c";
 const TRAILERS: &str = "trailers";
 
 /// The comma-separated tokens of every `name` header.
-fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+/// The comma-separated items of every `name` field, trimmed, empty ones left out.
+pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
         .into_iter()

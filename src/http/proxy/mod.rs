@@ -52,7 +52,7 @@
 
 mod failure;
 mod forward;
-mod hop_by_hop;
+pub(crate) mod hop_by_hop;
 mod idle;
 mod local;
 #[cfg(feature = "tcp")]

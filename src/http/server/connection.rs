@@ -109,25 +109,40 @@ pub(super) async fn serve_connection<S, B>(
         match tls.accept(watched_io).await {
             Ok(stream) => {
                 let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                match express_first(stream, &shared, &activity, info, http2).await {
-                    Handoff::Done => report_end(&shared, &activity, &info, Ok(())),
-                    Handoff::Hyper(io) => {
-                        drive(TokioIo::new(io), hyper_service, &shared, &activity, &info).await;
-                    }
-                }
+                serve_io(stream, http2, hyper_service, &shared, &activity, &info).await;
             }
             Err(error) => report_end(&shared, &activity, &info, Err(Box::new(error))),
         }
         drop(open);
         return;
     }
-    match express_first(watched_io, &shared, &activity, info, false).await {
-        Handoff::Done => report_end(&shared, &activity, &info, Ok(())),
-        Handoff::Hyper(io) => {
-            drive(TokioIo::new(io), hyper_service, &shared, &activity, &info).await;
-        }
-    }
+    serve_io(watched_io, false, hyper_service, &shared, &activity, &info).await;
     drop(open);
+}
+
+/// Serves `io` (plain or TLS): the express lane first, then hyper for what it leaves.
+async fn serve_io<I, H, B>(
+    io: I,
+    http2: bool,
+    hyper_service: H,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    info: &ConnectionInfo,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: hyper::service::Service<Request<Incoming>, Response = Response<InFlightBody<B>>>
+        + Send
+        + 'static,
+    H::Future: Send + 'static,
+    H::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    match express_first(io, shared, activity, *info, http2).await {
+        Handoff::Done => report_end(shared, activity, info, Ok(())),
+        Handoff::Hyper(io) => drive(TokioIo::new(io), hyper_service, shared, activity, info).await,
+    }
 }
 
 /// Serves `io` on the express lane if the server has one (and the connection is not
