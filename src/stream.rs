@@ -275,6 +275,15 @@ impl<C: Connection> TunnelStream<C> {
         crate::transport::RecvStream::stop(&mut duplex.recv, code);
     }
 
+    /// Stops reading with an application error `code`: the peer's writes fail with it.
+    /// What this side wrote, and its finish, are still delivered.
+    ///
+    /// Use it when the peer's bytes can no longer go anywhere but what came the other way
+    /// is whole (a splice whose far side stopped reading after it answered).
+    pub fn stop(&mut self, code: u32) {
+        crate::transport::RecvStream::stop(&mut duplex_mut(&mut self.io).recv, code);
+    }
+
     /// Resolves when the edge that serves this stream begins a graceful shutdown, so a
     /// long-lived service (an HTTP connection with keep-alive) can wind down. Never
     /// resolves for streams not served by a [`Router`](crate::edge::Router).

@@ -39,7 +39,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use support::http::{checksum_body, Checksum, PatternBody};
+use support::http::{checksum_body, Checksum, PatternBody, LIMITED_BODY};
 use support::raw::RawBackend;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -288,6 +288,9 @@ fn head_field(head: &str, name: &str) -> Option<String> {
 /// - `/close-soon`: `ok` (a keep-alive response), then a close 100 ms later;
 /// - `/no-content`: a 204; `/not-modified`: a 304 announcing 10 bytes (sends none);
 /// - `/names-length`: `ok` with `Connection: content-length`;
+/// - `/early-413`: [`EARLY_413`] before reading the body, then the connection held open
+///   without reading;
+/// - `/deaf`: nothing read past the head, no answer, the connection held open;
 /// - anything else: `ok`.
 ///
 /// It reads a request's `Content-Length` body, and counts the connections it closed.
@@ -313,6 +316,7 @@ async fn raw_backend() -> Raw {
 }
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Answered-By: raw\r\n\r\nok";
+const EARLY_413: &[u8] = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\nX-Answered-By: raw\r\n\r\ntoo large";
 
 async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicUsize>) {
     loop {
@@ -323,6 +327,18 @@ async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicU
         let method = request_line.next().unwrap_or_default().to_owned();
         let path = request_line.next().unwrap_or_default().to_owned();
         seen.push(&method, &path);
+        match path.as_str() {
+            "/early-413" => {
+                let _ = tcp.write_all(EARLY_413).await;
+                tokio::time::sleep(LIMIT).await;
+                return;
+            }
+            "/deaf" => {
+                tokio::time::sleep(LIMIT).await;
+                return;
+            }
+            _ => {}
+        }
         if let Some(length) = head_field(&head, "content-length") {
             let mut body = vec![0; length.parse().expect("a length")];
             if tcp.read_exact(&mut body).await.is_err() {
@@ -1165,6 +1181,160 @@ async fn bodies_each_way_arrive_intact() {
         let chunked = lane.outcome(&format!("/chunked/{DOWNLOAD}")).await;
         assert!(chunked.response_body_bytes > DOWNLOAD, "{chunked:?}");
         assert_eq!(chunked.failure, None);
+    })
+    .await;
+}
+
+/// A service that answers as it reads (the body echoed back) gets the whole upload while
+/// its answer flows: the lane reads the answer while it sends, so neither side waits on
+/// the other. Sent first and answered after, 32 MiB would fill every buffer on the way
+/// and stall both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_answering_as_it_reads_gets_the_whole_upload_and_its_answer_arrives() {
+    const UPLOAD: u64 = 32 * 1024 * 1024;
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let (mut sender, _connection) = connect(lane.public).await;
+        let response = send(
+            &mut sender,
+            request(
+                Method::POST,
+                "web.test",
+                "/duplex",
+                PatternBody::new(UPLOAD).boxed(),
+            ),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(answered_by(&response), "web");
+        let echoed = checksum_body(response.into_body())
+            .await
+            .expect("the echoed body");
+        assert_eq!(echoed, PatternBody::checksum(UPLOAD));
+        let outcome = lane.outcome("/duplex").await;
+        assert_eq!(outcome.failure, None);
+        assert_eq!(outcome.request_body_bytes, UPLOAD);
+        assert_eq!(outcome.response_body_bytes, UPLOAD);
+
+        // The exchange ended in step: the connection and its stream go on.
+        let response = get(&mut sender, "web.test", "/whoami").await;
+        assert_eq!(text(response).await, "web");
+        assert_eq!(lane.opened("web"), 1);
+    })
+    .await;
+}
+
+/// A service that answers before the body's end and stops reading (a 413 for an upload
+/// too large): the client gets that answer, not a 502, and the connection closes, the
+/// stream to the edge reset since the service was left mid-body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_closes() {
+    const UPLOAD: u64 = 16 * 1024 * 1024;
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let (mut sender, connection) = connect(lane.public).await;
+        let response = send(
+            &mut sender,
+            request(
+                Method::POST,
+                "raw.test",
+                "/early-413",
+                PatternBody::new(UPLOAD).boxed(),
+            ),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(answered_by(&response), "raw");
+        assert_eq!(text(response).await, "too large");
+        within(PROMPT, connection)
+            .await
+            .expect("the connection's task ends");
+        let outcome = lane.outcome("/early-413").await;
+        assert_eq!(outcome.status, Some(StatusCode::PAYLOAD_TOO_LARGE));
+        assert_eq!(outcome.failure, None);
+        assert!(outcome.request_body_bytes < UPLOAD, "{outcome:?}");
+        eventually(PROMPT, "the stream to the edge ended", || {
+            (lane.active("raw") == 0).then_some(())
+        })
+        .await;
+
+        // Another connection is served as before.
+        let (mut sender, _connection) = connect(lane.public).await;
+        let response = get(&mut sender, "raw.test", "/").await;
+        assert_eq!(text(response).await, "ok");
+    })
+    .await;
+}
+
+/// axum refusing an upload over its body limit (its 413 comes at once, and hyper closes
+/// the connection with the rest unread): the client gets the 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_limit_answer_from_axum_reaches_the_client() {
+    const UPLOAD: u64 = 8 * 1024 * 1024;
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        for _ in 0..5 {
+            let (mut sender, _connection) = connect(lane.public).await;
+            let response = send(
+                &mut sender,
+                request(
+                    Method::POST,
+                    "web.test",
+                    "/limited",
+                    PatternBody::new(UPLOAD).boxed(),
+                ),
+            )
+            .await;
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(answered_by(&response), "web");
+        }
+        let (mut sender, _connection) = connect(lane.public).await;
+        let small = Full::new(Bytes::from(vec![b'x'; LIMITED_BODY])).boxed();
+        let response = send(
+            &mut sender,
+            request(Method::POST, "web.test", "/limited", small),
+        )
+        .await;
+        assert_eq!(text(response).await, LIMITED_BODY.to_string());
+    })
+    .await;
+}
+
+/// A service that neither reads the body nor answers: once the upload has not moved for
+/// the response timeout, the lane answers 504 and closes; nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_taking_neither_the_body_nor_answering_is_a_504_after_the_response_timeout() {
+    const UPLOAD: u64 = 64 * 1024 * 1024;
+    let response_timeout = Duration::from_millis(500);
+    let lane = Lane::start(Setup {
+        timeouts: Timeouts {
+            response: response_timeout,
+            body_idle: Duration::from_secs(60),
+        },
+        ..Setup::default()
+    })
+    .await;
+    within(LIMIT, async {
+        let (mut sender, _connection) = connect(lane.public).await;
+        let started = Instant::now();
+        let response = send(
+            &mut sender,
+            request(
+                Method::POST,
+                "raw.test",
+                "/deaf",
+                PatternBody::new(UPLOAD).boxed(),
+            ),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() >= response_timeout);
+        let outcome = lane.outcome("/deaf").await;
+        assert_eq!(
+            outcome.failure,
+            Some(express::Failure::ResponseTimeout(response_timeout))
+        );
+        assert!(outcome.request_body_bytes < UPLOAD, "{outcome:?}");
     })
     .await;
 }

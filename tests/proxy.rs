@@ -178,6 +178,81 @@ async fn streams_64_mib_both_ways_with_checksums_with(relay_flags: &[&str]) {
     .await;
 }
 
+/// Uploads a service answers before their end: a 413 from a body limit (the service then
+/// closes with the rest unread) reaches the client, and a body echoed back as it comes
+/// arrives whole. Through an edge passing streams through (`--pass-through`) and one
+/// serving HTTP itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_before_the_uploads_end_reach_the_client() {
+    answers_before_the_uploads_end_reach_the_client_with(&[]).await;
+}
+
+/// The same on the relay's full path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_before_the_uploads_end_reach_the_client_on_the_full_path() {
+    answers_before_the_uploads_end_reach_the_client_with(&["--no-express"]).await;
+}
+
+async fn answers_before_the_uploads_end_reach_the_client_with(relay_flags: &[&str]) {
+    const REFUSED: u64 = 8 << 20;
+    const ECHOED: u64 = 16 << 20;
+    bounded(LIMIT, async {
+        let dir = TempDir::new("early");
+        let backend = Backend::start("web").await;
+        let mut relay = Relay::start(
+            dir.path(),
+            &[("alpha", "secret"), ("beta", "secret")],
+            relay_flags,
+        )
+        .await;
+        let _passing = relay.spawn_edge(
+            "alpha",
+            "secret",
+            &[("web", backend.addr)],
+            &["--pass-through", "web"],
+        );
+        let _serving = relay.spawn_edge("beta", "secret", &[("web", backend.addr)], &[]);
+        relay.wait_edges(2).await;
+        let public = relay.public();
+        for edge in ["alpha", "beta"] {
+            let host = public.host(edge);
+            for _ in 0..3 {
+                let response = public
+                    .send(public.request(
+                        Method::POST,
+                        &host,
+                        "/limited",
+                        boxed(PatternBody::new(REFUSED)),
+                    ))
+                    .await;
+                assert_eq!(
+                    response.status(),
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "through {edge}"
+                );
+            }
+            let response = public
+                .send(public.request(
+                    Method::POST,
+                    &host,
+                    "/duplex",
+                    boxed(PatternBody::new(ECHOED)),
+                ))
+                .await;
+            assert_eq!(response.status(), StatusCode::OK, "through {edge}");
+            let echoed = checksum_body(response.into_body())
+                .await
+                .expect("the echoed body");
+            assert_eq!(echoed, PatternBody::checksum(ECHOED), "through {edge}");
+            assert_eq!(
+                public.get(edge, "/").await,
+                (StatusCode::OK, "hello from the edge".to_owned())
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_200_concurrent_requests_correctly() {
     answers_200_concurrent_requests_correctly_with(&[]).await;

@@ -423,7 +423,12 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
                 // when `client` drops.
                 let failure = match error.side {
                     Side::First => {
-                        stream.reset(CONNECTION_BROKEN);
+                        if error.answer_delivered {
+                            // The client stopped reading, but what it sent went out whole.
+                            stream.stop(CONNECTION_BROKEN);
+                        } else {
+                            stream.reset(CONNECTION_BROKEN);
+                        }
                         TcpFailure::ClientBroken(error)
                     }
                     Side::Second => TcpFailure::TunnelBroken(error),

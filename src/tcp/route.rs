@@ -164,7 +164,12 @@ pub(crate) async fn splice_aborting<C: Connection>(
         Err(failure) => {
             // The backend is reset when dropped here, unless it is the side that broke.
             if failure.side == Side::Second {
-                stream.reset(CONNECTION_BROKEN);
+                if failure.answer_delivered {
+                    // It stopped reading, but its answer went out whole.
+                    stream.stop(CONNECTION_BROKEN);
+                } else {
+                    stream.reset(CONNECTION_BROKEN);
+                }
                 drop(backend.release());
             }
             Err(failure)

@@ -8,6 +8,7 @@
 //! side failed, and the caller aborts the other one (a TCP reset, a QUIC stream reset).
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -38,6 +39,11 @@ pub struct SpliceError {
     pub error: io::Error,
     /// Bytes fully written before the failure.
     pub carried: Spliced,
+    /// The direction *from* the failed side ended cleanly (all of it written, then the
+    /// other side's writer shut down): only what was sent *to* the failed side was lost.
+    /// The caller should then stop reading the other side rather than abort it, or the
+    /// answer it was just given could be discarded.
+    pub answer_delivered: bool,
 }
 
 impl std::fmt::Display for SpliceError {
@@ -68,9 +74,17 @@ const BUFFER: usize = 64 * 1024;
 /// Copies `first` → `second` and `second` → `first` until both directions end.
 ///
 /// When one direction reads a clean end, the other connection's write side is shut down
-/// (half-close) and the other direction goes on. When any read or write fails, the splice
-/// stops at once and says which side failed; the caller should then abort the *other* side
-/// rather than close it gracefully.
+/// (half-close) and the other direction goes on. When a read fails, the splice stops at
+/// once and says which side failed; the caller should then abort the *other* side rather
+/// than close it gracefully.
+///
+/// When a write fails, the side written to stopped taking bytes: a service that answered
+/// early (a `413` before the upload's end) and closed. Its answer is still on its way
+/// back, so only that direction stops; the other goes on to its end, and then the splice
+/// reports the failure, with [`SpliceError::answer_delivered`] telling whether the answer
+/// got through whole. A connection reset read from a side that left bytes unread is that
+/// side's close (the kernel resets a socket closed with unread input): its direction ends
+/// cleanly, after everything the side sent before it.
 pub async fn splice<A, B>(first: &mut A, second: &mut B) -> Result<Spliced, SpliceError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -78,38 +92,77 @@ where
 {
     let (mut first_read, mut first_write) = tokio::io::split(first);
     let (mut second_read, mut second_write) = tokio::io::split(second);
+    // Set while a direction holds bytes its writer has not taken (or never will). Both
+    // directions run in this task: atomics only to keep the future `Send`.
+    let (to_second, to_first) = (AtomicBool::new(false), AtomicBool::new(false));
     let mut carried = Spliced::default();
-    let forward = copy_half(&mut first_read, &mut second_write);
-    let backward = copy_half(&mut second_read, &mut first_write);
+    let forward = copy_half(&mut first_read, &mut second_write, &to_second, &to_first);
+    let backward = copy_half(&mut second_read, &mut first_write, &to_first, &to_second);
     tokio::pin!(forward, backward);
     let (mut forward_done, mut backward_done) = (false, false);
+    // A failed write, reported once the other direction ended: (side, error, the other
+    // direction's result).
+    let mut refused: Option<(Side, io::Error)> = None;
     while !(forward_done && backward_done) {
-        tokio::select! {
+        let (direction, result) = tokio::select! {
             result = &mut forward, if !forward_done => {
                 forward_done = true;
-                match result {
-                    Ok(bytes) => carried.forward = bytes,
-                    Err((side, bytes, error)) => {
-                        carried.forward = bytes;
-                        let side = if side == Half::Reader { Side::First } else { Side::Second };
-                        return Err(SpliceError { side, error, carried });
-                    }
-                }
+                (Direction::Forward, result)
             }
             result = &mut backward, if !backward_done => {
                 backward_done = true;
-                match result {
-                    Ok(bytes) => carried.backward = bytes,
-                    Err((side, bytes, error)) => {
-                        carried.backward = bytes;
-                        let side = if side == Half::Reader { Side::Second } else { Side::First };
-                        return Err(SpliceError { side, error, carried });
-                    }
+                (Direction::Backward, result)
+            }
+        };
+        let bytes = match direction {
+            Direction::Forward => &mut carried.forward,
+            Direction::Backward => &mut carried.backward,
+        };
+        match result {
+            Ok(total) => *bytes = total,
+            Err((half, total, error)) => {
+                *bytes = total;
+                let side = direction.side(half);
+                if half == Half::Writer && refused.is_none() {
+                    refused = Some((side, error));
+                    continue;
                 }
+                return Err(SpliceError {
+                    side,
+                    error,
+                    carried,
+                    answer_delivered: false,
+                });
             }
         }
     }
-    Ok(carried)
+    match refused {
+        None => Ok(carried),
+        Some((side, error)) => Err(SpliceError {
+            side,
+            error,
+            carried,
+            answer_delivered: true,
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// First → second.
+    Forward,
+    /// Second → first.
+    Backward,
+}
+
+impl Direction {
+    /// The side whose `half` failed in this direction.
+    fn side(self, half: Half) -> Side {
+        match (self, half) {
+            (Self::Forward, Half::Reader) | (Self::Backward, Half::Writer) => Side::First,
+            (Self::Forward, Half::Writer) | (Self::Backward, Half::Reader) => Side::Second,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +172,14 @@ enum Half {
 }
 
 /// One direction: read until the end, write everything, then shut the writer down.
-async fn copy_half<R, W>(reader: &mut R, writer: &mut W) -> Result<u64, (Half, u64, io::Error)>
+/// `holding` is set while this direction has bytes its writer has not taken; `unread`
+/// is the other direction's, which holds bytes for this direction's reader.
+async fn copy_half<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    holding: &AtomicBool,
+    unread: &AtomicBool,
+) -> Result<u64, (Half, u64, io::Error)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -130,11 +190,21 @@ where
         let read = match reader.read(&mut buffer).await {
             Ok(0) => break,
             Ok(read) => read,
+            // The reader's side closed with our bytes unread: everything it sent came
+            // before the reset.
+            Err(error)
+                if error.kind() == io::ErrorKind::ConnectionReset
+                    && unread.load(Ordering::Relaxed) =>
+            {
+                break
+            }
             Err(error) => return Err((Half::Reader, total, error)),
         };
+        holding.store(true, Ordering::Relaxed);
         if let Err(error) = writer.write_all(&buffer[..read]).await {
             return Err((Half::Writer, total, error));
         }
+        holding.store(false, Ordering::Relaxed);
         total += read as u64;
     }
     writer
@@ -214,6 +284,78 @@ mod tests {
         ) -> std::task::Poll<io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
         }
+    }
+
+    /// A TCP service that answers at once and closes with its input unread (the kernel
+    /// then resets the connection): the answer reaches the other side whole and ends
+    /// cleanly, and the splice reports the refused input.
+    #[tokio::test]
+    async fn an_answer_before_the_input_ends_is_delivered_whole() {
+        const ANSWER: &[u8] = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service_addr = listener.local_addr().unwrap();
+        let service = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = tcp.read(&mut head).await.unwrap();
+            tcp.write_all(ANSWER).await.unwrap();
+            // Closed with the upload unread: a reset, not a FIN.
+            drop(tcp);
+        });
+        let mut service_side = tokio::net::TcpStream::connect(service_addr).await.unwrap();
+        let (mut client_side, mut client) = tokio::io::duplex(64 * 1024);
+        let splice = tokio::spawn(async move { splice(&mut client_side, &mut service_side).await });
+        // The client uploads far more than the kernel buffers hold, and reads meanwhile.
+        let upload = tokio::spawn(async move {
+            let (mut reading, mut writing) = tokio::io::split(&mut client);
+            let sending = async {
+                let chunk = vec![5u8; 64 * 1024];
+                for _ in 0..1024 {
+                    if writing.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let mut answer = Vec::new();
+            let receiving = reading.read_to_end(&mut answer);
+            let ((), received) = tokio::join!(sending, receiving);
+            (received, answer)
+        });
+        service.await.unwrap();
+        let error = splice.await.unwrap().unwrap_err();
+        assert_eq!(error.side, Side::Second);
+        assert!(error.answer_delivered, "{error}");
+        assert_eq!(error.carried.backward, ANSWER.len() as u64);
+        // What the client sees here, the far end of the splice would see: the answer
+        // and a clean end. (The upload side: the caller stops it.)
+        drop(error);
+        let (received, answer) = upload.await.unwrap();
+        received.expect("a clean end after the answer");
+        assert_eq!(answer, ANSWER);
+    }
+
+    /// A reset from a side that had taken everything sent to it is no close: the splice
+    /// fails at once, naming that side.
+    #[tokio::test]
+    async fn a_reset_with_nothing_unread_is_a_failure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service_addr = listener.local_addr().unwrap();
+        let service = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // SO_LINGER 0: close sends a reset.
+            tcp.set_zero_linger().unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            drop(tcp);
+        });
+        let mut service_side = tokio::net::TcpStream::connect(service_addr).await.unwrap();
+        let (mut client_side, _client) = tokio::io::duplex(64 * 1024);
+        let error = splice(&mut client_side, &mut service_side)
+            .await
+            .unwrap_err();
+        service.await.unwrap();
+        assert_eq!(error.side, Side::Second);
+        assert_eq!(error.error.kind(), io::ErrorKind::ConnectionReset);
+        assert!(!error.answer_delivered);
     }
 
     #[tokio::test]

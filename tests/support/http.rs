@@ -122,6 +122,9 @@ where
     Ok(sum)
 }
 
+/// The largest body `/limited` takes; a longer one is refused with a 413 at once.
+pub const LIMITED_BODY: usize = 1024;
+
 /// The test app served on the edge.
 pub fn app() -> axum::Router {
     use axum::extract::ws::{Message, WebSocketUpgrade};
@@ -146,6 +149,18 @@ pub fn app() -> axum::Router {
         .route(
             "/download/{len}",
             get(|Path(len): Path<u64>| async move { AxumBody::new(PatternBody::new(len)) }),
+        )
+        .route(
+            "/duplex",
+            post(|request: Request| async move {
+                // The body goes back as it comes: the answer starts before the upload ends.
+                AxumBody::new(request.into_body())
+            }),
+        )
+        .route(
+            "/limited",
+            post(|body: Bytes| async move { body.len().to_string() })
+                .layer(axum::extract::DefaultBodyLimit::max(LIMITED_BODY)),
         )
         .route(
             "/slow/{millis}",

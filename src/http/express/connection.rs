@@ -1,9 +1,10 @@
 //! One client connection on the express lane: request after request until the client
 //! closes, a request needs hyper, or an exchange fails.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -11,6 +12,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
 use super::chunked::ChunkedScanner;
@@ -24,6 +26,11 @@ use crate::stream::{TunnelStream, ABANDONED_STREAM};
 const READ_ROOM: usize = 8 * 1024;
 /// The largest response head the lane reads from an edge.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// After an answer that came before the request's end, how long and how much of the
+/// rest the lane reads (and drops) before closing: a client still sending when the
+/// connection closes would get a reset instead of the answer.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// How the lane left a connection.
 pub(crate) enum Handoff<I> {
@@ -60,7 +67,7 @@ where
         buf: BytesMut::with_capacity(READ_ROOM),
         response: BytesMut::new(),
         out: BytesMut::new(),
-        request: BytesMut::new(),
+        upload: Upload::default(),
         fields: BytesMut::new(),
         kept: None,
     };
@@ -89,7 +96,6 @@ where
         let mut exchange = Exchange {
             method: parts.method.clone(),
             status: None,
-            request_body_bytes: 0,
             response_body_bytes: 0,
             streams_opened: 0,
         };
@@ -133,7 +139,7 @@ where
                 .status
                 .or(answer.as_ref().map(|(status, _)| *status)),
             elapsed: started.elapsed(),
-            request_body_bytes: exchange.request_body_bytes,
+            request_body_bytes: lane.upload.body_sent,
             response_body_bytes: exchange.response_body_bytes,
             streams_opened: exchange.streams_opened,
             failure: ended.as_ref().err().cloned(),
@@ -153,8 +159,17 @@ where
                 }
             },
             (Ok(Next::Continue { .. }), _) => {}
-            (Ok(Next::Close), _) => {
+            (Ok(Next::Close { cut_upload }), stream) => {
+                if cut_upload {
+                    // The service behind the edge is left mid-body: a reset, not an end.
+                    if let Some(mut stream) = stream {
+                        stream.reset(ABANDONED_STREAM);
+                    }
+                }
                 let _ = client.shutdown().await;
+                if cut_upload {
+                    linger(&mut client).await;
+                }
                 return Handoff::Done;
             }
             (Err(_), stream) => {
@@ -182,8 +197,14 @@ enum Head {
 }
 
 enum Next {
-    Continue { reusable: bool },
-    Close,
+    Continue {
+        reusable: bool,
+    },
+    /// The client's connection closes; `cut_upload`: the response ended before the
+    /// request body did.
+    Close {
+        cut_upload: bool,
+    },
 }
 
 /// The request as read, for [`Lane::exchange`].
@@ -198,7 +219,6 @@ struct Sent<'a> {
 struct Exchange {
     method: Method,
     status: Option<StatusCode>,
-    request_body_bytes: u64,
     response_body_bytes: u64,
     streams_opened: u32,
 }
@@ -210,9 +230,8 @@ struct Lane {
     response: BytesMut,
     /// What is written next (a head and the first body bytes, in one write).
     out: BytesMut,
-    /// The request head (and body bytes read with it) as sent to the edge, kept until
-    /// the answer comes in case it must be sent again.
-    request: BytesMut,
+    /// The request on its way to the edge.
+    upload: Upload,
     /// The response's field lines as the client receives them.
     fields: BytesMut,
     kept: Option<Kept>,
@@ -297,31 +316,20 @@ impl Lane {
             body_len,
             close,
         } = sent;
-        let mut request = std::mem::take(&mut self.request);
-        request.clear();
-        head::write_request(parts, &mut request);
         let buffered = usize::try_from(body_len).map_or(self.buf.len() - head_len, |body_len| {
             body_len.min(self.buf.len() - head_len)
         });
-        request.extend_from_slice(&self.buf[head_len..head_len + buffered]);
+        self.upload
+            .start(parts, &self.buf[head_len..head_len + buffered], body_len);
         self.buf.advance(head_len + buffered);
-        exchange.request_body_bytes = buffered as u64;
-        let remaining = body_len - buffered as u64;
         // A kept stream the edge closed meanwhile fails before any answer: a safe request
         // sent whole from memory is sent again on a new stream, once.
-        let mut may_retry = reused && remaining == 0 && is_safe(&parts.method);
+        let mut may_retry = reused && self.upload.remaining == 0 && is_safe(&parts.method);
         let head = loop {
-            let sent = self
-                .send_request(client, stream, &request, remaining, exchange)
-                .await;
-            let answered = match sent {
-                Ok(()) => {
-                    self.read_response_head(client, stream, upstream.timeouts.response, exchange)
-                        .await
-                }
-                Err(failure) => Err(failure),
-            };
-            match answered {
+            match self
+                .read_response_head(client, stream, upstream.timeouts.response, exchange)
+                .await
+            {
                 Ok(head) => break head,
                 Err(Failure::Upstream(_)) if may_retry && self.response.is_empty() => {
                     may_retry = false;
@@ -332,11 +340,11 @@ impl Lane {
                         .await
                         .map_err(|error| Failure::Open(Arc::new(error)))?;
                     exchange.streams_opened += 1;
+                    self.upload.send_again();
                 }
                 Err(failure) => return Err(failure),
             }
         };
-        self.request = request;
         let closing = close || head.framing == Framing::UntilClose || stop.is_cancelled();
         self.out.clear();
         head::write_response(&head, &self.fields, closing, &mut self.out);
@@ -353,11 +361,15 @@ impl Lane {
             Framing::UntilClose => {
                 self.copy_until_close(client, stream, idle, exchange)
                     .await?;
-                return Ok(Next::Close);
             }
         }
+        // An answer that came before the request's end (a 413, say): the edge's side of
+        // the stream no longer knows where it stands, nor does the client's connection.
+        if self.upload.state != UploadState::Sent {
+            return Ok(Next::Close { cut_upload: true });
+        }
         if closing {
-            return Ok(Next::Close);
+            return Ok(Next::Close { cut_upload: false });
         }
         // Bytes past the response's end: the edge is out of step, its stream is not kept.
         let reusable = head.reusable && self.response.is_empty();
@@ -365,43 +377,9 @@ impl Lane {
         Ok(Next::Continue { reusable })
     }
 
-    /// Writes the request head (with the body bytes already read) and the rest of the
-    /// body as it arrives from the client.
-    async fn send_request<I>(
-        &mut self,
-        client: &mut I,
-        stream: &mut TunnelStream,
-        request: &[u8],
-        mut remaining: u64,
-        exchange: &mut Exchange,
-    ) -> Result<(), Failure>
-    where
-        I: AsyncRead + Unpin,
-    {
-        stream.write_all(request).await.map_err(upstream_failure)?;
-        while remaining > 0 {
-            if self.buf.is_empty() {
-                self.buf.reserve(READ_ROOM);
-                match client.read_buf(&mut self.buf).await {
-                    Ok(0) => return Err(Failure::Client("it closed mid-body".into())),
-                    Ok(_) => {}
-                    Err(error) => return Err(Failure::Client(error.to_string())),
-                }
-            }
-            let take =
-                usize::try_from(remaining).map_or(self.buf.len(), |rest| rest.min(self.buf.len()));
-            stream
-                .write_all(&self.buf[..take])
-                .await
-                .map_err(upstream_failure)?;
-            self.buf.advance(take);
-            remaining -= take as u64;
-            exchange.request_body_bytes += take as u64;
-        }
-        stream.flush().await.map_err(upstream_failure)
-    }
-
-    /// Reads the response head, passing informational (1xx) heads on to the client.
+    /// Reads the response head, passing informational (1xx) heads on to the client,
+    /// while the request goes out; no head within `limit` after the edge took the
+    /// request's last byte is a [`Failure::ResponseTimeout`].
     async fn read_response_head<I>(
         &mut self,
         client: &mut I,
@@ -410,9 +388,13 @@ impl Lane {
         exchange: &Exchange,
     ) -> Result<ResponseHead, Failure>
     where
-        I: AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + Unpin,
     {
-        let deadline = Instant::now() + limit;
+        let wait = Wait {
+            since: Instant::now(),
+            limit,
+            stalled: Failure::ResponseTimeout,
+        };
         loop {
             if !self.response.is_empty() {
                 self.fields.clear();
@@ -434,16 +416,10 @@ impl Lane {
                     ));
                 }
             }
-            self.response.reserve(READ_ROOM);
-            match tokio::time::timeout_at(deadline, stream.read_buf(&mut self.response)).await {
-                Err(_elapsed) => return Err(Failure::ResponseTimeout(limit)),
-                Ok(Ok(0)) => {
-                    return Err(Failure::Upstream(
-                        "the stream ended before a response head".into(),
-                    ))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => return Err(upstream_failure(error)),
+            if self.read_edge(client, stream, &wait).await? == 0 {
+                return Err(Failure::Upstream(
+                    "the stream ended before a response head".into(),
+                ));
             }
         }
     }
@@ -457,7 +433,7 @@ impl Lane {
         exchange: &mut Exchange,
     ) -> Result<(), Failure>
     where
-        I: AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + Unpin,
     {
         let mut remaining = length;
         loop {
@@ -471,7 +447,7 @@ impl Lane {
             if remaining == 0 {
                 return Ok(());
             }
-            if self.read_more(stream, idle).await? == 0 {
+            if self.read_body(client, stream, idle).await? == 0 {
                 return Err(Failure::Upstream(format!(
                     "the stream ended {remaining} bytes before the response body's end"
                 )));
@@ -487,7 +463,7 @@ impl Lane {
         exchange: &mut Exchange,
     ) -> Result<(), Failure>
     where
-        I: AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + Unpin,
     {
         let mut scanner = ChunkedScanner::new();
         loop {
@@ -501,7 +477,7 @@ impl Lane {
             if scanner.is_done() {
                 return Ok(());
             }
-            if self.read_more(stream, idle).await? == 0 {
+            if self.read_body(client, stream, idle).await? == 0 {
                 return Err(Failure::Upstream(
                     "the stream ended inside a chunked response body".into(),
                 ));
@@ -517,30 +493,76 @@ impl Lane {
         exchange: &mut Exchange,
     ) -> Result<(), Failure>
     where
-        I: AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
             exchange.response_body_bytes += self.response.len() as u64;
             self.out.extend_from_slice(&self.response);
             self.response.clear();
             write_out(client, &mut self.out).await?;
-            if self.read_more(stream, idle).await? == 0 {
+            if self.read_body(client, stream, idle).await? == 0 {
                 return Ok(());
             }
         }
     }
 
-    /// Reads more of the response body, or fails after `idle` without a byte.
-    async fn read_more(
+    /// Reads more of the response body, or fails after `idle` without a byte from the
+    /// edge or a move of the upload.
+    async fn read_body<I>(
         &mut self,
+        client: &mut I,
         stream: &mut TunnelStream,
         idle: Duration,
-    ) -> Result<usize, Failure> {
-        self.response.reserve(READ_ROOM);
-        match tokio::time::timeout(idle, stream.read_buf(&mut self.response)).await {
-            Err(_elapsed) => Err(Failure::BodyIdle(idle)),
-            Ok(read) => read.map_err(upstream_failure),
-        }
+    ) -> Result<usize, Failure>
+    where
+        I: AsyncRead + Unpin,
+    {
+        let wait = Wait {
+            since: Instant::now(),
+            limit: idle,
+            stalled: Failure::BodyIdle,
+        };
+        self.read_edge(client, stream, &wait).await
+    }
+
+    /// Waits for the edge's next bytes (appended to `response`; 0 at the stream's end)
+    /// while moving the upload on. Fails with `wait.stalled` once `wait.limit` has passed
+    /// both since `wait.since` and since the upload last moved, with no byte from the
+    /// edge.
+    async fn read_edge<I>(
+        &mut self,
+        client: &mut I,
+        stream: &mut TunnelStream,
+        wait: &Wait,
+    ) -> Result<usize, Failure>
+    where
+        I: AsyncRead + Unpin,
+    {
+        let Lane {
+            buf,
+            response,
+            upload,
+            ..
+        } = self;
+        response.reserve(READ_ROOM);
+        let quiet_until = |upload: &Upload| wait.since.max(upload.last_progress) + wait.limit;
+        let stall = tokio::time::sleep_until(quiet_until(upload));
+        tokio::pin!(stall);
+        std::future::poll_fn(|cx| {
+            upload.poll_progress(cx, client, buf, stream)?;
+            if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut *stream), cx, response) {
+                return Poll::Ready(read.map_err(upstream_failure));
+            }
+            while stall.as_mut().poll(cx).is_ready() {
+                let until = quiet_until(upload);
+                if until <= Instant::now() {
+                    return Poll::Ready(Err((wait.stalled)(wait.limit)));
+                }
+                stall.as_mut().reset(until);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Answers a failed exchange before any response head went out, and closes.
@@ -554,6 +576,178 @@ impl Lane {
             let _ = client.shutdown().await;
         }
     }
+}
+
+/// The request on its way to the edge: the head (with the body bytes read along with
+/// it), then the rest of the body as the client sends it.
+///
+/// It moves on whenever the lane waits for the edge, response head and body alike, so a
+/// service that answers before the body's end (a 413) or answers as it reads (a stream
+/// echoed back) is served as over a direct connection.
+struct Upload {
+    /// The head and the first body bytes, kept until the answer comes in case the
+    /// request must be sent again.
+    request: BytesMut,
+    /// How much of `request` the edge took.
+    written: usize,
+    /// Body bytes still to come from the client.
+    remaining: u64,
+    /// Body bytes the edge took.
+    body_sent: u64,
+    /// Body bytes in `request`.
+    buffered: u64,
+    state: UploadState,
+    /// When the edge last took bytes of the request: the response's timeouts count from
+    /// there.
+    last_progress: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UploadState {
+    Sending,
+    Sent,
+    /// The edge stopped taking the request; its answer may still come.
+    Refused,
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Self {
+            request: BytesMut::new(),
+            written: 0,
+            remaining: 0,
+            body_sent: 0,
+            buffered: 0,
+            state: UploadState::Sent,
+            last_progress: Instant::now(),
+        }
+    }
+}
+
+impl Upload {
+    /// Starts a request: its head written out again, `body` the body bytes read with
+    /// it, `body_len` the whole body's length.
+    fn start(&mut self, parts: &Parts, body: &[u8], body_len: u64) {
+        self.request.clear();
+        head::write_request(parts, &mut self.request);
+        self.request.extend_from_slice(body);
+        self.buffered = body.len() as u64;
+        self.remaining = body_len - self.buffered;
+        self.rewind();
+    }
+
+    /// Sends the request from its start, on a new stream (only a request held whole in
+    /// `request` can be).
+    fn send_again(&mut self) {
+        debug_assert_eq!(self.remaining, 0);
+        self.rewind();
+    }
+
+    fn rewind(&mut self) {
+        self.written = 0;
+        self.body_sent = 0;
+        self.state = UploadState::Sending;
+        self.last_progress = Instant::now();
+    }
+
+    /// Moves the upload on as far as it goes without waiting. Only the client's failure
+    /// is an error: an edge that stops taking the request may still answer it.
+    fn poll_progress<I>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut I,
+        from_client: &mut BytesMut,
+        stream: &mut TunnelStream,
+    ) -> Result<(), Failure>
+    where
+        I: AsyncRead + Unpin,
+    {
+        if self.state == UploadState::Sending {
+            match self.poll_send(cx, client, from_client, stream) {
+                Poll::Ready(Ok(())) => self.state = UploadState::Sent,
+                Poll::Ready(Err(Failure::Client(why))) => return Err(Failure::Client(why)),
+                Poll::Ready(Err(_)) => self.state = UploadState::Refused,
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_send<I>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut I,
+        from_client: &mut BytesMut,
+        stream: &mut TunnelStream,
+    ) -> Poll<Result<(), Failure>>
+    where
+        I: AsyncRead + Unpin,
+    {
+        loop {
+            let written = if self.written < self.request.len() {
+                let written =
+                    ready!(Pin::new(&mut *stream).poll_write(cx, &self.request[self.written..]))
+                        .map_err(upstream_failure)?;
+                let head_left =
+                    (self.request.len() as u64 - self.buffered).saturating_sub(self.written as u64);
+                self.body_sent += (written as u64).saturating_sub(head_left);
+                self.written += written;
+                written
+            } else if self.remaining == 0 {
+                ready!(Pin::new(&mut *stream).poll_flush(cx)).map_err(upstream_failure)?;
+                return Poll::Ready(Ok(()));
+            } else {
+                if from_client.is_empty() {
+                    from_client.reserve(READ_ROOM);
+                    match ready!(poll_read_buf(Pin::new(&mut *client), cx, from_client)) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(Failure::Client("it closed mid-body".into())))
+                        }
+                        Ok(_) => {}
+                        Err(error) => return Poll::Ready(Err(Failure::Client(error.to_string()))),
+                    }
+                }
+                let take = usize::try_from(self.remaining)
+                    .map_or(from_client.len(), |rest| rest.min(from_client.len()));
+                let written = ready!(Pin::new(&mut *stream).poll_write(cx, &from_client[..take]))
+                    .map_err(upstream_failure)?;
+                from_client.advance(written);
+                self.remaining -= written as u64;
+                self.body_sent += written as u64;
+                written
+            };
+            if written == 0 {
+                return Poll::Ready(Err(Failure::Upstream(
+                    "the stream took no more bytes".into(),
+                )));
+            }
+            self.last_progress = Instant::now();
+        }
+    }
+}
+
+/// How long the lane waits for the edge: `limit` from `since` or from the upload's last
+/// move, whichever is later; then `stalled`.
+struct Wait {
+    since: Instant,
+    limit: Duration,
+    stalled: fn(Duration) -> Failure,
+}
+
+/// Reads and drops what the client still sends, for a while, after an answer that came
+/// before the request's end.
+async fn linger<I: AsyncRead + Unpin>(client: &mut I) {
+    let mut sink = [0u8; 8 * 1024];
+    let mut dropped = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while dropped < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => dropped += read,
+            }
+        }
+    })
+    .await;
 }
 
 /// False if the edge ended (or reset, or wrote on) a kept stream while it was idle: a

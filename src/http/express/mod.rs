@@ -12,7 +12,10 @@
 //! - it reads each request head once (`httparse`, the parser hyper itself uses), lets
 //!   your [`Express`] route choose the edge and add its forwarding headers, and writes
 //!   the head again canonically, without hop-by-hop fields;
-//! - it copies a `Content-Length` body through by count;
+//! - it copies a `Content-Length` body through by count, and reads the answer while it
+//!   does, so a service that answers before the body's end (a `413` from a body limit)
+//!   or as it reads (a body echoed back) is served as over a direct connection; an answer
+//!   that ends before the upload closes the client's connection once it is written;
 //! - it reads the response head once for its status and framing (length, chunked,
 //!   until close) and copies the body through while checking that framing strictly
 //!   (`chunked`), so that it knows where the response ends and the stream to the edge
@@ -30,7 +33,8 @@
 //!
 //! **Failures before a response head are answered, then the connection closes**: a
 //! stream that cannot be opened, fails or ends early, or brings a malformed head is a
-//! `502 Bad Gateway`, no head within [`Timeouts::response`] a `504 Gateway Timeout`,
+//! `502 Bad Gateway`, no head within [`Timeouts::response`] (counted from the last
+//! request byte the edge took) a `504 Gateway Timeout`,
 //! worded by [`Upstream::answer_failures_with`] if set. A response body that stalls for
 //! [`Timeouts::body_idle`] or breaks off cuts the client's connection (a reset, so the
 //! client cannot take a truncated body for a whole one).

@@ -5,12 +5,10 @@ use std::pin::Pin;
 use std::sync::Weak;
 use std::task::{Context, Poll};
 
+use super::idle::{Conn, IdleSet};
 use bytes::Bytes;
 use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-
-use super::idle::IdleSet;
 
 /// The body of a response from an [`Http1Pool`](super::Http1Pool): hyper's [`Incoming`],
 /// which returns its connection to the pool once read to the end. A body dropped before
@@ -22,7 +20,7 @@ pub struct PooledBody<B> {
 
 /// Where a connection goes back to, and for which authority.
 pub(super) struct GiveBack<B> {
-    pub(super) sender: SendRequest<B>,
+    pub(super) conn: Conn<B>,
     pub(super) idle: Weak<IdleSet<B>>,
     pub(super) authority: Authority,
 }
@@ -30,7 +28,7 @@ pub(super) struct GiveBack<B> {
 impl<B> GiveBack<B> {
     pub(super) fn give(self) {
         if let Some(idle) = self.idle.upgrade() {
-            idle.put(self.authority, self.sender);
+            idle.put(self.authority, self.conn);
         }
     }
 }

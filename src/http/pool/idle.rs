@@ -8,6 +8,21 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use hyper::client::conn::http1::SendRequest;
 
+use super::answer_first::Refused;
+
+/// A pooled connection: its request half, and whether its peer stopped reading.
+pub(super) struct Conn<B> {
+    pub(super) sender: SendRequest<B>,
+    pub(super) refused: Refused,
+}
+
+impl<B> Conn<B> {
+    /// Closed, or of no more use: a peer that stopped reading closes the connection.
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed() || self.refused.get()
+    }
+}
+
 /// Idle HTTP/1 connections (their request halves), most recently used last.
 pub(super) struct IdleSet<B> {
     by_authority: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
@@ -18,7 +33,7 @@ pub(super) struct IdleSet<B> {
 }
 
 struct Idle<B> {
-    sender: SendRequest<B>,
+    conn: Conn<B>,
     since: Instant,
 }
 
@@ -36,7 +51,7 @@ impl<B> IdleSet<B> {
     /// open ones not ready yet stay (the peer answered before the request's body was all
     /// sent, and hyper is still sending it): a request must not wait behind another's
     /// upload.
-    pub(super) fn take(&self, authority: &Authority) -> Option<SendRequest<B>> {
+    pub(super) fn take(&self, authority: &Authority) -> Option<Conn<B>> {
         let mut by_authority = self.lock();
         let idle = by_authority.get_mut(authority)?;
         // Pushed in time order: the expired ones are first.
@@ -45,11 +60,11 @@ impl<B> IdleSet<B> {
         idle.drain(..expired);
         let mut found = None;
         for index in (0..idle.len()).rev() {
-            let sender = &idle[index].sender;
-            if sender.is_closed() {
+            let conn = &idle[index].conn;
+            if conn.is_closed() {
                 idle.remove(index);
-            } else if sender.is_ready() {
-                found = Some(idle.remove(index).sender);
+            } else if conn.sender.is_ready() {
+                found = Some(idle.remove(index).conn);
                 break;
             }
         }
@@ -59,17 +74,17 @@ impl<B> IdleSet<B> {
         found
     }
 
-    /// Keeps `sender` for the next request to `authority`, unless it is closed or the
+    /// Keeps `conn` for the next request to `authority`, unless it is closed or the
     /// authority already keeps as many as allowed (then it is dropped, which closes it).
-    pub(super) fn put(&self, authority: Authority, sender: SendRequest<B>) {
-        if sender.is_closed() {
+    pub(super) fn put(&self, authority: Authority, conn: Conn<B>) {
+        if conn.is_closed() {
             return;
         }
         let mut by_authority = self.lock();
         let idle = by_authority.entry(authority).or_default();
         if idle.len() < self.max_per_authority {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -81,7 +96,7 @@ impl<B> IdleSet<B> {
         let mut by_authority = self.lock();
         by_authority.retain(|_, idle| {
             idle.retain(|entry| {
-                !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout
+                !entry.conn.is_closed() && now.duration_since(entry.since) < self.timeout
             });
             !idle.is_empty()
         });

@@ -19,6 +19,7 @@
 //! It speaks HTTP/1.1 only, with upgrades (WebSocket) supported; for HTTP/2 (gRPC
 //! through a relay) use hyper-util's client, which multiplexes one connection.
 
+mod answer_first;
 mod body;
 mod idle;
 
@@ -35,12 +36,13 @@ use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Body;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1;
 use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 
+use self::answer_first::AnswerFirst;
 use self::body::GiveBack;
-use self::idle::IdleSet;
+use self::idle::{Conn, IdleSet};
 use crate::http::clients::{DEFAULT_POOL_IDLE_TIMEOUT, DEFAULT_READ_AHEAD};
 
 /// How many idle connections an authority keeps by default.
@@ -272,16 +274,16 @@ where
 {
     let authority = to_origin_form(&mut request)?;
     loop {
-        let (mut sender, reused) = match shared.idle.take(&authority) {
-            Some(sender) => (sender, true),
+        let (mut conn, reused) = match shared.idle.take(&authority) {
+            Some(conn) => (conn, true),
             None => (shared.connect(&authority).await?, false),
         };
-        if reused && sender.ready().await.is_err() {
+        if reused && conn.sender.ready().await.is_err() {
             // Closed while idle: the request is still ours.
             continue;
         }
-        match sender.try_send_request(request).await {
-            Ok(response) => return Ok(shared.pooled(response, sender, authority)),
+        match conn.sender.try_send_request(request).await {
+            Ok(response) => return Ok(shared.pooled(response, conn, authority)),
             Err(mut failed) => match failed.take_message() {
                 // Turned down unsent by a connection that was reused: the peer closed
                 // it meanwhile, so another connection may take the request.
@@ -326,7 +328,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// Opens a connection to `authority` and starts its HTTP/1 driver task.
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, PoolError> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn<B>, PoolError> {
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(authority.clone())
@@ -334,6 +336,7 @@ where
             .build()
             .map_err(|error| PoolError::Connect(error.into()))?;
         let io = self.connector.open(uri).await.map_err(PoolError::Connect)?;
+        let (io, refused) = AnswerFirst::new(io);
         let (sender, connection) = self
             .builder
             .handshake(io)
@@ -344,23 +347,23 @@ where
                 tracing::debug!(%error, "pooled HTTP/1 connection ended");
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, refused })
     }
 
-    /// The response with a body that gives `sender` back when it ends (at once for a
+    /// The response with a body that gives `conn` back when it ends (at once for a
     /// body already ended; never for a connection switching protocols, which is no
     /// longer HTTP).
     fn pooled(
         self: &Arc<Self>,
         response: Response<hyper::body::Incoming>,
-        sender: SendRequest<B>,
+        conn: Conn<B>,
         authority: Authority,
     ) -> Response<PooledBody<B>> {
         let give_back = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| {
             self.reaper
                 .get_or_init(|| tokio::spawn(reap(Arc::downgrade(&self.idle))));
             GiveBack {
-                sender,
+                conn,
                 idle: Arc::downgrade(&self.idle),
                 authority,
             }

@@ -207,6 +207,9 @@ enum Then {
     /// Keeps the connection open and discards whatever else comes (the rest of an
     /// upload).
     Discard,
+    /// Closes at once with whatever else came unread, which makes the kernel reset the
+    /// connection (a service refusing an upload).
+    Close,
 }
 
 /// A server on bare TCP that answers each connection's first request with `answer` at
@@ -244,6 +247,7 @@ async fn raw_server(answer: &'static [u8], then: Then) -> (SocketAddr, Arc<Atomi
                         {
                         }
                     }
+                    Then::Close => drop(stream),
                 }
             });
         }
@@ -383,4 +387,28 @@ async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
         .expect("a response");
     assert_eq!(second.status(), StatusCode::OK);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A service answering before the upload's end and closing with the rest unread (the
+/// kernel resets the connection): the pool returns that answer, not the failed write,
+/// and never reuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_uploads_end_is_returned_and_its_connection_not_reused() {
+    let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+    let (addr, accepted) = raw_server(answer, Then::Close).await;
+    let pool: Http1Pool<HttpConnector, Full<Bytes>> = Http1Pool::new(HttpConnector::new());
+    for round in 1..=5 {
+        let upload = Full::new(Bytes::from(vec![7u8; 8 << 20]));
+        let request = Request::post(format!("http://{addr}/1/5"))
+            .body(upload)
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(10), pool.send(request))
+            .await
+            .expect("an answer in time")
+            .expect("the early answer, not the write's failure");
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(&body_of(response).await[..], b"too large");
+        assert_eq!(pool.idle(), 0, "a refused connection is not pooled");
+        assert_eq!(accepted.load(Ordering::SeqCst), round);
+    }
 }
