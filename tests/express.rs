@@ -288,6 +288,7 @@ fn head_field(head: &str, name: &str) -> Option<String> {
 /// - `/close-soon`: `ok` (a keep-alive response), then a close 100 ms later;
 /// - `/no-content`: a 204; `/not-modified`: a 304 announcing 10 bytes (sends none);
 /// - `/names-length`: `ok` with `Connection: content-length`;
+/// - `/coded`: a body in `Transfer-Encoding: gzip`, delimited by the close;
 /// - `/early-413`: [`EARLY_413`] before reading the body, then the connection held open
 ///   without reading;
 /// - `/deaf`: nothing read past the head, no answer, the connection held open;
@@ -316,6 +317,8 @@ async fn raw_backend() -> Raw {
 }
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Answered-By: raw\r\n\r\nok";
+/// The body of `/coded` (bytes in a transfer coding, which the lane does not decode).
+const CODED: &[u8] = b"\x1f\x8b coded bytes the client decodes";
 const EARLY_413: &[u8] = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\nX-Answered-By: raw\r\n\r\ntoo large";
 
 async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicUsize>) {
@@ -356,6 +359,16 @@ async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicU
                     b"HTTP/1.1 200 OK\r\nX-Answered-By: raw\r\nContent-Type: application/octet-stream\r\n\r\n"
                         .to_vec();
                 response.extend_from_slice(&pattern(b"until-close", UNTIL_CLOSE_LEN));
+                let _ = tcp.write_all(&response).await;
+                let _ = tcp.shutdown().await;
+                closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            "/coded" => {
+                let mut response =
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX-Answered-By: raw\r\n\r\n"
+                        .to_vec();
+                response.extend_from_slice(CODED);
                 let _ = tcp.write_all(&response).await;
                 let _ = tcp.shutdown().await;
                 closed.fetch_add(1, Ordering::SeqCst);
@@ -1181,6 +1194,26 @@ async fn bodies_each_way_arrive_intact() {
         let chunked = lane.outcome(&format!("/chunked/{DOWNLOAD}")).await;
         assert!(chunked.response_body_bytes > DOWNLOAD, "{chunked:?}");
         assert_eq!(chunked.failure, None);
+    })
+    .await;
+}
+
+/// A body in a transfer coding other than chunked, delimited by the close, keeps its
+/// `Transfer-Encoding`: the client must know to decode it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coded_body_delimited_by_the_close_keeps_its_coding() {
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"GET /coded HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("transfer-encoding").as_deref(), Some("gzip"));
+        assert_eq!(reply.header("connection").as_deref(), Some("close"));
+        assert_eq!(reply.body, CODED, "read to a clean close");
+        assert_eq!(lane.outcome("/coded").await.failure, None);
     })
     .await;
 }

@@ -638,3 +638,72 @@ async fn an_upgraded_connection_cut_by_the_client_is_reset_at_the_backend_not_fi
         "{end:?}"
     );
 }
+
+/// What the coded backend sends as the body: bytes a client must decode (they stand in
+/// for gzip; the proxy never decodes them).
+const CODED: &[u8] = b"\x1f\x8b coded bytes the client decodes";
+
+/// A backend answering every request with a body in a transfer coding: `gzip` alone
+/// (delimited by the close), or `gzip, chunked` (one chunk).
+async fn coded_backend(chunked: bool) -> support::raw::RawBackend {
+    support::raw::RawBackend::start(move |mut tcp| async move {
+        if !support::raw::read_request_head(&mut tcp).await {
+            return;
+        }
+        let mut response = Vec::new();
+        if chunked {
+            response
+                .extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+            response.extend_from_slice(format!("{:x}\r\n", CODED.len()).as_bytes());
+            response.extend_from_slice(CODED);
+            response.extend_from_slice(b"\r\n0\r\n\r\n");
+        } else {
+            response.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+            response.extend_from_slice(CODED);
+        }
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &response).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
+    })
+    .await
+}
+
+both_edge_modes!(
+    a_body_in_a_transfer_coding_keeps_its_coding,
+    a_body_in_a_transfer_coding_keeps_its_coding_parsed,
+    a_body_in_a_transfer_coding_keeps_its_coding_passed_through
+);
+
+/// A body in a transfer coding (`gzip`, chunked or delimited by the close) reaches the
+/// client with that coding named: `Transfer-Encoding` is hop-by-hop, but without it the
+/// client would take the coded bytes for the body itself.
+async fn a_body_in_a_transfer_coding_keeps_its_coding(mode: EdgeMode) {
+    for chunked in [false, true] {
+        let backend = coded_backend(chunked).await;
+        let tunnel = tunnel_with(
+            mode,
+            Some(http_uri(backend.addr)),
+            Timeouts::default(),
+            Timeouts::default(),
+        )
+        .await;
+        let response = tunnel
+            .send(tunnel.request("GET", "web", "/", boxed(Empty::new())))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let codings = response
+            .headers()
+            .get(::http::header::TRANSFER_ENCODING)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            codings.starts_with("gzip"),
+            "chunked upstream: {chunked}, Transfer-Encoding: {codings:?}"
+        );
+        let body = within(LIMIT, response.into_body().collect())
+            .await
+            .expect("the whole body")
+            .to_bytes();
+        assert_eq!(&body[..], CODED, "chunked upstream: {chunked}");
+    }
+}

@@ -263,8 +263,12 @@ pub(super) fn parse_response(
         let passed = if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
-            // Written below, from what was read.
-            name.eq_ignore_ascii_case("transfer-encoding") && framing == Framing::Chunked
+            // A length is written below, from what was read. Transfer codings pass when
+            // they frame the body (chunked last), or when the body, delimited by the
+            // close, is coded (`gzip` alone): without them it could not be decoded.
+            name.eq_ignore_ascii_case("transfer-encoding")
+                && (framing == Framing::Chunked
+                    || (framing == Framing::UntilClose && chunked == Some(false)))
         } else {
             !RESPONSE_HOP_BY_HOP
                 .iter()
@@ -512,6 +516,10 @@ mod tests {
         );
         let gzip_only = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", &get);
         assert_eq!(gzip_only.framing, Framing::UntilClose);
+        assert_eq!(
+            gzip_only.fields["transfer-encoding"], "gzip",
+            "a coded body delimited by the close keeps its coding"
+        );
         let head = response(
             "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
             &Method::HEAD,

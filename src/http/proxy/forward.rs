@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, TRANSFER_ENCODING};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Body;
@@ -307,10 +308,36 @@ impl Future for ResponseFuture {
                 spawn_splice(downstream, hyper::upgrade::on(&mut response));
             }
         }
+        let codings = body_codings(response.headers());
         strip_hop_by_hop(response.headers_mut(), switching);
+        if let Some(codings) = codings {
+            // hyper's server writes these and then `chunked`: the client can still decode.
+            response.headers_mut().insert(TRANSFER_ENCODING, codings);
+        }
         let (idle, on_idle) = (this.timeouts.body_idle, this.on_idle.take());
         Poll::Ready(Ok(response.map(|body| {
             boxed(IdleTimeoutBody::new(body, idle).on_idle(on_idle))
         })))
     }
+}
+
+/// The transfer codings of a response's body other than `chunked` (`gzip` in
+/// `Transfer-Encoding: gzip` or `gzip, chunked`): hop-by-hop as a field, but hyper's
+/// client undoes only the chunking, so the body the client gets is still coded.
+fn body_codings(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(TRANSFER_ENCODING).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        // Several fields: not what servers send; left to strip.
+        return None;
+    }
+    let codings: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+        .collect();
+    if codings.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&codings.join(", ")).ok()
 }
