@@ -29,7 +29,9 @@ use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use axum::extract::Path;
 use backhaul::connector::Connector;
 use backhaul::edge::{RouteError, Router};
-use backhaul::http::express::{self, Express, Outcome, RouteFuture, StreamPool, Upstream};
+use backhaul::http::express::{
+    self, Express, Handover, Outcome, RouteFuture, StreamPool, Upstream,
+};
 use backhaul::http::proxy::{pass_through, Timeouts};
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::stream::TunnelStream;
@@ -463,6 +465,7 @@ struct TestRoute {
     pool: Option<StreamPool>,
     calls: AtomicUsize,
     outcomes: Mutex<Vec<(String, Outcome)>>,
+    handovers: Mutex<Vec<Handover>>,
 }
 
 struct Route(Arc<TestRoute>);
@@ -470,6 +473,10 @@ struct Route(Arc<TestRoute>);
 impl Express for Route {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
         Box::pin(std::future::ready(TestRoute::upstream(&self.0, head, info)))
+    }
+
+    fn handed_over(&self, reason: Handover, _info: &ConnectionInfo) {
+        lock(&self.0.handovers).push(reason);
     }
 }
 
@@ -632,6 +639,7 @@ impl Lane {
             pool: setup.pool,
             calls: AtomicUsize::new(0),
             outcomes: Mutex::new(Vec::new()),
+            handovers: Mutex::new(Vec::new()),
         });
         let server = Server::bind(([127, 0, 0, 1], 0))
             .await
@@ -687,6 +695,10 @@ impl Lane {
             (self.pool().idle() == count).then_some(())
         })
         .await;
+    }
+
+    fn handovers(&self) -> Vec<Handover> {
+        lock(&self.route.handovers).clone()
     }
 
     fn outcomes(&self) -> Vec<(String, Outcome)> {
@@ -1479,13 +1491,15 @@ async fn an_answer_delimited_by_close_is_passed_whole_and_closes_the_connection(
 async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_connection() {
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
-        // (what, request, the fallback's answer, whether the route is asked)
-        let cases: [(&str, &[u8], &str, bool); 7] = [
+        // (what, request, the fallback's answer, whether the route is asked, why the lane
+        // left it)
+        let cases: [(&str, &[u8], &str, bool, Handover); 7] = [
             (
                 "HTTP/1.0",
                 b"GET /old HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n",
                 "fallback GET /old HTTP/1.0 0 bytes: ",
                 false,
+                Handover::Version,
             ),
             (
                 "a chunked request body",
@@ -1493,40 +1507,47 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
                   5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n",
                 "fallback POST /up HTTP/1.1 11 bytes: hello world",
                 false,
+                Handover::Framing,
             ),
             (
                 "an upgrade",
                 b"GET /ws HTTP/1.1\r\nHost: web.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
                 "fallback GET /ws HTTP/1.1 0 bytes: ",
                 false,
+                Handover::Upgrade,
             ),
             (
                 "the absolute form",
                 b"GET http://web.test/abs HTTP/1.1\r\nHost: web.test\r\n\r\n",
                 "fallback GET http://web.test/abs HTTP/1.1 0 bytes: ",
                 false,
+                Handover::TargetForm,
             ),
             (
                 "the asterisk form",
                 b"OPTIONS * HTTP/1.1\r\nHost: web.test\r\n\r\n",
                 "fallback OPTIONS * HTTP/1.1 0 bytes: ",
                 false,
+                Handover::TargetForm,
             ),
             (
                 "a host the route declines",
                 b"GET /elsewhere HTTP/1.1\r\nHost: other.test\r\n\r\n",
                 "fallback GET /elsewhere HTTP/1.1 0 bytes: ",
                 true,
+                Handover::Route,
             ),
             (
                 "two Host fields",
                 b"GET /two-hosts HTTP/1.1\r\nHost: web.test\r\nHost: web.test\r\n\r\n",
                 "fallback GET /two-hosts HTTP/1.1 0 bytes: ",
                 false,
+                Handover::Host,
             ),
         ];
-        for (what, bytes, expected, routed) in cases {
+        for (what, bytes, expected, routed, reason) in cases {
             let calls = lane.calls();
+            lock(&lane.route.handovers).clear();
             let mut client = RawClient::connect(lane.public).await;
             client.send(bytes).await;
             let reply = client.reply().await;
@@ -1540,6 +1561,7 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
             assert_eq!(second.answered_by(), "fallback", "{what}, then: {second:?}");
             assert_eq!(second.text(), "fallback GET /second HTTP/1.1 0 bytes: ", "{what}");
             assert_eq!(lane.calls(), calls + usize::from(routed), "{what}");
+            assert_eq!(lane.handovers(), [reason], "{what}: heard once, for the first");
         }
 
         // Pipelined: a request the lane carries, then one it leaves, in one write; the
@@ -1570,6 +1592,7 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
         client.send(b"hello").await;
         let reply = client.reply().await;
         assert_eq!(reply.text(), "fallback POST /expect HTTP/1.1 5 bytes: hello");
+        assert_eq!(lane.handovers().last(), Some(&Handover::Expect));
         client
             .send(b"GET /second HTTP/1.1\r\nHost: web.test\r\n\r\n")
             .await;
@@ -1582,6 +1605,7 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
             .await;
         let reply = client.reply().await;
         assert_eq!((reply.status, reply.answered_by().as_str()), (405, "fallback"), "{reply:?}");
+        assert_eq!(lane.handovers().last(), Some(&Handover::TargetForm));
 
         // A malformed head: hyper's own 400, and the connection closes.
         let mut client = RawClient::connect(lane.public).await;
@@ -1591,8 +1615,20 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
         let reply = client.reply().await;
         assert_eq!(reply.status, 400, "{reply:?}");
         assert!(matches!(client.end().await, End::Closed(_) | End::Failed(_)));
+        assert_eq!(lane.handovers().last(), Some(&Handover::Malformed));
+
+        // A head over the server's limit: hyper's 431.
+        let mut client = RawClient::connect(lane.public).await;
+        let mut huge = b"GET /huge HTTP/1.1\r\nHost: web.test\r\nX-Big: ".to_vec();
+        huge.resize(huge.len() + 70 * 1024, b'x');
+        huge.extend_from_slice(b"\r\n\r\n");
+        client.send(&huge).await;
+        let reply = client.reply().await;
+        assert_eq!(reply.status, 431, "{reply:?}");
+        assert_eq!(lane.handovers().last(), Some(&Handover::HeadTooLarge));
 
         // A head cut short by the client's close: no answer from anyone, no hang.
+        lock(&lane.route.handovers).clear();
         let mut client = RawClient::connect(lane.public).await;
         client.send(b"GET /cut HTTP/1.1\r\nHost: web.").await;
         client.io.get_mut().shutdown().await.expect("half-closing");
@@ -1601,6 +1637,10 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
             matches!(&end, End::Closed(rest) | End::Failed(rest) if !String::from_utf8_lossy(rest).contains("x-answered-by")),
             "{end:?}"
         );
+        eventually(PROMPT, "the cut head heard of", || {
+            (lane.handovers() == [Handover::Malformed]).then_some(())
+        })
+        .await;
 
         assert_eq!(lane.web.seen.all(), Vec::<String>::new(), "nothing reached the backend");
         assert_eq!(lane.opened("web"), opened);
@@ -1638,6 +1678,7 @@ async fn http2_with_prior_knowledge_is_served_by_hyper() {
         }
         assert_eq!(lane.calls(), 0);
         assert_eq!(lane.opened("web"), 0);
+        assert_eq!(lane.handovers(), [Handover::Http2]);
     })
     .await;
 }

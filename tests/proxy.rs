@@ -632,13 +632,21 @@ async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
         let after = relay.metrics().await;
         // The plain GETs at least take the express lane, unless it is off.
         let express = after.get("backhaul_http_express_requests_total", &[]);
+        // What the route leaves to the full path (unknown edges and hosts) is counted
+        // once per connection: later requests on it are hyper's without asking.
+        let left = after.get(
+            "backhaul_http_express_handovers_total",
+            &[("reason", "route")],
+        );
         if relay_flags.contains(&"--no-express") {
             assert_eq!(express, 0.0);
+            assert_eq!(left, 0.0);
         } else {
             assert!(
                 (5.0..=f64::from(ok) + 1.0).contains(&express),
                 "express: {express}"
             );
+            assert!((1.0..=5.0).contains(&left), "handed over: {left}");
         }
         let requests = |code| after.get("backhaul_http_requests_total", &[("code", code)]);
         assert_eq!(requests("200"), f64::from(ok));

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub upstream_idle_timeouts: IntCounter,
     /// Requests answered on the relay's express lane (also counted in `requests`).
     pub express_requests: IntCounter,
+    pub express_handovers: IntCounterVec,
 }
 
 impl Metrics {
@@ -155,6 +156,14 @@ impl Metrics {
             "Requests answered on the relay's express lane (a part of backhaul_http_requests_total; the rest took the full path)",
         )?;
         registry.register(Box::new(express_requests.clone()))?;
+        let express_handovers = IntCounterVec::new(
+            Opts::new(
+                "backhaul_http_express_handovers_total",
+                "Connections the express lane left to the full path, by reason: the route (an unknown host, the index, an edge elsewhere), http2, version (HTTP/1.0), framing (a chunked request body), expect, upgrade, target_form, host, malformed, head_too_large",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(express_handovers.clone()))?;
         Ok(Self {
             registry,
             edges_connected,
@@ -172,6 +181,7 @@ impl Metrics {
             connections_cut,
             upstream_idle_timeouts,
             express_requests,
+            express_handovers,
         })
     }
 

@@ -8,7 +8,9 @@
 //! to it.
 
 use backhaul::http::authority::request_authority;
-use backhaul::http::express::{Express, Failure, FailureAnswer, Outcome, RouteFuture, Upstream};
+use backhaul::http::express::{
+    Express, Failure, FailureAnswer, Handover, Outcome, RouteFuture, Upstream,
+};
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{express_failure, Failure as Explained, Timeouts};
 use backhaul::relay::EdgeHandle;
@@ -27,6 +29,14 @@ pub(super) struct RelayExpress {
 impl Express for RelayExpress {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
         Box::pin(std::future::ready(self.upstream(head, info)))
+    }
+
+    fn handed_over(&self, reason: Handover, _info: &ConnectionInfo) {
+        self.state
+            .metrics
+            .express_handovers
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 }
 

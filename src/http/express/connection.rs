@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, PlainRequest, RequestHead, ResponseHead};
 use super::prefixed::Prefixed;
-use super::{Express, Failure, Outcome, Upstream};
+use super::{Express, Failure, Handover, Outcome, Upstream};
 use crate::http::server::ConnectionInfo;
 use crate::stream::{TunnelStream, ABANDONED_STREAM};
 
@@ -79,7 +79,7 @@ where
                 return Handoff::Done;
             }
             Head::Failed => return Handoff::Done,
-            Head::Decline => return lane.hand_over(client),
+            Head::Decline(reason) => return lane.hand_over(client, reason, &cx),
         };
         let in_flight = (cx.request_started)();
         let started = Instant::now();
@@ -91,7 +91,7 @@ where
         } = request;
         let Some(mut upstream) = cx.express.route(&mut parts, &cx.info).await else {
             drop(in_flight);
-            return lane.hand_over(client);
+            return lane.hand_over(client, Handover::Route, &cx);
         };
         let mut exchange = Exchange {
             method: parts.method.clone(),
@@ -189,7 +189,7 @@ where
 #[allow(clippy::large_enum_variant)]
 enum Head {
     Plain(PlainRequest),
-    Decline,
+    Decline(Handover),
     /// The client closed (or the server stops) between requests.
     Closed,
     /// Reading failed: cut by a server deadline, or the connection broke.
@@ -247,11 +247,11 @@ impl Lane {
                 match head::parse_request(&self.buf) {
                     RequestHead::Partial => {}
                     RequestHead::Plain(request) => return Head::Plain(request),
-                    RequestHead::Decline => return Head::Decline,
+                    RequestHead::Decline(reason) => return Head::Decline(reason),
                 }
                 if self.buf.len() >= cx.max_head_bytes {
                     // hyper answers 431 (or 414) and counts it.
-                    return Head::Decline;
+                    return Head::Decline(Handover::HeadTooLarge);
                 }
             }
             self.buf.reserve(READ_ROOM);
@@ -265,14 +265,15 @@ impl Lane {
             match read {
                 Ok(0) if self.buf.is_empty() => return Head::Closed,
                 // A head cut short: hyper reports it as it would.
-                Ok(0) => return Head::Decline,
+                Ok(0) => return Head::Decline(Handover::Malformed),
                 Ok(_) => {}
                 Err(_) => return Head::Failed,
             }
         }
     }
 
-    fn hand_over<I>(self, client: I) -> Handoff<I> {
+    fn hand_over<I, G>(self, client: I, reason: Handover, cx: &LaneContext<'_, G>) -> Handoff<I> {
+        cx.express.handed_over(reason, &cx.info);
         Handoff::Hyper(Prefixed::new(self.buf.freeze(), client))
     }
 

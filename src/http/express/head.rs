@@ -13,6 +13,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use super::Handover;
 use crate::http::proxy::{hop_by_hop, strip_hop_by_hop};
 
 /// Field lines a head may have on the lane; more, and hyper (whose limit is
@@ -29,7 +30,7 @@ pub(super) enum RequestHead {
     /// A plain HTTP/1.1 request the lane can carry.
     Plain(PlainRequest),
     /// Anything else: hyper serves the connection from this head on.
-    Decline,
+    Decline(Handover),
 }
 
 /// A request head the lane carries: hop-by-hop fields already removed.
@@ -46,58 +47,74 @@ pub(super) struct PlainRequest {
 
 /// Reads `buf` as a request head; see [`RequestHead`].
 pub(super) fn parse_request(buf: &[u8]) -> RequestHead {
+    if is_http2_preface(buf) {
+        return RequestHead::Decline(Handover::Http2);
+    }
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut request = httparse::Request::new(&mut fields);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return RequestHead::Partial,
-        Err(_) => return RequestHead::Decline,
+        Err(httparse::Error::Version) => return RequestHead::Decline(Handover::Version),
+        Err(_) => return RequestHead::Decline(Handover::Malformed),
     };
     match plain_request(&request, head_len) {
-        Some(plain) => RequestHead::Plain(plain),
-        None => RequestHead::Decline,
+        Ok(plain) => RequestHead::Plain(plain),
+        Err(reason) => RequestHead::Decline(reason),
     }
 }
 
-fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option<PlainRequest> {
+/// HTTP/2's connection preface (prior knowledge): hyper's to serve.
+fn is_http2_preface(buf: &[u8]) -> bool {
+    buf.starts_with(b"PRI * HTTP/2")
+}
+
+fn plain_request(
+    request: &httparse::Request<'_, '_>,
+    head_len: usize,
+) -> Result<PlainRequest, Handover> {
     if request.version != Some(1) {
-        return None;
+        return Err(Handover::Version);
     }
-    let method = Method::from_bytes(request.method?.as_bytes()).ok()?;
+    let method = request
+        .method
+        .and_then(|method| Method::from_bytes(method.as_bytes()).ok())
+        .ok_or(Handover::Malformed)?;
     if method == Method::CONNECT {
-        return None;
+        return Err(Handover::TargetForm);
     }
-    let target = request.path?;
+    let target = request.path.ok_or(Handover::Malformed)?;
     // Origin form only: absolute form and `*` are rare enough to leave to hyper.
     if !target.starts_with('/') {
-        return None;
+        return Err(Handover::TargetForm);
     }
-    let uri = Uri::try_from(target).ok()?;
+    let uri = Uri::try_from(target).map_err(|_| Handover::Malformed)?;
     // Room for what the route adds (forwarding headers) without growing.
     let mut headers = HeaderMap::with_capacity(request.headers.len() + 6);
     let mut body_len = None;
     let mut hosts = 0;
     for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(field.value).ok()?;
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Handover::Malformed)?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| Handover::Malformed)?;
         if name == header::CONTENT_LENGTH {
             if body_len.is_some() {
-                return None;
+                return Err(Handover::Framing);
             }
-            body_len = Some(decimal(field.value)?);
+            body_len = Some(decimal(field.value).ok_or(Handover::Malformed)?);
         } else if name == header::HOST {
             hosts += 1;
-        } else if name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-            || name.as_str() == "http2-settings"
-        {
-            return None;
+        } else if name == header::TRANSFER_ENCODING {
+            return Err(Handover::Framing);
+        } else if name == header::EXPECT {
+            return Err(Handover::Expect);
+        } else if name == header::UPGRADE || name.as_str() == "http2-settings" {
+            return Err(Handover::Upgrade);
         }
         headers.append(name, value);
     }
     if hosts != 1 {
-        return None;
+        return Err(Handover::Host);
     }
     let close = hop_by_hop::tokens(&headers, header::CONNECTION)
         .any(|token| token.eq_ignore_ascii_case("close"));
@@ -112,7 +129,7 @@ fn plain_request(request: &httparse::Request<'_, '_>, head_len: usize) -> Option
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     parts.headers = headers;
-    Some(PlainRequest {
+    Ok(PlainRequest {
         parts,
         head_len,
         body_len: body_len.unwrap_or(0),
@@ -365,7 +382,7 @@ mod tests {
     }
 
     fn declined(raw: &str) -> bool {
-        matches!(parse_request(raw.as_bytes()), RequestHead::Decline)
+        matches!(parse_request(raw.as_bytes()), RequestHead::Decline(_))
     }
 
     #[test]

@@ -29,7 +29,9 @@
 //! every later one on the connection as it would without the lane. So malformed
 //! requests get hyper's 400/431, and `Expect`, chunked request bodies, upgrades,
 //! HTTP/1.0 and HTTP/2 take the full path. The lane declines at a request boundary only,
-//! with nothing in flight, so the handover loses no byte.
+//! with nothing in flight, so the handover loses no byte. [`Express::handed_over`] hears
+//! of each handover and its [`Handover`] reason, to count how much traffic the lane
+//! misses, and why.
 //!
 //! **Failures before a response head are answered, then the connection closes**: a
 //! stream that cannot be opened, fails or ends early, or brings a malformed head is a
@@ -129,6 +131,66 @@ pub type RouteFuture<'a> = Pin<Box<dyn Future<Output = Option<Upstream>> + Send 
 pub trait Express: Send + Sync + 'static {
     /// Chooses the upstream for `head`, received on the connection `info`.
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a>;
+
+    /// Hears that the lane left the connection `info` to the server's service from
+    /// this request on, and why (to count, say; `route` returning `None` is
+    /// [`Handover::Route`]). Nothing by default.
+    fn handed_over(&self, reason: Handover, info: &ConnectionInfo) {
+        let _ = (reason, info);
+    }
+}
+
+/// Why the lane left a connection to hyper and the server's service; see
+/// [`Express::handed_over`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Handover {
+    /// HTTP/2, by ALPN or with prior knowledge.
+    Http2,
+    /// Not HTTP/1.1 (HTTP/1.0, say).
+    Version,
+    /// A head that does not parse, or was cut short.
+    Malformed,
+    /// A head longer than the server's limit (hyper answers 431).
+    HeadTooLarge,
+    /// CONNECT, or a target not in origin form (absolute form, `*`).
+    TargetForm,
+    /// No `Host`, or more than one.
+    Host,
+    /// A body the lane would have to decode (`Transfer-Encoding`), or two
+    /// `Content-Length`s.
+    Framing,
+    /// `Expect` (`100-continue`).
+    Expect,
+    /// A protocol upgrade (WebSocket, `h2c`).
+    Upgrade,
+    /// The route returned `None`.
+    Route,
+}
+
+impl Handover {
+    /// A short name, for a metric's label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http2 => "http2",
+            Self::Version => "version",
+            Self::Malformed => "malformed",
+            Self::HeadTooLarge => "head_too_large",
+            Self::TargetForm => "target_form",
+            Self::Host => "host",
+            Self::Framing => "framing",
+            Self::Expect => "expect",
+            Self::Upgrade => "upgrade",
+            Self::Route => "route",
+        }
+    }
+}
+
+impl fmt::Display for Handover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 /// An edge and service to forward a request to, made by an [`Express`] route.

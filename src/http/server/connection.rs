@@ -21,7 +21,7 @@ use tracing::{debug, info};
 use super::activity::{Activity, InFlightBody};
 use super::watched_io::WatchedIo;
 use super::{BoxError, ConnectionInfo, Limits, Observer};
-use crate::http::express::{self, Express, Handoff, LaneContext, Prefixed};
+use crate::http::express::{self, Express, Handoff, Handover, LaneContext, Prefixed};
 
 /// What every connection of one server shares.
 pub(super) struct Shared {
@@ -158,8 +158,12 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let express = match &shared.express {
-        Some(express) if !http2 => express.as_ref(),
-        _ => return Handoff::Hyper(Prefixed::new(bytes::Bytes::new(), io)),
+        Some(express) if http2 => {
+            express.handed_over(Handover::Http2, &info);
+            return Handoff::Hyper(Prefixed::new(bytes::Bytes::new(), io));
+        }
+        Some(express) => express.as_ref(),
+        None => return Handoff::Hyper(Prefixed::new(bytes::Bytes::new(), io)),
     };
     let request_started = || activity.request_started(http::Version::HTTP_11);
     express::serve(
