@@ -391,6 +391,17 @@ async fn three_relays_on_one_redis_serve_as_one_and_survive_a_sigkill() {
             &[("relay", "r1")],
         );
         assert!(forwarded >= 3.0, "r3 forwarded {forwarded} requests to r1");
+        // Plain requests for an edge behind another relay take the express lane too.
+        let express = "backhaul_http_express_requests_total";
+        let before = relays[2].metrics().await.get(express, &[]);
+        for _ in 0..10 {
+            assert_eq!(
+                publics[2].get("alpha", "/whoami").await,
+                (StatusCode::OK, "alpha".to_owned())
+            );
+        }
+        let after = relays[2].metrics().await.get(express, &[]);
+        assert_eq!(after - before, 10.0, "r3's lane carried the requests to r1's edge");
 
         let local = median_latency(&publics[0], "alpha", 21).await;
         let forwarded = median_latency(&publics[2], "alpha", 21).await;

@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 
-use backhaul::http::proxy::Failure;
+use backhaul::http::express::Failure as ExpressFailure;
+use backhaul::http::proxy::{express_failure, Failure};
 use backhaul::quic::load_certs;
 use backhaul::relay::cluster::{ClusterConfig, RedisDirectory};
 use backhaul::relay::peer::{
@@ -199,6 +200,37 @@ impl Cluster {
         edge: &str,
         http2: bool,
     ) -> Result<PeerRoute, Failure> {
+        let (address, connector) = self.connector(&relay, edge).await?;
+        let mut clients = lock(&self.clients);
+        // Bounded: edges come and go between relays; a full table starts over (the
+        // clients' pooled streams close as their last users finish).
+        let key = (address, edge.to_owned(), http2);
+        if clients.len() >= MAX_PEER_CLIENTS && !clients.contains_key(&key) {
+            clients.clear();
+        }
+        let http = clients
+            .entry(key)
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .http2_only(http2)
+                    .build(connector)
+            })
+            .clone();
+        drop(clients);
+        Ok(PeerRoute {
+            relay,
+            address,
+            http,
+        })
+    }
+
+    /// The peer address of `relay` and a connector to `edge` through it, or why there is
+    /// none.
+    pub(super) async fn connector(
+        &self,
+        relay: &RelayId,
+        edge: &str,
+    ) -> Result<(SocketAddr, PeerConnector), Failure> {
         let unreachable = |detail: String| {
             Failure::new(
                 StatusCode::BAD_GATEWAY,
@@ -206,7 +238,7 @@ impl Cluster {
                 detail,
             )
         };
-        let Some(published) = self.directory.relay_address(&relay) else {
+        let Some(published) = self.directory.relay_address(relay) else {
             return Err(unreachable(format!(
                 "the directory has no address for relay {relay}"
             )));
@@ -220,27 +252,7 @@ impl Cluster {
             }
         };
         let name = EdgeName::new(edge).map_err(|error| unreachable(error.to_string()))?;
-        let mut clients = lock(&self.clients);
-        // Bounded: edges come and go between relays; a full table starts over (the
-        // clients' pooled streams close as their last users finish).
-        let key = (address, edge.to_owned(), http2);
-        if clients.len() >= MAX_PEER_CLIENTS && !clients.contains_key(&key) {
-            clients.clear();
-        }
-        let http = clients
-            .entry(key)
-            .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
-                    .http2_only(http2)
-                    .build(self.pool.connector(address, name))
-            })
-            .clone();
-        drop(clients);
-        Ok(PeerRoute {
-            relay,
-            address,
-            http,
-        })
+        Ok((address, self.pool.connector(address, name)))
     }
 
     /// Forgets the clients to `edge` through `address` (after a failure through one).
@@ -268,36 +280,79 @@ pub(super) fn peer_failure(
     edge: &str,
     service: &str,
 ) -> Failure {
-    let relay = &route.relay;
-    let unreachable = || {
+    let way = PeerWay {
+        relay: &route.relay,
+        address: route.address,
+    };
+    classify(cluster, way, Some(error), error_chain(error), edge, || {
+        forward_failure(error, edge, service)
+    })
+}
+
+/// The same for a request on the express lane.
+pub(super) fn lane_peer_failure(
+    cluster: &Cluster,
+    way: PeerWay<'_>,
+    failure: &ExpressFailure,
+    edge: &str,
+    service: &str,
+) -> Failure {
+    let cause = match failure {
+        ExpressFailure::Open(error) => Some(&**error as &(dyn std::error::Error + 'static)),
+        _ => None,
+    };
+    classify(cluster, way, cause, failure.to_string(), edge, || {
+        express_failure(failure, edge, service)
+    })
+}
+
+/// The relay an edge is reached through.
+#[derive(Clone, Copy)]
+pub(super) struct PeerWay<'a> {
+    pub(super) relay: &'a RelayId,
+    pub(super) address: SocketAddr,
+}
+
+/// [`peer_failure`]'s reading of `cause` (its chain), `otherwise` for the edge's own
+/// failures.
+fn classify(
+    cluster: &Cluster,
+    way: PeerWay<'_>,
+    cause: Option<&(dyn std::error::Error + 'static)>,
+    detail: String,
+    edge: &str,
+    otherwise: impl FnOnce() -> Failure,
+) -> Failure {
+    let relay = way.relay;
+    let unreachable = |detail: String| {
         Failure::new(
             StatusCode::BAD_GATEWAY,
             format!("relay {relay} is unreachable (cluster)"),
-            error_chain(error),
+            detail,
         )
     };
     // The QUIC connection of a peer route is the one to the peer relay (an edge lost
     // behind it resets the stream instead): its loss, however the chain reports it, is the
     // peer's, even before the pool has noticed.
-    if find_cause::<quinn::ConnectionError>(error).is_some() {
-        return unreachable();
+    if cause.is_some_and(|cause| find_cause::<quinn::ConnectionError>(cause).is_some()) {
+        return unreachable(detail);
     }
-    match find_cause::<Error>(error) {
+    match cause.and_then(find_cause::<Error>) {
         Some(
             Error::PeerUnreachable { .. }
             | Error::PeerRefused { .. }
             | Error::SessionClosed
             | Error::Disconnected,
-        ) => unreachable(),
+        ) => unreachable(detail),
         Some(Error::EdgeNotAttached { .. }) => Failure::new(
             StatusCode::BAD_GATEWAY,
             format!(
                 "edge {edge:?} is no longer attached to relay {relay} (the cluster directory \
                  was stale): try again"
             ),
-            error_chain(error),
+            detail,
         ),
-        None if cluster.pool.live_session(route.address).is_none() => unreachable(),
-        _ => forward_failure(error, edge, service),
+        None if cluster.pool.live_session(way.address).is_none() => unreachable(detail),
+        _ => otherwise(),
     }
 }

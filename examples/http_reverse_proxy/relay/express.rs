@@ -1,22 +1,26 @@
 //! The relay's route for the library's express lane (on unless `--no-express`): plain
-//! HTTP/1.1 requests for an edge attached to this relay go straight to it, parsed once.
+//! HTTP/1.1 requests for an edge go straight to it, parsed once: over the edge's session
+//! if it is attached here, through the peer relay it is attached to in a cluster (whose
+//! peer endpoint splices the stream to the edge untouched).
 //!
 //! The route makes the same choices as the full path in `public.rs` (the same host
-//! resolution, forwarding headers, Host, timeouts, metrics and access log); it declines
-//! whatever the full path answers itself or explains (an index page, an unknown host, an
-//! edge not attached here, a redirect to HTTPS), and the lane then hands the connection
-//! to it.
+//! resolution, forwarding headers, Host, timeouts, metrics, access log and failure
+//! wording, a peer's included); it declines whatever the full path answers itself or
+//! explains (an index page, an unknown host, an edge connected nowhere, a directory that
+//! cannot be read, a redirect to HTTPS), and the lane then hands the connection to it.
 
-use backhaul::http::authority::request_authority;
+use backhaul::connector::OpenTarget;
+use backhaul::http::authority::{request_authority, Authority};
 use backhaul::http::express::{
-    Express, Failure, FailureAnswer, Handover, Outcome, RouteFuture, Upstream,
+    Express, Failure, FailureAnswer, Handover, Opener, Outcome, RouteFuture, Upstream,
 };
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{express_failure, Failure as Explained, Timeouts};
-use backhaul::relay::EdgeHandle;
+use backhaul::relay::{EdgeHandle, Location, RelayId};
 use backhaul::{QuinnConnection, SessionClient};
 use http::request::Parts;
 
+use super::cluster::{lane_peer_failure, PeerWay};
 use super::host::{resolve_host, Target};
 use super::public::{record_request, what_only_the_relay_knows};
 use super::*;
@@ -28,7 +32,14 @@ pub(super) struct RelayExpress {
 
 impl Express for RelayExpress {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
-        Box::pin(std::future::ready(self.upstream(head, info)))
+        match self.locally(head, info) {
+            Local::Routed(upstream) => Box::pin(std::future::ready(upstream)),
+            // Not attached here: in a cluster, through the relay it is attached to.
+            Local::Elsewhere(authority, edge, service) if self.state.cluster.is_some() => {
+                Box::pin(self.through_peer((authority, edge, service), head, info))
+            }
+            Local::Elsewhere(..) => Box::pin(std::future::ready(None)),
+        }
     }
 
     fn handed_over(&self, reason: Handover, _info: &ConnectionInfo) {
@@ -40,17 +51,101 @@ impl Express for RelayExpress {
     }
 }
 
+/// What the route decides without waiting.
+// Made once per request and taken apart at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Local {
+    Routed(Option<Upstream>),
+    /// An edge not attached to this relay: the public authority, the edge, the service.
+    Elsewhere(Authority, String, String),
+}
+
 impl RelayExpress {
-    fn upstream(&self, head: &mut Parts, info: &ConnectionInfo) -> Option<Upstream> {
+    /// The upstream for an edge attached here (`None` for what the full path answers
+    /// itself), or the edge to look for elsewhere.
+    fn locally(&self, head: &mut Parts, info: &ConnectionInfo) -> Local {
         let state = &self.state;
-        let authority = request_authority(head.version, &head.uri, &head.headers).ok()??;
+        if state.express.is_none() {
+            return Local::Routed(None);
+        }
+        let Some(authority) = request_authority(head.version, &head.uri, &head.headers)
+            .ok()
+            .flatten()
+        else {
+            return Local::Routed(None);
+        };
         let Target::Edge { edge, service } =
             resolve_host(Some(&authority), &state.domain, &state.default_service)
         else {
-            return None;
+            return Local::Routed(None);
         };
+        let Some(handle) = state.registry.get(edge) else {
+            let (edge, service) = (edge.to_owned(), service.to_owned());
+            return Local::Elsewhere(authority, edge, service);
+        };
+        let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
+        let connector = handle.connector();
+        let names = LaneNames::new(edge, service);
+        let upstream = self.upstream(
+            head,
+            info,
+            &authority,
+            key,
+            connector,
+            names,
+            Way::Local(handle),
+        );
+        Local::Routed(upstream)
+    }
+
+    /// The upstream through the peer relay `edge` is attached to (or here, if it just
+    /// came); `None` leaves the request to the full path, which explains why.
+    async fn through_peer(
+        &self,
+        (authority, edge, service): (Authority, String, String),
+        head: &mut Parts,
+        info: &ConnectionInfo,
+    ) -> Option<Upstream> {
+        let state = &self.state;
+        let cluster = state.cluster.as_ref()?;
+        let location = cluster.directory.locate(&edge).await.ok()?;
+        let names = LaneNames::new(&edge, &service);
+        match location {
+            Location::Local(handle) => {
+                let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
+                let connector = handle.connector();
+                let way = Way::Local(handle);
+                self.upstream(head, info, &authority, key, connector, names, way)
+            }
+            Location::Elsewhere(relay) => {
+                let (address, connector) = cluster.connector(&relay, &edge).await.ok()?;
+                let forwarded = &state.metrics.requests_forwarded;
+                forwarded.with_label_values(&[relay.as_str()]).inc();
+                // The far relay splices the stream to its edge untouched: the forwarding
+                // headers set here reach the edge as they are.
+                let key = format!("{edge}\n{service}\nthrough {address}");
+                let way = Way::Peer { relay, address };
+                self.upstream(head, info, &authority, key, connector, names, way)
+            }
+            _ => None,
+        }
+    }
+
+    /// The request made ready for the edge (forwarding headers, Host), and its upstream
+    /// with the relay's pool, timeouts, failure answers, metrics and access log.
+    #[allow(clippy::too_many_arguments)]
+    fn upstream(
+        &self,
+        head: &mut Parts,
+        info: &ConnectionInfo,
+        authority: &Authority,
+        key: String,
+        opener: impl Into<Opener>,
+        names: LaneNames,
+        way: Way,
+    ) -> Option<Upstream> {
+        let state = &self.state;
         let pool = state.express.clone()?;
-        let handle = state.registry.get(edge)?;
         let proto = if info.is_secure() {
             Proto::Https
         } else {
@@ -58,7 +153,7 @@ impl RelayExpress {
         };
         let headers = &mut head.headers;
         let trusted = &state.trusted_proxies;
-        trusted.set_forwarding_headers(headers, info.peer_addr().ip(), &authority, proto);
+        trusted.set_forwarding_headers(headers, info.peer_addr().ip(), authority, proto);
         // Host is the public authority, as on the full path (usually it is already).
         if headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_str().as_bytes()) {
             headers.insert(HOST, authority.to_header_value());
@@ -68,17 +163,15 @@ impl RelayExpress {
             method = %head.method,
             host = authority.as_str(),
             path = ?head.uri.path(),
-            edge,
-            service,
+            edge = names.edge(),
+            service = names.service(),
         );
-        let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
-        let connector = handle.connector();
+        let target = OpenTarget::from(names.service());
         // One allocation shared by both hooks.
         let request = Arc::new(LaneRequest {
             state: Arc::clone(state),
-            handle,
-            names: format!("{edge}/{service}"),
-            edge_len: edge.len(),
+            way,
+            names,
             span,
         });
         let explain = {
@@ -89,7 +182,7 @@ impl RelayExpress {
             }
         };
         Some(
-            Upstream::new(key, connector, service)
+            Upstream::new(key, opener, target)
                 .with_pool(pool)
                 .answer_failures_with(explain)
                 .with_timeouts(Timeouts {
@@ -101,18 +194,20 @@ impl RelayExpress {
     }
 }
 
-/// One request on the lane, for its hooks.
-struct LaneRequest {
-    state: Arc<RelayState>,
-    /// The edge's registry entry (its session, for the ping that explains a timeout).
-    handle: EdgeHandle<QuinnConnection>,
-    /// `edge/service`, in one allocation.
+/// `edge/service`, in one allocation.
+struct LaneNames {
     names: String,
     edge_len: usize,
-    span: tracing::Span,
 }
 
-impl LaneRequest {
+impl LaneNames {
+    fn new(edge: &str, service: &str) -> Self {
+        Self {
+            names: format!("{edge}/{service}"),
+            edge_len: edge.len(),
+        }
+    }
+
     fn edge(&self) -> &str {
         &self.names[..self.edge_len]
     }
@@ -120,7 +215,26 @@ impl LaneRequest {
     fn service(&self) -> &str {
         &self.names[self.edge_len + 1..]
     }
+}
 
+/// How a lane request reaches its edge.
+enum Way {
+    /// Attached here: its registry entry (its session, for the ping that explains a
+    /// timeout).
+    Local(EdgeHandle<QuinnConnection>),
+    /// Attached to another relay of the cluster, reached at `address`.
+    Peer { relay: RelayId, address: SocketAddr },
+}
+
+/// One request on the lane, for its hooks.
+struct LaneRequest {
+    state: Arc<RelayState>,
+    way: Way,
+    names: LaneNames,
+    span: tracing::Span,
+}
+
+impl LaneRequest {
     /// Counts and logs the exchange as the full path does.
     fn finished(&self, outcome: &Outcome) {
         let metrics = &self.state.metrics;
@@ -130,11 +244,14 @@ impl LaneRequest {
         metrics
             .bytes_counter("from_edge")
             .inc_by(outcome.response_body_bytes);
-        // Counted with the full path's opens; a failed open is counted as a failure.
-        metrics
-            .opens
-            .with_label_values(&["ok"])
-            .inc_by(u64::from(outcome.streams_opened));
+        // Counted with the full path's opens to local edges; a failed open is counted
+        // as a failure.
+        if let Way::Local(_) = self.way {
+            metrics
+                .opens
+                .with_label_values(&["ok"])
+                .inc_by(u64::from(outcome.streams_opened));
+        }
         let span = &self.span;
         match &outcome.failure {
             Some(Failure::BodyIdle(idle)) => {
@@ -161,14 +278,20 @@ impl LaneRequest {
 
     /// The status and words for a failure before any response head, logged.
     async fn answer(&self, failure: &Failure) -> (StatusCode, String) {
-        let explained = explain(
-            &self.state,
-            self.handle.client(),
-            self.edge(),
-            self.service(),
-            failure,
-        )
-        .await;
+        let (edge, service) = (self.names.edge(), self.names.service());
+        let explained = match (&self.way, &self.state.cluster) {
+            (Way::Local(handle), _) => {
+                explain(&self.state, handle.client(), edge, service, failure).await
+            }
+            (Way::Peer { relay, address }, Some(cluster)) => {
+                let way = PeerWay {
+                    relay,
+                    address: *address,
+                };
+                lane_peer_failure(cluster, way, failure, edge, service)
+            }
+            (Way::Peer { .. }, None) => express_failure(failure, edge, service),
+        };
         // The chain can hold text from the edge: Debug escapes it.
         self.span.in_scope(|| {
             warn!(

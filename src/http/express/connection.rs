@@ -19,6 +19,7 @@ use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, PlainRequest, RequestHead, ResponseHead};
 use super::prefixed::Prefixed;
 use super::{Express, Failure, Handover, Outcome, Upstream};
+use crate::http::proxy::linger::{LINGER_BYTES, LINGER_TIME};
 use crate::http::server::ConnectionInfo;
 use crate::stream::{TunnelStream, ABANDONED_STREAM};
 
@@ -26,11 +27,6 @@ use crate::stream::{TunnelStream, ABANDONED_STREAM};
 const READ_ROOM: usize = 8 * 1024;
 /// The largest response head the lane reads from an edge.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// After an answer that came before the request's end, how long and how much of the
-/// rest the lane reads (and drops) before closing: a client still sending when the
-/// connection closes would get a reset instead of the answer.
-const LINGER_TIME: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 1024 * 1024;
 
 /// How the lane left a connection.
 pub(crate) enum Handoff<I> {
@@ -295,7 +291,7 @@ impl Lane {
                 }
             }
         }
-        let stream = upstream.connector.connect(upstream.target.clone()).await?;
+        let stream = upstream.opener.open(upstream.target.clone()).await?;
         Ok((stream, false))
     }
 
@@ -336,8 +332,8 @@ impl Lane {
                     may_retry = false;
                     stream.reset(ABANDONED_STREAM);
                     *stream = upstream
-                        .connector
-                        .connect(upstream.target.clone())
+                        .opener
+                        .open(upstream.target.clone())
                         .await
                         .map_err(|error| Failure::Open(Arc::new(error)))?;
                     exchange.streams_opened += 1;
@@ -736,15 +732,16 @@ struct Wait {
 }
 
 /// Reads and drops what the client still sends, for a while, after an answer that came
-/// before the request's end.
+/// before the request's end: a client still sending when the connection closes would get
+/// a reset instead of the answer.
 async fn linger<I: AsyncRead + Unpin>(client: &mut I) {
     let mut sink = [0u8; 8 * 1024];
-    let mut dropped = 0;
+    let mut dropped = 0u64;
     let _ = tokio::time::timeout(LINGER_TIME, async {
         while dropped < LINGER_BYTES {
             match client.read(&mut sink).await {
                 Ok(0) | Err(_) => return,
-                Ok(read) => dropped += read,
+                Ok(read) => dropped += read as u64,
             }
         }
     })

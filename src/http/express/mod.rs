@@ -97,6 +97,7 @@
 mod chunked;
 mod connection;
 mod head;
+mod opener;
 mod pool;
 mod prefixed;
 
@@ -109,12 +110,13 @@ use std::time::Duration;
 use http::request::Parts;
 use http::StatusCode;
 
-use crate::connector::{Connector, OpenTarget};
+use crate::connector::OpenTarget;
 use crate::error::Error;
 use crate::http::proxy::Timeouts;
 use crate::http::server::ConnectionInfo;
 
 pub(crate) use connection::{serve, Handoff, LaneContext};
+pub use opener::Opener;
 pub use pool::StreamPool;
 pub(crate) use prefixed::Prefixed;
 
@@ -201,7 +203,7 @@ impl fmt::Display for Handover {
 /// edge (a key of edge name and service does).
 pub struct Upstream {
     key: String,
-    connector: Connector,
+    opener: Opener,
     target: OpenTarget,
     timeouts: Timeouts,
     pool: Option<StreamPool>,
@@ -220,15 +222,18 @@ impl fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Forwards to `target` through `connector`; `key` names the edge and service.
+    /// Forwards to `target` through `opener` (a [`Connector`](crate::connector::Connector)
+    /// over the edge's session, or a peer relay's
+    /// [`PeerConnector`](crate::relay::peer::PeerConnector)); `key` names the edge and
+    /// service (and the way to them).
     pub fn new(
         key: impl Into<String>,
-        connector: Connector,
+        opener: impl Into<Opener>,
         target: impl Into<OpenTarget>,
     ) -> Self {
         Self {
             key: key.into(),
-            connector,
+            opener: opener.into(),
             target: target.into(),
             timeouts: Timeouts::default(),
             pool: None,

@@ -19,6 +19,7 @@ use tower::Service;
 
 use super::hop_by_hop::{is_upgrade, strip_hop_by_hop};
 use super::idle::{IdleHook, IdleTimeoutBody};
+use super::linger::Lingering;
 use super::upgrade::spawn_splice;
 use super::{boxed, BoxError, ProxyBody};
 use crate::http::pool::{Http1Pool, PoolConnector, PoolError, PooledBody};
@@ -226,7 +227,8 @@ where
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
         *request.version_mut() = Version::HTTP_11;
-        let request = request.map(boxed);
+        // Read on for a while if the upstream stops reading it (an early answer).
+        let request = request.map(|body| boxed(Lingering::new(boxed(body))));
         let response = match &self.upstream {
             Upstream::Http1(pool) => Sending::Http1(Box::pin(pool.send(request))),
             Upstream::Client(client) => Sending::Client(client.request(request)),

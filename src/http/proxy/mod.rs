@@ -54,8 +54,9 @@ mod failure;
 mod forward;
 pub(crate) mod hop_by_hop;
 mod idle;
-mod local;
 #[cfg(feature = "tcp")]
+pub(crate) mod linger;
+mod local;
 mod pass_through;
 mod upgrade;
 
