@@ -768,6 +768,12 @@ async fn send(sender: &mut Sender, request: Request<ClientBody>) -> Response<Inc
     .await
 }
 
+/// POSTs [`PatternBody`]`(len)` to `host` and `path`.
+async fn post_pattern(sender: &mut Sender, host: &str, path: &str, len: u64) -> Response<Incoming> {
+    let body = PatternBody::new(len).boxed();
+    send(sender, request(Method::POST, host, path, body)).await
+}
+
 async fn get(sender: &mut Sender, host: &str, path: &str) -> Response<Incoming> {
     send(sender, request(Method::GET, host, path, empty())).await
 }
@@ -1240,16 +1246,7 @@ async fn a_service_answering_as_it_reads_gets_the_whole_upload_and_its_answer_ar
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
         let (mut sender, _connection) = connect(lane.public).await;
-        let response = send(
-            &mut sender,
-            request(
-                Method::POST,
-                "web.test",
-                "/duplex",
-                PatternBody::new(UPLOAD).boxed(),
-            ),
-        )
-        .await;
+        let response = post_pattern(&mut sender, "web.test", "/duplex", UPLOAD).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(answered_by(&response), "web");
         let echoed = checksum_body(response.into_body())
@@ -1278,16 +1275,7 @@ async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
         let (mut sender, connection) = connect(lane.public).await;
-        let response = send(
-            &mut sender,
-            request(
-                Method::POST,
-                "raw.test",
-                "/early-413",
-                PatternBody::new(UPLOAD).boxed(),
-            ),
-        )
-        .await;
+        let response = post_pattern(&mut sender, "raw.test", "/early-413", UPLOAD).await;
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(answered_by(&response), "raw");
         assert_eq!(text(response).await, "too large");
@@ -1320,16 +1308,7 @@ async fn a_body_limit_answer_from_axum_reaches_the_client() {
     within(LIMIT, async {
         for _ in 0..5 {
             let (mut sender, _connection) = connect(lane.public).await;
-            let response = send(
-                &mut sender,
-                request(
-                    Method::POST,
-                    "web.test",
-                    "/limited",
-                    PatternBody::new(UPLOAD).boxed(),
-                ),
-            )
-            .await;
+            let response = post_pattern(&mut sender, "web.test", "/limited", UPLOAD).await;
             assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
             assert_eq!(answered_by(&response), "web");
         }
@@ -1362,16 +1341,7 @@ async fn an_edge_taking_neither_the_body_nor_answering_is_a_504_after_the_respon
     within(LIMIT, async {
         let (mut sender, _connection) = connect(lane.public).await;
         let started = Instant::now();
-        let response = send(
-            &mut sender,
-            request(
-                Method::POST,
-                "raw.test",
-                "/deaf",
-                PatternBody::new(UPLOAD).boxed(),
-            ),
-        )
-        .await;
+        let response = post_pattern(&mut sender, "raw.test", "/deaf", UPLOAD).await;
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(started.elapsed() >= response_timeout);
         let outcome = lane.outcome("/deaf").await;
