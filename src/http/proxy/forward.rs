@@ -227,8 +227,15 @@ where
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
         *request.version_mut() = Version::HTTP_11;
-        // Read on for a while if the upstream stops reading it (an early answer).
-        let request = request.map(|body| boxed(Lingering::new(boxed(body))));
+        // A body is read on for a while if the upstream stops reading it (an early
+        // answer); a request without one (most) needs no such care.
+        let request = request.map(|body| {
+            if body.is_end_stream() {
+                boxed(body)
+            } else {
+                boxed(Lingering::new(boxed(body)))
+            }
+        });
         let response = match &self.upstream {
             Upstream::Http1(pool) => Sending::Http1(Box::pin(pool.send(request))),
             Upstream::Client(client) => Sending::Client(client.request(request)),
