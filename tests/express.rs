@@ -1712,6 +1712,17 @@ async fn a_refused_open_is_a_502_and_a_closed_connection() {
             ),
             other => panic!("expected a refused open, got {other:?}"),
         }
+
+        // With an upload on its way, the 502 still reaches a client that only reads what
+        // it is answered once it has sent (the lane reads the upload on before closing).
+        for _ in 0..3 {
+            let (mut sender, _connection) = connect(lane.public).await;
+            let response = post_pattern(&mut sender, "nope.test", "/nope-upload", 8 << 20).await;
+            assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+            assert!(text(response).await.contains("no stream to the edge"));
+        }
+        let outcome = lane.outcome("/nope-upload").await;
+        assert_eq!(outcome.request_body_bytes, 0, "{outcome:?}");
     })
     .await;
 }

@@ -89,6 +89,7 @@ where
             drop(in_flight);
             return lane.hand_over(client, Handover::Route, &cx);
         };
+        lane.start_upload(&parts, head_len, body_len);
         let mut exchange = Exchange {
             method: parts.method.clone(),
             status: None,
@@ -102,9 +103,7 @@ where
                 exchange.streams_opened = u32::from(!reused);
                 let stream = stream.insert(opened);
                 let sent = Sent {
-                    parts: &parts,
-                    head_len,
-                    body_len,
+                    method: &parts.method,
                     close,
                 };
                 lane.exchange(
@@ -174,6 +173,10 @@ where
                 }
                 if let Some((status, message)) = answer {
                     lane.answer_failure(&mut client, status, &message).await;
+                    if lane.upload.remaining > 0 {
+                        // The client may still be sending: it should read the answer.
+                        linger(&mut client).await;
+                    }
                 }
                 return Handoff::Done;
             }
@@ -203,11 +206,9 @@ enum Next {
     },
 }
 
-/// The request as read, for [`Lane::exchange`].
+/// The request, for [`Lane::exchange`] (its head and body are in [`Lane::upload`]).
 struct Sent<'a> {
-    parts: &'a Parts,
-    head_len: usize,
-    body_len: u64,
+    method: &'a Method,
     close: bool,
 }
 
@@ -268,6 +269,16 @@ impl Lane {
         }
     }
 
+    /// Starts the request's upload: its head as the edge is to receive it, and the body
+    /// bytes read along with it, taken from `buf`.
+    fn start_upload(&mut self, parts: &Parts, head_len: usize, body_len: u64) {
+        let after_head = self.buf.len() - head_len;
+        let buffered = usize::try_from(body_len).map_or(after_head, |len| len.min(after_head));
+        self.upload
+            .start(parts, &self.buf[head_len..head_len + buffered], body_len);
+        self.buf.advance(head_len + buffered);
+    }
+
     fn hand_over<I, G>(self, client: I, reason: Handover, cx: &LaneContext<'_, G>) -> Handoff<I> {
         cx.express.handed_over(reason, &cx.info);
         Handoff::Hyper(Prefixed::new(self.buf.freeze(), client))
@@ -307,21 +318,10 @@ impl Lane {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
-        let Sent {
-            parts,
-            head_len,
-            body_len,
-            close,
-        } = sent;
-        let buffered = usize::try_from(body_len).map_or(self.buf.len() - head_len, |body_len| {
-            body_len.min(self.buf.len() - head_len)
-        });
-        self.upload
-            .start(parts, &self.buf[head_len..head_len + buffered], body_len);
-        self.buf.advance(head_len + buffered);
+        let Sent { method, close } = sent;
         // A kept stream the edge closed meanwhile fails before any answer: a safe request
         // sent whole from memory is sent again on a new stream, once.
-        let mut may_retry = reused && self.upload.remaining == 0 && is_safe(&parts.method);
+        let mut may_retry = reused && self.upload.remaining == 0 && is_safe(method);
         let head = loop {
             match self
                 .read_response_head(client, stream, upstream.timeouts.response, exchange)
