@@ -1727,6 +1727,30 @@ async fn a_refused_open_is_a_502_and_a_closed_connection() {
     .await;
 }
 
+/// Timeouts too large to add to an instant mean "never": requests are served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_of_duration_max_mean_never() {
+    let lane = Lane::start(Setup {
+        timeouts: Timeouts {
+            response: Duration::MAX,
+            body_idle: Duration::MAX,
+        },
+        ..Setup::default()
+    })
+    .await;
+    within(LIMIT, async {
+        let (mut sender, _connection) = connect(lane.public).await;
+        let response = get(&mut sender, "web.test", "/n/7").await;
+        assert_eq!(text(response).await, "reply 7");
+        let response = post_pattern(&mut sender, "web.test", "/upload", 1 << 20).await;
+        assert_eq!(
+            text(response).await,
+            PatternBody::checksum(1 << 20).header()
+        );
+    })
+    .await;
+}
+
 /// No response head within the upstream's response timeout: the lane's 504, then the
 /// connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

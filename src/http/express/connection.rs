@@ -25,6 +25,8 @@ use crate::stream::{TunnelStream, ABANDONED_STREAM};
 
 /// Room kept free in a buffer before reading into it.
 const READ_ROOM: usize = 8 * 1024;
+/// What a timeout too large to add to an instant means: about thirty years.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 /// The largest response head the lane reads from an edge.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -542,7 +544,12 @@ impl Lane {
             ..
         } = self;
         response.reserve(READ_ROOM);
-        let quiet_until = |upload: &Upload| wait.since.max(upload.last_progress) + wait.limit;
+        let quiet_until = |upload: &Upload| {
+            let base = wait.since.max(upload.last_progress);
+            // A limit too large to add ("never") waits as long as tokio's timers go.
+            base.checked_add(wait.limit)
+                .unwrap_or_else(|| base + FAR_FUTURE)
+        };
         let stall = tokio::time::sleep_until(quiet_until(upload));
         tokio::pin!(stall);
         std::future::poll_fn(|cx| {
