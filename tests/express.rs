@@ -1299,6 +1299,35 @@ async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_
     .await;
 }
 
+/// A hundred and fifty uploads at once, each answered early: every client gets its 413,
+/// and no stream to the edge is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_uploads_answered_early_at_once_each_get_their_answer() {
+    const CLIENTS: usize = 150;
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let mut clients = JoinSet::new();
+        for _ in 0..CLIENTS {
+            let public = lane.public;
+            clients.spawn(async move {
+                let (mut sender, _connection) = connect(public).await;
+                let response = post_pattern(&mut sender, "raw.test", "/early-413", 1 << 20).await;
+                assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+                assert_eq!(text(response).await, "too large");
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done.expect("a client's task");
+        }
+        eventually(PROMPT, "every stream to the edge ended", || {
+            (lane.active("raw") == 0).then_some(())
+        })
+        .await;
+        assert_eq!(lane.opened("raw"), CLIENTS);
+    })
+    .await;
+}
+
 /// axum refusing an upload over its body limit (its 413 comes at once, and hyper closes
 /// the connection with the rest unread): the client gets the 413.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -412,3 +412,35 @@ async fn an_answer_before_the_uploads_end_is_returned_and_its_connection_not_reu
         assert_eq!(accepted.load(Ordering::SeqCst), round);
     }
 }
+
+/// Two hundred uploads at once, each answered early by a service that then closes with
+/// the rest unread: every one gets its answer, on a connection of its own, and none of
+/// those connections is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_uploads_answered_early_at_once_each_get_their_answer() {
+    let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+    let (addr, accepted) = raw_server(answer, Then::Close).await;
+    let pool: Http1Pool<HttpConnector, Full<Bytes>> = Http1Pool::new(HttpConnector::new());
+    let upload = Bytes::from(vec![7u8; 1 << 20]);
+    let mut uploads = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (pool, upload) = (pool.clone(), upload.clone());
+        uploads.spawn(async move {
+            let request = Request::post(format!("http://{addr}/1/5"))
+                .body(Full::new(upload))
+                .expect("request");
+            let response = pool.send(request).await.expect("the early answer");
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(&body_of(response).await[..], b"too large");
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(done) = uploads.join_next().await {
+            done.expect("an upload's task");
+        }
+    })
+    .await
+    .expect("all answered in time");
+    assert_eq!(accepted.load(Ordering::SeqCst), 200);
+    assert_eq!(pool.idle(), 0);
+}

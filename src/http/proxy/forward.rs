@@ -224,16 +224,18 @@ where
         let downstream_upgrade =
             is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
         strip_hop_by_hop(request.headers_mut(), downstream_upgrade.is_some());
+        // An HTTP/1 body is read on for a while if the upstream stops reading it (an
+        // early answer), or the client's connection would close under its upload. HTTP/2
+        // resets just the stream, and a request without a body (most) needs no care.
+        let linger = request.version() < Version::HTTP_2;
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
         *request.version_mut() = Version::HTTP_11;
-        // A body is read on for a while if the upstream stops reading it (an early
-        // answer); a request without one (most) needs no such care.
         let request = request.map(|body| {
-            if body.is_end_stream() {
-                boxed(body)
-            } else {
+            if linger && !body.is_end_stream() {
                 boxed(Lingering::new(boxed(body)))
+            } else {
+                boxed(body)
             }
         });
         let response = match &self.upstream {
