@@ -119,6 +119,20 @@ where
                 .await
             }
         };
+        // The exchange with the edge is over: a kept stream is released before the
+        // client's last bytes go out, so the client's next request (or another client's)
+        // finds it.
+        let ended = match ended {
+            Ok(next) => {
+                if let Next::Continue { reusable: true } = next {
+                    if let Some(stream) = stream.take() {
+                        lane.keep(&mut upstream, stream);
+                    }
+                }
+                write_out(&mut client, &mut lane.out).await.map(|()| next)
+            }
+            Err(failure) => Err(failure),
+        };
         // Before any response head, a failure is answered (unless the client is gone);
         // mid-body the connection is dropped as it is (a reset), so the client sees a
         // failure, not a short body.
@@ -146,15 +160,6 @@ where
         }
         drop(in_flight);
         match (ended, stream) {
-            (Ok(Next::Continue { reusable: true }), Some(stream)) => match upstream.pool {
-                Some(pool) => pool.put(upstream.key, stream),
-                None => {
-                    lane.kept = Some(Kept {
-                        key: upstream.key,
-                        stream,
-                    });
-                }
-            },
             (Ok(Next::Continue { .. }), _) => {}
             (Ok(Next::Close { cut_upload }), stream) => {
                 if cut_upload {
@@ -281,6 +286,16 @@ impl Lane {
         self.buf.advance(head_len + buffered);
     }
 
+    /// Keeps `stream` for the next request with `upstream`'s key: in its pool, or with
+    /// this connection.
+    fn keep(&mut self, upstream: &mut Upstream, stream: TunnelStream) {
+        let key = std::mem::take(&mut upstream.key);
+        match &upstream.pool {
+            Some(pool) => pool.put(key, stream),
+            None => self.kept = Some(Kept { key, stream }),
+        }
+    }
+
     fn hand_over<I, G>(self, client: I, reason: Handover, cx: &LaneContext<'_, G>) -> Handoff<I> {
         cx.express.handed_over(reason, &cx.info);
         Handoff::Hyper(Prefixed::new(self.buf.freeze(), client))
@@ -351,7 +366,8 @@ impl Lane {
         exchange.status = Some(head.status);
         let idle = upstream.timeouts.body_idle;
         match head.framing {
-            Framing::Empty => write_out(client, &mut self.out).await?,
+            // The head alone, written by the caller once the stream is released.
+            Framing::Empty => {}
             Framing::Length(length) => {
                 self.copy_length(client, stream, length, idle, exchange)
                     .await?;
@@ -442,10 +458,11 @@ impl Lane {
             self.response.advance(take);
             remaining -= take as u64;
             exchange.response_body_bytes += take as u64;
-            write_out(client, &mut self.out).await?;
             if remaining == 0 {
+                // The last piece is written by the caller once the stream is released.
                 return Ok(());
             }
+            write_out(client, &mut self.out).await?;
             if self.read_body(client, stream, idle).await? == 0 {
                 return Err(Failure::Upstream(format!(
                     "the stream ended {remaining} bytes before the response body's end"
@@ -472,10 +489,11 @@ impl Lane {
             self.out.extend_from_slice(&self.response[..take]);
             self.response.advance(take);
             exchange.response_body_bytes += take as u64;
-            write_out(client, &mut self.out).await?;
             if scanner.is_done() {
+                // The last piece is written by the caller once the stream is released.
                 return Ok(());
             }
+            write_out(client, &mut self.out).await?;
             if self.read_body(client, stream, idle).await? == 0 {
                 return Err(Failure::Upstream(
                     "the stream ended inside a chunked response body".into(),

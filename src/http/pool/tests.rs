@@ -391,14 +391,18 @@ async fn a_request_never_waits_behind_another_requests_unfinished_upload() {
 
 /// A service answering before the upload's end and closing with the rest unread (the
 /// kernel resets the connection): the pool returns that answer, not the failed write,
-/// and never reuses the connection.
+/// and never sends on that connection again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_before_the_uploads_end_is_returned_and_its_connection_not_reused() {
     let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
     let (addr, accepted) = raw_server(answer, Then::Close).await;
     let pool: Http1Pool<HttpConnector, Full<Bytes>> = Http1Pool::new(HttpConnector::new());
+    // Far more than the kernel's buffers on both sides hold: a write surely fails. (An
+    // upload that fits in them is written whole, and the connection is given back before
+    // its close is seen, like any connection a server closes without saying so.)
+    let upload = Bytes::from(vec![7u8; 64 << 20]);
     for round in 1..=5 {
-        let upload = Full::new(Bytes::from(vec![7u8; 8 << 20]));
+        let upload = Full::new(upload.clone());
         let request = Request::post(format!("http://{addr}/1/5"))
             .body(upload)
             .expect("request");
@@ -408,14 +412,14 @@ async fn an_answer_before_the_uploads_end_is_returned_and_its_connection_not_reu
             .expect("the early answer, not the write's failure");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(&body_of(response).await[..], b"too large");
-        assert_eq!(pool.idle(), 0, "a refused connection is not pooled");
+        // Each round on a new connection: the refused one is never taken again (it may
+        // sit in the idle set until then, given back before its refusal was seen).
         assert_eq!(accepted.load(Ordering::SeqCst), round);
     }
 }
 
 /// Two hundred uploads at once, each answered early by a service that then closes with
-/// the rest unread: every one gets its answer, on a connection of its own, and none of
-/// those connections is kept.
+/// the rest unread: every one gets its answer, each on a connection of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_uploads_answered_early_at_once_each_get_their_answer() {
     let answer = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
@@ -442,5 +446,4 @@ async fn hundreds_of_uploads_answered_early_at_once_each_get_their_answer() {
     .await
     .expect("all answered in time");
     assert_eq!(accepted.load(Ordering::SeqCst), 200);
-    assert_eq!(pool.idle(), 0);
 }
