@@ -1300,10 +1300,14 @@ async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_
 }
 
 /// A hundred and fifty uploads at once, each answered early: every client gets its 413,
-/// and no stream to the edge is left behind.
+/// and no stream to the edge is left behind. (Each upload is more than the buffers on the
+/// way hold, so the lane cuts it and resets its stream: an upload that fits is sent
+/// whole, and its stream then ends only when the service, which holds its connection
+/// open here, lets go.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_uploads_answered_early_at_once_each_get_their_answer() {
     const CLIENTS: usize = 150;
+    const UPLOAD: u64 = 4 << 20;
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
         let mut clients = JoinSet::new();
@@ -1311,7 +1315,7 @@ async fn many_uploads_answered_early_at_once_each_get_their_answer() {
             let public = lane.public;
             clients.spawn(async move {
                 let (mut sender, _connection) = connect(public).await;
-                let response = post_pattern(&mut sender, "raw.test", "/early-413", 1 << 20).await;
+                let response = post_pattern(&mut sender, "raw.test", "/early-413", UPLOAD).await;
                 assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
                 assert_eq!(text(response).await, "too large");
             });
