@@ -83,19 +83,35 @@ impl RelayExpress {
             let (edge, service) = (edge.to_owned(), service.to_owned());
             return Local::Elsewhere(authority, edge, service);
         };
-        let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
-        let connector = handle.connector();
         let names = LaneNames::new(edge, service);
-        let upstream = self.upstream(
+        Local::Routed(self.attached(head, info, &authority, handle, names))
+    }
+
+    /// The upstream over the session of an edge attached here.
+    fn attached(
+        &self,
+        head: &mut Parts,
+        info: &ConnectionInfo,
+        authority: &Authority,
+        handle: EdgeHandle<QuinnConnection>,
+        names: LaneNames,
+    ) -> Option<Upstream> {
+        let key = format!(
+            "{}\n{}\n{}",
+            names.edge(),
+            handle.epoch().get(),
+            names.service()
+        );
+        let connector = handle.connector();
+        self.upstream(
             head,
             info,
-            &authority,
+            authority,
             key,
             connector,
             names,
             Way::Local(handle),
-        );
-        Local::Routed(upstream)
+        )
     }
 
     /// The upstream through the peer relay `edge` is attached to (or here, if it just
@@ -111,12 +127,7 @@ impl RelayExpress {
         let location = cluster.directory.locate(&edge).await.ok()?;
         let names = LaneNames::new(&edge, &service);
         match location {
-            Location::Local(handle) => {
-                let key = format!("{edge}\n{}\n{service}", handle.epoch().get());
-                let connector = handle.connector();
-                let way = Way::Local(handle);
-                self.upstream(head, info, &authority, key, connector, names, way)
-            }
+            Location::Local(handle) => self.attached(head, info, &authority, handle, names),
             Location::Elsewhere(relay) => {
                 let (address, connector) = cluster.connector(&relay, &edge).await.ok()?;
                 let forwarded = &state.metrics.requests_forwarded;
