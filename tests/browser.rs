@@ -98,7 +98,7 @@ async fn chromium_through_the_demo(scheme: Scheme) {
         );
         return;
     };
-    bounded(Duration::from_secs(60), async {
+    bounded(Duration::from_secs(120), async {
         let dir = TempDir::new(&format!("browser-{}", scheme.as_str()));
         let http = free_tcp_addr();
         let admin = free_tcp_addr();
@@ -128,8 +128,8 @@ async fn chromium_through_the_demo(scheme: Scheme) {
         let expected_start = format!("{}://demo.localhost:", scheme.as_str());
         assert!(url.starts_with(&expected_start), "{url}");
 
-        let browser = Chromium::start(&chromium, dir.path(), &url, &browser_args);
-        let page = browser.page_socket(&url).await;
+        let (browser, port) = Chromium::launch(&chromium, dir.path(), &url, &browser_args).await;
+        let page = browser.page_socket(port, &url).await;
         let mut devtools = DevTools::connect(&page).await;
         let started = Instant::now();
         let dom = loop {
@@ -233,16 +233,41 @@ struct Chromium {
 }
 
 impl Chromium {
-    fn start(program: &Path, dir: &Path, url: &str, extra: &[String]) -> Self {
-        let profile = dir.join("chromium-profile");
+    /// Starts Chromium until one start writes its DevTools port, at most three times.
+    ///
+    /// A start that exits or stays silent (no port after 20 s) is killed and tried again on
+    /// a fresh profile: a loaded CI machine has been seen to leave a first start mute. What
+    /// each start did is in the panic message if none succeeds.
+    async fn launch(program: &Path, dir: &Path, url: &str, extra: &[String]) -> (Self, u16) {
+        let mut attempts = Vec::new();
+        for attempt in 1..=3 {
+            let mut browser = Self::start(program, dir, attempt, url, extra);
+            match browser.devtools_port(Duration::from_secs(20)).await {
+                Ok(port) => return (browser, port),
+                Err(failure) => {
+                    eprintln!("Chromium start {attempt}: {failure}");
+                    attempts.push(format!("start {attempt}: {failure}\n{}", browser.logs()));
+                }
+            }
+        }
+        panic!(
+            "Chromium wrote no DevToolsActivePort in three starts\n{}",
+            attempts.join("\n")
+        );
+    }
+
+    fn start(program: &Path, dir: &Path, attempt: u32, url: &str, extra: &[String]) -> Self {
+        let profile = dir.join(format!("chromium-profile-{attempt}"));
         std::fs::create_dir_all(&profile).expect("creating the profile dir");
-        let log = dir.join("chromium.log");
+        let log = dir.join(format!("chromium-{attempt}.log"));
         let output = File::create(&log).expect("creating the Chromium log");
         let child = Command::new(program)
             .args([
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
+                // Shared memory in the temp dir: /dev/shm may be small in a container.
+                "--disable-dev-shm-usage",
                 "--disable-quic",
                 "--no-first-run",
                 "--disable-background-networking",
@@ -275,25 +300,37 @@ impl Chromium {
         )
     }
 
-    /// The DevTools WebSocket URL of the page showing `url`.
-    async fn page_socket(&self, url: &str) -> String {
+    /// The port Chromium's DevTools listen on, once it has written it, or why not.
+    async fn devtools_port(&mut self, limit: Duration) -> Result<u16, String> {
         let started = Instant::now();
-        let limit = Duration::from_secs(20);
         let port_file = self.profile.join("DevToolsActivePort");
-        let port = loop {
+        loop {
             let port = std::fs::read_to_string(&port_file)
                 .ok()
                 .and_then(|text| text.lines().next()?.trim().parse::<u16>().ok());
             if let Some(port) = port {
-                break port;
+                return Ok(port);
             }
-            assert!(
-                started.elapsed() < limit,
-                "Chromium wrote no DevToolsActivePort\n{}",
-                self.logs()
-            );
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "Chromium exited ({status}) before writing its port"
+                ));
+            }
+            if started.elapsed() >= limit {
+                let entries = std::fs::read_dir(&self.profile).map_or(0, |dir| dir.count());
+                return Err(format!(
+                    "no DevToolsActivePort after {limit:?}, Chromium still running, \
+                     {entries} entries in its profile"
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        }
+    }
+
+    /// The DevTools WebSocket URL of the page showing `url`.
+    async fn page_socket(&self, port: u16, url: &str) -> String {
+        let started = Instant::now();
+        let limit = Duration::from_secs(20);
         let http = client();
         loop {
             let request = http::Request::get(format!("http://127.0.0.1:{port}/json/list"))
