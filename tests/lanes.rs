@@ -211,6 +211,34 @@ async fn a_lost_lane_is_dialed_again_while_the_others_carry_on() {
     edge_task.abort();
 }
 
+/// Opens already under way when a lane goes are not lost with it: the edge may have sent
+/// their `StreamBind` over the lane before it learnt of the close, and the relay opens
+/// those again instead of waiting out the bind timeout. Three rounds of 200 opens, a lane
+/// closed by the relay a moment after each round starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_under_way_when_a_lane_is_lost_all_arrive() {
+    let (relay, edge_task, edge) = laned_edge(3).await;
+    for round in 0..3 {
+        let lost = edge.client().connection().lanes()[0].clone();
+        let opens = tokio::spawn({
+            let edge = edge.clone();
+            async move { echo_many(&edge, 200).await }
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        lost.close(0u32.into(), b"network change");
+        opens
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: {error}"));
+        eventually(LIMIT, "the lane dialed again", || {
+            std::future::ready(relay.stats.snapshot().lanes_joined == 2 + round + 1)
+        })
+        .await;
+        connections_become(&edge, 3).await;
+    }
+    echo_many(&edge, 50).await;
+    edge_task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessed_lane_key_is_refused_and_backed_off_while_edges_are_served() {
     let (relay, edge_task, edge) = laned_edge(2).await;

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::time::timeout;
+use tokio::time::error::Elapsed;
+use tokio::time::{timeout, timeout_at};
 use tracing::{debug, warn};
 
 use super::control::frame;
@@ -41,6 +42,18 @@ pub(crate) const REFUSED_STREAM_CODE: u32 = 0x5152_0001;
 pub(crate) const PROTOCOL_ERROR_CODE: u32 = 0x5152_0002;
 /// Application error code used when closing a connection whose peer stopped answering pings.
 pub(crate) const KEEPALIVE_TIMEOUT_CODE: u32 = 0x5152_0003;
+
+/// How long an open waits for its data stream after a lane of the session was lost, before
+/// it is opened again: the stream may have gone with the lane (see [`SessionCore::open`]).
+pub(crate) const LANE_LOSS_GRACE: Duration = Duration::from_secs(1);
+
+/// How long after this side saw a lane lost the peer may still send streams over it: when
+/// a path dies, the two sides' idle timers end within about a keep-alive interval (5 s)
+/// of each other; twice that.
+pub(crate) const RECENT_LANE_LOSS: Duration = Duration::from_secs(10);
+
+/// How many times an open is tried when lanes are lost while it waits.
+pub(crate) const OPEN_ATTEMPTS: u32 = 3;
 
 /// Commands queued for the control stream writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
@@ -353,6 +366,12 @@ impl<C: Connection> SessionCore<C> {
 
     /// Opens a stream to `service`, holding `slot` (one of `max_inflight_opens`) until the
     /// open completes either way. Returns the stream and its logical stream id.
+    ///
+    /// Over a transport of several connections (lanes), an open whose data stream has not
+    /// come within [`LANE_LOSS_GRACE`] of a lane's loss is opened again, at most
+    /// [`OPEN_ATTEMPTS`] times in all: the peer may have sent its `StreamBind` over the
+    /// lost lane before it learnt of the loss. Nothing was written on such a stream yet,
+    /// so opening again repeats nothing; the peer's service sees its first stream fail.
     pub(crate) async fn open(
         &self,
         service: ServiceId,
@@ -361,6 +380,44 @@ impl<C: Connection> SessionCore<C> {
         slot: OwnedSemaphorePermit,
     ) -> Result<(Stream<C>, u64), Error> {
         let _slot = slot;
+        let mut attempt = 1;
+        loop {
+            let watch = match self.shared.connection.lanes_lost() {
+                // A loss shortly before counts as one to come: the peer may still be
+                // sending streams over the lost lane.
+                Some(lost) if attempt < OPEN_ATTEMPTS => Some(match lost.last {
+                    Some(last) if last.elapsed() < RECENT_LANE_LOSS => lost.count - 1,
+                    _ => lost.count,
+                }),
+                _ => None,
+            };
+            let Some(lost) = watch else {
+                let opened = self.open_once(service, metadata, flags, None).await?;
+                return Ok(opened.expect("no lanes watched"));
+            };
+            match self
+                .open_once(service.clone(), metadata.clone(), flags, Some(lost))
+                .await
+            {
+                Ok(None) => {
+                    debug!(attempt, %service, "open again: its stream may have gone with a lost lane");
+                    attempt += 1;
+                }
+                done => return done.map(|opened| opened.expect("no lanes watched")),
+            }
+        }
+    }
+
+    /// One open exchange. With `lanes_lost` (the transport's count when it began), it
+    /// gives up with `Ok(None)` when its data stream has not come [`LANE_LOSS_GRACE`]
+    /// after a further lane is lost; without, it never does.
+    async fn open_once(
+        &self,
+        service: ServiceId,
+        metadata: Metadata,
+        flags: OpenFlags,
+        lanes_lost: Option<u64>,
+    ) -> Result<Option<(Stream<C>, u64)>, Error> {
         self.ensure_ready()?;
         let (reply, answer) = oneshot::channel();
         let (request_id, actions) = self.step(|locked, out| {
@@ -394,14 +451,49 @@ impl<C: Connection> SessionCore<C> {
             OpenReply::Accepted {
                 logical_stream_id,
                 stream,
-            } => match timeout(self.config().stream_bind_timeout, stream).await {
-                Err(_) => return Err(Error::Timeout(TimeoutKind::StreamBind)),
-                Ok(Err(_)) => return Err(self.terminal_error()),
-                Ok(Ok(stream)) => (stream?, logical_stream_id),
+            } => match self.bound(stream, lanes_lost).await? {
+                Some(stream) => (stream, logical_stream_id),
+                None => return Ok(None),
             },
         };
         cleanup.done = true;
-        Ok(stream)
+        Ok(Some(stream))
+    }
+
+    /// Waits for the data stream of an accepted open; `None` if a lane was lost and the
+    /// stream did not come within the grace (see [`open_once`](Self::open_once)).
+    async fn bound(
+        &self,
+        stream: oneshot::Receiver<Result<Stream<C>, Error>>,
+        lanes_lost: Option<u64>,
+    ) -> Result<Option<Stream<C>>, Error> {
+        let deadline = tokio::time::Instant::now() + self.config().stream_bind_timeout;
+        let mut stream = std::pin::pin!(stream);
+        if let Some(seen) = lanes_lost {
+            tokio::select! {
+                biased;
+                arrived = timeout_at(deadline, &mut stream) => return self.arrival(arrived).map(Some),
+                () = self.shared.connection.lane_lost_since(seen) => {}
+            }
+            let grace = deadline.min(tokio::time::Instant::now() + LANE_LOSS_GRACE);
+            return match timeout_at(grace, &mut stream).await {
+                Err(_) if grace < deadline => Ok(None),
+                arrived => self.arrival(arrived).map(Some),
+            };
+        }
+        self.arrival(timeout_at(deadline, stream).await).map(Some)
+    }
+
+    /// What a wait for a data stream came to.
+    fn arrival(
+        &self,
+        arrived: Result<Result<Result<Stream<C>, Error>, oneshot::error::RecvError>, Elapsed>,
+    ) -> Result<Stream<C>, Error> {
+        match arrived {
+            Err(_) => Err(Error::Timeout(TimeoutKind::StreamBind)),
+            Ok(Err(_)) => Err(self.terminal_error()),
+            Ok(Ok(stream)) => stream,
+        }
     }
 
     /// Routes a data stream whose `StreamBind` names `logical_stream_id`; returns when it

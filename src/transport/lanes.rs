@@ -15,12 +15,14 @@
 //! the session's connection closes (or its last handle is dropped), every lane is closed
 //! with it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use super::stream_limit::Incoming;
+use super::LaneLosses;
 
 /// QUIC close code of a lane closed because its session ended.
 pub const CLOSE_LANE_SESSION_ENDED: u32 = 0;
@@ -43,6 +45,10 @@ pub(crate) struct Lanes {
     next: AtomicUsize,
     /// Round-robin position of the next accept.
     accept_turn: AtomicUsize,
+    /// How many lanes have been dropped from the set because they failed or closed.
+    lost: AtomicU64,
+    /// When the last one was.
+    last_lost: Mutex<Option<Instant>>,
     /// Woken when the set changes, so a waiting accept polls the new set.
     changed: Notify,
 }
@@ -74,10 +80,45 @@ impl Lanes {
     pub(crate) fn remove(&self, connection: &quinn::Connection) {
         let mut list = self.lock();
         let id = connection.stable_id();
+        let before = list.len();
         list.retain(|lane| lane.connection.stable_id() != id);
+        if list.len() == before {
+            // Another caller saw the same failure first.
+            return;
+        }
         self.count.store(list.len(), Ordering::Release);
+        *self
+            .last_lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        self.lost.fetch_add(1, Ordering::AcqRel);
         drop(list);
         self.changed.notify_waiters();
+    }
+
+    /// How many lanes have been lost so far (closed with the session not counted), and
+    /// when the last was.
+    pub(crate) fn lost(&self) -> LaneLosses {
+        let last = *self
+            .last_lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        LaneLosses {
+            count: self.lost.load(Ordering::Acquire),
+            last,
+        }
+    }
+
+    /// Resolves once more than `seen` lanes have been lost.
+    pub(crate) async fn lost_since(&self, seen: u64) {
+        loop {
+            // Made before the check, so a loss between the check and the wait still wakes.
+            let changed = self.changed();
+            if self.lost.load(Ordering::Acquire) > seen {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// How many lanes the set holds (the session's own connection not counted).

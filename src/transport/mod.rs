@@ -9,6 +9,7 @@
 //! - [`mem::MemoryConnection`]: an in-process pair for unit tests of protocol logic.
 
 use std::future::Future;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -37,6 +38,15 @@ pub type DefaultConnection = QuinnConnection;
 /// by default) it is `QuinnConnection`.
 #[cfg(not(feature = "quinn"))]
 pub type DefaultConnection = mem::MemoryConnection;
+
+/// The connections a transport of several has lost (see [`Connection::lanes_lost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneLosses {
+    /// How many have been lost so far.
+    pub count: u64,
+    /// When the last one was.
+    pub last: Option<Instant>,
+}
 
 /// A connection that carries many independent bidirectional streams.
 pub trait Connection: Send + Sync + 'static {
@@ -67,6 +77,23 @@ pub trait Connection: Send + Sync + 'static {
 
     /// True until the connection is closed, by either side or by a failure.
     fn is_open(&self) -> bool;
+
+    /// For transports that spread streams over several connections: `Some` with what they
+    /// have lost so far, once there is more than one; `None` otherwise (the default).
+    ///
+    /// A stream the peer opened over a connection that was being lost may never arrive,
+    /// though the peer saw its open succeed: the peer may learn of the loss seconds after
+    /// this side. The session opens again what it was still waiting for.
+    fn lanes_lost(&self) -> Option<LaneLosses> {
+        None
+    }
+
+    /// Resolves once more than `seen` of the connections counted by
+    /// [`lanes_lost`](Self::lanes_lost) have been lost; never by default.
+    fn lane_lost_since(&self, seen: u64) -> impl Future<Output = ()> + Send {
+        let _ = seen;
+        std::future::pending()
+    }
 }
 
 /// The sending half of a stream.

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::lanes::{Lane, Lanes, LanesFull};
 use super::stream_limit::{Incoming, IncomingStreams, OpenStream, StreamLimit};
-use super::{Connection, RecvStream, SendStream};
+use super::{Connection, LaneLosses, RecvStream, SendStream};
 
 /// A [`quinn::Connection`] as a session transport. Cheap to clone: clones share the
 /// connection.
@@ -231,6 +231,16 @@ impl Connection for QuinnConnection {
     fn close(&self, code: u32, reason: &[u8]) {
         self.inner.close(quinn::VarInt::from_u32(code), reason);
         self.lanes.close_all(code, reason);
+    }
+
+    fn lanes_lost(&self) -> Option<LaneLosses> {
+        // A session whose lanes are all gone still counts: the peer may not know yet.
+        let lost = self.lanes.lost();
+        (self.lanes.len() > 0 || lost.count > 0).then_some(lost)
+    }
+
+    fn lane_lost_since(&self, seen: u64) -> impl Future<Output = ()> + Send {
+        self.lanes.lost_since(seen)
     }
 
     fn is_open(&self) -> bool {
