@@ -623,3 +623,156 @@ async fn hostile_clients_at_once_leave_a_steady_client_served() {
     })
     .await;
 }
+
+/// What one uploader saw: the answer's status line, and how many bytes it got out, and
+/// for how long, after the answer, before the relay stopped taking them.
+#[derive(Debug)]
+struct Upload {
+    status_line: String,
+    sent_after_answer: u64,
+    after_answer: Option<Duration>,
+}
+
+/// Posts a 1 GiB body to `/limited` (the service answers 413 at once) and keeps sending
+/// `chunk` bytes every `every`, reading meanwhile, until the relay stops taking them or
+/// `limit` passes.
+async fn upload_past_an_early_answer(
+    addr: SocketAddr,
+    host: String,
+    chunk: usize,
+    every: Duration,
+    limit: Duration,
+) -> Upload {
+    let stream = raw_request(
+        addr,
+        &format!("POST /limited HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1073741824\r\n\r\n"),
+    )
+    .await;
+    let (mut reader, mut writer) = stream.into_split();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // When the answer came, and how much had been sent by then.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(None::<(Instant, u64)>));
+    let reading = {
+        let answered = std::sync::Arc::clone(&answered);
+        let sent = std::sync::Arc::clone(&sent);
+        async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => {
+                        seen.extend_from_slice(&buf[..read]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            answered.lock().expect("the answer").get_or_insert_with(|| {
+                                (
+                                    Instant::now(),
+                                    sent.load(std::sync::atomic::Ordering::SeqCst),
+                                )
+                            });
+                        }
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            text.lines().next().unwrap_or_default().to_owned()
+        }
+    };
+    let writing = async {
+        let bytes = vec![b'x'; chunk];
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+            sent.fetch_add(chunk as u64, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(every).await;
+        }
+        Instant::now()
+    };
+    let (status_line, stopped) = tokio::join!(reading, writing);
+    let answer = *answered.lock().expect("the answer");
+    let total = sent.load(std::sync::atomic::Ordering::SeqCst);
+    Upload {
+        status_line,
+        sent_after_answer: answer.map_or(0, |(_, by_then)| total - by_then),
+        after_answer: answer.map(|(at, _)| stopped.saturating_duration_since(at)),
+    }
+}
+
+/// After a service answers before the end of an upload (a 413), the relay reads the rest
+/// only within its linger bounds, then closes: a client sending fast is cut at
+/// `--linger-bytes`, one sending slowly at `--linger-time`, each after reading its 413,
+/// and a steady client is served meanwhile. On the express lane and on the full path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_an_early_answer_are_read_within_the_linger_bounds() {
+    bounded(LIMIT, async {
+        for way in ["lane", "full"] {
+            // 20 fast senders (2 MiB/s each), bounded by bytes: 256 KiB with 60 s of time.
+            // 20 slow ones (80 KiB/s each), bounded by time: 500 ms with 1 GiB of bytes.
+            for (bound, chunk, every, linger_time, linger_bytes) in [
+                (
+                    "bytes",
+                    32 * 1024,
+                    Duration::from_millis(16),
+                    "60s",
+                    "256KiB",
+                ),
+                ("time", 4 * 1024, Duration::from_millis(50), "500ms", "1GiB"),
+            ] {
+                let dir = TempDir::new(&format!("linger-{way}-{bound}"));
+                let mut args = vec!["--linger-time", linger_time, "--linger-bytes", linger_bytes];
+                if way == "full" {
+                    args.push("--no-express");
+                }
+                let (relay, _edge, _backend) = relay_with_demo_edge(&dir, &args).await;
+                let mut uploads = tokio::task::JoinSet::new();
+                for _ in 0..20 {
+                    uploads.spawn(upload_past_an_early_answer(
+                        relay.spec.http,
+                        relay.host("demo"),
+                        chunk,
+                        every,
+                        Duration::from_secs(30),
+                    ));
+                }
+                let latencies = well_behaved(
+                    &relay.public(),
+                    Duration::from_secs(2),
+                    Duration::from_millis(20),
+                )
+                .await;
+                let mut most_sent = 0;
+                let mut longest = Duration::ZERO;
+                while let Some(upload) = uploads.join_next().await {
+                    let upload = upload.expect("an uploader");
+                    assert!(
+                        upload.status_line.starts_with("HTTP/1.1 413"),
+                        "{way}, {bound}: {upload:?}"
+                    );
+                    let after = upload.after_answer.expect("an answer");
+                    most_sent = most_sent.max(upload.sent_after_answer);
+                    longest = longest.max(after);
+                    match bound {
+                        // 256 KiB and what is on its way; 16 MiB by default, and on the
+                        // full path 2 s of the edge's own reading on (4 MiB) before the
+                        // relay cut the upload when the answer ended.
+                        "bytes" => {
+                            assert!(upload.sent_after_answer < 3 << 19, "{way}: {upload:?}");
+                        }
+                        // 30 s if nothing cut it.
+                        _ => assert!(after < Duration::from_secs(5), "{way}: {upload:?}"),
+                    }
+                }
+                eprintln!(
+                    "{way}, {bound} bound: after the answer, most sent {most_sent} bytes, \
+                     longest sending {longest:?}; steady client {} requests, p99 {:?}",
+                    latencies.len(),
+                    percentile(&latencies, 0.99)
+                );
+                assert_eq!(relay.edges().await, Some(1), "the edge was dropped");
+            }
+        }
+    })
+    .await;
+}

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::edge::{run_edge, EdgeConfig, Upstream};
+use backhaul::http::proxy::Linger;
 use backhaul::http::server::Limits;
 
 use crate::relay::{start, EdgeLimits, HttpsSettings, PoolLimits, RelayConfig, Tokens};
@@ -104,6 +105,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         listen_backlog: backhaul::listener::DEFAULT_BACKLOG,
         public_limits: Limits::default(),
         upstream_idle_timeout: Duration::from_secs(60),
+        linger: Linger::DEFAULT,
         edge_probe_timeout: Duration::from_secs(1),
         trusted_proxies: Default::default(),
         edge_limits: EdgeLimits::default(),

@@ -200,6 +200,7 @@ impl RelayExpress {
                     response: state.request_timeout,
                     body_idle: state.upstream_idle_timeout,
                 })
+                .with_linger(state.linger)
                 .on_finished(move |outcome| request.finished(outcome)),
         )
     }

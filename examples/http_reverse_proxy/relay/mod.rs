@@ -53,9 +53,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics::{CountingBody, ListenerMetrics, Metrics};
-use crate::{parse_duration, shutdown_signal, until_stopped, BoxError};
+use crate::{parse_bytes, parse_duration, shutdown_signal, until_stopped, BoxError};
 use backhaul::http::proxy::{
-    error_chain, find_cause, forward_failure, text_response, Failure, ForwardError, ProxyBody,
+    error_chain, find_cause, forward_failure, text_response, Failure, ForwardError, Linger,
+    ProxyBody,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -210,6 +211,15 @@ pub struct RelayArgs {
     /// connection is aborted (WebSockets and streams that keep sending are not cut).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
+    /// After an edge answered before the end of a client's upload (a 413, say), how long
+    /// the relay reads the rest of the upload on, so the client reads the answer instead
+    /// of a reset; 0 closes at once.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub linger_time: Duration,
+    /// How many bytes of such an upload the relay reads on, at most (suffixes KiB, MiB,
+    /// GiB); 0 closes at once.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    pub linger_bytes: u64,
     /// After a request to an edge times out, how long to wait for the edge to answer a
     /// ping: no answer means 502 "not responding", an answer 504 (the edge is just slow).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -243,6 +253,8 @@ pub struct RelayConfig {
     pub listen_backlog: u32,
     pub public_limits: Limits,
     pub upstream_idle_timeout: Duration,
+    /// What is read of an upload after an early answer (`--linger-time`, `--linger-bytes`).
+    pub linger: Linger,
     pub edge_probe_timeout: Duration,
     pub trusted_proxies: TrustedProxies,
     pub edge_limits: EdgeLimits,
@@ -388,6 +400,10 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             ..Limits::DEFAULT
         },
         upstream_idle_timeout: args.upstream_idle_timeout,
+        linger: Linger {
+            time: args.linger_time,
+            bytes: args.linger_bytes,
+        },
         pool: PoolLimits {
             idle_timeout: args.pool_idle_timeout,
             max_idle: args.pool_max_idle,
@@ -576,6 +592,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
         metrics_sync: Mutex::new(()),
         request_timeout: config.request_timeout,
         upstream_idle_timeout: config.upstream_idle_timeout,
+        linger: config.linger,
         edge_probe_timeout: config.edge_probe_timeout,
         trusted_proxies: config.trusted_proxies,
         list_edges: config.list_edges,
@@ -750,6 +767,7 @@ struct RelayState {
     metrics_sync: Mutex<()>,
     request_timeout: Duration,
     upstream_idle_timeout: Duration,
+    linger: Linger,
     edge_probe_timeout: Duration,
     trusted_proxies: TrustedProxies,
     list_edges: bool,

@@ -288,6 +288,7 @@ where
             response: state.request_timeout,
             body_idle: state.upstream_idle_timeout,
         })
+        .with_linger(state.linger)
         .on_body_idle(idle_hook(state, edge, service));
     let response = proxy.oneshot(request).await?;
     let from_edge = state.metrics.bytes_counter("from_edge");

@@ -19,7 +19,7 @@ use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, PlainRequest, RequestHead, ResponseHead};
 use super::prefixed::Prefixed;
 use super::{Express, Failure, Handover, Outcome, Upstream};
-use crate::http::proxy::linger::{LINGER_BYTES, LINGER_TIME};
+use crate::http::proxy::Linger;
 use crate::http::server::ConnectionInfo;
 use crate::stream::{TunnelStream, ABANDONED_STREAM};
 
@@ -170,7 +170,7 @@ where
                 }
                 let _ = client.shutdown().await;
                 if cut_upload {
-                    linger(&mut client).await;
+                    linger(&mut client, upstream.linger).await;
                 }
                 return Handoff::Done;
             }
@@ -182,7 +182,7 @@ where
                     lane.answer_failure(&mut client, status, &message).await;
                     if lane.upload.remaining > 0 {
                         // The client may still be sending: it should read the answer.
-                        linger(&mut client).await;
+                        linger(&mut client, upstream.linger).await;
                     }
                 }
                 return Handoff::Done;
@@ -759,11 +759,14 @@ struct Wait {
 /// Reads and drops what the client still sends, for a while, after an answer that came
 /// before the request's end: a client still sending when the connection closes would get
 /// a reset instead of the answer.
-async fn linger<I: AsyncRead + Unpin>(client: &mut I) {
+async fn linger<I: AsyncRead + Unpin>(client: &mut I, bounds: Linger) {
+    if bounds.reads_nothing() {
+        return;
+    }
     let mut sink = [0u8; 8 * 1024];
     let mut dropped = 0u64;
-    let _ = tokio::time::timeout(LINGER_TIME, async {
-        while dropped < LINGER_BYTES {
+    let _ = tokio::time::timeout(bounds.time, async {
+        while dropped < bounds.bytes {
             match client.read(&mut sink).await {
                 Ok(0) | Err(_) => return,
                 Ok(read) => dropped += read as u64,

@@ -112,7 +112,7 @@ use http::StatusCode;
 
 use crate::connector::OpenTarget;
 use crate::error::Error;
-use crate::http::proxy::Timeouts;
+use crate::http::proxy::{Linger, Timeouts};
 use crate::http::server::ConnectionInfo;
 
 pub(crate) use connection::{serve, Handoff, LaneContext};
@@ -206,6 +206,7 @@ pub struct Upstream {
     opener: Opener,
     target: OpenTarget,
     timeouts: Timeouts,
+    linger: Linger,
     pool: Option<StreamPool>,
     finished: Option<Finished>,
     answer_failure: Option<AnswerFailure>,
@@ -236,6 +237,7 @@ impl Upstream {
             opener: opener.into(),
             target: target.into(),
             timeouts: Timeouts::default(),
+            linger: Linger::DEFAULT,
             pool: None,
             finished: None,
             answer_failure: None,
@@ -246,6 +248,14 @@ impl Upstream {
     #[must_use]
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// How much of an upload the lane reads on after an answer that came before its end,
+    /// before it closes the client's connection (default [`Linger::DEFAULT`]).
+    #[must_use]
+    pub fn with_linger(mut self, linger: Linger) -> Self {
+        self.linger = linger;
         self
     }
 

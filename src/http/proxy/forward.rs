@@ -19,7 +19,7 @@ use tower::Service;
 
 use super::hop_by_hop::{is_upgrade, strip_hop_by_hop};
 use super::idle::{IdleHook, IdleTimeoutBody};
-use super::linger::Lingering;
+use super::linger::{Answered, EndsUpload, Linger, Lingering};
 use super::upgrade::spawn_splice;
 use super::{boxed, BoxError, ProxyBody};
 use crate::http::pool::{Http1Pool, PoolConnector, PoolError, PooledBody};
@@ -143,6 +143,7 @@ impl<C> From<Client<C, ProxyBody>> for Upstream<C> {
 pub struct ReverseProxy<C> {
     upstream: Upstream<C>,
     timeouts: Timeouts,
+    linger: Linger,
     on_idle: Option<IdleHook>,
 }
 
@@ -151,6 +152,7 @@ impl<C: Clone> Clone for ReverseProxy<C> {
         Self {
             upstream: self.upstream.clone(),
             timeouts: self.timeouts,
+            linger: self.linger,
             on_idle: self.on_idle.clone(),
         }
     }
@@ -160,6 +162,7 @@ impl<C> std::fmt::Debug for ReverseProxy<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReverseProxy")
             .field("timeouts", &self.timeouts)
+            .field("linger", &self.linger)
             .finish_non_exhaustive()
     }
 }
@@ -177,6 +180,7 @@ impl<C> ReverseProxy<C> {
         Self {
             upstream: client.into(),
             timeouts: Timeouts::default(),
+            linger: Linger::DEFAULT,
             on_idle: None,
         }
     }
@@ -192,6 +196,14 @@ impl<C> ReverseProxy<C> {
     #[must_use]
     pub fn on_body_idle(mut self, hook: impl Fn(Duration) + Send + Sync + 'static) -> Self {
         self.on_idle = Some(Arc::new(hook));
+        self
+    }
+
+    /// How much of an HTTP/1 upload is read on after an answer that came before its end
+    /// (default [`Linger::DEFAULT`]; see [`Linger`]).
+    #[must_use]
+    pub fn with_linger(mut self, linger: Linger) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -227,13 +239,15 @@ where
         // An HTTP/1 body is read on for a while if the upstream stops reading it (an
         // early answer), or the client's connection would close under its upload. HTTP/2
         // resets just the stream, and a request without a body (most) needs no care.
-        let linger = request.version() < Version::HTTP_2;
+        let linger = request.version() < Version::HTTP_2 && !self.linger.reads_nothing();
         // The client picks HTTP/1.1 or HTTP/2 per connection; an HTTP/2 version on an
         // HTTP/1.1 connection would be refused.
         *request.version_mut() = Version::HTTP_11;
+        let mut answered = None;
         let request = request.map(|body| {
             if linger && !body.is_end_stream() {
-                boxed(Lingering::new(boxed(body)))
+                let upload = Arc::clone(answered.insert(Arc::default()));
+                boxed(Lingering::new(boxed(body), self.linger, upload))
             } else {
                 boxed(body)
             }
@@ -248,6 +262,7 @@ where
             timeouts: self.timeouts,
             downstream_upgrade,
             on_idle: self.on_idle.clone(),
+            answered,
         }
     }
 }
@@ -260,6 +275,8 @@ pub struct ResponseFuture {
     timeouts: Timeouts,
     downstream_upgrade: Option<OnUpgrade>,
     on_idle: Option<IdleHook>,
+    /// Told when the response body ends, if the request's body may still be sending.
+    answered: Option<Arc<Answered>>,
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -326,8 +343,13 @@ impl Future for ResponseFuture {
             response.headers_mut().insert(TRANSFER_ENCODING, codings);
         }
         let (idle, on_idle) = (this.timeouts.body_idle, this.on_idle.take());
+        let answered = this.answered.take();
         Poll::Ready(Ok(response.map(|body| {
-            boxed(IdleTimeoutBody::new(body, idle).on_idle(on_idle))
+            let body = boxed(IdleTimeoutBody::new(body, idle).on_idle(on_idle));
+            match answered {
+                Some(answered) if !switching => boxed(EndsUpload::new(body, answered)),
+                _ => body,
+            }
         })))
     }
 }

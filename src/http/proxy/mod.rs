@@ -72,6 +72,7 @@ pub use failure::{
 pub use forward::{ForwardError, ResponseFuture, ReverseProxy, Timeouts, Upstream};
 pub use hop_by_hop::{is_upgrade, strip_hop_by_hop, takes_trailers};
 pub use idle::{BodyIdleTimeout, IdleHook, IdleTimeoutBody};
+pub use linger::Linger;
 #[cfg(feature = "tcp")]
 use local::validate_upstream;
 pub use local::{to_local, LocalFuture, LocalUpstream};
