@@ -14,6 +14,7 @@
 //! truncated transfer never passes for a complete one.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -282,6 +283,14 @@ impl<C: Connection> TunnelStream<C> {
     /// is whole (a splice whose far side stopped reading after it answered).
     pub fn stop(&mut self, code: u32) {
         crate::transport::RecvStream::stop(&mut duplex_mut(&mut self.io).recv, code);
+    }
+
+    /// Resolves once the peer stopped reading this stream (or the connection was lost):
+    /// whatever is written from then on reaches no one. The future borrows nothing, so it
+    /// can be awaited beside the stream's own reads and writes (a splice that should end
+    /// when its far end is gone, rather than when its near end next writes).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        crate::transport::SendStream::stopped(&duplex_ref(&self.io).send)
     }
 
     /// Resolves when the edge that serves this stream begins a graceful shutdown, so a

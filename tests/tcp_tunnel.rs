@@ -511,3 +511,89 @@ async fn a_relay_drain_timeout_mid_transfer_resets_client_and_backend() {
 async fn an_edge_drain_timeout_mid_transfer_resets_client_and_backend() {
     within(LIMIT, a_drain_timeout_mid_transfer_resets_both_ends(false)).await;
 }
+
+/// An edge routing "svc" to `backend` whose route reports, through the returned receiver,
+/// each time a stream's splice ended; and the relay's session.
+async fn edge_reporting_ends(
+    backend: SocketAddr,
+) -> (
+    QuicPair,
+    SessionClient,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tower::Service;
+    let quic = quic_pair().await;
+    let config = Config::new();
+    let (relay, edge) = tokio::join!(
+        SessionClient::start(quic.relay.clone(), Role::Server, config.clone()),
+        SessionClient::start(quic.edge.clone(), Role::Client, config),
+    );
+    let (relay, _) = relay.expect("relay session");
+    let (edge, events) = edge.expect("edge session");
+    let (ended, ends) = tokio::sync::mpsc::unbounded_channel();
+    let route = tcp::forward_to(backend.to_string());
+    let reporting = tower::service_fn(move |stream: backhaul::stream::TunnelStream| {
+        let mut route = route.clone();
+        let ended = ended.clone();
+        async move {
+            let spliced = route.call(stream).await;
+            let _ = ended.send(());
+            spliced
+        }
+    });
+    tokio::spawn(
+        Router::new()
+            .route("svc", reporting)
+            .serve(edge, events)
+            .into_future(),
+    );
+    (quic, relay, ends)
+}
+
+/// A backend that greets, reads until the edge half-closes, and then neither sends nor
+/// closes (as some servers hold an idle connection until their own timeout).
+async fn silent_after_greeting() -> SocketAddr {
+    backend(|mut stream| async move {
+        stream.write_all(b"hello").await.expect("greeting");
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    })
+    .await
+}
+
+/// Once the relay has finished a stream and stopped reading it, the edge's splice ends and
+/// lets the backend connection go, though the backend neither sends nor closes; while the
+/// relay still reads, a half-closed stream keeps its backend (an answer may follow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_relay_is_done_with_lets_a_silent_backend_go() {
+    within(LIMIT, async {
+        let (_quic, relay, mut ends) = edge_reporting_ends(silent_after_greeting().await).await;
+        for done_with_it in [false, true] {
+            let (mut send, mut recv) = relay
+                .open("svc", backhaul::Metadata::Empty)
+                .await
+                .expect("open");
+            let mut greeting = [0u8; 6];
+            recv.read_exact(&mut greeting).await.expect("the greeting");
+            assert_eq!(&greeting, b"\0hello", "the status byte, then the greeting");
+            send.shutdown().await.expect("finish");
+            if done_with_it {
+                // Stop reading: the edge's splice ends at once.
+                drop(recv);
+                within(Duration::from_secs(10), ends.recv())
+                    .await
+                    .expect("the splice ended");
+            } else {
+                // Still reading: the backend is kept for the answer that may come.
+                let kept = tokio::time::timeout(Duration::from_millis(500), ends.recv()).await;
+                assert!(kept.is_err(), "a half-closed stream lost its backend");
+                drop(recv);
+                within(Duration::from_secs(10), ends.recv())
+                    .await
+                    .expect("the splice ended once the relay stopped reading");
+            }
+        }
+    })
+    .await;
+}

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use super::splice::{splice, Side, SpliceError, Spliced};
+use super::splice::{splice_until_stopped, Side, SpliceError, Spliced};
 use super::{
     AbortUnlessDone, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE,
     STATUS_CONNECTED,
@@ -413,7 +413,11 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
             }
         };
         self.observer.opened(&self.edge, &self.service);
-        match splice(&mut *client, &mut stream).await {
+        // Once the edge stops reading the stream (its backend closed), the client's bytes
+        // go nowhere: that direction ends without waiting for the client's next write.
+        let stopped = stream.stopped();
+        match splice_until_stopped(&mut *client, &mut stream, std::future::pending(), stopped).await
+        {
             Ok(carried) => {
                 client.release();
                 self.observer.closed(&self.edge, &self.service, carried);

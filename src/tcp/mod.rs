@@ -48,7 +48,7 @@ pub use forward::{
 pub use proxy_protocol::{ProxyHeader, ProxyHeaderError, SIGNATURE as PROXY_V2_SIGNATURE};
 pub(crate) use route::splice_aborting;
 pub use route::{forward_to, TcpRoute, TcpRouteFuture, DEFAULT_BACKEND_CONNECT_TIMEOUT};
-pub use splice::{splice, Side, SpliceError, Spliced};
+pub use splice::{splice, splice_until_stopped, Side, SpliceError, Spliced};
 
 /// Stream reset code: the connection broke on the far side; what was sent may be partial.
 pub const CONNECTION_BROKEN: u32 = 0x5152_0011;

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::proxy_protocol::ProxyHeader;
-use super::splice::{splice, Side};
+use super::splice::{splice_until_stopped, Side};
 use super::{
     abort_tcp, AbortUnlessDone, ConnectionAddresses, CONNECTION_BROKEN, STATUS_BACKEND_UNAVAILABLE,
     STATUS_CONNECTED,
@@ -156,7 +156,11 @@ pub(crate) async fn splice_aborting<C: Connection>(
     backend: TcpStream,
 ) -> Result<super::Spliced, super::SpliceError> {
     let mut backend = AbortUnlessDone::new(backend);
-    match splice(stream, &mut *backend).await {
+    // Once the relay stops reading the stream, what the backend still sends goes nowhere:
+    // the splice ends instead of holding the backend until it writes again or closes.
+    let stopped = stream.stopped();
+    let stop_never = std::future::pending();
+    match splice_until_stopped(stream, &mut *backend, stopped, stop_never).await {
         Ok(carried) => {
             backend.release();
             Ok(carried)

@@ -7,8 +7,9 @@
 //! FIN, so the far end would see a truncated transfer end cleanly. [`splice`] reports which
 //! side failed, and the caller aborts the other one (a TCP reset, a QUIC stream reset).
 
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -90,16 +91,55 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    splice_until_stopped(
+        first,
+        second,
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await
+}
+
+/// [`splice`], where a side may say that its peer stopped reading (`first_stopped`,
+/// `second_stopped`: a QUIC stream's [`stopped`](crate::stream::TunnelStream::stopped)).
+/// The direction toward that side then ends at once, without waiting for its next write
+/// to fail: a tunnel stream whose far end is done no longer holds the connection on the
+/// other side open until that one sends again or closes.
+pub async fn splice_until_stopped<A, B>(
+    first: &mut A,
+    second: &mut B,
+    first_stopped: impl Future<Output = ()>,
+    second_stopped: impl Future<Output = ()>,
+) -> Result<Spliced, SpliceError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let (mut first_read, mut first_write) = tokio::io::split(first);
     let (mut second_read, mut second_write) = tokio::io::split(second);
     // Set while a direction holds bytes its writer has not taken (or never will). Both
     // directions run in this task: atomics only to keep the future `Send`.
     let (to_second, to_first) = (AtomicBool::new(false), AtomicBool::new(false));
-    let mut carried = Spliced::default();
-    let forward = copy_half(&mut first_read, &mut second_write, &to_second, &to_first);
-    let backward = copy_half(&mut second_read, &mut first_write, &to_first, &to_second);
-    tokio::pin!(forward, backward);
+    // Bytes each direction has written so far.
+    let (forward_bytes, backward_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let forward = copy_half(
+        &mut first_read,
+        &mut second_write,
+        (&to_second, &to_first),
+        &forward_bytes,
+    );
+    let backward = copy_half(
+        &mut second_read,
+        &mut first_write,
+        (&to_first, &to_second),
+        &backward_bytes,
+    );
+    tokio::pin!(forward, backward, first_stopped, second_stopped);
     let (mut forward_done, mut backward_done) = (false, false);
+    let carried = || Spliced {
+        forward: forward_bytes.load(Ordering::Relaxed),
+        backward: backward_bytes.load(Ordering::Relaxed),
+    };
     // A failed write, reported once the other direction ended: (side, error, the other
     // direction's result).
     let mut refused: Option<(Side, io::Error)> = None;
@@ -113,15 +153,19 @@ where
                 backward_done = true;
                 (Direction::Backward, result)
             }
-        };
-        let bytes = match direction {
-            Direction::Forward => &mut carried.forward,
-            Direction::Backward => &mut carried.backward,
+            () = &mut first_stopped, if !backward_done => {
+                // Nothing written to the first side is read any more.
+                backward_done = true;
+                continue;
+            }
+            () = &mut second_stopped, if !forward_done => {
+                forward_done = true;
+                continue;
+            }
         };
         match result {
-            Ok(total) => *bytes = total,
-            Err((half, total, error)) => {
-                *bytes = total;
+            Ok(()) => {}
+            Err((half, error)) => {
                 let side = direction.side(half);
                 if half == Half::Writer && refused.is_none() {
                     refused = Some((side, error));
@@ -130,18 +174,18 @@ where
                 return Err(SpliceError {
                     side,
                     error,
-                    carried,
+                    carried: carried(),
                     answer_delivered: false,
                 });
             }
         }
     }
     match refused {
-        None => Ok(carried),
+        None => Ok(carried()),
         Some((side, error)) => Err(SpliceError {
             side,
             error,
-            carried,
+            carried: carried(),
             answer_delivered: true,
         }),
     }
@@ -171,21 +215,21 @@ enum Half {
     Writer,
 }
 
-/// One direction: read until the end, write everything, then shut the writer down.
-/// `holding` is set while this direction has bytes its writer has not taken; `unread`
-/// is the other direction's, which holds bytes for this direction's reader.
+/// One direction: read until the end, write everything, then shut the writer down,
+/// counting what was written in `written`. `holding` is set while this direction has
+/// bytes its writer has not taken; `unread` is the other direction's, which holds bytes
+/// for this direction's reader.
 async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
-    holding: &AtomicBool,
-    unread: &AtomicBool,
-) -> Result<u64, (Half, u64, io::Error)>
+    (holding, unread): (&AtomicBool, &AtomicBool),
+    written: &AtomicU64,
+) -> Result<(), (Half, io::Error)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buffer = vec![0; BUFFER];
-    let mut total = 0u64;
     loop {
         let read = match reader.read(&mut buffer).await {
             Ok(0) => break,
@@ -198,25 +242,25 @@ where
             {
                 break
             }
-            Err(error) => return Err((Half::Reader, total, error)),
+            Err(error) => return Err((Half::Reader, error)),
         };
         holding.store(true, Ordering::Relaxed);
         if let Err(error) = writer.write_all(&buffer[..read]).await {
-            return Err((Half::Writer, total, error));
+            return Err((Half::Writer, error));
         }
         holding.store(false, Ordering::Relaxed);
-        total += read as u64;
+        written.fetch_add(read as u64, Ordering::Relaxed);
     }
     writer
         .shutdown()
         .await
-        .map_err(|error| (Half::Writer, total, error))?;
-    Ok(total)
+        .map_err(|error| (Half::Writer, error))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn both_directions_arrive_and_half_close_is_kept() {
@@ -241,6 +285,41 @@ mod tests {
             Spliced {
                 forward: 5000,
                 backward: 23
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_side_that_stopped_reading_ends_the_direction_toward_it() {
+        let (mut a, mut a_far) = tokio::io::duplex(64 * 1024);
+        let (mut b, mut b_far) = tokio::io::duplex(64 * 1024);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let splice = tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stopped.await;
+            };
+            splice_until_stopped(&mut a, &mut b, std::future::pending(), stopped).await
+        });
+        // `b`'s far end answers and closes; `a`'s far end neither sends nor closes.
+        b_far.write_all(b"answer").await.unwrap();
+        b_far.shutdown().await.unwrap();
+        let mut answer = [0u8; 6];
+        a_far.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!splice.is_finished(), "the first side may still send");
+        // `b` says its peer stopped reading: nothing `a` sends could go anywhere.
+        stop.send(()).unwrap();
+        let carried = tokio::time::timeout(Duration::from_secs(5), splice)
+            .await
+            .expect("the splice ended")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            carried,
+            Spliced {
+                forward: 0,
+                backward: 6
             }
         );
     }

@@ -118,6 +118,14 @@ pub trait SendStream: AsyncWrite + Send + Unpin + 'static {
     fn delivered(&mut self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Resolves once the peer stopped reading this stream (or the connection was lost):
+    /// nothing written from then on reaches anyone. It does not borrow the stream, so it
+    /// can be awaited beside the writes. Never resolves by default, nor for a stream the
+    /// peer read to its end.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + use<Self> {
+        std::future::pending()
+    }
 }
 
 /// The receiving half of a stream.

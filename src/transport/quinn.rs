@@ -349,6 +349,16 @@ impl SendStream for QuinnSendStream {
         let _ = self.inner.stopped().await;
     }
 
+    fn stopped(&self) -> impl Future<Output = ()> + Send + use<> {
+        let stopped = self.inner.stopped();
+        async move {
+            if let Ok(None) = stopped.await {
+                // Read to its end: nobody stopped anything.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     fn prioritize(&mut self) {
         // Fails only on a stream that is already closed, which has nothing left to send.
         let _ = self.inner.set_priority(CONTROL_PRIORITY);

@@ -157,6 +157,16 @@ impl<S: SendStream> SendStream for ResetOnDrop<S> {
     async fn delivered(&mut self) {
         self.stream().delivered().await;
     }
+
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + use<S> {
+        let stopped = self.stream.as_ref().map(SendStream::stopped);
+        async move {
+            match stopped {
+                Some(stopped) => stopped.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
 }
 
 #[cfg(all(test, feature = "quinn", feature = "self-signed"))]
