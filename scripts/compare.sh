@@ -14,6 +14,9 @@
 #                  hyper's server and client: the full path)
 #   backhaul-lanes, backhaul-pass-lanes, backhaul-tcp-lanes
 #                  the same ways with the edge's --lanes 2 (two QUIC connections)
+#   backhaul-pass-1t, backhaul-tcp-1t
+#                  backhaul-pass and backhaul-tcp with relay and edge on one thread each
+#                  (--worker-threads 1)
 #   quinn          the ceiling of the relay-to-edge hop: HTTP/1 GETs over raw quinn streams
 #                  between two processes with backhaul's QUIC settings
 #                  (examples/quic_ceiling.rs, its own load generator: wrk speaks no QUIC)
@@ -228,13 +231,13 @@ start_backhaul() { # way [edge flags...]
     quic="$(free_port udp)"
     http="$(free_port tcp)"
     admin="$(free_port tcp)"
-    "$PROXY" relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$http" \
+    "$PROXY" ${PROXY_FLAGS:-} relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$http" \
         --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/$way-cert.pem" \
         --edge-token "bench=$token" ${RELAY_FLAGS:-} >"$WORK/$way-relay.log" 2>&1 &
     PIDS+=($!)
     PUBLIC_PID[$way]=$!
     wait_for "the relay wrote no certificate" test -s "$WORK/$way-cert.pem"
-    "$PROXY" edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/$way-cert.pem" \
+    "$PROXY" ${PROXY_FLAGS:-} edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/$way-cert.pem" \
         --name bench --token "$token" --expose "web=http://127.0.0.1:$BACKEND_PORT" "$@" \
         >"$WORK/$way-edge.log" 2>&1 &
     PIDS+=($!)
@@ -251,13 +254,13 @@ start_backhaul_tcp() { # way [edge flags...]
     quic="$(free_port udp)"
     public="$(free_port tcp)"
     admin="$(free_port tcp)"
-    "$PROXY" relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$(free_port tcp)" \
+    "$PROXY" ${PROXY_FLAGS:-} relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$(free_port tcp)" \
         --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/$way-cert.pem" \
         --tcp "$public=bench/web" --edge-token "bench=$token" >"$WORK/$way-relay.log" 2>&1 &
     PIDS+=($!)
     PUBLIC_PID[$way]=$!
     wait_for "the relay wrote no certificate" test -s "$WORK/$way-cert.pem"
-    "$PROXY" edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/$way-cert.pem" \
+    "$PROXY" ${PROXY_FLAGS:-} edge --relay "127.0.0.1:$quic" --relay-cert "$WORK/$way-cert.pem" \
         --name bench --token "$token" --expose "web=tcp://127.0.0.1:$BACKEND_PORT" "$@" \
         >"$WORK/$way-edge.log" 2>&1 &
     PIDS+=($!)
@@ -290,11 +293,13 @@ for way in $WAYS; do
     backhaul-pass-lanes) start_backhaul backhaul-pass-lanes --pass-through web --lanes 2 ;;
     backhaul-tcp) start_backhaul_tcp backhaul-tcp ;;
     backhaul-tcp-lanes) start_backhaul_tcp backhaul-tcp-lanes --lanes 2 ;;
+    backhaul-pass-1t) PROXY_FLAGS="--worker-threads 1" start_backhaul backhaul-pass-1t --pass-through web ;;
+    backhaul-tcp-1t) PROXY_FLAGS="--worker-threads 1" start_backhaul_tcp backhaul-tcp-1t ;;
     quinn)
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, backhaul-pass-1t, backhaul-tcp-1t, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"

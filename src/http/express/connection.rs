@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use http::request::Parts;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,7 @@ where
         upload: Upload::default(),
         fields: BytesMut::new(),
         kept: None,
+        stall: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
     };
     loop {
         let request = match lane.read_head(&mut client, &cx).await {
@@ -239,6 +240,11 @@ struct Lane {
     /// The response's field lines as the client receives them.
     fields: BytesMut,
     kept: Option<Kept>,
+    /// The deadline of the wait for the edge (see [`Lane::read_edge`]). One timer for the
+    /// connection's life: moving a registered timer to a later deadline, as each wait
+    /// does, touches no lock of tokio's timer wheel, where a new timer per wait would
+    /// take it twice.
+    stall: Pin<Box<Sleep>>,
 }
 
 impl Lane {
@@ -559,6 +565,7 @@ impl Lane {
             buf,
             response,
             upload,
+            stall,
             ..
         } = self;
         response.reserve(READ_ROOM);
@@ -568,8 +575,7 @@ impl Lane {
             base.checked_add(wait.limit)
                 .unwrap_or_else(|| base + FAR_FUTURE)
         };
-        let stall = tokio::time::sleep_until(quiet_until(upload));
-        tokio::pin!(stall);
+        stall.as_mut().reset(quiet_until(upload));
         std::future::poll_fn(|cx| {
             upload.poll_progress(cx, client, buf, stream)?;
             if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut *stream), cx, response) {

@@ -90,9 +90,8 @@ impl StreamPool {
         let expired = streams.partition_point(|entry| now.duration_since(entry.since) >= timeout);
         let stale: Vec<IdleStream> = streams.drain(..expired).collect();
         let found = streams.pop().map(|entry| entry.stream);
-        if streams.is_empty() {
-            idle.remove(key);
-        }
+        // An emptied key stays (its stream is likely back soon, and the entry's key and
+        // list need not be made again for it); the reaper drops keys left empty.
         // Dropping a stream finishes it, which takes the QUIC connection's lock: not
         // under the pool's.
         drop(idle);
@@ -110,7 +109,10 @@ impl StreamPool {
             .reaper
             .get_or_init(|| tokio::spawn(reap(Arc::downgrade(&self.shared))));
         let mut idle = self.shared.lock();
-        let streams = idle.entry(key).or_default();
+        let streams = match idle.get_mut(&key) {
+            Some(streams) => streams,
+            None => idle.entry(key).or_default(),
+        };
         if streams.len() < self.shared.max_per_key {
             streams.push(IdleStream {
                 stream,
