@@ -5,6 +5,7 @@
 #   direct         the backend itself
 #   rathole        rathole 0.5 (TCP tunnel, its default plain-TCP transport: unencrypted)
 #   rathole-noise  rathole 0.5 with its Noise transport (encrypted, as backhaul always is)
+#   rathole-1t     rathole with one tokio worker thread per process (TOKIO_WORKER_THREADS=1)
 #   bore           bore 0.6 (TCP tunnel)
 #   backhaul-tcp   backhaul's TCP forwarding (relay --tcp, edge tcp://): their service
 #   backhaul       backhaul's HTTP proxy (relay routes by Host on its express lane, edge
@@ -197,10 +198,10 @@ $client_transport
 token = "$token"
 local_addr = "127.0.0.1:$BACKEND_PORT"
 EOF
-    "$RATHOLE" --server "$WORK/$way-server.toml" >"$WORK/$way-server.log" 2>&1 &
+    env ${PEER_ENV:-} "$RATHOLE" --server "$WORK/$way-server.toml" >"$WORK/$way-server.log" 2>&1 &
     PIDS+=($!)
     PUBLIC_PID[$way]=$!
-    "$RATHOLE" --client "$WORK/$way-client.toml" >"$WORK/$way-client.log" 2>&1 &
+    env ${PEER_ENV:-} "$RATHOLE" --client "$WORK/$way-client.toml" >"$WORK/$way-client.log" 2>&1 &
     PIDS+=($!)
     PRIVATE_PID[$way]=$!
     URL[$way]="http://127.0.0.1:$public/"
@@ -285,6 +286,7 @@ for way in $WAYS; do
     direct) ;;
     rathole) start_rathole rathole ;;
     rathole-noise) start_rathole rathole-noise noise ;;
+    rathole-1t) PEER_ENV=TOKIO_WORKER_THREADS=1 start_rathole rathole-1t ;;
     bore) start_bore ;;
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
@@ -299,7 +301,7 @@ for way in $WAYS; do
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, backhaul-pass-1t, backhaul-tcp-1t, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-1t, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, backhaul-pass-1t, backhaul-tcp-1t, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"

@@ -472,7 +472,7 @@ struct Route(Arc<TestRoute>);
 
 impl Express for Route {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
-        Box::pin(std::future::ready(TestRoute::upstream(&self.0, head, info)))
+        RouteFuture::ready(TestRoute::upstream(&self.0, head, info))
     }
 
     fn handed_over(&self, reason: Handover, _info: &ConnectionInfo) {

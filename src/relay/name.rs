@@ -7,6 +7,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use crate::error::Error;
 
@@ -25,8 +26,9 @@ pub const MAX_EDGE_NAME_LEN: usize = 63;
 /// assert!(EdgeName::new("a.b").is_err());
 /// # Ok::<(), backhaul::Error>(())
 /// ```
+// Shared, not owned: every registry lookup hands out a copy (in an `EdgeHandle`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EdgeName(String);
+pub struct EdgeName(Arc<str>);
 
 impl EdgeName {
     /// Checks `name`.
@@ -36,7 +38,7 @@ impl EdgeName {
     pub fn new(name: impl Into<String>) -> Result<Self, Error> {
         let name = name.into();
         if is_valid(&name) {
-            Ok(Self(name))
+            Ok(Self(Arc::from(name)))
         } else {
             Err(Error::InvalidEdgeName(name))
         }
@@ -57,7 +59,7 @@ impl EdgeName {
     /// The name as a `String`.
     #[must_use]
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
@@ -115,13 +117,13 @@ impl TryFrom<String> for EdgeName {
 
 impl PartialEq<str> for EdgeName {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other
+        *self.0 == *other
     }
 }
 
 impl PartialEq<&str> for EdgeName {
     fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
+        *self.0 == **other
     }
 }
 

@@ -33,12 +33,12 @@ pub(super) struct RelayExpress {
 impl Express for RelayExpress {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
         match self.locally(head, info) {
-            Local::Routed(upstream) => Box::pin(std::future::ready(upstream)),
+            Local::Routed(upstream) => RouteFuture::ready(upstream),
             // Not attached here: in a cluster, through the relay it is attached to.
             Local::Elsewhere(authority, edge, service) if self.state.cluster.is_some() => {
-                Box::pin(self.through_peer((authority, edge, service), head, info))
+                RouteFuture::new(self.through_peer((authority, edge, service), head, info))
             }
-            Local::Elsewhere(..) => Box::pin(std::future::ready(None)),
+            Local::Elsewhere(..) => RouteFuture::ready(None),
         }
     }
 

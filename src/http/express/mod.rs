@@ -73,7 +73,7 @@
 //!             let key = format!("{}/{}/web", handle.name(), handle.epoch().get());
 //!             Upstream::new(key, handle.connector(), "web").with_pool(self.pool.clone())
 //!         });
-//!         Box::pin(std::future::ready(upstream))
+//!         RouteFuture::ready(upstream)
 //!     }
 //! }
 //!
@@ -105,6 +105,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -120,8 +121,58 @@ pub use opener::Opener;
 pub use pool::StreamPool;
 pub(crate) use prefixed::Prefixed;
 
-/// A boxed future of an [`Express::route`].
-pub type RouteFuture<'a> = Pin<Box<dyn Future<Output = Option<Upstream>> + Send + 'a>>;
+/// What an [`Express::route`] returns: the upstream decided at once
+/// ([`RouteFuture::ready`], which allocates nothing, as most routes can), or a future
+/// that decides it ([`RouteFuture::new`]: a directory lookup, say).
+#[must_use = "futures do nothing unless polled"]
+pub struct RouteFuture<'a> {
+    inner: Route<'a>,
+}
+
+// Made once per request and awaited at once: boxing the upstream would bring back the
+// allocation `ready` avoids.
+#[allow(clippy::large_enum_variant)]
+enum Route<'a> {
+    /// Taken by the first poll.
+    Ready(Option<Option<Upstream>>),
+    Deciding(Pin<Box<dyn Future<Output = Option<Upstream>> + Send + 'a>>),
+}
+
+impl<'a> RouteFuture<'a> {
+    /// An upstream decided already (`None` leaves the request to the server's service).
+    pub fn ready(upstream: Option<Upstream>) -> Self {
+        Self {
+            inner: Route::Ready(Some(upstream)),
+        }
+    }
+
+    /// An upstream `deciding` will choose (boxed once).
+    pub fn new(deciding: impl Future<Output = Option<Upstream>> + Send + 'a) -> Self {
+        Self {
+            inner: Route::Deciding(Box::pin(deciding)),
+        }
+    }
+}
+
+impl Future for RouteFuture<'_> {
+    type Output = Option<Upstream>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Upstream>> {
+        match &mut self.get_mut().inner {
+            Route::Ready(upstream) => Poll::Ready(upstream.take().flatten()),
+            Route::Deciding(deciding) => deciding.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for RouteFuture<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let decided = matches!(self.inner, Route::Ready(_));
+        f.debug_struct("RouteFuture")
+            .field("decided", &decided)
+            .finish()
+    }
+}
 
 /// Where the express lane sends a request; see the [module docs](self).
 ///
