@@ -134,6 +134,11 @@ async fn streams_64_mib_both_ways_with_checksums_on_the_full_path() {
     streams_64_mib_both_ways_with_checksums_with(&["--no-express"]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_64_mib_both_ways_with_checksums_on_one_thread() {
+    streams_64_mib_both_ways_with_checksums_with(&["--worker-threads", "1"]).await;
+}
+
 async fn streams_64_mib_both_ways_with_checksums_with(relay_flags: &[&str]) {
     const LEN: u64 = 64 << 20;
     bounded(LIMIT, async {
@@ -262,6 +267,13 @@ async fn answers_200_concurrent_requests_correctly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_200_concurrent_requests_correctly_on_the_full_path() {
     answers_200_concurrent_requests_correctly_with(&["--no-express"]).await;
+}
+
+/// The relay on one thread (`--worker-threads 1`, a current-thread runtime), as the edge
+/// runs by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_200_concurrent_requests_correctly_on_one_thread() {
+    answers_200_concurrent_requests_correctly_with(&["--worker-threads", "1"]).await;
 }
 
 async fn answers_200_concurrent_requests_correctly_with(relay_flags: &[&str]) {
