@@ -33,7 +33,8 @@
 #
 # Usage: scripts/compare.sh
 # Env:   ROUNDS=3 DURATION=5s THREADS=1 CONNECTIONS=64   wrk settings (per way and round)
-#        WAYS="direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-pass-full quinn"
+#        WAYS="direct rathole rathole-1t rathole-noise bore backhaul-tcp backhaul-tcp-1t backhaul
+#              backhaul-pass backhaul-pass-1t backhaul-pass-full quinn"
 #        PEERS_DIR   where rathole and bore are installed (default <repo>/target/peers)
 #        COMPARE_TARGET_DIR   cargo target dir (default <repo>/target)
 #        KEEP_TMP=1  keep the temp dir (configs, logs, wrk output); its path is printed
@@ -48,7 +49,7 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5s}"
 THREADS="${THREADS:-1}"
 CONNECTIONS="${CONNECTIONS:-64}"
-WAYS="${WAYS:-direct rathole rathole-noise bore backhaul-tcp backhaul backhaul-pass backhaul-pass-full quinn}"
+WAYS="${WAYS:-direct rathole rathole-1t rathole-noise bore backhaul-tcp backhaul-tcp-1t backhaul backhaul-pass backhaul-pass-1t backhaul-pass-full quinn}"
 export RUST_LOG="${RUST_LOG:-warn}"
 export NO_COLOR=1
 
