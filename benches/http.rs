@@ -756,11 +756,24 @@ fn latency_pass(rt: &Runtime, ways: &[Way]) {
 // ----- main ------------------------------------------------------------------------------
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // Two workers by default; BENCH_WORKER_THREADS=1 runs every way (client and server
+    // alike) on one thread, as the proxy's edge runs by default.
+    let threads = std::env::var("BENCH_WORKER_THREADS")
+        .ok()
+        .and_then(|threads| threads.parse::<usize>().ok())
+        .unwrap_or(2);
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
+    println!("runtime: {threads} worker thread(s)");
     let (ways, _keep_alive) = rt.block_on(build_ways());
     let mut criterion = Criterion::default()
         .sample_size(10)
