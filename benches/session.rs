@@ -811,11 +811,24 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // Two workers by default; BENCH_WORKER_THREADS=1 runs both sides of every way on one
+    // thread.
+    let threads = std::env::var("BENCH_WORKER_THREADS")
+        .ok()
+        .and_then(|threads| threads.parse::<usize>().ok())
+        .unwrap_or(2);
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    println!("runtime: {threads} worker thread(s)");
     let mut criterion = Criterion::default().configure_from_args();
     open_latency(&mut criterion, &rt);
     throughput(&mut criterion, &rt);
