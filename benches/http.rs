@@ -124,6 +124,8 @@ fn batch_len(concurrency: usize) -> usize {
 
 #[path = "../tests/support/quic.rs"]
 mod quic;
+#[path = "support/runtime.rs"]
+mod runtime;
 use quic::QuicPair;
 
 /// A raw quinn bidirectional stream as one duplex byte stream, forwarding exactly what
@@ -756,24 +758,7 @@ fn latency_pass(rt: &Runtime, ways: &[Way]) {
 // ----- main ------------------------------------------------------------------------------
 
 fn main() {
-    // Two workers by default; BENCH_WORKER_THREADS=1 runs every way (client and server
-    // alike) on one thread, as the proxy's edge runs by default.
-    let threads = std::env::var("BENCH_WORKER_THREADS")
-        .ok()
-        .and_then(|threads| threads.parse::<usize>().ok())
-        .unwrap_or(2);
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .expect("runtime");
-    println!("runtime: {threads} worker thread(s)");
+    let rt = runtime::from_env();
     let (ways, _keep_alive) = rt.block_on(build_ways());
     let mut criterion = Criterion::default()
         .sample_size(10)

@@ -73,6 +73,8 @@ const SINK: &str = "sink";
 
 #[path = "../tests/support/quic.rs"]
 mod quic;
+#[path = "support/runtime.rs"]
+mod runtime;
 use quic::QuicPair;
 
 /// A backhaul relay and a backhaul edge serving [`ONE_BYTE`] and [`SINK`].
@@ -811,24 +813,7 @@ fn opens_500_at_once(c: &mut Criterion, rt: &Runtime) {
 }
 
 fn main() {
-    // Two workers by default; BENCH_WORKER_THREADS=1 runs both sides of every way on one
-    // thread.
-    let threads = std::env::var("BENCH_WORKER_THREADS")
-        .ok()
-        .and_then(|threads| threads.parse::<usize>().ok())
-        .unwrap_or(2);
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .expect("tokio runtime");
-    println!("runtime: {threads} worker thread(s)");
+    let rt = runtime::from_env();
     let mut criterion = Criterion::default().configure_from_args();
     open_latency(&mut criterion, &rt);
     throughput(&mut criterion, &rt);

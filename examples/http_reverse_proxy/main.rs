@@ -180,14 +180,7 @@ async fn until_stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Parses durations like `500ms`, `10s`, `2m`.
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
+    let (number, unit) = number_and_unit(text, "duration")?;
     match unit {
         "ms" => Ok(std::time::Duration::from_millis(number)),
         "s" | "" => Ok(std::time::Duration::from_secs(number)),
@@ -198,16 +191,22 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// Parses byte counts like `16MiB`, `512KiB`, `1GiB`, `4096`.
-fn parse_bytes(text: &str) -> Result<u64, String> {
+/// Splits `12ms` into 12 and `ms`; `what` names the value in the error.
+fn number_and_unit<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
+    let number = number
         .parse()
-        .map_err(|_| format!("invalid byte count {text:?}"))?;
+        .map_err(|_| format!("invalid {what} {text:?}"))?;
+    Ok((number, unit))
+}
+
+/// Parses byte counts like `16MiB`, `512KiB`, `1GiB`, `4096`.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (number, unit) = number_and_unit(text, "byte count")?;
     let scale: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
