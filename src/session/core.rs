@@ -386,14 +386,16 @@ impl<C: Connection> SessionCore<C> {
                 // A loss shortly before counts as one to come: the peer may still be
                 // sending streams over the lost lane.
                 Some(lost) if attempt < OPEN_ATTEMPTS => Some(match lost.last {
-                    Some(last) if last.elapsed() < RECENT_LANE_LOSS => lost.count - 1,
+                    Some(last) if last.elapsed() < RECENT_LANE_LOSS => lost.count.saturating_sub(1),
                     _ => lost.count,
                 }),
                 _ => None,
             };
+            // Unwatched, an open gives up only with an error: `None` cannot come.
+            let no_stream = || Error::Timeout(TimeoutKind::StreamBind);
             let Some(lost) = watch else {
                 let opened = self.open_once(service, metadata, flags, None).await?;
-                return Ok(opened.expect("no lanes watched"));
+                return opened.ok_or_else(no_stream);
             };
             match self
                 .open_once(service.clone(), metadata.clone(), flags, Some(lost))
@@ -403,7 +405,7 @@ impl<C: Connection> SessionCore<C> {
                     debug!(attempt, %service, "open again: its stream may have gone with a lost lane");
                     attempt += 1;
                 }
-                done => return done.map(|opened| opened.expect("no lanes watched")),
+                done => return done?.ok_or_else(no_stream),
             }
         }
     }
