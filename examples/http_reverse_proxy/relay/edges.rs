@@ -217,15 +217,20 @@ impl Service<Uri> for MeteredConnector {
         let opens = self.opens.clone();
         Box::pin(async move {
             let result = opening.await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(Error::StreamRejected { .. }) => "rejected",
-                Err(Error::Timeout(_)) => "timeout",
-                Err(Error::SessionClosed | Error::Disconnected) => "disconnected",
-                Err(_) => "error",
-            };
+            let outcome = result.as_ref().map_or_else(open_failure, |_| "ok");
             opens.with_label_values(&[outcome]).inc();
             result
         })
+    }
+}
+
+/// The `outcome` label of `backhaul_tunnel_opens_total` for an open that failed with
+/// `error` (the full path's connector and the express lane count alike).
+pub(super) fn open_failure(error: &Error) -> &'static str {
+    match error {
+        Error::StreamRejected { .. } => "rejected",
+        Error::Timeout(_) => "timeout",
+        Error::SessionClosed | Error::Disconnected => "disconnected",
+        _ => "error",
     }
 }

@@ -21,6 +21,7 @@ use backhaul::{QuinnConnection, SessionClient};
 use http::request::Parts;
 
 use super::cluster::{lane_peer_failure, PeerWay};
+use super::edges::open_failure;
 use super::host::{resolve_host, Target};
 use super::public::{record_request, what_only_the_relay_knows};
 use super::*;
@@ -256,13 +257,18 @@ impl LaneRequest {
         metrics
             .bytes_counter("from_edge")
             .inc_by(outcome.response_body_bytes);
-        // Counted with the full path's opens to local edges; a failed open is counted
-        // as a failure.
+        // Counted with the full path's opens to local edges, a failed one by its outcome.
         if let Way::Local(_) = self.way {
             metrics
                 .opens
                 .with_label_values(&["ok"])
                 .inc_by(u64::from(outcome.streams_opened));
+            if let Some(Failure::Open(error)) = &outcome.failure {
+                metrics
+                    .opens
+                    .with_label_values(&[open_failure(error)])
+                    .inc();
+            }
         }
         let span = &self.span;
         match &outcome.failure {
