@@ -30,7 +30,7 @@ use axum::extract::Path;
 use backhaul::connector::Connector;
 use backhaul::edge::{RouteError, Router};
 use backhaul::http::express::{
-    self, Express, Handover, Outcome, RouteFuture, StreamPool, Upstream,
+    self, Express, FailureAnswer, Handover, Hooks, Outcome, RouteFuture, StreamPool, Upstream,
 };
 use backhaul::http::proxy::{pass_through, Timeouts};
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
@@ -466,9 +466,29 @@ struct TestRoute {
     calls: AtomicUsize,
     outcomes: Mutex<Vec<(String, Outcome)>>,
     handovers: Mutex<Vec<Handover>>,
+    /// Hooks in one object ([`Upstream::with_hooks`]) instead of closures.
+    hooks: bool,
 }
 
 struct Route(Arc<TestRoute>);
+
+/// One request's hooks, for [`Setup::hooks`]: they record the outcome as the closure
+/// does, and word failures themselves (`503`, `hooks: ...`).
+struct RecordingHooks {
+    route: Arc<TestRoute>,
+    target: String,
+}
+
+impl Hooks for RecordingHooks {
+    fn answer(self: Arc<Self>, failure: &express::Failure) -> FailureAnswer {
+        let message = format!("hooks: {failure}");
+        Box::pin(async move { (StatusCode::SERVICE_UNAVAILABLE, message) })
+    }
+
+    fn finished(&self, outcome: &Outcome) {
+        lock(&self.route.outcomes).push((self.target.clone(), outcome.clone()));
+    }
+}
 
 impl Express for Route {
     fn route<'a>(&'a self, head: &'a mut Parts, info: &'a ConnectionInfo) -> RouteFuture<'a> {
@@ -497,12 +517,19 @@ impl TestRoute {
         headers.insert("x-forwarded-for", peer.parse().expect("an address"));
         headers.insert("x-route", label.parse().expect("a label"));
         let target = head.uri.to_string();
-        let recorder = Arc::clone(this);
-        let upstream = Upstream::new(label, this.connector.clone(), service)
-            .with_timeouts(this.timeouts)
-            .on_finished(move |outcome| {
+        let upstream =
+            Upstream::new(label, this.connector.clone(), service).with_timeouts(this.timeouts);
+        let upstream = if this.hooks {
+            upstream.with_hooks(Arc::new(RecordingHooks {
+                route: Arc::clone(this),
+                target,
+            }))
+        } else {
+            let recorder = Arc::clone(this);
+            upstream.on_finished(move |outcome| {
                 lock(&recorder.outcomes).push((target, outcome.clone()));
-            });
+            })
+        };
         Some(match &this.pool {
             Some(pool) => upstream.with_pool(pool.clone()),
             None => upstream,
@@ -548,6 +575,9 @@ struct Setup {
     /// The pool every upstream keeps its streams in (none: each client connection keeps
     /// its own).
     pool: Option<StreamPool>,
+    /// The route's upstreams carry [`RecordingHooks`] instead of an `on_finished`
+    /// closure.
+    hooks: bool,
 }
 
 impl Default for Setup {
@@ -561,6 +591,7 @@ impl Default for Setup {
                 ..Limits::DEFAULT
             },
             pool: None,
+            hooks: false,
         }
     }
 }
@@ -640,6 +671,7 @@ impl Lane {
             calls: AtomicUsize::new(0),
             outcomes: Mutex::new(Vec::new()),
             handovers: Mutex::new(Vec::new()),
+            hooks: setup.hooks,
         });
         let server = Server::bind(([127, 0, 0, 1], 0))
             .await
@@ -1496,7 +1528,7 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
     within(LIMIT, async {
         // (what, request, the fallback's answer, whether the route is asked, why the lane
         // left it)
-        let cases: [(&str, &[u8], &str, bool, Handover); 7] = [
+        let cases: [(&str, &[u8], &str, bool, Handover); 8] = [
             (
                 "HTTP/1.0",
                 b"GET /old HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n",
@@ -1537,6 +1569,15 @@ async fn what_the_lane_does_not_carry_is_answered_by_hyper_for_the_rest_of_the_c
                 "a host the route declines",
                 b"GET /elsewhere HTTP/1.1\r\nHost: other.test\r\n\r\n",
                 "fallback GET /elsewhere HTTP/1.1 0 bytes: ",
+                true,
+                Handover::Route,
+            ),
+            (
+                // The head the lane took apart reaches hyper whole, with the body after it.
+                "a host the route declines, with a body",
+                b"POST /elsewhere?q=1 HTTP/1.1\r\nHost: other.test\r\nX-Odd: a\tb\r\n\
+                  Content-Length: 11\r\n\r\nhello world",
+                "fallback POST /elsewhere?q=1 HTTP/1.1 11 bytes: hello world",
                 true,
                 Handover::Route,
             ),
@@ -1706,6 +1747,46 @@ async fn lane_answers_502_and_closes(lane: &Lane, request: &[u8]) -> Reply {
     let rest = client.end().await;
     assert_eq!(rest, End::Closed(Vec::new()));
     reply
+}
+
+/// Hooks set as one object hear every outcome and word the failures: a refused open is
+/// answered with their status and words, then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_in_one_object_word_failures_and_hear_outcomes() {
+    let lane = Lane::start(Setup {
+        hooks: true,
+        ..Setup::default()
+    })
+    .await;
+    within(LIMIT, async {
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"GET /whoami HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(lane.outcome("/whoami").await.status, Some(StatusCode::OK));
+
+        let mut client = RawClient::connect(lane.public).await;
+        client
+            .send(b"GET /nope HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+            .await;
+        let reply = client.reply().await;
+        assert_eq!(reply.status, 503, "{reply:?}");
+        assert!(
+            reply.text().starts_with("hooks: no stream to the edge"),
+            "{reply:?}"
+        );
+        assert_eq!(reply.header("connection").as_deref(), Some("close"));
+        assert_eq!(client.end().await, End::Closed(Vec::new()));
+        let outcome = lane.outcome("/nope").await;
+        assert_eq!(outcome.status, Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(
+            matches!(outcome.failure, Some(express::Failure::Open(_))),
+            "{outcome:?}"
+        );
+    })
+    .await;
 }
 
 /// A response head that is not HTTP: the lane's 502, then the connection closes.

@@ -2,7 +2,9 @@
 //! listeners' observer, and a body wrapper that counts bytes as they stream.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use backhaul::http::server::{ConnectionInfo, Cut, Observer};
 use backhaul::tcp::{Spliced, TcpFailure, TcpObserver};
@@ -11,8 +13,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Everything the relay measures.
@@ -40,6 +42,33 @@ pub struct Metrics {
     /// Requests answered on the relay's express lane (also counted in `requests`).
     pub express_requests: IntCounter,
     pub express_handovers: IntCounterVec,
+    /// Series every request touches, each looked up once.
+    hot: Arc<HotSeries>,
+}
+
+/// The series of label vectors that every request touches, each resolved on first use:
+/// `with_label_values` hashes the labels and takes a lock on every call, some 25 ns per
+/// series, five per request. A series appears in the exposition once used, as before.
+struct HotSeries {
+    to_edge: OnceLock<IntCounter>,
+    from_edge: OnceLock<IntCounter>,
+    opens_ok: OnceLock<IntCounter>,
+    /// By status code, 100 to 599.
+    statuses: [OnceLock<IntCounter>; 500],
+    /// By class: 1xx to 5xx.
+    durations: [OnceLock<Histogram>; 5],
+}
+
+impl Default for HotSeries {
+    fn default() -> Self {
+        Self {
+            to_edge: OnceLock::new(),
+            from_edge: OnceLock::new(),
+            opens_ok: OnceLock::new(),
+            statuses: [const { OnceLock::new() }; 500],
+            durations: [const { OnceLock::new() }; 5],
+        }
+    }
 }
 
 impl Metrics {
@@ -182,6 +211,7 @@ impl Metrics {
             upstream_idle_timeouts,
             express_requests,
             express_handovers,
+            hot: Arc::new(HotSeries::default()),
         })
     }
 
@@ -203,6 +233,44 @@ impl Metrics {
     /// A counter of bytes flowing in `direction`.
     pub fn bytes_counter(&self, direction: &str) -> IntCounter {
         self.bytes.with_label_values(&[direction])
+    }
+
+    /// Bytes of request bodies sent to edges.
+    pub fn bytes_to_edge(&self) -> &IntCounter {
+        self.hot
+            .to_edge
+            .get_or_init(|| self.bytes.with_label_values(&["to_edge"]))
+    }
+
+    /// Bytes of response bodies received from edges.
+    pub fn bytes_from_edge(&self) -> &IntCounter {
+        self.hot
+            .from_edge
+            .get_or_init(|| self.bytes.with_label_values(&["from_edge"]))
+    }
+
+    /// Successful opens of tunnel streams.
+    pub fn opens_ok(&self) -> &IntCounter {
+        self.hot
+            .opens_ok
+            .get_or_init(|| self.opens.with_label_values(&["ok"]))
+    }
+
+    /// Counts a public request answered with `status` and how long it took.
+    pub fn record_request(&self, status: StatusCode, elapsed: Duration) {
+        let code = status.as_u16();
+        // `StatusCode` is 100 to 999; codes past 599 are counted by lookup.
+        match self.hot.statuses.get(usize::from(code).wrapping_sub(100)) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.with_label_values(&[status.as_str()]))
+                .inc(),
+            None => self.requests.with_label_values(&[status.as_str()]).inc(),
+        }
+        let class = usize::from(code / 100).clamp(1, 5) - 1;
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        self.hot.durations[class]
+            .get_or_init(|| self.request_duration.with_label_values(&[CLASSES[class]]))
+            .observe(elapsed.as_secs_f64());
     }
 }
 

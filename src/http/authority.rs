@@ -40,7 +40,9 @@ const MAX_LABEL_LEN: usize = 63;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authority {
     /// As the client wrote it; only LDH characters, dots, digits, brackets and colons.
-    text: String,
+    /// Kept as a header value: one read from a Host field shares that field's bytes, and
+    /// passing it on as Host or X-Forwarded-Host copies nothing.
+    text: HeaderValue,
     host: Host,
     port: Option<u16>,
 }
@@ -79,6 +81,11 @@ impl Authority {
     }
 
     fn parse_strict(text: &str) -> Option<Self> {
+        Self::checked(text, || HeaderValue::from_str(text).ok())
+    }
+
+    /// Checks `text` and keeps it as `value()` gives it.
+    fn checked(text: &str, value: impl FnOnce() -> Option<HeaderValue>) -> Option<Self> {
         let (host, port) = split_port(text)?;
         let host = if let Some(literal) = host.strip_prefix('[') {
             let literal = literal.strip_suffix(']')?;
@@ -89,7 +96,7 @@ impl Authority {
             Host::Name(dns_name(host)?)
         };
         Some(Self {
-            text: text.to_owned(),
+            text: value()?,
             host,
             port,
         })
@@ -97,7 +104,8 @@ impl Authority {
 
     /// The authority as written (valid as a header value and safe to log).
     pub fn as_str(&self) -> &str {
-        &self.text
+        // Checked ASCII when made: the check here cannot fail.
+        self.text.to_str().unwrap_or_default()
     }
 
     /// The host, normalised.
@@ -112,7 +120,7 @@ impl Authority {
 
     /// The authority as a header value (for Host or X-Forwarded-Host).
     pub fn to_header_value(&self) -> HeaderValue {
-        HeaderValue::from_str(&self.text).expect("a validated authority is a valid header value")
+        self.text.clone()
     }
 }
 
@@ -126,7 +134,7 @@ impl FromStr for Authority {
 
 impl fmt::Display for Authority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 
@@ -213,7 +221,7 @@ fn parse_header_value(value: &HeaderValue) -> Result<Authority, AuthorityError> 
     value
         .to_str()
         .ok()
-        .and_then(Authority::parse_strict)
+        .and_then(|text| Authority::checked(text, || Some(value.clone())))
         .ok_or_else(|| AuthorityError::Invalid(String::from_utf8_lossy(value.as_bytes()).into()))
 }
 

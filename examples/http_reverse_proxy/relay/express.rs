@@ -12,7 +12,7 @@
 use backhaul::connector::OpenTarget;
 use backhaul::http::authority::{request_authority, Authority};
 use backhaul::http::express::{
-    Express, Failure, FailureAnswer, Handover, Opener, Outcome, RouteFuture, Upstream,
+    Express, Failure, FailureAnswer, Handover, Hooks, Opener, Outcome, RouteFuture, Upstream,
 };
 use backhaul::http::forwarded::Proto;
 use backhaul::http::proxy::{express_failure, Failure as Explained, Timeouts};
@@ -179,30 +179,22 @@ impl RelayExpress {
             service = names.service(),
         );
         let target = OpenTarget::from(names.service());
-        // One allocation shared by both hooks.
+        // One allocation for both hooks.
         let request = Arc::new(LaneRequest {
             state: Arc::clone(state),
             way,
             names,
             span,
         });
-        let explain = {
-            let request = Arc::clone(&request);
-            move |failure: &Failure| -> FailureAnswer {
-                let failure = failure.clone();
-                Box::pin(async move { request.answer(&failure).await })
-            }
-        };
         Some(
             Upstream::new(key, opener, target)
                 .with_pool(pool)
-                .answer_failures_with(explain)
                 .with_timeouts(Timeouts {
                     response: state.request_timeout,
                     body_idle: state.upstream_idle_timeout,
                 })
                 .with_linger(state.linger)
-                .on_finished(move |outcome| request.finished(outcome)),
+                .with_hooks(request),
         )
     }
 }
@@ -247,22 +239,22 @@ struct LaneRequest {
     span: tracing::Span,
 }
 
-impl LaneRequest {
+impl Hooks for LaneRequest {
+    fn answer(self: Arc<Self>, failure: &Failure) -> FailureAnswer {
+        let failure = failure.clone();
+        Box::pin(async move { self.explain(&failure).await })
+    }
+
     /// Counts and logs the exchange as the full path does.
     fn finished(&self, outcome: &Outcome) {
         let metrics = &self.state.metrics;
+        metrics.bytes_to_edge().inc_by(outcome.request_body_bytes);
         metrics
-            .bytes_counter("to_edge")
-            .inc_by(outcome.request_body_bytes);
-        metrics
-            .bytes_counter("from_edge")
+            .bytes_from_edge()
             .inc_by(outcome.response_body_bytes);
         // Counted with the full path's opens to local edges, a failed one by its outcome.
         if let Way::Local(_) = self.way {
-            metrics
-                .opens
-                .with_label_values(&["ok"])
-                .inc_by(u64::from(outcome.streams_opened));
+            metrics.opens_ok().inc_by(u64::from(outcome.streams_opened));
             if let Some(Failure::Open(error)) = &outcome.failure {
                 metrics
                     .opens
@@ -293,9 +285,11 @@ impl LaneRequest {
             record_request(&self.state, span, status, outcome.elapsed);
         }
     }
+}
 
+impl LaneRequest {
     /// The status and words for a failure before any response head, logged.
-    async fn answer(&self, failure: &Failure) -> (StatusCode, String) {
+    async fn explain(&self, failure: &Failure) -> (StatusCode, String) {
         let (edge, service) = (self.names.edge(), self.names.service());
         let explained = match (&self.way, &self.state.cluster) {
             (Way::Local(handle), _) => {

@@ -132,23 +132,7 @@ pub(super) fn record_request(
     status: StatusCode,
     elapsed: Duration,
 ) {
-    state
-        .metrics
-        .requests
-        .with_label_values(&[status.as_str()])
-        .inc();
-    let class = match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    };
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[class])
-        .observe(elapsed.as_secs_f64());
+    state.metrics.record_request(status, elapsed);
     span.in_scope(|| info!(status = status.as_u16(), ?elapsed, "request"));
 }
 

@@ -16,7 +16,7 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
 use super::chunked::ChunkedScanner;
-use super::head::{self, Framing, PlainRequest, RequestHead, ResponseHead};
+use super::head::{self, Framing, HeadRoom, PlainRequest, RequestHead, ResponseHead};
 use super::prefixed::Prefixed;
 use super::{Express, Failure, Handover, Outcome, Upstream};
 use crate::http::proxy::Linger;
@@ -68,6 +68,7 @@ where
         upload: Upload::default(),
         fields: BytesMut::new(),
         kept: None,
+        head_room: HeadRoom::default(),
         stall: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
     };
     loop {
@@ -84,15 +85,17 @@ where
         let started = Instant::now();
         let PlainRequest {
             mut parts,
-            head_len,
+            head,
             body_len,
             close,
         } = request;
         let Some(mut upstream) = cx.express.route(&mut parts, &cx.info).await else {
             drop(in_flight);
+            lane.unread(&head);
             return lane.hand_over(client, Handover::Route, &cx);
         };
-        lane.start_upload(&parts, head_len, body_len);
+        drop(head);
+        lane.start_upload(&parts, body_len, started);
         let mut exchange = Exchange {
             method: parts.method.clone(),
             status: None,
@@ -139,9 +142,10 @@ where
         // failure, not a short body.
         let answer = match &ended {
             Err(failure) if exchange.status.is_none() && !matches!(failure, Failure::Client(_)) => {
-                Some(match upstream.answer_failure.take() {
-                    Some(answer) => answer(failure).await,
-                    None => (failure.status(), failure.to_string()),
+                Some(match (upstream.answer_failure.take(), &upstream.hooks) {
+                    (Some(answer), _) => answer(failure).await,
+                    (None, Some(hooks)) => Arc::clone(hooks).answer(failure).await,
+                    (None, None) => (failure.status(), failure.to_string()),
                 })
             }
             _ => None,
@@ -159,9 +163,12 @@ where
         if let Some(finished) = upstream.finished.take() {
             finished(&outcome);
         }
+        if let Some(hooks) = &upstream.hooks {
+            hooks.finished(&outcome);
+        }
         drop(in_flight);
         match (ended, stream) {
-            (Ok(Next::Continue { .. }), _) => {}
+            (Ok(Next::Continue { .. }), _) => lane.head_room.recycle(parts.headers),
             (Ok(Next::Close { cut_upload }), stream) => {
                 if cut_upload {
                     // The service behind the edge is left mid-body: a reset, not an end.
@@ -240,6 +247,8 @@ struct Lane {
     /// The response's field lines as the client receives them.
     fields: BytesMut,
     kept: Option<Kept>,
+    /// What reading the next request head reuses.
+    head_room: HeadRoom,
     /// The deadline of the wait for the edge (see [`Lane::read_edge`]). One timer for the
     /// connection's life: moving a registered timer to a later deadline, as each wait
     /// does, touches no lock of tokio's timer wheel, where a new timer per wait would
@@ -254,7 +263,7 @@ impl Lane {
     {
         loop {
             if !self.buf.is_empty() {
-                match head::parse_request(&self.buf) {
+                match head::parse_request(&mut self.buf, &mut self.head_room) {
                     RequestHead::Partial => {}
                     RequestHead::Plain(request) => return Head::Plain(request),
                     RequestHead::Decline(reason) => return Head::Decline(reason),
@@ -284,12 +293,20 @@ impl Lane {
 
     /// Starts the request's upload: its head as the edge is to receive it, and the body
     /// bytes read along with it, taken from `buf`.
-    fn start_upload(&mut self, parts: &Parts, head_len: usize, body_len: u64) {
-        let after_head = self.buf.len() - head_len;
+    fn start_upload(&mut self, parts: &Parts, body_len: u64, now: Instant) {
+        let after_head = self.buf.len();
         let buffered = usize::try_from(body_len).map_or(after_head, |len| len.min(after_head));
         self.upload
-            .start(parts, &self.buf[head_len..head_len + buffered], body_len);
-        self.buf.advance(head_len + buffered);
+            .start(parts, &self.buf[..buffered], body_len, now);
+        self.buf.advance(buffered);
+    }
+
+    /// Puts a request's `head` back in front of the bytes read after it, for hyper.
+    fn unread(&mut self, head: &[u8]) {
+        let mut restored = BytesMut::with_capacity(head.len() + self.buf.len());
+        restored.extend_from_slice(head);
+        restored.extend_from_slice(&self.buf);
+        self.buf = restored;
     }
 
     /// Keeps `stream` for the next request with `upstream`'s key: in its pool, or with
@@ -653,29 +670,29 @@ impl Default for Upload {
 }
 
 impl Upload {
-    /// Starts a request: its head written out again, `body` the body bytes read with
-    /// it, `body_len` the whole body's length.
-    fn start(&mut self, parts: &Parts, body: &[u8], body_len: u64) {
+    /// Starts a request at `now`: its head written out again, `body` the body bytes read
+    /// with it, `body_len` the whole body's length.
+    fn start(&mut self, parts: &Parts, body: &[u8], body_len: u64, now: Instant) {
         self.request.clear();
         head::write_request(parts, &mut self.request);
         self.request.extend_from_slice(body);
         self.buffered = body.len() as u64;
         self.remaining = body_len - self.buffered;
-        self.rewind();
+        self.rewind(now);
     }
 
     /// Sends the request from its start, on a new stream (only a request held whole in
     /// `request` can be).
     fn send_again(&mut self) {
         debug_assert_eq!(self.remaining, 0);
-        self.rewind();
+        self.rewind(Instant::now());
     }
 
-    fn rewind(&mut self) {
+    fn rewind(&mut self, now: Instant) {
         self.written = 0;
         self.body_sent = 0;
         self.state = UploadState::Sending;
-        self.last_progress = Instant::now();
+        self.last_progress = now;
     }
 
     /// Moves the upload on as far as it goes without waiting. Only the client's failure

@@ -8,13 +8,16 @@
 //! requests (400, 417, upgrades) are the ones to keep. Heads are re-serialized, never
 //! copied: the edge receives one spelling of each field, whatever the client sent.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
+use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 
 use super::Handover;
-use crate::http::proxy::{hop_by_hop, strip_hop_by_hop};
+use crate::http::proxy::hop_by_hop::{self, is_hop_by_hop};
+use crate::http::proxy::strip_hop_by_hop;
 
 /// Field lines a head may have on the lane; more, and hyper (whose limit is
 /// [`Limits::max_headers`](crate::http::server::Limits)) decides.
@@ -37,30 +40,67 @@ pub(super) enum RequestHead {
 #[derive(Debug)]
 pub(super) struct PlainRequest {
     pub(super) parts: Parts,
-    /// Bytes of the head in the buffer, the body starts after them.
-    pub(super) head_len: usize,
+    /// The head as the client sent it (for hyper, should the route decline).
+    pub(super) head: Bytes,
     /// The body's length (`Content-Length`, 0 without one).
     pub(super) body_len: u64,
     /// The client asked to close after this exchange (`Connection: close`).
     pub(super) close: bool,
 }
 
-/// Reads `buf` as a request head; see [`RequestHead`].
-pub(super) fn parse_request(buf: &[u8]) -> RequestHead {
+/// What reading request heads reuses from one request to the next: the last request's
+/// field map (given back with [`HeadRoom::recycle`]) and the fields' places.
+#[derive(Default)]
+pub(super) struct HeadRoom {
+    headers: HeaderMap,
+    fields: Vec<(Span, Span)>,
+}
+
+impl HeadRoom {
+    /// Keeps the field map of a request for the next one, emptied now: its values share
+    /// the read buffer, which can then be reused in place.
+    pub(super) fn recycle(&mut self, mut headers: HeaderMap) {
+        headers.clear();
+        self.headers = headers;
+    }
+}
+
+/// Reads `buf` as a request head; see [`RequestHead`]. A plain request's head is split
+/// off `buf`, and its fields are built in the map kept in `room`. The head's bytes are
+/// taken, not copied: the target and every field value are slices of one shared buffer.
+pub(super) fn parse_request(buf: &mut BytesMut, room: &mut HeadRoom) -> RequestHead {
     if is_http2_preface(buf) {
         return RequestHead::Decline(Handover::Http2);
     }
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut request = httparse::Request::new(&mut fields);
-    let head_len = match request.parse(buf) {
+    // Left uninitialised: httparse writes the fields it reads, and 3 KiB of zeros per
+    // head would be most of the parse.
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut request = httparse::Request::new(&mut []);
+    let head_len = match request.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return RequestHead::Partial,
         Err(httparse::Error::Version) => return RequestHead::Decline(Handover::Version),
         Err(_) => return RequestHead::Decline(Handover::Malformed),
     };
-    match plain_request(&request, head_len) {
+    if u32::try_from(head_len).is_err() {
+        return RequestHead::Decline(Handover::HeadTooLarge);
+    }
+    let layout = match Layout::check(&request, buf.as_ptr(), &mut room.fields) {
+        Ok(layout) => layout,
+        Err(reason) => return RequestHead::Decline(reason),
+    };
+    let head = buf.split_to(head_len).freeze();
+    match layout.build(&head, room) {
         Ok(plain) => RequestHead::Plain(plain),
-        Err(reason) => RequestHead::Decline(reason),
+        Err(reason) => {
+            // Not reached (the checks are the ones building repeats), but hyper must
+            // still find the head where it was.
+            let mut restored = BytesMut::with_capacity(head.len() + buf.len());
+            restored.extend_from_slice(&head);
+            restored.extend_from_slice(buf);
+            *buf = restored;
+            RequestHead::Decline(reason)
+        }
     }
 }
 
@@ -69,72 +109,147 @@ fn is_http2_preface(buf: &[u8]) -> bool {
     buf.starts_with(b"PRI * HTTP/2")
 }
 
-fn plain_request(
-    request: &httparse::Request<'_, '_>,
-    head_len: usize,
-) -> Result<PlainRequest, Handover> {
-    if request.version != Some(1) {
-        return Err(Handover::Version);
-    }
-    let method = request
-        .method
-        .and_then(|method| Method::from_bytes(method.as_bytes()).ok())
-        .ok_or(Handover::Malformed)?;
-    if method == Method::CONNECT {
-        return Err(Handover::TargetForm);
-    }
-    let target = request.path.ok_or(Handover::Malformed)?;
-    // Origin form only: absolute form and `*` are rare enough to leave to hyper.
-    if !target.starts_with('/') {
-        return Err(Handover::TargetForm);
-    }
-    let uri = Uri::try_from(target).map_err(|_| Handover::Malformed)?;
-    // Room for what the route adds (forwarding headers) without growing.
-    let mut headers = HeaderMap::with_capacity(request.headers.len() + 6);
-    let mut body_len = None;
-    let mut hosts = 0;
-    for field in request.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Handover::Malformed)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| Handover::Malformed)?;
-        if name == header::CONTENT_LENGTH {
-            if body_len.is_some() {
-                return Err(Handover::Framing);
-            }
-            body_len = Some(decimal(field.value).ok_or(Handover::Malformed)?);
-        } else if name == header::HOST {
-            hosts += 1;
-        } else if name == header::TRANSFER_ENCODING {
-            return Err(Handover::Framing);
-        } else if name == header::EXPECT {
-            return Err(Handover::Expect);
-        } else if name == header::UPGRADE || name.as_str() == "http2-settings" {
-            return Err(Handover::Upgrade);
+/// Where a request's parts lie in its head: what [`parse_request`] checks while the head
+/// is still part of the read buffer, to build from once it is split off.
+struct Layout {
+    method: Method,
+    target: Span,
+    body_len: Option<u64>,
+}
+
+/// A range of the head's bytes (a head is far below 4 GiB: the lane's limit bounds it).
+#[derive(Clone, Copy)]
+pub(super) struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// Where `part`, a slice of the buffer starting at `base`, lies in it.
+    fn of(part: &[u8], base: *const u8) -> Self {
+        let start = part.as_ptr() as usize - base as usize;
+        let end = start + part.len();
+        Self {
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            end: u32::try_from(end).unwrap_or(u32::MAX),
         }
-        headers.append(name, value);
     }
-    if hosts != 1 {
-        return Err(Handover::Host);
+
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
     }
-    let close = hop_by_hop::tokens(&headers, header::CONNECTION)
-        .any(|token| token.eq_ignore_ascii_case("close"));
-    strip_hop_by_hop(&mut headers, false);
-    // The framing is the lane's, not the client's to name away with `Connection`: the
-    // body is forwarded by this count, so the edge must be told it.
-    if let Some(length) = body_len {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+
+    fn slice(self, head: &Bytes) -> Bytes {
+        head.slice(self.range())
     }
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    parts.headers = headers;
-    Ok(PlainRequest {
-        parts,
-        head_len,
-        body_len: body_len.unwrap_or(0),
-        close,
-    })
+}
+
+impl Layout {
+    /// Checks `request`, a head in the buffer at `base`, and notes where its fields are
+    /// in `fields`.
+    fn check(
+        request: &httparse::Request<'_, '_>,
+        base: *const u8,
+        fields: &mut Vec<(Span, Span)>,
+    ) -> Result<Self, Handover> {
+        if request.version != Some(1) {
+            return Err(Handover::Version);
+        }
+        let method = request
+            .method
+            .and_then(|method| Method::from_bytes(method.as_bytes()).ok())
+            .ok_or(Handover::Malformed)?;
+        if method == Method::CONNECT {
+            return Err(Handover::TargetForm);
+        }
+        let target = request.path.ok_or(Handover::Malformed)?;
+        // Origin form only: absolute form and `*` are rare enough to leave to hyper.
+        if !target.starts_with('/') {
+            return Err(Handover::TargetForm);
+        }
+        let mut layout = Layout {
+            method,
+            target: Span::of(target.as_bytes(), base),
+            body_len: None,
+        };
+        fields.clear();
+        let mut hosts = 0;
+        for field in request.headers.iter() {
+            let name = field.name;
+            if !field.value.iter().all(|&byte| is_value_byte(byte)) {
+                return Err(Handover::Malformed);
+            }
+            if name.eq_ignore_ascii_case("content-length") {
+                if layout.body_len.is_some() {
+                    return Err(Handover::Framing);
+                }
+                layout.body_len = Some(decimal(field.value).ok_or(Handover::Malformed)?);
+            } else if name.eq_ignore_ascii_case("host") {
+                hosts += 1;
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(Handover::Framing);
+            } else if name.eq_ignore_ascii_case("expect") {
+                return Err(Handover::Expect);
+            } else if name.eq_ignore_ascii_case("upgrade")
+                || name.eq_ignore_ascii_case("http2-settings")
+            {
+                return Err(Handover::Upgrade);
+            }
+            fields.push((Span::of(name.as_bytes(), base), Span::of(field.value, base)));
+        }
+        if hosts != 1 {
+            return Err(Handover::Host);
+        }
+        Ok(layout)
+    }
+
+    /// The request, its target and field values slices of `head`.
+    fn build(&self, head: &Bytes, room: &mut HeadRoom) -> Result<PlainRequest, Handover> {
+        let uri =
+            Uri::from_maybe_shared(self.target.slice(head)).map_err(|_| Handover::Malformed)?;
+        let mut headers = std::mem::take(&mut room.headers);
+        headers.clear();
+        // Room for what the route adds (forwarding headers) without growing.
+        headers.reserve(room.fields.len() + 6);
+        let mut hop_by_hop = false;
+        for &(name, value) in &room.fields {
+            let name =
+                HeaderName::from_bytes(&head[name.range()]).map_err(|_| Handover::Malformed)?;
+            let value = HeaderValue::from_maybe_shared(value.slice(head))
+                .map_err(|_| Handover::Malformed)?;
+            hop_by_hop |= is_hop_by_hop(&name);
+            headers.append(name, value);
+        }
+        // Most heads have no hop-by-hop field (and so no `Connection` naming others):
+        // nothing to look up and remove.
+        let close = hop_by_hop
+            && hop_by_hop::tokens(&headers, header::CONNECTION)
+                .any(|token| token.eq_ignore_ascii_case("close"));
+        if hop_by_hop {
+            strip_hop_by_hop(&mut headers, false);
+        }
+        // The framing is the lane's, not the client's to name away with `Connection`: the
+        // body is forwarded by this count, so the edge must be told it.
+        if let Some(length) = self.body_len {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.headers = headers;
+        Ok(PlainRequest {
+            parts,
+            head: head.clone(),
+            body_len: self.body_len.unwrap_or(0),
+            close,
+        })
+    }
+}
+
+/// What a field value may hold ([`HeaderValue`]'s rule): visible bytes, space and tab.
+fn is_value_byte(byte: u8) -> bool {
+    (byte >= 0x20 && byte != 0x7f) || byte == b'\t'
 }
 
 /// A `Content-Length` value: digits only, no sign, no list, no overflow.
@@ -223,9 +338,11 @@ pub(super) fn parse_response(
     method: &Method,
     fields: &mut BytesMut,
 ) -> Result<Option<ResponseHead>, BadResponse> {
-    let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut response = httparse::Response::new(&mut parsed);
-    let head_len = match response.parse(buf) {
+    let mut parsed = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    let head_len = match parser.parse_response_with_uninit_headers(&mut response, buf, &mut parsed)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(BadResponse::TooManyFields),
@@ -300,7 +417,8 @@ pub(super) fn parse_response(
         (length, framing, status.is_informational())
     {
         fields.put_slice(b"content-length: ");
-        fields.put_slice(length.to_string().as_bytes());
+        // Written in place: no string made per response.
+        let _ = write!(fields, "{length}");
         fields.put_slice(b"\r\n");
     }
     Ok(Some(ResponseHead {
@@ -374,15 +492,19 @@ pub(super) fn write_failure(status: StatusCode, message: &str, out: &mut impl Bu
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8]) -> RequestHead {
+        parse_request(&mut BytesMut::from(raw), &mut HeadRoom::default())
+    }
+
     fn plain(raw: &str) -> PlainRequest {
-        match parse_request(raw.as_bytes()) {
+        match parse(raw.as_bytes()) {
             RequestHead::Plain(plain) => plain,
             other => panic!("expected a plain request, got {other:?}"),
         }
     }
 
     fn declined(raw: &str) -> bool {
-        matches!(parse_request(raw.as_bytes()), RequestHead::Decline(_))
+        matches!(parse(raw.as_bytes()), RequestHead::Decline(_))
     }
 
     #[test]
@@ -393,7 +515,7 @@ mod tests {
         assert_eq!(request.parts.method, Method::POST);
         assert_eq!(request.parts.uri, "/upload?x=1");
         assert_eq!(request.body_len, 5);
-        assert_eq!(request.head_len, raw.len() - 5);
+        assert_eq!(request.head.len(), raw.len() - 5);
         assert!(!request.close);
         let headers = &request.parts.headers;
         assert_eq!(headers["host"], "demo.localhost");
@@ -407,6 +529,44 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST /upload?x=1 HTTP/1.1\r\nhost: demo.localhost\r\ncontent-length: 5\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_plain_head_is_split_off_and_its_field_map_reused() {
+        let raw =
+            "POST /a?b=c HTTP/1.1\r\nHost: demo\r\nX-One: 1\r\nContent-Length: 4\r\n\r\nbodyGET";
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let mut spare = HeaderMap::with_capacity(40);
+        spare.insert("x-stale", HeaderValue::from_static("old"));
+        let room = spare.capacity();
+        let mut head_room = HeadRoom::default();
+        head_room.recycle(spare);
+        let RequestHead::Plain(request) = parse_request(&mut buf, &mut head_room) else {
+            panic!("expected a plain request");
+        };
+        // What follows the head stays for the lane: the body and a pipelined request.
+        assert_eq!(&buf[..], b"bodyGET");
+        assert_eq!(request.head, raw[..raw.len() - 7]);
+        assert_eq!(request.parts.uri, "/a?b=c");
+        let headers = &request.parts.headers;
+        assert!(headers.get("x-stale").is_none(), "{headers:?}");
+        assert!(headers.capacity() >= room);
+        assert_eq!(headers["x-one"], "1");
+        assert_eq!(headers["host"], "demo");
+    }
+
+    #[test]
+    fn a_declined_head_is_left_in_the_buffer() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad: a\x7fb\r\n\r\nrest"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad: a\x01b\r\n\r\nrest",
+            b"GET / HTTP/1.1\r\nX-None: 1\r\n\r\nrest",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            let head = parse_request(&mut buf, &mut HeadRoom::default());
+            assert!(matches!(head, RequestHead::Decline(_)), "{head:?}");
+            assert_eq!(&buf[..], raw);
+        }
     }
 
     #[test]
@@ -434,7 +594,7 @@ mod tests {
         let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
         for end in 0..raw.len() {
             assert!(
-                matches!(parse_request(&raw.as_bytes()[..end]), RequestHead::Partial),
+                matches!(parse(&raw.as_bytes()[..end]), RequestHead::Partial),
                 "{end}"
             );
         }

@@ -261,6 +261,7 @@ pub struct Upstream {
     pool: Option<StreamPool>,
     finished: Option<Finished>,
     answer_failure: Option<AnswerFailure>,
+    hooks: Option<Arc<dyn Hooks>>,
 }
 
 impl fmt::Debug for Upstream {
@@ -292,6 +293,7 @@ impl Upstream {
             pool: None,
             finished: None,
             answer_failure: None,
+            hooks: None,
         }
     }
 
@@ -340,6 +342,56 @@ impl Upstream {
     pub fn on_finished(mut self, finished: impl FnOnce(&Outcome) + Send + 'static) -> Self {
         self.finished = Some(Box::new(finished));
         self
+    }
+
+    /// Both hooks in one object: [`Hooks::answer`] words failures (unless
+    /// [`answer_failures_with`](Self::answer_failures_with) is set too) and
+    /// [`Hooks::finished`] hears the outcome (after [`on_finished`](Self::on_finished),
+    /// if set). One `Arc` per request, or none for hooks shared by many, where the two
+    /// closures cost a box each.
+    #[must_use]
+    pub fn with_hooks(mut self, hooks: Arc<dyn Hooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+}
+
+/// What the lane tells whoever routed a request: set with [`Upstream::with_hooks`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use backhaul::http::express::{Failure, FailureAnswer, Hooks, Outcome};
+/// use http::StatusCode;
+///
+/// /// One request's hooks: its edge's name, for the words and the log.
+/// struct Request {
+///     edge: String,
+/// }
+///
+/// impl Hooks for Request {
+///     fn answer(self: Arc<Self>, failure: &Failure) -> FailureAnswer {
+///         let message = format!("edge {} did not answer: {failure}", self.edge);
+///         Box::pin(async move { (StatusCode::BAD_GATEWAY, message) })
+///     }
+///
+///     fn finished(&self, outcome: &Outcome) {
+///         println!("{}: {:?} in {:?}", self.edge, outcome.status, outcome.elapsed);
+///     }
+/// }
+/// ```
+pub trait Hooks: Send + Sync + 'static {
+    /// Words the answer to a failure that came before any response head; see
+    /// [`Upstream::answer_failures_with`]. By default: [`Failure::status`] and the
+    /// failure's own words.
+    fn answer(self: Arc<Self>, failure: &Failure) -> FailureAnswer {
+        let answer = (failure.status(), failure.to_string());
+        Box::pin(std::future::ready(answer))
+    }
+
+    /// Told once the exchange is over (answered, failed or cut); see
+    /// [`Upstream::on_finished`]. Does nothing by default.
+    fn finished(&self, outcome: &Outcome) {
+        let _ = outcome;
     }
 }
 

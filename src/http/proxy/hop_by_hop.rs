@@ -25,6 +25,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 const H2C: &str = "h2c";
+
+/// True if `name` is one of the fields [`strip_hop_by_hop`] always removes: a head
+/// without any has nothing to strip but the fields its `Connection` names, and it has
+/// no `Connection`.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
 const TRAILERS: &str = "trailers";
 
 /// The comma-separated tokens of every `name` header.
