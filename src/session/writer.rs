@@ -67,6 +67,8 @@ struct WriterState<S> {
     queued: VecDeque<WriterCommand>,
     /// A write failed: nothing more is written.
     broken: bool,
+    /// Set by [`ControlWriter::close`]: whatever comes later is refused, not queued.
+    closed: bool,
     /// The writer task, when it waits for work.
     task: Option<Waker>,
 }
@@ -93,6 +95,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
                 unwritten: Bytes::new(),
                 queued: VecDeque::new(),
                 broken: false,
+                closed: false,
                 task: None,
             }),
             room: Semaphore::new(bound),
@@ -115,8 +118,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         };
         let permit = self.room.acquire().await.map_err(|_| NotSent)?;
         permit.forget();
-        self.push(WriterCommand::Frame(frame));
-        Ok(())
+        self.push(WriterCommand::Frame(frame))
     }
 
     /// Sends `frame` without waiting: written now (when `direct`), or queued if there is
@@ -127,16 +129,14 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         };
         let permit = self.room.try_acquire().map_err(|_| NotSent)?;
         permit.forget();
-        self.push(WriterCommand::Frame(frame));
-        Ok(())
+        self.push(WriterCommand::Frame(frame))
     }
 
     /// Queues a finish after everything sent so far.
     pub(crate) async fn finish(&self, done: oneshot::Sender<()>) -> Result<(), NotSent> {
         let permit = self.room.acquire().await.map_err(|_| NotSent)?;
         permit.forget();
-        self.push(WriterCommand::Finish(done));
-        Ok(())
+        self.push(WriterCommand::Finish(done))
     }
 
     /// Writes `frame` in this task if `direct` and nothing waits ahead of it. Returns the
@@ -177,10 +177,16 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
         Ok(None)
     }
 
-    fn push(&self, command: WriterCommand) {
+    /// Queues `command`, unless the writer closed since its place was taken: a command
+    /// queued then would wait for ever (a finish's `done` with it, and whoever awaits it).
+    fn push(&self, command: WriterCommand) -> Result<(), NotSent> {
         let mut state = lock(&self.state);
+        if state.closed {
+            return Err(NotSent);
+        }
         state.queued.push_back(command);
         state.wake_task();
+        Ok(())
     }
 
     /// The writer task's step: writes what waits, and resolves when the stream is to be
@@ -251,6 +257,7 @@ impl<S: AsyncWrite + Unpin> ControlWriter<S> {
     pub(crate) fn close(&self) {
         self.room.close();
         let mut state = lock(&self.state);
+        state.closed = true;
         state.queued = VecDeque::new();
         state.unwritten = Bytes::new();
         state.task = None;

@@ -244,3 +244,41 @@ async fn closing_fails_every_waiting_sender_and_drops_the_stream() {
     assert_eq!(read_frame(&mut reader).await, (0, 0));
     assert_eq!(reader.read(&mut [0u8; 1]).await.unwrap(), 0);
 }
+
+/// A place taken just before the writer closes (the writer task ended with the session
+/// while a graceful close was on its way): the command is refused, not queued where
+/// nobody would take it, so the finish's `done` is dropped and its waiter wakes.
+#[tokio::test]
+async fn a_command_whose_place_was_taken_before_the_close_is_refused() {
+    let writer = Arc::new(ControlWriter::new(4));
+    let (send, _reader) = duplex(16);
+    writer.attach(send);
+    let permit = writer.room.acquire().await.unwrap();
+    permit.forget();
+    writer.close();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    assert_eq!(writer.push(WriterCommand::Finish(done)), Err(NotSent));
+    assert!(timeout(LIMIT, finished).await.unwrap().is_err());
+    assert_eq!(queued(&writer), 0);
+}
+
+/// Hundreds of rounds of a close racing a finish on another thread: every finish is
+/// refused or dropped by the close, so its waiter never hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_racing_the_close_never_leaves_its_waiter_hanging() {
+    for _ in 0..500 {
+        let writer = Arc::new(ControlWriter::new(4));
+        let (send, _reader) = duplex(16);
+        writer.attach(send);
+        let closer = {
+            let writer = Arc::clone(&writer);
+            tokio::spawn(async move { writer.close() })
+        };
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let _ = writer.finish(done).await;
+        closer.await.unwrap();
+        // No writer task runs here: a finish that got in before the close is dropped by
+        // it, one that came after is refused.
+        assert!(timeout(LIMIT, finished).await.unwrap().is_err());
+    }
+}
