@@ -9,6 +9,8 @@
 //! explains (an index page, an unknown host, an edge connected nowhere, a directory that
 //! cannot be read, a redirect to HTTPS), and the lane then hands the connection to it.
 
+use std::fmt::Write as _;
+
 use backhaul::connector::OpenTarget;
 use backhaul::http::authority::{request_authority, Authority};
 use backhaul::http::express::{
@@ -97,12 +99,14 @@ impl RelayExpress {
         handle: EdgeHandle<QuinnConnection>,
         names: LaneNames,
     ) -> Option<Upstream> {
-        let key = format!(
-            "{}\n{}\n{}",
-            names.edge(),
-            handle.epoch().get(),
-            names.service()
-        );
+        // Made to size: `format!` starts small and grows, an allocation more per request.
+        let (edge, service) = (names.edge(), names.service());
+        let mut key = String::with_capacity(edge.len() + service.len() + 22);
+        key.push_str(edge);
+        key.push('\n');
+        let _ = write!(key, "{}", handle.epoch().get());
+        key.push('\n');
+        key.push_str(service);
         let connector = handle.connector();
         self.upstream(
             head,
@@ -207,8 +211,12 @@ struct LaneNames {
 
 impl LaneNames {
     fn new(edge: &str, service: &str) -> Self {
+        let mut names = String::with_capacity(edge.len() + 1 + service.len());
+        names.push_str(edge);
+        names.push('/');
+        names.push_str(service);
         Self {
-            names: format!("{edge}/{service}"),
+            names,
             edge_len: edge.len(),
         }
     }
