@@ -555,6 +555,108 @@ mod tests {
         assert_eq!(headers["host"], "demo");
     }
 
+    mod reads_like_field_by_field {
+        //! The lane builds a request from places in its read buffer; these properties
+        //! hold it to what building field by field from copies gives.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Field names: standard and not, hop-by-hop ones, and some a `Connection` may
+        /// name (none that makes the lane decline: Host is added, lengths separately).
+        fn name() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "Accept",
+                "accept-language",
+                "User-Agent",
+                "X-Custom",
+                "x-trace-id",
+                "Cookie",
+                "Connection",
+                "Keep-Alive",
+                "TE",
+                "Proxy-Authorization",
+                "Sec-Fetch-Mode",
+                "DNT",
+            ])
+        }
+
+        /// Values with inner spaces and tabs, none at either end (httparse trims them).
+        fn value() -> impl Strategy<Value = String> {
+            "[!-~]([ -~\\t]{0,24}[!-~])?"
+        }
+
+        fn raw_head(target: &str, fields: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+            let mut raw = format!("GET {target} HTTP/1.1\r\nHost: demo.test\r\n");
+            for (name, value) in fields {
+                raw.push_str(&format!("{name}: {value}\r\n"));
+            }
+            if !body.is_empty() {
+                raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+            }
+            raw.push_str("\r\n");
+            let mut raw = raw.into_bytes();
+            raw.extend_from_slice(body);
+            raw
+        }
+
+        /// The request as a field-by-field build from copies reads it.
+        fn expected(fields: &[(&str, String)], body_len: usize) -> (HeaderMap, bool) {
+            let mut headers = HeaderMap::new();
+            headers.append(header::HOST, HeaderValue::from_static("demo.test"));
+            for (name, value) in fields {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                headers.append(name, HeaderValue::from_bytes(value.as_bytes()).unwrap());
+            }
+            let close = hop_by_hop::tokens(&headers, header::CONNECTION)
+                .any(|token| token.eq_ignore_ascii_case("close"));
+            strip_hop_by_hop(&mut headers, false);
+            if body_len > 0 {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+            }
+            (headers, close)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            /// Two heads in a row through one `HeadRoom`, each followed by its body and
+            /// the start of the next: the same method, target, fields and framing as
+            /// built from copies, and the bytes after each head left in the buffer.
+            #[test]
+            fn a_head_reads_as_built_from_copies(
+                heads in prop::collection::vec(
+                    (
+                        "/[a-z0-9/?=&%.-]{0,40}",
+                        prop::collection::vec((name(), value()), 0..16),
+                        prop::collection::vec(any::<u8>(), 0..32),
+                    ),
+                    2,
+                ),
+            ) {
+                let mut room = HeadRoom::default();
+                for (target, fields, body) in &heads {
+                    let raw = raw_head(target, fields, body);
+                    let mut buf = BytesMut::from(&raw[..]);
+                    buf.extend_from_slice(b"GET /next");
+                    let RequestHead::Plain(request) = parse_request(&mut buf, &mut room) else {
+                        panic!("not a plain request: {}", String::from_utf8_lossy(&raw));
+                    };
+                    let (headers, close) = expected(fields, body.len());
+                    prop_assert_eq!(&request.parts.method, &Method::GET);
+                    prop_assert_eq!(request.parts.uri.to_string(), target.clone());
+                    prop_assert_eq!(&request.parts.headers, &headers);
+                    prop_assert_eq!(request.close, close);
+                    prop_assert_eq!(request.body_len, body.len() as u64);
+                    prop_assert_eq!(request.head.len(), raw.len() - body.len());
+                    let mut rest = body.clone();
+                    rest.extend_from_slice(b"GET /next");
+                    prop_assert_eq!(&buf[..], &rest[..]);
+                    room.recycle(request.parts.headers);
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_declined_head_is_left_in_the_buffer() {
         for raw in [
