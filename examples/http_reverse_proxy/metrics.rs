@@ -230,11 +230,6 @@ impl Metrics {
         }
     }
 
-    /// A counter of bytes flowing in `direction`.
-    pub fn bytes_counter(&self, direction: &str) -> IntCounter {
-        self.bytes.with_label_values(&[direction])
-    }
-
     /// Bytes of request bodies sent to edges.
     pub fn bytes_to_edge(&self) -> &IntCounter {
         self.hot

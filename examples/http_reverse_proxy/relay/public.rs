@@ -209,7 +209,7 @@ async fn route(
             return failure.into_response();
         }
     };
-    let to_edge = state.metrics.bytes_counter("to_edge");
+    let to_edge = state.metrics.bytes_to_edge().clone();
     let mut request = request.map(|body| CountingBody::new(body, to_edge));
     if let Err(error) = retarget(&mut request, &service) {
         return text_response(
@@ -275,7 +275,7 @@ where
         .with_linger(state.linger)
         .on_body_idle(idle_hook(state, edge, service));
     let response = proxy.oneshot(request).await?;
-    let from_edge = state.metrics.bytes_counter("from_edge");
+    let from_edge = state.metrics.bytes_from_edge().clone();
     Ok(response.map(|body| boxed(CountingBody::new(body, from_edge))))
 }
 

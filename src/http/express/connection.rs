@@ -91,7 +91,8 @@ where
         } = request;
         let Some(mut upstream) = cx.express.route(&mut parts, &cx.info).await else {
             drop(in_flight);
-            lane.unread(&head);
+            // hyper reads the head again, from where it was.
+            head::unread(&mut lane.buf, &head);
             return lane.hand_over(client, Handover::Route, &cx);
         };
         drop(head);
@@ -299,14 +300,6 @@ impl Lane {
         self.upload
             .start(parts, &self.buf[..buffered], body_len, now);
         self.buf.advance(buffered);
-    }
-
-    /// Puts a request's `head` back in front of the bytes read after it, for hyper.
-    fn unread(&mut self, head: &[u8]) {
-        let mut restored = BytesMut::with_capacity(head.len() + self.buf.len());
-        restored.extend_from_slice(head);
-        restored.extend_from_slice(&self.buf);
-        self.buf = restored;
     }
 
     /// Keeps `stream` for the next request with `upstream`'s key: in its pool, or with

@@ -95,13 +95,18 @@ pub(super) fn parse_request(buf: &mut BytesMut, room: &mut HeadRoom) -> RequestH
         Err(reason) => {
             // Not reached (the checks are the ones building repeats), but hyper must
             // still find the head where it was.
-            let mut restored = BytesMut::with_capacity(head.len() + buf.len());
-            restored.extend_from_slice(&head);
-            restored.extend_from_slice(buf);
-            *buf = restored;
+            unread(buf, &head);
             RequestHead::Decline(reason)
         }
     }
+}
+
+/// Puts a `head` split off `buf` back in front of the bytes read after it.
+pub(super) fn unread(buf: &mut BytesMut, head: &[u8]) {
+    let mut restored = BytesMut::with_capacity(head.len() + buf.len());
+    restored.extend_from_slice(head);
+    restored.extend_from_slice(buf);
+    *buf = restored;
 }
 
 /// HTTP/2's connection preface (prior knowledge): hyper's to serve.
@@ -204,7 +209,7 @@ impl Layout {
     }
 
     /// The request, its target and field values slices of `head`.
-    fn build(&self, head: &Bytes, room: &mut HeadRoom) -> Result<PlainRequest, Handover> {
+    fn build(self, head: &Bytes, room: &mut HeadRoom) -> Result<PlainRequest, Handover> {
         let uri =
             Uri::from_maybe_shared(self.target.slice(head)).map_err(|_| Handover::Malformed)?;
         let mut headers = std::mem::take(&mut room.headers);
@@ -234,7 +239,7 @@ impl Layout {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         let (mut parts, ()) = Request::new(()).into_parts();
-        parts.method = self.method.clone();
+        parts.method = self.method;
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         parts.headers = headers;
