@@ -13,6 +13,9 @@
 #   backhaul-pass  the same with the edge's --pass-through (streams spliced unparsed)
 #   backhaul-pass-full  backhaul-pass with the relay's --no-express (every request through
 #                  hyper's server and client: the full path)
+#   backhaul-pass-shared, backhaul-tcp-shared
+#                  backhaul-pass and backhaul-tcp with the relay on tokio's multi-thread
+#                  runtime (--shared-runtime) instead of its default runtime per thread
 #   backhaul-lanes, backhaul-pass-lanes, backhaul-tcp-lanes
 #                  the same ways with the edge's --lanes 2 (two QUIC connections)
 #   backhaul-pass-1t, backhaul-tcp-1t
@@ -258,7 +261,7 @@ start_backhaul_tcp() { # way [edge flags...]
     admin="$(free_port tcp)"
     "$PROXY" ${PROXY_FLAGS:-} relay --quic-listen "127.0.0.1:$quic" --http-listen "127.0.0.1:$(free_port tcp)" \
         --admin-listen "127.0.0.1:$admin" --cert-out "$WORK/$way-cert.pem" \
-        --tcp "$public=bench/web" --edge-token "bench=$token" >"$WORK/$way-relay.log" 2>&1 &
+        --tcp "$public=bench/web" --edge-token "bench=$token" ${RELAY_FLAGS:-} >"$WORK/$way-relay.log" 2>&1 &
     PIDS+=($!)
     PUBLIC_PID[$way]=$!
     wait_for "the relay wrote no certificate" test -s "$WORK/$way-cert.pem"
@@ -292,6 +295,8 @@ for way in $WAYS; do
     backhaul) start_backhaul backhaul ;;
     backhaul-pass) start_backhaul backhaul-pass --pass-through web ;;
     backhaul-pass-full) RELAY_FLAGS=--no-express start_backhaul backhaul-pass-full --pass-through web ;;
+    backhaul-pass-shared) RELAY_FLAGS=--shared-runtime start_backhaul backhaul-pass-shared --pass-through web ;;
+    backhaul-tcp-shared) RELAY_FLAGS=--shared-runtime start_backhaul_tcp backhaul-tcp-shared ;;
     backhaul-lanes) start_backhaul backhaul-lanes --lanes 2 ;;
     backhaul-pass-lanes) start_backhaul backhaul-pass-lanes --pass-through web --lanes 2 ;;
     backhaul-tcp) start_backhaul_tcp backhaul-tcp ;;
@@ -302,7 +307,7 @@ for way in $WAYS; do
         start_quinn
         continue
         ;;
-    *) fail "unknown way $way (direct, rathole, rathole-1t, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-lanes, backhaul-pass-1t, backhaul-tcp-1t, quinn)" ;;
+    *) fail "unknown way $way (direct, rathole, rathole-1t, rathole-noise, bore, backhaul-tcp, backhaul-tcp-lanes, backhaul, backhaul-lanes, backhaul-pass, backhaul-pass-full, backhaul-pass-shared, backhaul-tcp-shared, backhaul-pass-lanes, backhaul-pass-1t, backhaul-tcp-1t, quinn)" ;;
     esac
     answer="$(curl -fsS ${HEADER[$way]:+-H "${HEADER[$way]}"} "${URL[$way]}")"
     [[ "$answer" == "hello from the backend" ]] || fail "$way answered '$answer'"

@@ -25,6 +25,7 @@
 //!   local service, PROXY protocol v2, a splice that never reports a cut as complete.
 //! - [`tls`]: TLS for public listeners: certificates chosen by SNI, reloaded from files.
 //! - [`listener`]: public TCP listeners with a listen backlog sized for bursts.
+//! - [`shards`]: a thread per core, each with a runtime, and each edge's work kept on one.
 //! - [`relay`]: the relay's building blocks: accept and authenticate edges, a registry of
 //!   them by name, lookup behind a `Directory` trait.
 //! - [`Config`] and [`Error`]: settings with documented defaults; one error type.
@@ -85,6 +86,7 @@ pub mod protocol;
 pub mod quic;
 pub mod relay;
 pub mod session;
+pub mod shards;
 pub mod stream;
 #[cfg(feature = "tcp")]
 pub mod tcp;

@@ -34,8 +34,8 @@ struct Cli {
     /// for a relay, and one for an edge (with --lanes, one per core): an edge's QUIC
     /// connection is processed on one thread anyway, and one thread spends about a third
     /// less CPU per request than several (no hand-offs between threads, no contention on
-    /// the connection's state). A relay on a machine whose cores are busy with other work
-    /// gains the same with 1.
+    /// the connection's state). A relay runs a runtime per thread and keeps each edge's
+    /// work on one of them (unless --shared-runtime).
     #[arg(long, global = true)]
     worker_threads: Option<usize>,
     #[command(subcommand)]
@@ -75,31 +75,51 @@ fn main() -> std::process::ExitCode {
         Some(Command::Edge(args)) if args.lanes <= 1 => 1,
         _ => 0,
     });
-    let runtime = match threads {
-        0 => tokio::runtime::Runtime::new(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        threads => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build(),
+    // A relay runs on shards unless it is given one thread or asks for tokio's shared
+    // runtime: a runtime per thread, each edge's work kept on one (`backhaul::shards`).
+    let sharded = match &cli.command {
+        Some(Command::Relay(args)) => !args.shared_runtime && threads != 1,
+        _ => false,
     };
-    let runtime = match runtime {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    let work = async {
         match cli.command {
             Some(Command::Relay(args)) => relay::run(*args).await,
             Some(Command::Edge(args)) => edge::run(*args).await,
             Some(Command::Demo(args)) => demo::run(args).await,
             None => demo::run(demo::DemoArgs::default()).await,
         }
-    });
+    };
+    let result = if sharded {
+        let count = match threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            threads => threads,
+        };
+        match backhaul::shards::Shards::new(count) {
+            Ok(shards) => shards.block_on(work),
+            Err(error) => {
+                eprintln!("error: cannot start the runtimes: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let runtime = match threads {
+            0 => tokio::runtime::Runtime::new(),
+            1 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            threads => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build(),
+        };
+        match runtime {
+            Ok(runtime) => runtime.block_on(work),
+            Err(error) => {
+                eprintln!("error: cannot start the runtime: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -34,6 +34,7 @@ use super::name::EdgeName;
 use crate::connector::Connector;
 use crate::error::Error;
 use crate::session::SessionClient;
+use crate::shards::{Shard, Shards};
 use crate::transport::Connection;
 use crate::transport::QuinnConnection;
 
@@ -136,6 +137,7 @@ pub struct EdgeHandle<C: Connection = QuinnConnection> {
     client: SessionClient<C>,
     connector: Connector<C>,
     attached_at: Instant,
+    shard: Option<Shard>,
 }
 
 impl<C: Connection> Clone for EdgeHandle<C> {
@@ -146,6 +148,7 @@ impl<C: Connection> Clone for EdgeHandle<C> {
             client: self.client.clone(),
             connector: self.connector.clone(),
             attached_at: self.attached_at,
+            shard: self.shard,
         }
     }
 }
@@ -191,6 +194,15 @@ impl<C: Connection> EdgeHandle<C> {
     #[must_use]
     pub fn attached_at(&self) -> Instant {
         self.attached_at
+    }
+
+    /// The shard whose thread attached the edge, on a relay run on
+    /// [`Shards`](crate::shards::Shards): with
+    /// [`Acceptor::with_shards`](super::Acceptor::with_shards), the one that drives the
+    /// edge's connection and session, where work for the edge is cheapest.
+    #[must_use]
+    pub fn shard(&self) -> Option<Shard> {
+        self.shard
     }
 }
 
@@ -351,6 +363,7 @@ impl<C: Connection> Registry<C> {
             client: client.clone(),
             connector: Connector::new(client.clone()),
             attached_at: Instant::now(),
+            shard: Shards::current(),
         };
         let replaced = table.edges.insert(name.clone(), handle.clone());
         if let Some(old) = &replaced {

@@ -31,7 +31,8 @@ use crate::error::Error;
 use crate::lazy_serve::{LazyServe, Signal};
 use crate::protocol::ServiceId;
 use crate::relay::peer::{resolve_peer_address, PeerAddresses, PeerPool};
-use crate::relay::{Directory, EdgeName, Location, RelayId};
+use crate::relay::{Directory, EdgeHandle, EdgeName, Location, RelayId};
+use crate::shards::{serve_tcp_on, Shard, ShardSet, Shards};
 use crate::stream::TunnelStream;
 use crate::transport::reset_on_drop::Abandoned;
 use crate::transport::QuinnConnection;
@@ -162,6 +163,7 @@ pub struct TcpForward<D> {
     drain_timeout: Duration,
     observer: Arc<dyn TcpObserver>,
     peers: Option<Arc<Peers>>,
+    shards: Option<ShardSet>,
 }
 
 /// The way to edges attached to other relays.
@@ -201,7 +203,18 @@ where
             drain_timeout: DEFAULT_TCP_DRAIN_TIMEOUT,
             observer: Arc::new(Silent),
             peers: None,
+            shards: None,
         }
+    }
+
+    /// Carries each connection on the shard of the edge it reaches (see
+    /// [`shards`](crate::shards)), the thread that drives the edge's QUIC connection:
+    /// once its stream is open, the client's socket moves there. Without it (the
+    /// default), connections are carried on the runtime that serves the forwarder.
+    #[must_use]
+    pub fn with_shards(mut self, shards: ShardSet) -> Self {
+        self.shards = Some(shards);
+        self
     }
 
     /// Reaches an edge that the directory places on another relay
@@ -295,6 +308,7 @@ where
             drain_timeout,
             observer,
             peers,
+            shards,
         } = self;
         let directory = Arc::new(directory);
         let slots = Arc::new(Semaphore::new(max_connections));
@@ -332,6 +346,7 @@ where
                 open_timeout,
                 observer: Arc::clone(&observer),
                 peers: peers.clone(),
+                shards: shards.clone(),
                 addresses: ConnectionAddresses {
                     client: client_address,
                     public,
@@ -396,23 +411,44 @@ struct Connection<D> {
     open_timeout: Duration,
     observer: Arc<dyn TcpObserver>,
     peers: Option<Arc<Peers>>,
+    shards: Option<ShardSet>,
     addresses: ConnectionAddresses,
 }
 
-impl<D: Directory<QuinnConnection>> Connection<D> {
+impl<D: Directory<QuinnConnection> + Send + Sync + 'static> Connection<D> {
     async fn forward(self, client: TcpStream) {
         let _ = client.set_nodelay(true);
         // Both ends are reset, not closed, if this task is aborted mid-transfer (the
         // forwarder's drain timed out): neither side may take a cut transfer as whole.
-        let mut client = AbortUnlessDone::new(client);
-        let mut stream = match self.open().await {
-            Ok(stream) => stream.abandoned(Abandoned::Always),
+        let client = AbortUnlessDone::new(client);
+        let (stream, shard) = match self.open().await {
+            Ok((stream, shard)) => (stream.abandoned(Abandoned::Always), shard),
             Err(failure) => {
                 self.report(&failure);
                 return;
             }
         };
         self.observer.opened(&self.edge, &self.service);
+        let elsewhere = self
+            .shards
+            .as_ref()
+            .zip(shard)
+            .and_then(|(shards, shard)| shards.index_of(shard))
+            .filter(|&index| Shards::current().map(Shard::index) != Some(index));
+        match elsewhere {
+            Some(index) => {
+                let handle = self.shards.as_ref().expect("zipped").handle(index).clone();
+                serve_tcp_on(&handle, client.release(), move |client| {
+                    self.carry(AbortUnlessDone::new(client), stream)
+                })
+                .await;
+            }
+            None => self.carry(client, stream).await,
+        }
+    }
+
+    /// Splices `client` and `stream` until both directions end.
+    async fn carry(self, mut client: AbortUnlessDone, mut stream: TunnelStream<QuinnConnection>) {
         // Once the edge stops reading the stream (its backend closed), the client's bytes
         // go nowhere: that direction ends without waiting for the client's next write.
         let stopped = stream.stopped();
@@ -442,7 +478,8 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
         }
     }
 
-    async fn open(&self) -> Result<TunnelStream<QuinnConnection>, TcpFailure> {
+    /// Opens the stream; with the shard of the edge's session, if it is attached here.
+    async fn open(&self) -> Result<(TunnelStream<QuinnConnection>, Option<Shard>), TcpFailure> {
         let location = match self.directory.locate(&self.edge).await {
             Ok(Location::Local(handle)) => Ok(handle),
             Ok(Location::Elsewhere(relay)) => Err(relay),
@@ -451,6 +488,7 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
         };
         let target =
             OpenTarget::new(self.service.clone()).with_metadata(self.addresses.to_metadata());
+        let shard = location.as_ref().ok().and_then(EdgeHandle::shard);
         let open = async {
             let opened = match location {
                 Ok(handle) => handle.connector().oneshot(target).await,
@@ -470,7 +508,7 @@ impl<D: Directory<QuinnConnection>> Connection<D> {
             }
         };
         match tokio::time::timeout(self.open_timeout, open).await {
-            Ok(result) => result,
+            Ok(result) => result.map(|stream| (stream, shard)),
             Err(_) => Err(TcpFailure::OpenTimedOut),
         }
     }

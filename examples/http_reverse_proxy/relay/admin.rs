@@ -22,7 +22,10 @@ pub(super) async fn serve_admin(
     let service = tower::service_fn(move |request: Request<Incoming>| {
         std::future::ready(Ok::<_, Infallible>(admin(&state, request.uri().path())))
     });
-    serve_http(listener, ADMIN_LIMITS, observer, None, service, None, stop).await;
+    let server = Server::from_listener(listener)
+        .with_limits(ADMIN_LIMITS)
+        .with_observer(observer);
+    serve_http(server, service, stop).await;
 }
 
 fn admin(state: &RelayState, path: &str) -> Response<ProxyBody> {

@@ -4,6 +4,9 @@
 //! (`backhaul::http::authority`), so every label here is a valid DNS label.
 
 use backhaul::http::authority::{Authority, Host};
+use backhaul::http::server::Placement;
+use backhaul::relay::Registry;
+use backhaul::shards::Shard;
 
 /// Where an authority points (names borrowed from the authority or the default).
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +44,24 @@ pub(super) fn resolve_host<'a>(
         Some(_) => return Target::Unknown,
     };
     Target::Edge { edge, service }
+}
+
+/// Where a public connection is served on a relay run on shards: on the shard of the edge
+/// its host routes to (see `backhaul::shards`).
+pub(super) struct EdgePlacement {
+    pub(super) registry: Registry,
+    pub(super) domain: String,
+    pub(super) default_service: String,
+}
+
+impl Placement for EdgePlacement {
+    fn shard(&self, host: &str) -> Option<Shard> {
+        let authority = Authority::parse(host).ok()?;
+        match resolve_host(Some(&authority), &self.domain, &self.default_service) {
+            Target::Edge { edge, .. } => self.registry.get(edge)?.shard(),
+            Target::Index | Target::Unknown => None,
+        }
+    }
 }
 
 #[cfg(test)]

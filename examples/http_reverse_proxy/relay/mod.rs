@@ -40,6 +40,7 @@ use backhaul::relay::{
     DEFAULT_LOG_SUMMARY_INTERVAL, DEFAULT_REGISTER_TIMEOUT, DEFAULT_TAKEOVER_PING_TIMEOUT,
 };
 pub use backhaul::relay::{AdmissionConfig, Tokens};
+use backhaul::shards::ShardSet;
 use backhaul::tcp::TcpForward;
 use backhaul::tls::{CertificateFiles, ReloadableCertificates, HTTP_ALPN};
 use backhaul::{Config, Error};
@@ -125,6 +126,12 @@ pub struct RelayArgs {
     /// else takes the full path anyway.
     #[arg(long)]
     pub no_express: bool,
+    /// Run on tokio's multi-thread runtime, where any thread runs any task. By default a
+    /// relay on several threads runs a runtime per thread (shards) and serves each edge,
+    /// and the public connections to it, on one of them: no hand-offs between threads and
+    /// no contention on the edge's QUIC connection within a request.
+    #[arg(long)]
+    pub shared_runtime: bool,
     /// How long a new QUIC connection has to complete its handshakes and register before
     /// it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -455,6 +462,10 @@ fn tcp_settings<D>(forward: TcpForward<D>, state: &RelayState, limits: TcpLimits
 where
     D: backhaul::relay::Directory + Send + Sync + 'static,
 {
+    let forward = match &state.shards {
+        Some(shards) => forward.with_shards(shards.clone()),
+        None => forward,
+    };
     forward
         .with_observer(state.metrics.tcp_observer())
         .with_open_timeout(limits.open_timeout)
@@ -564,6 +575,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
     if let Some(started) = &started_cluster {
         acceptor = acceptor.with_claims(started.cluster.directory.clone());
     }
+    // On shards (the relay's default runtime, see `main`), each edge is served on one.
+    let shards = ShardSet::current();
+    if let Some(shards) = &shards {
+        acceptor = acceptor.with_shards(shards.clone());
+    }
     let acceptor = acceptor
         .with_admission(limits.admission)
         .with_session_config(session_config)
@@ -600,6 +616,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, BoxError> {
             backhaul::http::express::StreamPool::new(config.pool.idle_timeout, config.pool.max_idle)
         }),
         cluster,
+        shards,
     });
     let (stop, stopped) = watch::channel(false);
     let mut edges_stopped = edges_stopped;
@@ -722,31 +739,15 @@ async fn reload_on_sighup(
     }
 }
 
-/// Serves `service` on `listener` with `limits` (over TLS with `tls`) until `stop`.
-async fn serve_http<S>(
-    listener: TcpListener,
-    limits: Limits,
-    observer: ListenerMetrics,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    service: S,
-    express: Option<express::RelayExpress>,
-    mut stop: watch::Receiver<bool>,
-) where
+/// Serves `service` with `server` until `stop`.
+async fn serve_http<S>(server: Server, service: S, mut stop: watch::Receiver<bool>)
+where
     S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut server = Server::from_listener(listener)
-        .with_limits(limits)
-        .with_observer(observer);
-    if let Some(tls) = tls {
-        server = server.with_tls(tls);
-    }
-    if let Some(express) = express {
-        server = server.with_express(express);
-    }
     server
         .serve(service)
         .with_graceful_shutdown(async move { until_stopped(&mut stop).await })
@@ -776,6 +777,9 @@ struct RelayState {
     express: Option<backhaul::http::express::StreamPool>,
     /// With `--redis`: the shared directory and the way to peer relays.
     cluster: Option<Cluster>,
+    /// When the relay runs on shards (see `backhaul::shards`): edges, public connections
+    /// and TCP connections are placed on them.
+    shards: Option<ShardSet>,
 }
 
 /// Where a request for an edge goes.

@@ -26,7 +26,7 @@ use tower::ServiceExt;
 
 use super::cluster::peer_failure;
 use super::express::RelayExpress;
-use super::host::{resolve_host, Target};
+use super::host::{resolve_host, EdgePlacement, Target};
 use super::*;
 use backhaul::{QuinnConnection, SessionClient};
 
@@ -64,12 +64,28 @@ pub(super) async fn serve_public(
             handle_request(state, request, remote, proto).await
         })
     });
+    let mut server = Server::from_listener(listener)
+        .with_limits(limits)
+        .with_observer(observer);
+    if let Some(tls) = tls {
+        server = server.with_tls(tls);
+    }
     // The express lane carries what it can; the redirecting listener answers everything.
-    let express =
-        (state_for_express.express.is_some() && redirect_to.is_none()).then(|| RelayExpress {
-            state: state_for_express,
+    if state_for_express.express.is_some() && redirect_to.is_none() {
+        server = server.with_express(RelayExpress {
+            state: Arc::clone(&state_for_express),
         });
-    serve_http(listener, limits, observer, tls, service, express, stop).await;
+    }
+    // On shards, each connection goes to the shard of the edge its host routes to.
+    if let Some(shards) = &state_for_express.shards {
+        let placement = EdgePlacement {
+            registry: state_for_express.registry.clone(),
+            domain: state_for_express.domain.clone(),
+            default_service: state_for_express.default_service.clone(),
+        };
+        server = server.with_shards(shards.clone(), placement);
+    }
+    serve_http(server, service, stop).await;
 }
 
 /// A 308 to the same authority and path over HTTPS on `port`.

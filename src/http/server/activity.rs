@@ -42,11 +42,13 @@ struct ActivityState {
 }
 
 impl Activity {
-    pub(super) fn new() -> Arc<Self> {
+    /// A connection accepted at `accepted_at`: its first head is due a header timeout
+    /// after that.
+    pub(super) fn new(accepted_at: Instant) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(ActivityState {
                 in_flight: 0,
-                idle_since: Instant::now(),
+                idle_since: accepted_at,
                 head_started: None,
                 fresh: true,
                 multiplexed: false,

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Incoming};
@@ -38,7 +39,7 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    fn secure(&self) -> bool {
+    pub(super) fn secure(&self) -> bool {
         #[cfg(feature = "tls")]
         return self.tls.is_some();
         #[cfg(not(feature = "tls"))]
@@ -64,6 +65,7 @@ impl Drop for Open {
 pub(super) async fn serve_connection<S, B>(
     tcp: TcpStream,
     peer: SocketAddr,
+    accepted_at: Instant,
     service: S,
     shared: Arc<Shared>,
     slot: OwnedSemaphorePermit,
@@ -86,7 +88,7 @@ pub(super) async fn serve_connection<S, B>(
         info,
         _slot: slot,
     };
-    let activity = Activity::new();
+    let activity = Activity::new(accepted_at);
     let watched = Arc::clone(&activity);
     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(info);

@@ -75,6 +75,7 @@ mod activity;
 mod connection;
 mod limits;
 mod observer;
+mod placement;
 mod serve;
 mod watched_io;
 
@@ -85,12 +86,15 @@ use tokio::net::TcpListener;
 
 pub use limits::Limits;
 pub use observer::{ConnectionInfo, Observer};
+pub use placement::{Placement, PEEK_BYTES};
 pub use serve::{Serve, ServeFuture};
 pub use watched_io::Cut;
 
 use crate::error::Error;
 use crate::http::express::Express;
+use crate::shards::ShardSet;
 use accept::Acceptor;
+use placement::Placed;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -101,6 +105,7 @@ pub struct Server {
     limits: Limits,
     observer: Arc<dyn Observer>,
     express: Option<Arc<dyn Express>>,
+    placed: Option<Placed>,
     #[cfg(feature = "tls")]
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -111,6 +116,10 @@ impl std::fmt::Debug for Server {
             .field("local_addr", &self.acceptor.local_addr().ok())
             .field("limits", &self.limits)
             .field("express", &self.express.is_some())
+            .field(
+                "shards",
+                &self.placed.as_ref().map(|placed| placed.set.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +146,7 @@ impl Server {
             limits: Limits::DEFAULT,
             observer: Arc::new(()),
             express: None,
+            placed: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -187,6 +197,22 @@ impl Server {
     #[must_use]
     pub fn with_express(mut self, express: impl Express) -> Self {
         self.express = Some(Arc::new(express));
+        self
+    }
+
+    /// Serves each connection on one of `shards`: the one `placement` gives for the host
+    /// its first request names (the `Host` of its first head, or the TLS server name),
+    /// else the next in turn. On a relay, the shard of the edge the host routes to, so
+    /// that the connection's requests are handled on the thread that drives the edge's
+    /// QUIC connection; see [`shards`](crate::shards) and
+    /// [`placement`](Placement). Without it (the default), every connection is served on
+    /// the runtime that runs the server.
+    #[must_use]
+    pub fn with_shards(mut self, shards: ShardSet, placement: impl Placement) -> Self {
+        self.placed = Some(Placed {
+            set: shards,
+            placement: Arc::new(placement),
+        });
         self
     }
 

@@ -7,20 +7,25 @@
 //! closes idle connections, and gives the others [`Limits::shutdown_timeout`] to finish.
 
 use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::{error, info, warn};
 
 use super::connection::{serve_connection, Shared};
+use super::placement::{peek_first, Placed};
 use super::{BoxError, Server};
+use crate::shards::serve_tcp_on;
 
 type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -119,6 +124,7 @@ where
         limits,
         observer,
         express,
+        placed,
         #[cfg(feature = "tls")]
         tls,
     } = server;
@@ -174,13 +180,32 @@ where
                 }
             }
         };
-        connections.spawn(serve_connection(
-            tcp,
-            peer,
-            service.clone(),
-            Arc::clone(&shared),
-            slot,
-        ));
+        let accepted_at = Instant::now();
+        let service = service.clone();
+        let shared = Arc::clone(&shared);
+        match &placed {
+            None => {
+                connections.spawn(serve_connection(
+                    tcp,
+                    peer,
+                    accepted_at,
+                    service,
+                    shared,
+                    slot,
+                ));
+            }
+            Some(placed) => {
+                connections.spawn(serve_placed(
+                    tcp,
+                    peer,
+                    accepted_at,
+                    service,
+                    shared,
+                    slot,
+                    placed.clone(),
+                ));
+            }
+        }
     }
     // New connections are refused from here on.
     drop(acceptor);
@@ -201,6 +226,37 @@ where
             connections.shutdown().await;
         }
     }
+}
+
+/// Serves `tcp` on the shard its first bytes point to (see [`placement`](super::placement)).
+async fn serve_placed<S, B>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    service: S,
+    shared: Arc<Shared>,
+    slot: OwnedSemaphorePermit,
+    placed: Placed,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let deadline = accepted_at + shared.limits.header_timeout;
+    let peeked = peek_first(&tcp, deadline).await;
+    let index = placed.choose(&peeked, shared.secure());
+    drop(peeked);
+    if placed.is_current(index) {
+        serve_connection(tcp, peer, accepted_at, service, shared, slot).await;
+        return;
+    }
+    serve_tcp_on(placed.set.handle(index), tcp, move |tcp| {
+        serve_connection(tcp, peer, accepted_at, service, shared, slot)
+    })
+    .await;
 }
 
 fn log_panic(joined: Result<(), JoinError>) {

@@ -151,8 +151,8 @@ struct Registered {
 
 /// What a connection that passed its handshakes turned out to be.
 enum Admitted {
-    /// An edge, registered.
-    Edge(Registered),
+    /// An edge, registered (boxed: the lane variant is empty).
+    Edge(Box<Registered>),
     /// A lane of a registered edge's session, handled (joined, or refused and closed).
     Lane,
 }
@@ -229,7 +229,7 @@ where
         }
     };
     let registered = match registered {
-        Ok(Ok(Admitted::Edge(registered))) => registered,
+        Ok(Ok(Admitted::Edge(registered))) => *registered,
         Ok(Ok(Admitted::Lane)) => return None,
         Ok(Err(refused)) => {
             if let Refused::Answered(_session) = refused {
@@ -450,12 +450,12 @@ where
     if !accept_registration(&client, request_id).await {
         return Err(Refused::Gone);
     }
-    Ok(Admitted::Edge(Registered {
+    Ok(Admitted::Edge(Box::new(Registered {
         client,
         events,
         attachment,
         _lanes: lanes,
-    }))
+    })))
 }
 
 /// Refuses an edge whose name a live edge holds, here or elsewhere in the cluster.

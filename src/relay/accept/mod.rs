@@ -49,6 +49,7 @@ use crate::error::Error;
 use crate::lazy_serve::{LazyServe, Signal};
 use crate::quic::lane::DEFAULT_MAX_LANES;
 use crate::quic::{transport_config, Identity, DEFAULT_MAX_STREAMS};
+use crate::shards::ShardSet;
 
 /// Streams an unregistered peer may open: the control stream, with room to spare.
 pub const UNREGISTERED_STREAMS: u32 = 4;
@@ -228,6 +229,7 @@ pub struct Acceptor<A = Tokens> {
     max_lanes: usize,
     claims: Arc<dyn DynClaims>,
     stats: AcceptStats,
+    shards: Option<ShardSet>,
 }
 
 impl<A> fmt::Debug for Acceptor<A> {
@@ -262,7 +264,18 @@ where
             max_lanes: DEFAULT_MAX_LANES,
             claims: Arc::new(LocalClaims),
             stats: AcceptStats::default(),
+            shards: None,
         }
+    }
+
+    /// Accepts each edge's connection on the shard with the fewest edges, so that its
+    /// QUIC connection's driver and its session's tasks run on that shard's thread (see
+    /// [`shards`](crate::shards)); without it (the default), on the runtime serving this
+    /// acceptor.
+    #[must_use]
+    pub fn with_shards(mut self, shards: ShardSet) -> Self {
+        self.shards = Some(shards);
+        self
     }
 
     /// Claims each edge's name cluster-wide before telling the edge it is registered
@@ -355,6 +368,7 @@ where
             max_lanes,
             claims,
             stats,
+            shards,
         } = self;
         let shared = Arc::new(Shared {
             registry,
@@ -385,7 +399,21 @@ where
                                 authenticator.clone(),
                                 stopped.clone(),
                             );
-                            connections.spawn(task.instrument(span));
+                            match &shards {
+                                Some(shards) => {
+                                    // Counted on its shard for as long as it is served.
+                                    let place = shards.place_edge();
+                                    let handle = place.handle().clone();
+                                    let task = async move {
+                                        task.await;
+                                        drop(place);
+                                    };
+                                    connections.spawn_on(task.instrument(span), &handle);
+                                }
+                                None => {
+                                    connections.spawn(task.instrument(span));
+                                }
+                            }
                         }
                         Err(refusal) => turn_away(incoming, refusal),
                     },

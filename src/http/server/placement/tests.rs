@@ -1,0 +1,93 @@
+use super::*;
+
+#[test]
+fn the_host_field_is_found_in_any_case_and_trimmed() {
+    let head = b"GET / HTTP/1.1\r\nAccept: */*\r\nhOsT: \t edge-1.example.com:8080 \r\n\r\n";
+    assert_eq!(host_field(head), Some("edge-1.example.com:8080"));
+    // Bare line ends too, and a body after the head is not looked at.
+    let head = b"GET / HTTP/1.1\nHost: a\n\nHost: b\r\n";
+    assert_eq!(host_field(head), Some("a"));
+}
+
+#[test]
+fn an_incomplete_or_absent_host_names_nothing() {
+    // Cut short: the value may go on in the next segment.
+    assert_eq!(host_field(b"GET / HTTP/1.1\r\nHost: edge-1.exa"), None);
+    // The head ended without one.
+    assert_eq!(
+        host_field(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\nHost: x\r\n"),
+        None
+    );
+    assert_eq!(host_field(b"GET / HTTP/1.1\r\nHost:   \r\n\r\n"), None);
+    assert_eq!(host_field(b""), None);
+    assert_eq!(host_field(b"GET / HTTP/1.1"), None);
+    // Not UTF-8.
+    assert_eq!(
+        host_field(b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n"),
+        None
+    );
+    // An HTTP/2 preface has no fields.
+    assert_eq!(host_field(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), None);
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn the_server_name_is_read_from_a_real_client_hello() {
+    use std::sync::Arc;
+    let roots = rustls::RootCertStore::empty();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("edge-7.example.com").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    assert_eq!(server_name(&hello).as_deref(), Some("edge-7.example.com"));
+    // Cut short, or not TLS at all: nothing.
+    assert_eq!(server_name(&hello[..hello.len() / 2]), None);
+    assert_eq!(server_name(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+    assert_eq!(server_name(&[]), None);
+}
+
+#[test]
+fn a_name_the_placement_knows_goes_to_its_shard_and_the_rest_take_turns() {
+    let shards = crate::shards::Shards::new(3).unwrap();
+    let set = shards.set();
+    let shard_two = shards.block_on({
+        let set = set.clone();
+        async move {
+            set.handle(2)
+                .spawn(async { Shards::current().unwrap() })
+                .await
+                .unwrap()
+        }
+    });
+    let placed = Placed {
+        set: set.clone(),
+        placement: Arc::new(move |host: &str| (host == "two.example").then_some(shard_two)),
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            placed.choose(b"GET / HTTP/1.1\r\nHost: two.example\r\n\r\n", false),
+            2
+        );
+    }
+    let turns: Vec<_> = (0..6)
+        .map(|_| placed.choose(b"GET / HTTP/1.1\r\nHost: other\r\n\r\n", false))
+        .collect();
+    let mut sorted = turns.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 0, 1, 1, 2, 2], "in turn: {turns:?}");
+    // A shard of another set is not ours.
+    let other = crate::shards::Shards::new(1).unwrap();
+    let theirs = other.block_on(async { Shards::current().unwrap() });
+    let foreign = Placed {
+        set,
+        placement: Arc::new(move |_: &str| Some(theirs)),
+    };
+    assert!(foreign.choose(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false) < 3);
+}
