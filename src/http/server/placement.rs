@@ -8,12 +8,15 @@
 //! connection moves there: its socket leaves this runtime's reactor and joins the other's.
 //!
 //! Peeking is a hint, never a decision about the request. What it reads is not trusted:
-//! at most [`PEEK_BYTES`] are looked at, a name that is not complete in them (a head sent
-//! in pieces, a slow client) leaves the connection on the next shard in turn, and the
-//! request is later parsed and checked as on any connection. The wait for the first bytes
-//! counts against the connection's header timeout, which starts at accept either way.
+//! at most [`PEEK_BYTES`] are looked at, and the request is later parsed and checked as
+//! on any connection. First bytes that stop short of the name (a `ClientHello` larger
+//! than one TCP segment, as post-quantum key shares make them, or a head in pieces) are
+//! peeked again for up to [`PEEK_PATIENCE`]; a name still not complete then leaves the
+//! connection on the next shard in turn. The wait for the first bytes counts against the
+//! connection's header timeout, which starts at accept either way.
 
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio::net::TcpStream;
@@ -22,7 +25,10 @@ use crate::shards::{Shard, ShardSet, Shards};
 
 /// How much of a connection's first bytes is looked at for a name: a request head's
 /// first fields, or a `ClientHello` with its extensions.
-pub const PEEK_BYTES: usize = 2048;
+pub const PEEK_BYTES: usize = 4096;
+
+/// How long first bytes that stop short of a name are waited on for the rest.
+pub const PEEK_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Finds the shard for the host a public connection's first request names; see the
 /// [module docs](self). Closures `Fn(&str) -> Option<Shard>` are placements.
@@ -67,15 +73,47 @@ impl Placed {
     }
 }
 
-/// Waits (at most until `deadline`) for `tcp`'s first bytes and peeks at them.
-pub(super) async fn peek_first(tcp: &TcpStream, deadline: Instant) -> Vec<u8> {
+/// Waits (at most until `deadline`) for `tcp`'s first bytes and peeks at them; if they
+/// stop short of a name, peeks again for up to [`PEEK_PATIENCE`].
+pub(super) async fn peek_first(tcp: &TcpStream, tls: bool, deadline: Instant) -> Vec<u8> {
     let mut peeked = vec![0; PEEK_BYTES];
-    let peek = tokio::time::timeout_at(deadline, tcp.peek(&mut peeked));
-    match peek.await {
-        Ok(Ok(length)) => peeked.truncate(length),
-        Ok(Err(_)) | Err(_) => peeked.clear(),
+    let mut length = match tokio::time::timeout_at(deadline, tcp.peek(&mut peeked)).await {
+        Ok(Ok(length)) => length,
+        Ok(Err(_)) | Err(_) => 0,
+    };
+    let patience = (Instant::now() + PEEK_PATIENCE).min(deadline);
+    let mut pause = Duration::from_millis(1);
+    while length > 0 && length < PEEK_BYTES && stops_short(&peeked[..length], tls) {
+        // Readiness stays set after a peek: waiting on the socket would not wait.
+        if Instant::now() + pause > patience {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(8));
+        match tokio::time::timeout_at(patience, tcp.peek(&mut peeked)).await {
+            Ok(Ok(more)) if more > 0 => length = more,
+            _ => break,
+        }
     }
+    peeked.truncate(length);
     peeked
+}
+
+/// Whether `bytes` may be the start of a name's bytes that goes on: a TLS record shorter
+/// than its header says, or a head with neither a `Host` line nor its end yet.
+fn stops_short(bytes: &[u8], tls: bool) -> bool {
+    if tls {
+        return match bytes {
+            [_, _, _, high, low, rest @ ..] => {
+                rest.len() < usize::from(u16::from_be_bytes([*high, *low]))
+            }
+            _ => true,
+        };
+    }
+    host_field(bytes).is_none()
+        && !bytes
+            .windows(2)
+            .any(|pair| pair == b"\n\n" || pair == b"\n\r")
 }
 
 /// The `Host` field of the request head that `bytes` begin, if its line is complete.

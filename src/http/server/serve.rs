@@ -246,7 +246,7 @@ async fn serve_placed<S, B>(
     B::Error: Into<BoxError>,
 {
     let deadline = accepted_at + shared.limits.header_timeout;
-    let peeked = peek_first(&tcp, deadline).await;
+    let peeked = peek_first(&tcp, shared.secure(), deadline).await;
     let index = placed.choose(&peeked, shared.secure());
     drop(peeked);
     if placed.is_current(index) {

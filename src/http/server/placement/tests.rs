@@ -1,4 +1,6 @@
 use super::*;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 #[test]
 fn the_host_field_is_found_in_any_case_and_trimmed() {
@@ -90,4 +92,83 @@ fn a_name_the_placement_knows_goes_to_its_shard_and_the_rest_take_turns() {
         placement: Arc::new(move |_: &str| Some(theirs)),
     };
     assert!(foreign.choose(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false) < 3);
+}
+
+/// A connected pair: the client's end and the server's accepted one.
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap());
+    let (client, accepted) = tokio::join!(client, listener.accept());
+    (client.unwrap(), accepted.unwrap().0)
+}
+
+#[tokio::test]
+async fn first_bytes_in_pieces_are_peeked_again_until_the_name_is_there() {
+    use tokio::io::AsyncWriteExt;
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    // A head whose Host line comes in a second segment.
+    let (mut client, server) = pair().await;
+    client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let later = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        client.write_all(b"st: e1.test\r\n\r\n").await.unwrap();
+        client
+    });
+    let peeked = peek_first(&server, false, deadline).await;
+    assert_eq!(host_field(&peeked), Some("e1.test"));
+    let _client = later.await.unwrap();
+
+    // Nothing more comes: given up after the patience, not the deadline.
+    let (mut client, server) = pair().await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nAccept: */*\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let peeked = peek_first(&server, false, deadline).await;
+    assert_eq!(peeked, b"GET / HTTP/1.1\r\nAccept: */*\r\n");
+    assert!(
+        started.elapsed() < PEEK_PATIENCE * 3,
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A whole head without Host is not waited on.
+    let (mut client, server) = pair().await;
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    let _ = peek_first(&server, false, deadline).await;
+    assert!(started.elapsed() < PEEK_PATIENCE, "{:?}", started.elapsed());
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn a_client_hello_in_two_segments_is_read_whole() {
+    use tokio::io::AsyncWriteExt;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("edge-2.example.com").unwrap();
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(Arc::new(config), name)
+        .unwrap()
+        .write_tls(&mut hello)
+        .unwrap();
+    let (mut client, server) = pair().await;
+    let (first, second) = hello.split_at(40);
+    client.write_all(first).await.unwrap();
+    let second = second.to_vec();
+    let later = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        client.write_all(&second).await.unwrap();
+        client
+    });
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let peeked = peek_first(&server, true, deadline).await;
+    assert_eq!(server_name(&peeked).as_deref(), Some("edge-2.example.com"));
+    let _client = later.await.unwrap();
 }
