@@ -9,6 +9,9 @@
 //! - **backhaul**: `relay::server_endpoint` and an `Acceptor` (admission limits raised to
 //!   let every edge in at once, any name accepted); each edge dials with
 //!   `quic::client_endpoint`, starts a session and registers, then stays idle.
+//! - **shards**: the same relay on `backhaul::shards` (two runtimes, one per core here),
+//!   its acceptor placing each edge on one (`Acceptor::with_shards`): what a relay run as
+//!   the proxy's is costs per idle edge.
 //! - **quinn**: a bare quinn endpoint with the same transport settings
 //!   (`quic::transport_config`, `IDLE_EDGES_QUINN_STREAMS` streams, 64 unless set); each
 //!   edge only connects, and both sides hold the connection and nothing else.
@@ -383,14 +386,21 @@ fn relay() {
     let identity = Identity::from_files(env_path("IDLE_EDGES_CERT"), env_path("IDLE_EDGES_KEY"))
         .expect("identity");
     let kind = std::env::var("IDLE_EDGES_KIND").unwrap_or_default();
-    runtime().block_on(async move {
+    let serve = async move {
         tokio::select! {
             () = serve_relay(identity, &kind) => {}
             // Exits holding everything, so a heap profiler wrapping the relay reports what
             // the edges held as still allocated.
             _ = tokio::signal::ctrl_c() => std::process::exit(0),
         }
-    });
+    };
+    if std::env::var("IDLE_EDGES_KIND").as_deref() == Ok("shards") {
+        backhaul::shards::Shards::new(2)
+            .expect("shards")
+            .block_on(serve);
+    } else {
+        runtime().block_on(serve);
+    }
 }
 
 async fn serve_relay(identity: Identity, kind: &str) {
@@ -428,11 +438,13 @@ async fn serve_relay(identity: Identity, kind: &str) {
                 tower::service_fn(
                     |request: AuthRequest| async move { EdgeName::new(request.edge) },
                 );
-            backhaul::relay::Acceptor::new(endpoint, Registry::new(), any_name)
+            let mut acceptor = backhaul::relay::Acceptor::new(endpoint, Registry::new(), any_name)
                 .with_admission(everyone)
-                .with_register_timeout(Duration::from_secs(300))
-                .serve()
-                .await;
+                .with_register_timeout(Duration::from_secs(300));
+            if let Some(shards) = backhaul::shards::ShardSet::current() {
+                acceptor = acceptor.with_shards(shards);
+            }
+            acceptor.serve().await;
         }
     }
 }
