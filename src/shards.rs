@@ -18,7 +18,8 @@
 //!   registry records the shard ([`EdgeHandle::shard`](crate::relay::EdgeHandle::shard)).
 //! - [`Server::with_shards`](crate::http::server::Server::with_shards) serves each public
 //!   connection on the shard of the edge its first request names (the `Host` of its first
-//!   head, or the TLS server name), which a [`Placement`] you give finds.
+//!   head, or the TLS server name), which a
+//!   [`Placement`](crate::http::server::Placement) you give finds.
 //! - [`TcpForward::with_shards`](crate::tcp::TcpForward::with_shards) serves each public
 //!   TCP connection on its edge's shard.
 //!

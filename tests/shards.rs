@@ -467,3 +467,90 @@ fn edges_spread_over_the_shards_and_their_requests_are_served_on_their_shards() 
         relay_tasks.abort_all();
     }));
 }
+
+/// Connections still waiting to be placed (nothing sent yet) do not hold a graceful
+/// shutdown up: the server finishes at once, not after their header timeout.
+#[test]
+fn a_graceful_shutdown_does_not_wait_for_connections_being_placed() {
+    let shards = Shards::new(2).expect("shards");
+    let set = shards.set();
+    let others = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let others = others.handle().clone();
+    shards.block_on(within(LIMIT, async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let placed = Arc::new(AtomicUsize::new(0));
+        let asked = Arc::clone(&placed);
+        let server = Server::from_listener(listener)
+            .with_limits(Limits {
+                header_timeout: Duration::from_secs(60),
+                shutdown_timeout: Duration::from_secs(60),
+                ..Limits::DEFAULT
+            })
+            .with_shards(set, move |_host: &str| {
+                asked.fetch_add(1, Ordering::SeqCst);
+                None
+            });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            server
+                .serve(not_found())
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .into_future(),
+        );
+        // Silent connections, and one served request to show the server is up.
+        let silent = others
+            .spawn(async move {
+                let mut silent = Vec::new();
+                for _ in 0..20 {
+                    silent.push(TcpStream::connect(addr).await.unwrap());
+                }
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let request = Request::get("/")
+                    .header("host", "anyone.test")
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.status(), StatusCode::NOT_FOUND);
+                silent
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            placed.load(Ordering::SeqCst),
+            1,
+            "only the request named a host"
+        );
+        let started = Instant::now();
+        let _ = stop.send(());
+        serving.await.expect("the server");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the shutdown took {:?}",
+            started.elapsed()
+        );
+        // The silent connections were closed.
+        others
+            .spawn(async move {
+                for mut socket in silent {
+                    let mut byte = [0; 1];
+                    let read =
+                        tokio::time::timeout(Duration::from_secs(10), socket.read(&mut byte));
+                    assert!(matches!(read.await, Ok(Ok(0) | Err(_))), "closed");
+                }
+            })
+            .await
+            .unwrap();
+    }));
+}

@@ -197,7 +197,7 @@ impl<C: Connection> EdgeHandle<C> {
     }
 
     /// The shard whose thread attached the edge, on a relay run on
-    /// [`Shards`](crate::shards::Shards): with
+    /// [`Shards`]: with
     /// [`Acceptor::with_shards`](super::Acceptor::with_shards), the one that drives the
     /// edge's connection and session, where work for the edge is cheapest.
     #[must_use]

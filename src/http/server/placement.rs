@@ -30,8 +30,16 @@ pub const PEEK_BYTES: usize = 4096;
 /// How long first bytes that stop short of a name are waited on for the rest.
 pub const PEEK_PATIENCE: Duration = Duration::from_millis(50);
 
-/// Finds the shard for the host a public connection's first request names; see the
-/// [module docs](self). Closures `Fn(&str) -> Option<Shard>` are placements.
+/// Finds the shard for the host a public connection's first request names (see
+/// [`Server::with_shards`](super::Server::with_shards)). Closures
+/// `Fn(&str) -> Option<Shard>` are placements.
+///
+/// The name comes from the connection's first bytes, *peeked*, not read: the `Host` field
+/// of its first head, or over TLS the server name of its `ClientHello`. It is a hint, never
+/// trusted beyond choosing a thread: at most [`PEEK_BYTES`] are looked at, bytes that stop
+/// short of a name are peeked again for up to [`PEEK_PATIENCE`], and a connection that
+/// names nothing known takes the shards in turn. The request is later parsed and checked
+/// as on any connection.
 pub trait Placement: Send + Sync + 'static {
     /// The shard for `host` (as sent: a `Host` value may carry a port, a server name
     /// does not), or `None` to leave it to the turn.

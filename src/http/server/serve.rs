@@ -11,13 +11,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::{error, info, warn};
@@ -246,13 +246,19 @@ async fn serve_placed<S, B>(
     B::Error: Into<BoxError>,
 {
     let deadline = accepted_at + shared.limits.header_timeout;
-    let peeked = peek_first(&tcp, shared.secure(), deadline).await;
-    let index = placed.choose(&peeked, shared.secure());
-    drop(peeked);
-    if placed.is_current(index) {
+    // A shutdown does not wait for first bytes: the connection is served where it is,
+    // which closes it at once unless a request is already under way.
+    let peeked = tokio::select! {
+        peeked = peek_first(&tcp, shared.secure(), deadline) => Some(peeked),
+        () = shared.stop.cancelled() => None,
+    };
+    let elsewhere = peeked
+        .map(|peeked| placed.choose(&peeked, shared.secure()))
+        .filter(|&index| !placed.is_current(index));
+    let Some(index) = elsewhere else {
         serve_connection(tcp, peer, accepted_at, service, shared, slot).await;
         return;
-    }
+    };
     serve_tcp_on(placed.set.handle(index), tcp, move |tcp| {
         serve_connection(tcp, peer, accepted_at, service, shared, slot)
     })
