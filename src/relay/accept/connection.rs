@@ -31,6 +31,7 @@ use crate::relay::name::EdgeName;
 use crate::relay::registry::{Attachment, Registry};
 use crate::relay::shown;
 use crate::session::{ClientEvent, Role, Session, SessionClient};
+use crate::shards::Shard;
 use crate::transport::{Connection, QuinnConnection, StreamLimit};
 
 /// What every connection task shares.
@@ -254,7 +255,8 @@ where
     drop(slot);
     let name = registered.attachment.name().clone();
     tracing::Span::current().record("edge", name.as_str());
-    info!(epoch = %registered.attachment.epoch(), "edge registered");
+    let shard = registered.attachment.handle().shard().map(Shard::index);
+    info!(epoch = %registered.attachment.epoch(), ?shard, "edge registered");
     Some((connection, registered))
 }
 
