@@ -578,6 +578,11 @@ async fn metrics_count_what_was_sent_with(relay_flags: &[&str]) {
 
         let before = relay.metrics().await;
         assert_eq!(before.get("backhaul_edges_connected", &[]), 1.0);
+        // The relay runs on shards (a runtime per core): the edge is on one of them.
+        let on_shards: f64 = (0..256)
+            .map(|shard| before.get("backhaul_shard_edges", &[("shard", &shard.to_string())]))
+            .sum();
+        assert_eq!(on_shards, 1.0);
         assert_eq!(
             before.get("backhaul_edge_registrations_total", &[("outcome", "ok")]),
             1.0

@@ -22,6 +22,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub edges_connected: IntGauge,
+    /// Edge QUIC connections (lanes included) on each of the relay's runtimes (shards).
+    pub shard_edges: IntGaugeVec,
     pub registrations: IntCounterVec,
     pub unregistered: IntGauge,
     pub handshakes_refused: IntCounterVec,
@@ -77,6 +79,13 @@ impl Metrics {
         let edges_connected = IntGauge::new(
             "backhaul_edges_connected",
             "Edges registered and connected now",
+        )?;
+        let shard_edges = IntGaugeVec::new(
+            Opts::new(
+                "backhaul_shard_edges",
+                "Edge QUIC connections (lanes included) served by each of the relay's runtimes (shards; absent with --shared-runtime or one thread)",
+            ),
+            &["shard"],
         )?;
         let registrations = IntCounterVec::new(
             Opts::new(
@@ -164,6 +173,7 @@ impl Metrics {
             "Edge response bodies aborted because the edge sent nothing for --upstream-idle-timeout",
         )?;
         registry.register(Box::new(edges_connected.clone()))?;
+        registry.register(Box::new(shard_edges.clone()))?;
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(unregistered.clone()))?;
         registry.register(Box::new(handshakes_refused.clone()))?;
@@ -196,6 +206,7 @@ impl Metrics {
         Ok(Self {
             registry,
             edges_connected,
+            shard_edges,
             registrations,
             unregistered,
             handshakes_refused,

@@ -117,6 +117,14 @@ pub(super) fn sync_edge_metrics(state: &RelayState) {
     metrics
         .unregistered
         .set(i64::try_from(counts.unregistered).unwrap_or(i64::MAX));
+    if let Some(shards) = &state.shards {
+        for (index, count) in shards.edge_counts().into_iter().enumerate() {
+            metrics
+                .shard_edges
+                .with_label_values(&[index.to_string().as_str()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
     for (outcome, count) in [
         ("ok", counts.registered),
         ("unauthorized", counts.unauthorized),
