@@ -26,7 +26,13 @@
 //! Edges spread over the shards, so the relay uses every core, while each request is
 //! handled on the thread that drives its edge's connection. What does not belong to one
 //! edge (the UDP socket's receive loop, the accept loops, timers of the relay's own) runs
-//! on the shard that started it.
+//! on the shard that started it, shard 0 for a relay started in [`Shards::block_on`]; the
+//! placement of edges does not weigh that work.
+//!
+//! A serving loop that runs on one shard and hands connections to others waits for them
+//! all on a graceful shutdown; when its drain times out it aborts them, and an abort
+//! reaches a task on another shard when that shard next runs, so the loop may return
+//! while those tasks are still being dropped there.
 //!
 //! ```
 //! use backhaul::shards::Shards;
@@ -105,6 +111,8 @@ impl Drop for Running {
 /// `n` current-thread runtimes on `n` threads; see the [module docs](self).
 ///
 /// Dropping it stops the other threads' runtimes (their tasks are dropped) and joins them.
+/// Drop it outside any runtime, as a tokio `Runtime`: inside async code the drop would
+/// block a runtime's thread on the joins (tokio panics on dropping a runtime there).
 pub struct Shards {
     first: Runtime,
     set: ShardSet,

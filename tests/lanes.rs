@@ -386,3 +386,34 @@ async fn a_lane_lost_mid_transfer_fails_its_streams_and_the_others_arrive_intact
     echo_many(&edge, 30).await;
     edge_task.abort();
 }
+
+/// On a relay on shards, an edge's lanes are placed like edges (one per shard here), are
+/// counted on their shards for as long as they are open, and carry streams as anywhere.
+#[test]
+fn on_shards_each_lane_is_counted_on_its_shard_while_it_lives() {
+    let shards = backhaul::shards::Shards::new(3).expect("shards");
+    let set = shards.set();
+    shards.block_on(within(LIMIT, async move {
+        let placing = set.clone();
+        let relay = TestRelay::start(&["alpha=secret"], Registry::new(), move |acceptor| {
+            acceptor.with_shards(placing)
+        });
+        let edge_task = spawn_edge(&relay, 3);
+        let edge = current(&relay.registry, "alpha", None).await;
+        connections_become(&edge, 3).await;
+        eventually(LIMIT, "a lane on every shard", || {
+            std::future::ready(set.edge_counts() == vec![1, 1, 1])
+        })
+        .await;
+        echo_many(&edge, 150).await;
+        // Counted for as long as they live: still there after the streams.
+        assert_eq!(set.edge_counts(), vec![1, 1, 1]);
+
+        edge_task.abort();
+        eventually(LIMIT, "no lane counted", || {
+            std::future::ready(set.edge_counts() == vec![0, 0, 0])
+        })
+        .await;
+        relay.shutdown().await;
+    }));
+}

@@ -485,7 +485,9 @@ fn a_graceful_shutdown_does_not_wait_for_connections_being_placed() {
         let addr = listener.local_addr().unwrap();
         let placed = Arc::new(AtomicUsize::new(0));
         let asked = Arc::clone(&placed);
+        let open = Arc::new(OpenCount::default());
         let server = Server::from_listener(listener)
+            .with_observer(Arc::clone(&open))
             .with_limits(Limits {
                 header_timeout: Duration::from_secs(60),
                 shutdown_timeout: Duration::from_secs(60),
@@ -540,6 +542,11 @@ fn a_graceful_shutdown_does_not_wait_for_connections_being_placed() {
             "the shutdown took {:?}",
             started.elapsed()
         );
+        assert_eq!(
+            open.now.load(Ordering::SeqCst),
+            0,
+            "every connection closed"
+        );
         // The silent connections were closed.
         others
             .spawn(async move {
@@ -553,4 +560,20 @@ fn a_graceful_shutdown_does_not_wait_for_connections_being_placed() {
             .await
             .unwrap();
     }));
+}
+
+/// Connections open now, as the server's observer hears of them.
+#[derive(Default)]
+struct OpenCount {
+    now: AtomicUsize,
+}
+
+impl backhaul::http::server::Observer for OpenCount {
+    fn connection_opened(&self, _info: &ConnectionInfo) {
+        self.now.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn connection_closed(&self, _info: &ConnectionInfo) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }

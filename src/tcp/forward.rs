@@ -429,16 +429,20 @@ impl<D: Directory<QuinnConnection> + Send + Sync + 'static> Connection<D> {
             }
         };
         self.observer.opened(&self.edge, &self.service);
-        let elsewhere = self
-            .shards
-            .as_ref()
-            .zip(shard)
-            .and_then(|(shards, shard)| shards.index_of(shard))
-            .filter(|&index| Shards::current().map(Shard::index) != Some(index));
+        let elsewhere = self.shards.as_ref().and_then(|shards| {
+            let index = shards.index_of(shard?)?;
+            let here = Shards::current().and_then(|current| shards.index_of(current));
+            (here != Some(index)).then(|| shards.handle(index).clone())
+        });
         match elsewhere {
-            Some(index) => {
-                let handle = self.shards.as_ref().expect("zipped").handle(index).clone();
-                serve_tcp_on(&handle, client.release(), move |client| {
+            Some(handle) => {
+                // Reset, not closed, until the task there holds it again: a move cut
+                // short (the drain's abort before that task first runs) must not end
+                // the client's transfer with a FIN.
+                let client = client.release();
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                serve_tcp_on(&handle, client, move |client| {
+                    let _ = socket2::SockRef::from(&client).set_linger(None);
                     self.carry(AbortUnlessDone::new(client), stream)
                 })
                 .await;

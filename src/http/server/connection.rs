@@ -49,10 +49,31 @@ impl Shared {
 
 /// A connection counted open: tells the observer it closed (even if its task is
 /// aborted), then frees its slot.
-struct Open {
+pub(super) struct Open {
     shared: Arc<Shared>,
     info: ConnectionInfo,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Open {
+    /// Counts `tcp`, just accepted from `peer`, as open (the observer hears of it now).
+    pub(super) fn new(
+        tcp: &TcpStream,
+        peer: SocketAddr,
+        shared: &Arc<Shared>,
+        slot: OwnedSemaphorePermit,
+    ) -> Self {
+        let local = tcp
+            .local_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let info = ConnectionInfo::new(peer, local, shared.secure());
+        shared.observer.connection_opened(&info);
+        Self {
+            shared: Arc::clone(shared),
+            info,
+            _slot: slot,
+        }
+    }
 }
 
 impl Drop for Open {
@@ -61,14 +82,13 @@ impl Drop for Open {
     }
 }
 
-/// Serves `tcp` with `service` under `shared`'s limits; see the [module docs](self).
+/// Serves `tcp`, counted `open` since `accepted_at`, with `service` under its server's
+/// limits; see the [module docs](self).
 pub(super) async fn serve_connection<S, B>(
     tcp: TcpStream,
-    peer: SocketAddr,
+    open: Open,
     accepted_at: Instant,
     service: S,
-    shared: Arc<Shared>,
-    slot: OwnedSemaphorePermit,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -78,16 +98,8 @@ pub(super) async fn serve_connection<S, B>(
     B::Error: Into<BoxError>,
 {
     let _ = tcp.set_nodelay(true);
-    let local = tcp
-        .local_addr()
-        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let info = ConnectionInfo::new(peer, local, shared.secure());
-    shared.observer.connection_opened(&info);
-    let open = Open {
-        shared: Arc::clone(&shared),
-        info,
-        _slot: slot,
-    };
+    let shared = Arc::clone(&open.shared);
+    let info = open.info;
     let activity = Activity::new(accepted_at);
     let watched = Arc::clone(&activity);
     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {

@@ -111,11 +111,14 @@ pub(super) async fn peek_first(tcp: &TcpStream, tls: bool, deadline: Instant) ->
 /// than its header says, or a head with neither a `Host` line nor its end yet.
 fn stops_short(bytes: &[u8], tls: bool) -> bool {
     if tls {
+        // 22: a handshake record, which a `ClientHello` comes in; anything else names
+        // nothing however long it is waited on.
         return match bytes {
-            [_, _, _, high, low, rest @ ..] => {
+            [22, _, _, high, low, rest @ ..] => {
                 rest.len() < usize::from(u16::from_be_bytes([*high, *low]))
             }
-            _ => true,
+            [22, ..] => true,
+            _ => false,
         };
     }
     host_field(bytes).is_none()

@@ -7,7 +7,6 @@
 //! closes idle connections, and gives the others [`Limits::shutdown_timeout`] to finish.
 
 use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,14 +14,14 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::{error, info, warn};
 
-use super::connection::{serve_connection, Shared};
+use super::connection::{serve_connection, Open, Shared};
 use super::placement::{peek_first, Placed};
 use super::{BoxError, Server};
 use crate::shards::serve_tcp_on;
@@ -181,28 +180,22 @@ where
             }
         };
         let accepted_at = Instant::now();
+        let open = Open::new(&tcp, peer, &shared, slot);
         let service = service.clone();
-        let shared = Arc::clone(&shared);
         match &placed {
             None => {
-                connections.spawn(serve_connection(
-                    tcp,
-                    peer,
-                    accepted_at,
-                    service,
-                    shared,
-                    slot,
-                ));
+                connections.spawn(serve_connection(tcp, open, accepted_at, service));
             }
             Some(placed) => {
+                let placed = placed.clone();
+                let shared = Arc::clone(&shared);
                 connections.spawn(serve_placed(
                     tcp,
-                    peer,
+                    open,
                     accepted_at,
                     service,
                     shared,
-                    slot,
-                    placed.clone(),
+                    placed,
                 ));
             }
         }
@@ -231,11 +224,10 @@ where
 /// Serves `tcp` on the shard its first bytes point to (see [`placement`](super::placement)).
 async fn serve_placed<S, B>(
     tcp: TcpStream,
-    peer: SocketAddr,
+    open: Open,
     accepted_at: Instant,
     service: S,
     shared: Arc<Shared>,
-    slot: OwnedSemaphorePermit,
     placed: Placed,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -256,11 +248,11 @@ async fn serve_placed<S, B>(
         .map(|peeked| placed.choose(&peeked, shared.secure()))
         .filter(|&index| !placed.is_current(index));
     let Some(index) = elsewhere else {
-        serve_connection(tcp, peer, accepted_at, service, shared, slot).await;
+        serve_connection(tcp, open, accepted_at, service).await;
         return;
     };
     serve_tcp_on(placed.set.handle(index), tcp, move |tcp| {
-        serve_connection(tcp, peer, accepted_at, service, shared, slot)
+        serve_connection(tcp, open, accepted_at, service)
     })
     .await;
 }

@@ -183,19 +183,31 @@ pub(super) async fn handle_connection<A>(
     // 5 KiB) for the edge's whole life. The incoming connection comes boxed for the same
     // reason: the task holds it until it first runs.
     let admitted = Box::pin(admit(*incoming, slot, &shared, authenticator, &mut stop)).await;
-    if let Some((connection, registered)) = admitted {
-        serve_registered(&connection, registered, &mut stop).await;
+    match admitted {
+        Some((connection, Some(registered))) => {
+            serve_registered(&connection, registered, &mut stop).await;
+        }
+        // A lane lives as long as its connection: the task stays for it, so that the
+        // shard it was placed on (`Acceptor::with_shards`) counts it meanwhile.
+        Some((connection, None)) => {
+            tokio::select! {
+                _ = connection.closed() => {}
+                () = stopping(&mut stop) => {}
+            }
+        }
+        None => {}
     }
 }
 
-/// The QUIC handshake, the session handshake and the registration, within the deadline.
+/// The QUIC handshake, the session handshake and the registration, within the deadline;
+/// `None` beside the connection for a lane that joined (or was refused) a session.
 async fn admit<A>(
     incoming: quinn::Incoming,
     slot: UnregisteredSlot,
     shared: &Arc<Shared>,
     authenticator: A,
     stop: &mut watch::Receiver<bool>,
-) -> Option<(quinn::Connection, Registered)>
+) -> Option<(quinn::Connection, Option<Registered>)>
 where
     A: Service<AuthRequest, Response = EdgeName> + Send + 'static,
     A::Error: Into<BoxError>,
@@ -231,7 +243,7 @@ where
     };
     let registered = match registered {
         Ok(Ok(Admitted::Edge(registered))) => *registered,
-        Ok(Ok(Admitted::Lane)) => return None,
+        Ok(Ok(Admitted::Lane)) => return Some((connection, None)),
         Ok(Err(refused)) => {
             if let Refused::Answered(_session) = refused {
                 // Let the refusal reach the edge before the connection goes: an honest
@@ -257,7 +269,7 @@ where
     tracing::Span::current().record("edge", name.as_str());
     let shard = registered.attachment.handle().shard().map(Shard::index);
     info!(epoch = %registered.attachment.epoch(), ?shard, "edge registered");
-    Some((connection, registered))
+    Some((connection, Some(registered)))
 }
 
 /// A registered edge's life: refuses its opens (the relay serves nothing to edges) until

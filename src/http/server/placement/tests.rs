@@ -32,6 +32,21 @@ fn an_incomplete_or_absent_host_names_nothing() {
     assert_eq!(host_field(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), None);
 }
 
+#[test]
+fn only_a_handshake_record_or_a_head_without_its_end_is_waited_on() {
+    // TLS: a handshake record shorter than its header says, or a header cut short.
+    assert!(stops_short(&[22, 3, 1, 0x02, 0x00, 1, 2, 3], true));
+    assert!(stops_short(&[22, 3], true));
+    assert!(!stops_short(&[22, 3, 1, 0x00, 0x02, 1, 2], true));
+    // Anything else on a TLS port names nothing, however long it is waited on.
+    assert!(!stops_short(b"GET / HTTP/1.1\r\n", true));
+    assert!(!stops_short(&[21, 3, 1, 0x02, 0x00], true));
+    // HTTP: a head with neither Host nor its end yet.
+    assert!(stops_short(b"GET / HTTP/1.1\r\nAccept: */*\r\n", false));
+    assert!(!stops_short(b"GET / HTTP/1.1\r\nHost: a\r\n", false));
+    assert!(!stops_short(b"GET / HTTP/1.1\r\n\r\n", false));
+}
+
 #[cfg(feature = "tls")]
 #[test]
 fn the_server_name_is_read_from_a_real_client_hello() {
