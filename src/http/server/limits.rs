@@ -39,6 +39,14 @@ pub struct Limits {
     /// After the shutdown signal, how long in-flight requests may take to finish before
     /// their connections are dropped (default 10 s).
     pub shutdown_timeout: Duration,
+    /// On shards ([`Server::with_shards`](super::Server::with_shards)): how much of a
+    /// connection's first bytes is looked at for the name that places it (default 4 KiB:
+    /// a request head's first fields, or a `ClientHello` with its extensions).
+    pub placement_peek_bytes: usize,
+    /// On shards: how long first bytes that stop short of a name are waited on for the
+    /// rest (default 50 ms; a `ClientHello` over two segments, a head in pieces), within
+    /// the header timeout.
+    pub placement_patience: Duration,
 }
 
 /// hyper refuses an HTTP/1 buffer smaller than this.
@@ -57,6 +65,8 @@ impl Limits {
         http2_keep_alive_interval: Some(Duration::from_secs(20)),
         http2_keep_alive_timeout: Duration::from_secs(20),
         shutdown_timeout: Duration::from_secs(10),
+        placement_peek_bytes: 4096,
+        placement_patience: Duration::from_millis(50),
     };
 
     /// Connections that may be open at once, within what a semaphore can count.

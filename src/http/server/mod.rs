@@ -86,7 +86,7 @@ use tokio::net::TcpListener;
 
 pub use limits::Limits;
 pub use observer::{ConnectionInfo, Observer};
-pub use placement::{Placement, PEEK_BYTES, PEEK_PATIENCE};
+pub use placement::Placement;
 pub use serve::{Serve, ServeFuture};
 pub use watched_io::Cut;
 

@@ -8,11 +8,11 @@
 //! connection moves there: its socket leaves this runtime's reactor and joins the other's.
 //!
 //! Peeking is a hint, never a decision about the request. What it reads is not trusted:
-//! at most [`PEEK_BYTES`] are looked at, and the request is later parsed and checked as
-//! on any connection. First bytes that stop short of the name (a `ClientHello` larger
-//! than one TCP segment, as post-quantum key shares make them, or a head in pieces) are
-//! peeked again for up to [`PEEK_PATIENCE`]; a name still not complete then leaves the
-//! connection on the next shard in turn. The wait for the first bytes counts against the
+//! at most [`Limits::placement_peek_bytes`] are looked at, and the request is later parsed
+//! and checked as on any connection. First bytes that stop short of the name (a
+//! `ClientHello` larger than one TCP segment, as post-quantum key shares make them, or a
+//! head in pieces) are peeked again for up to [`Limits::placement_patience`]; a name still
+//! not complete then leaves the connection on the next shard in turn. The wait for the first bytes counts against the
 //! connection's header timeout, which starts at accept either way.
 
 use std::sync::Arc;
@@ -21,14 +21,8 @@ use tokio::time::Instant;
 
 use tokio::net::TcpStream;
 
+use super::Limits;
 use crate::shards::{Shard, ShardSet, Shards};
-
-/// How much of a connection's first bytes is looked at for a name: a request head's
-/// first fields, or a `ClientHello` with its extensions.
-pub const PEEK_BYTES: usize = 4096;
-
-/// How long first bytes that stop short of a name are waited on for the rest.
-pub const PEEK_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Finds the shard for the host a public connection's first request names (see
 /// [`Server::with_shards`](super::Server::with_shards)). Closures
@@ -36,9 +30,10 @@ pub const PEEK_PATIENCE: Duration = Duration::from_millis(50);
 ///
 /// The name comes from the connection's first bytes, *peeked*, not read: the `Host` field
 /// of its first head, or over TLS the server name of its `ClientHello`. It is a hint, never
-/// trusted beyond choosing a thread: at most [`PEEK_BYTES`] are looked at, bytes that stop
-/// short of a name are peeked again for up to [`PEEK_PATIENCE`], and a connection that
-/// names nothing known takes the shards in turn. The request is later parsed and checked
+/// trusted beyond choosing a thread: at most [`Limits::placement_peek_bytes`] are looked
+/// at, bytes that stop short of a name are peeked again for up to
+/// [`Limits::placement_patience`], and a connection that names nothing known takes the
+/// shards in turn. The request is later parsed and checked
 /// as on any connection.
 pub trait Placement: Send + Sync + 'static {
     /// The shard for `host` (as sent: a `Host` value may carry a port, a server name
@@ -81,17 +76,23 @@ impl Placed {
     }
 }
 
-/// Waits (at most until `deadline`) for `tcp`'s first bytes and peeks at them; if they
-/// stop short of a name, peeks again for up to [`PEEK_PATIENCE`].
-pub(super) async fn peek_first(tcp: &TcpStream, tls: bool, deadline: Instant) -> Vec<u8> {
-    let mut peeked = vec![0; PEEK_BYTES];
+/// Waits (at most until `deadline`) for `tcp`'s first bytes and peeks at up to `limits`'
+/// placement bytes; if they stop short of a name, peeks again for up to its patience.
+pub(super) async fn peek_first(
+    tcp: &TcpStream,
+    tls: bool,
+    deadline: Instant,
+    limits: &Limits,
+) -> Vec<u8> {
+    let most = limits.placement_peek_bytes.max(1);
+    let mut peeked = vec![0; most];
     let mut length = match tokio::time::timeout_at(deadline, tcp.peek(&mut peeked)).await {
         Ok(Ok(length)) => length,
         Ok(Err(_)) | Err(_) => 0,
     };
-    let patience = (Instant::now() + PEEK_PATIENCE).min(deadline);
+    let patience = (Instant::now() + limits.placement_patience).min(deadline);
     let mut pause = Duration::from_millis(1);
-    while length > 0 && length < PEEK_BYTES && stops_short(&peeked[..length], tls) {
+    while length > 0 && length < most && stops_short(&peeked[..length], tls) {
         // Readiness stays set after a peek: waiting on the socket would not wait.
         if Instant::now() + pause > patience {
             break;

@@ -241,7 +241,7 @@ async fn serve_placed<S, B>(
     // A shutdown does not wait for first bytes: the connection is served where it is,
     // which closes it at once unless a request is already under way.
     let peeked = tokio::select! {
-        peeked = peek_first(&tcp, shared.secure(), deadline) => Some(peeked),
+        peeked = peek_first(&tcp, shared.secure(), deadline, &shared.limits) => Some(peeked),
         () = shared.stop.cancelled() => None,
     };
     let elsewhere = peeked

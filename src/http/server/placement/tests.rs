@@ -129,7 +129,7 @@ async fn first_bytes_in_pieces_are_peeked_again_until_the_name_is_there() {
         client.write_all(b"st: e1.test\r\n\r\n").await.unwrap();
         client
     });
-    let peeked = peek_first(&server, false, deadline).await;
+    let peeked = peek_first(&server, false, deadline, &Limits::DEFAULT).await;
     assert_eq!(host_field(&peeked), Some("e1.test"));
     let _client = later.await.unwrap();
 
@@ -140,10 +140,10 @@ async fn first_bytes_in_pieces_are_peeked_again_until_the_name_is_there() {
         .await
         .unwrap();
     let started = Instant::now();
-    let peeked = peek_first(&server, false, deadline).await;
+    let peeked = peek_first(&server, false, deadline, &Limits::DEFAULT).await;
     assert_eq!(peeked, b"GET / HTTP/1.1\r\nAccept: */*\r\n");
     assert!(
-        started.elapsed() < PEEK_PATIENCE * 3,
+        started.elapsed() < Limits::DEFAULT.placement_patience * 3,
         "{:?}",
         started.elapsed()
     );
@@ -152,8 +152,12 @@ async fn first_bytes_in_pieces_are_peeked_again_until_the_name_is_there() {
     let (mut client, server) = pair().await;
     client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
     let started = Instant::now();
-    let _ = peek_first(&server, false, deadline).await;
-    assert!(started.elapsed() < PEEK_PATIENCE, "{:?}", started.elapsed());
+    let _ = peek_first(&server, false, deadline, &Limits::DEFAULT).await;
+    assert!(
+        started.elapsed() < Limits::DEFAULT.placement_patience,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[cfg(feature = "tls")]
@@ -183,7 +187,32 @@ async fn a_client_hello_in_two_segments_is_read_whole() {
         client
     });
     let deadline = Instant::now() + std::time::Duration::from_secs(5);
-    let peeked = peek_first(&server, true, deadline).await;
+    let peeked = peek_first(&server, true, deadline, &Limits::DEFAULT).await;
     assert_eq!(server_name(&peeked).as_deref(), Some("edge-2.example.com"));
     let _client = later.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_peek_is_bounded_by_the_limits_given() {
+    use tokio::io::AsyncWriteExt;
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    // No patience: what came first, and no wait for the rest.
+    let impatient = Limits {
+        placement_patience: std::time::Duration::ZERO,
+        ..Limits::DEFAULT
+    };
+    let (mut client, server) = pair().await;
+    client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let started = Instant::now();
+    let peeked = peek_first(&server, false, deadline, &impatient).await;
+    assert_eq!(peeked, b"GET / HTTP/1.1\r\nHo");
+    assert!(started.elapsed() < std::time::Duration::from_millis(20));
+    // At most the bytes given, however many are there.
+    let short = Limits {
+        placement_peek_bytes: 16,
+        ..Limits::DEFAULT
+    };
+    let peeked = peek_first(&server, false, deadline, &short).await;
+    assert_eq!(peeked, b"GET / HTTP/1.1\r\n");
+    drop(client);
 }
