@@ -232,7 +232,22 @@ async fn slowloris_and_idle_connections_are_cut() {
         const SILENT: usize = 300;
         let dir = TempDir::new("slowloris");
         let (relay, _edge, _backend) =
-            relay_with_demo_edge(&dir, &["--header-timeout", "2s", "--idle-timeout", "5s"]).await;
+            // The relay runs on shards: every connection below is peeked for its host
+            // first, within these placement limits, before the header timeout applies.
+            relay_with_demo_edge(
+                &dir,
+                &[
+                    "--header-timeout",
+                    "2s",
+                    "--idle-timeout",
+                    "5s",
+                    "--placement-patience",
+                    "100ms",
+                    "--placement-peek-bytes",
+                    "2048",
+                ],
+            )
+            .await;
         let addr = relay.spec.http;
         let host = relay.host("demo");
         let started = Instant::now();

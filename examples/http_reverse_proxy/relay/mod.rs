@@ -207,6 +207,14 @@ pub struct RelayArgs {
     /// its first byte (stops slowloris).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// On shards (the default runtime): how long a public connection's first bytes that
+    /// stop short of its host (a TLS hello over two segments, a head in pieces) are waited
+    /// on before it is placed in turn, within the header timeout.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub placement_patience: Duration,
+    /// On shards: how many of a public connection's first bytes are looked at for its host.
+    #[arg(long, default_value_t = 4096)]
+    pub placement_peek_bytes: usize,
     /// How long a keep-alive connection may sit idle between requests.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
@@ -404,6 +412,8 @@ pub async fn run(args: RelayArgs) -> Result<(), BoxError> {
             header_timeout: args.header_timeout,
             idle_timeout: args.idle_timeout,
             write_timeout: args.write_timeout,
+            placement_patience: args.placement_patience,
+            placement_peek_bytes: args.placement_peek_bytes,
             ..Limits::DEFAULT
         },
         upstream_idle_timeout: args.upstream_idle_timeout,
