@@ -275,6 +275,12 @@ impl ShardSet {
         (shard.set == self.inner.id && shard.index < self.len()).then_some(shard.index)
     }
 
+    /// The index in this set of the shard the calling thread runs, if it runs one of them.
+    #[must_use]
+    pub fn current_index(&self) -> Option<usize> {
+        Shards::current().and_then(|shard| self.index_of(shard))
+    }
+
     /// The shard after the last one this gave, in turn: for work no edge claims.
     #[must_use]
     pub fn next(&self) -> usize {

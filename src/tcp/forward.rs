@@ -32,7 +32,7 @@ use crate::lazy_serve::{LazyServe, Signal};
 use crate::protocol::ServiceId;
 use crate::relay::peer::{resolve_peer_address, PeerAddresses, PeerPool};
 use crate::relay::{Directory, EdgeHandle, EdgeName, Location, RelayId};
-use crate::shards::{serve_tcp_on, Shard, ShardSet, Shards};
+use crate::shards::{serve_tcp_on, Shard, ShardSet};
 use crate::stream::TunnelStream;
 use crate::transport::reset_on_drop::Abandoned;
 use crate::transport::QuinnConnection;
@@ -431,8 +431,7 @@ impl<D: Directory<QuinnConnection> + Send + Sync + 'static> Connection<D> {
         self.observer.opened(&self.edge, &self.service);
         let elsewhere = self.shards.as_ref().and_then(|shards| {
             let index = shards.index_of(shard?)?;
-            let here = Shards::current().and_then(|current| shards.index_of(current));
-            (here != Some(index)).then(|| shards.handle(index).clone())
+            (shards.current_index() != Some(index)).then(|| shards.handle(index).clone())
         });
         match elsewhere {
             Some(handle) => {

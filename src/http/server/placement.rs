@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio::net::TcpStream;
 
 use super::Limits;
-use crate::shards::{Shard, ShardSet, Shards};
+use crate::shards::{Shard, ShardSet};
 
 /// Finds the shard for the host a public connection's first request names (see
 /// [`Server::with_shards`](super::Server::with_shards)). Closures
@@ -60,19 +60,19 @@ pub(super) struct Placed {
 impl Placed {
     /// The shard for a connection whose first bytes are `peeked`.
     pub(super) fn choose(&self, peeked: &[u8], tls: bool) -> usize {
-        let host = if tls {
-            server_name(peeked)
+        let shard = if tls {
+            server_name(peeked).and_then(|host| self.placement.shard(&host))
         } else {
-            host_field(peeked).map(str::to_owned)
+            host_field(peeked).and_then(|host| self.placement.shard(host))
         };
-        host.and_then(|host| self.placement.shard(&host))
+        shard
             .and_then(|shard| self.set.index_of(shard))
             .unwrap_or_else(|| self.set.next())
     }
 
     /// Whether the calling thread runs shard `index` of this set.
     pub(super) fn is_current(&self, index: usize) -> bool {
-        Shards::current().and_then(|shard| self.set.index_of(shard)) == Some(index)
+        self.set.current_index() == Some(index)
     }
 }
 
@@ -129,7 +129,7 @@ fn stops_short(bytes: &[u8], tls: bool) -> bool {
 }
 
 /// The `Host` field of the request head that `bytes` begin, if its line is complete.
-pub(crate) fn host_field(bytes: &[u8]) -> Option<&str> {
+fn host_field(bytes: &[u8]) -> Option<&str> {
     // Only lines that end within the look count: the last piece may be cut short.
     let end = bytes.iter().rposition(|&byte| byte == b'\n')?;
     let mut lines = bytes[..end].split(|&byte| byte == b'\n');
@@ -155,7 +155,7 @@ pub(crate) fn host_field(bytes: &[u8]) -> Option<&str> {
 
 /// The server name of the TLS `ClientHello` that `bytes` begin, if it is all there.
 #[cfg(feature = "tls")]
-pub(crate) fn server_name(bytes: &[u8]) -> Option<String> {
+fn server_name(bytes: &[u8]) -> Option<String> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut reader = bytes;
     // `read_tls` takes one record at a time; a hello may span several.
@@ -174,7 +174,7 @@ pub(crate) fn server_name(bytes: &[u8]) -> Option<String> {
 }
 
 #[cfg(not(feature = "tls"))]
-pub(crate) fn server_name(_bytes: &[u8]) -> Option<String> {
+fn server_name(_bytes: &[u8]) -> Option<String> {
     None
 }
 

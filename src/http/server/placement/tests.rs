@@ -1,4 +1,5 @@
 use super::*;
+use crate::shards::Shards;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
