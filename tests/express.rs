@@ -32,7 +32,7 @@ use backhaul::edge::{RouteError, Router};
 use backhaul::http::express::{
     self, Express, FailureAnswer, Handover, Hooks, Outcome, RouteFuture, StreamPool, Upstream,
 };
-use backhaul::http::proxy::{pass_through, Timeouts};
+use backhaul::http::proxy::{pass_through, Linger, Timeouts};
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::stream::TunnelStream;
 use backhaul::{QuinnConnection, SessionClient};
@@ -293,6 +293,8 @@ fn head_field(head: &str, name: &str) -> Option<String> {
 /// - `/coded`: a body in `Transfer-Encoding: gzip`, delimited by the close;
 /// - `/early-413`: [`EARLY_413`] before reading the body, then the connection held open
 ///   without reading;
+/// - `/early-413-open`: [`EARLY_413_OPEN`] (the same answer, keeping the connection)
+///   before reading the body, then the connection held open without reading;
 /// - `/deaf`: nothing read past the head, no answer, the connection held open;
 /// - anything else: `ok`.
 ///
@@ -322,6 +324,8 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Answered-By: raw\r
 /// The body of `/coded` (bytes in a transfer coding, which the lane does not decode).
 const CODED: &[u8] = b"\x1f\x8b coded bytes the client decodes";
 const EARLY_413: &[u8] = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\nX-Answered-By: raw\r\n\r\ntoo large";
+const EARLY_413_OPEN: &[u8] =
+    b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nX-Answered-By: raw\r\n\r\ntoo large";
 
 async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicUsize>) {
     loop {
@@ -333,8 +337,13 @@ async fn raw_connection(mut tcp: TcpStream, seen: Arc<Seen>, closed: Arc<AtomicU
         let path = request_line.next().unwrap_or_default().to_owned();
         seen.push(&method, &path);
         match path.as_str() {
-            "/early-413" => {
-                let _ = tcp.write_all(EARLY_413).await;
+            "/early-413" | "/early-413-open" => {
+                let answer = if path == "/early-413" {
+                    EARLY_413
+                } else {
+                    EARLY_413_OPEN
+                };
+                let _ = tcp.write_all(answer).await;
                 tokio::time::sleep(LIMIT).await;
                 return;
             }
@@ -468,6 +477,7 @@ struct TestRoute {
     handovers: Mutex<Vec<Handover>>,
     /// Hooks in one object ([`Upstream::with_hooks`]) instead of closures.
     hooks: bool,
+    linger: Linger,
 }
 
 struct Route(Arc<TestRoute>);
@@ -517,8 +527,9 @@ impl TestRoute {
         headers.insert("x-forwarded-for", peer.parse().expect("an address"));
         headers.insert("x-route", label.parse().expect("a label"));
         let target = head.uri.to_string();
-        let upstream =
-            Upstream::new(label, this.connector.clone(), service).with_timeouts(this.timeouts);
+        let upstream = Upstream::new(label, this.connector.clone(), service)
+            .with_timeouts(this.timeouts)
+            .with_linger(this.linger);
         let upstream = if this.hooks {
             upstream.with_hooks(Arc::new(RecordingHooks {
                 route: Arc::clone(this),
@@ -578,6 +589,8 @@ struct Setup {
     /// The route's upstreams carry [`RecordingHooks`] instead of an `on_finished`
     /// closure.
     hooks: bool,
+    /// The upstreams' bounds for reading on after an early answer.
+    linger: Linger,
 }
 
 impl Default for Setup {
@@ -592,6 +605,7 @@ impl Default for Setup {
             },
             pool: None,
             hooks: false,
+            linger: Linger::DEFAULT,
         }
     }
 }
@@ -672,6 +686,7 @@ impl Lane {
             outcomes: Mutex::new(Vec::new()),
             handovers: Mutex::new(Vec::new()),
             hooks: setup.hooks,
+            linger: setup.linger,
         });
         let server = Server::bind(([127, 0, 0, 1], 0))
             .await
@@ -1310,6 +1325,11 @@ async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_
         let response = post_pattern(&mut sender, "raw.test", "/early-413", UPLOAD).await;
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(answered_by(&response), "raw");
+        // The service closes its side, and the client hears that the connection closes.
+        assert_eq!(
+            response.headers().get(CONNECTION),
+            Some(&HeaderValue::from_static("close"))
+        );
         assert_eq!(text(response).await, "too large");
         within(PROMPT, connection)
             .await
@@ -1331,11 +1351,78 @@ async fn an_answer_before_the_uploads_end_reaches_the_client_and_the_connection_
     .await;
 }
 
+/// A service that answers before the body's end and keeps its side of the connection
+/// (no `Connection: close`): the client may send its next request on the connection as
+/// soon as its body is out, so the lane reads the rest of the upload and serves that next
+/// request, on a new stream (the service was left mid-body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_uploads_end_that_keeps_the_connection_serves_the_next_request() {
+    const UPLOAD: u64 = 8 * 1024 * 1024;
+    const ROUNDS: usize = 4;
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let (mut sender, _connection) = connect(lane.public).await;
+        for round in 0..ROUNDS {
+            let response = post_pattern(&mut sender, "raw.test", "/early-413-open", UPLOAD).await;
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{round}");
+            assert_eq!(response.headers().get(CONNECTION), None, "{round}");
+            assert_eq!(text(response).await, "too large");
+        }
+        let response = get(&mut sender, "raw.test", "/").await;
+        assert_eq!(text(response).await, "ok");
+        assert_eq!(lane.opened("raw"), ROUNDS + 1);
+        let outcomes = lane.outcomes();
+        let early: Vec<_> = outcomes
+            .iter()
+            .filter(|(target, _)| target == "/early-413-open")
+            .collect();
+        assert_eq!(early.len(), ROUNDS);
+        for (_, outcome) in early {
+            assert_eq!(outcome.status, Some(StatusCode::PAYLOAD_TOO_LARGE));
+            assert_eq!(outcome.failure, None);
+        }
+        eventually(PROMPT, "the cut streams to the edge ended", || {
+            (lane.active("raw") <= 1).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The same answer for an upload longer than the lane reads on: the lane stops reading
+/// and closes while the client still sends, and the client has its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_beyond_the_linger_bounds_closes_the_connection() {
+    const UPLOAD: u64 = 32 * 1024 * 1024;
+    let lane = Lane::start(Setup {
+        linger: Linger {
+            time: Duration::from_secs(5),
+            bytes: 1024 * 1024,
+        },
+        ..Setup::default()
+    })
+    .await;
+    within(LIMIT, async {
+        let (mut sender, connection) = connect(lane.public).await;
+        let response = post_pattern(&mut sender, "raw.test", "/early-413-open", UPLOAD).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(text(response).await, "too large");
+        within(PROMPT, connection)
+            .await
+            .expect("the connection's task ends");
+        let (mut sender, _connection) = connect(lane.public).await;
+        let response = get(&mut sender, "raw.test", "/").await;
+        assert_eq!(text(response).await, "ok");
+    })
+    .await;
+}
+
 /// A hundred and fifty uploads at once, each answered early: every client gets its 413,
-/// and no stream to the edge is left behind. (Each upload is more than the buffers on the
-/// way hold, so the lane cuts it and resets its stream: an upload that fits is sent
-/// whole, and its stream then ends only when the service, which holds its connection
-/// open here, lets go.)
+/// and no stream to the edge is left behind. Half the answers close the connection; the
+/// other half keep it, and those clients send a second request on it. (Each upload is
+/// more than the buffers on the way hold, so the lane cuts it and resets its stream: an
+/// upload that fits is sent whole, and its stream then ends only when the service, which
+/// holds its connection open here, lets go.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_uploads_answered_early_at_once_each_get_their_answer() {
     const CLIENTS: usize = 150;
@@ -1343,13 +1430,23 @@ async fn many_uploads_answered_early_at_once_each_get_their_answer() {
     let lane = Lane::start(Setup::default()).await;
     within(LIMIT, async {
         let mut clients = JoinSet::new();
-        for _ in 0..CLIENTS {
+        for client in 0..CLIENTS {
             let public = lane.public;
             clients.spawn(async move {
                 let (mut sender, _connection) = connect(public).await;
-                let response = post_pattern(&mut sender, "raw.test", "/early-413", UPLOAD).await;
+                let keeps = client % 2 == 1;
+                let path = if keeps {
+                    "/early-413-open"
+                } else {
+                    "/early-413"
+                };
+                let response = post_pattern(&mut sender, "raw.test", path, UPLOAD).await;
                 assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
                 assert_eq!(text(response).await, "too large");
+                if keeps {
+                    let response = get(&mut sender, "raw.test", "/").await;
+                    assert_eq!(text(response).await, "ok");
+                }
             });
         }
         while let Some(done) = clients.join_next().await {
@@ -1359,7 +1456,7 @@ async fn many_uploads_answered_early_at_once_each_get_their_answer() {
             (lane.active("raw") == 0).then_some(())
         })
         .await;
-        assert_eq!(lane.opened("raw"), CLIENTS);
+        assert_eq!(lane.opened("raw"), CLIENTS + CLIENTS / 2);
     })
     .await;
 }

@@ -170,6 +170,20 @@ where
         drop(in_flight);
         match (ended, stream) {
             (Ok(Next::Continue { .. }), _) => lane.head_room.recycle(parts.headers),
+            (Ok(Next::Discard), stream) => {
+                // The service behind the edge is left mid-body: a reset, not an end.
+                if let Some(mut stream) = stream {
+                    stream.reset(ABANDONED_STREAM);
+                }
+                if lane.discard_upload(&mut client, upstream.linger).await {
+                    lane.head_room.recycle(parts.headers);
+                    continue;
+                }
+                // Cut while the client still sends its body: it will not take the
+                // connection for its next request.
+                let _ = client.shutdown().await;
+                return Handoff::Done;
+            }
             (Ok(Next::Close { cut_upload }), stream) => {
                 if cut_upload {
                     // The service behind the edge is left mid-body: a reset, not an end.
@@ -215,6 +229,10 @@ enum Next {
     Continue {
         reusable: bool,
     },
+    /// The response ended before the request body did, and its head did not say the
+    /// connection closes: the rest of the body is read and dropped, and the connection
+    /// goes on.
+    Discard,
     /// The client's connection closes; `cut_upload`: the response ended before the
     /// request body did.
     Close {
@@ -375,7 +393,12 @@ impl Lane {
                 Err(failure) => return Err(failure),
             }
         };
-        let closing = close || head.framing == Framing::UntilClose || stop.is_cancelled();
+        // An answer before the request's end from a service that closes its side (a 413
+        // from a body limit, say) tells the client the connection closes, so that the
+        // client sends nothing more on it.
+        let refusing = self.upload.state != UploadState::Sent && !head.reusable;
+        let closing =
+            close || head.framing == Framing::UntilClose || stop.is_cancelled() || refusing;
         self.out.clear();
         head::write_response(&head, &self.fields, closing, &mut self.out);
         self.response.advance(head.head_len);
@@ -395,9 +418,14 @@ impl Lane {
             }
         }
         // An answer that came before the request's end (a 413, say): the edge's side of
-        // the stream no longer knows where it stands, nor does the client's connection.
+        // the stream no longer knows where it stands. The client's connection closes if
+        // its head said so; otherwise the client may send its next request on it once
+        // its body is out, so the lane reads that body to its end.
         if self.upload.state != UploadState::Sent {
-            return Ok(Next::Close { cut_upload: true });
+            if closing {
+                return Ok(Next::Close { cut_upload: true });
+            }
+            return Ok(Next::Discard);
         }
         if closing {
             return Ok(Next::Close { cut_upload: false });
@@ -601,6 +629,37 @@ impl Lane {
             Poll::Pending
         })
         .await
+    }
+
+    /// Reads and drops the rest of an upload whose answer came before its end, within
+    /// `bounds`; false if the bounds ran out first, or the client closed or failed.
+    async fn discard_upload<I>(&mut self, client: &mut I, bounds: Linger) -> bool
+    where
+        I: AsyncRead + Unpin,
+    {
+        let mut read = 0u64;
+        let discard = async {
+            loop {
+                let take = usize::try_from(self.upload.remaining)
+                    .map_or(self.buf.len(), |rest| rest.min(self.buf.len()));
+                self.buf.advance(take);
+                self.upload.remaining -= take as u64;
+                if self.upload.remaining == 0 {
+                    return true;
+                }
+                if read >= bounds.bytes {
+                    return false;
+                }
+                self.buf.reserve(READ_ROOM);
+                match client.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(got) => read += got as u64,
+                }
+            }
+        };
+        tokio::time::timeout(bounds.time, discard)
+            .await
+            .unwrap_or(false)
     }
 
     /// Answers a failed exchange before any response head went out, and closes.

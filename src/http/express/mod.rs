@@ -15,7 +15,10 @@
 //! - it copies a `Content-Length` body through by count, and reads the answer while it
 //!   does, so a service that answers before the body's end (a `413` from a body limit)
 //!   or as it reads (a body echoed back) is served as over a direct connection; an answer
-//!   that ends before the upload closes the client's connection once it is written;
+//!   that ends before the upload closes the client's connection once it is written if
+//!   the service closes its side (the answer then says `Connection: close`), and
+//!   otherwise the lane reads the rest of the upload, within its [`Linger`] bounds, and
+//!   the connection goes on;
 //! - it reads the response head once for its status and framing (length, chunked,
 //!   until close) and copies the body through while checking that framing strictly
 //!   (`chunked`), so that it knows where the response ends and the stream to the edge
@@ -304,8 +307,10 @@ impl Upstream {
         self
     }
 
-    /// How much of an upload the lane reads on after an answer that came before its end,
-    /// before it closes the client's connection (default [`Linger::DEFAULT`]).
+    /// How much of an upload the lane reads on after an answer that came before its end
+    /// (default [`Linger::DEFAULT`]): before it closes the client's connection, or, if
+    /// the answer kept the connection open, to reach the upload's end and serve the
+    /// connection's next request.
     #[must_use]
     pub fn with_linger(mut self, linger: Linger) -> Self {
         self.linger = linger;
