@@ -13,7 +13,7 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, HeadRoom, PlainRequest, RequestHead, ResponseHead};
@@ -71,8 +71,11 @@ where
         head_room: HeadRoom::default(),
         stall: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
     };
+    // Made once: a new wait per request would join and leave the token's waiter list,
+    // under its lock, each time.
+    let mut stopped = std::pin::pin!(cx.stop.cancelled());
     loop {
-        let request = match lane.read_head(&mut client, &cx).await {
+        let request = match lane.read_head(&mut client, &cx, stopped.as_mut()).await {
             Head::Plain(request) => request,
             Head::Closed => {
                 let _ = client.shutdown().await;
@@ -276,7 +279,12 @@ struct Lane {
 }
 
 impl Lane {
-    async fn read_head<I, G>(&mut self, client: &mut I, cx: &LaneContext<'_, G>) -> Head
+    async fn read_head<I, G>(
+        &mut self,
+        client: &mut I,
+        cx: &LaneContext<'_, G>,
+        mut stopped: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Head
     where
         I: AsyncRead + Unpin,
     {
@@ -294,11 +302,12 @@ impl Lane {
             }
             self.buf.reserve(READ_ROOM);
             // On shutdown a connection between requests closes at once, with a head
-            // half-sent or none.
+            // half-sent or none. Bytes already there are read first: a request that
+            // came with the shutdown is answered, and its answer closes the connection.
             let read = tokio::select! {
                 biased;
-                () = cx.stop.cancelled() => return Head::Closed,
                 read = client.read_buf(&mut self.buf) => read,
+                () = stopped.as_mut() => return Head::Closed,
             };
             match read {
                 Ok(0) if self.buf.is_empty() => return Head::Closed,

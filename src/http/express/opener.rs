@@ -19,8 +19,9 @@ pub struct Opener(Opens);
 #[derive(Clone, Debug)]
 enum Opens {
     Session(Connector),
+    /// Boxed: a cluster's way is the rare one, and every upstream moves an `Opener`.
     #[cfg(feature = "quinn")]
-    Peer(PeerConnector),
+    Peer(Box<PeerConnector>),
 }
 
 impl From<Connector> for Opener {
@@ -32,7 +33,7 @@ impl From<Connector> for Opener {
 #[cfg(feature = "quinn")]
 impl From<PeerConnector> for Opener {
     fn from(connector: PeerConnector) -> Self {
-        Self(Opens::Peer(connector))
+        Self(Opens::Peer(Box::new(connector)))
     }
 }
 
@@ -42,7 +43,7 @@ impl Opener {
         match &mut self.0 {
             Opens::Session(connector) => connector.connect(target).await,
             #[cfg(feature = "quinn")]
-            Opens::Peer(connector) => connector.clone().oneshot(target).await,
+            Opens::Peer(connector) => PeerConnector::clone(connector).oneshot(target).await,
         }
     }
 }
