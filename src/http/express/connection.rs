@@ -53,7 +53,7 @@ pub(crate) struct LaneContext<'a, G> {
 /// The stream to the edge the connection's last request used.
 struct Kept {
     key: String,
-    stream: TunnelStream,
+    stream: Box<TunnelStream>,
 }
 
 /// Serves `client` on the express lane; see the [module docs](super).
@@ -331,7 +331,7 @@ impl Lane {
 
     /// Keeps `stream` for the next request with `upstream`'s key: in its pool, or with
     /// this connection.
-    fn keep(&mut self, upstream: &mut Upstream, stream: TunnelStream) {
+    fn keep(&mut self, upstream: &mut Upstream, stream: Box<TunnelStream>) {
         let key = std::mem::take(&mut upstream.key);
         match &upstream.pool {
             Some(pool) => pool.put(key, stream),
@@ -349,7 +349,7 @@ impl Lane {
     async fn stream_for(
         &mut self,
         upstream: &mut Upstream,
-    ) -> Result<(TunnelStream, bool), crate::Error> {
+    ) -> Result<(Box<TunnelStream>, bool), crate::Error> {
         if let Some(mut kept) = self.kept.take() {
             if kept.key == upstream.key && still_open(&mut kept.stream).await {
                 return Ok((kept.stream, true));
@@ -362,7 +362,9 @@ impl Lane {
                 }
             }
         }
-        let stream = upstream.opener.open(upstream.target.clone()).await?;
+        // Boxed once for its life: it moves between the pool, the connection and each
+        // exchange, and a stream is over 200 bytes.
+        let stream = Box::new(upstream.opener.open(upstream.target.clone()).await?);
         Ok((stream, false))
     }
 

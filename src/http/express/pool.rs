@@ -37,7 +37,7 @@ struct Shared {
 }
 
 struct IdleStream {
-    stream: TunnelStream,
+    stream: Box<TunnelStream>,
     since: Instant,
 }
 
@@ -81,7 +81,7 @@ impl StreamPool {
     }
 
     /// The most recently kept stream for `key` that has not idled too long.
-    pub(super) fn take(&self, key: &str) -> Option<TunnelStream> {
+    pub(super) fn take(&self, key: &str) -> Option<Box<TunnelStream>> {
         let mut idle = self.shared.lock();
         let streams = idle.get_mut(key)?;
         // Pushed in time order: the expired ones are first.
@@ -101,7 +101,7 @@ impl StreamPool {
 
     /// Keeps `stream` for the next request with `key`, unless `key` has as many idle
     /// streams as allowed (then it is dropped, which finishes it).
-    pub(super) fn put(&self, key: String, stream: TunnelStream) {
+    pub(super) fn put(&self, key: String, stream: Box<TunnelStream>) {
         if self.shared.max_per_key == 0 {
             return;
         }
