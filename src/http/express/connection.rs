@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub(crate) struct LaneContext<'a, G> {
     pub(crate) max_head_bytes: usize,
     /// Cancelled when the server shuts down.
     pub(crate) stop: &'a CancellationToken,
+    /// Set when the server shuts down, just before `stop` is cancelled.
+    pub(crate) stopping: &'a AtomicBool,
     /// Marks a request in flight until the guard drops (the server's deadlines depend on
     /// it).
     pub(crate) request_started: &'a (dyn Fn() -> G + Send + Sync),
@@ -122,7 +125,7 @@ where
                     &mut upstream,
                     &mut exchange,
                     sent,
-                    cx.stop,
+                    cx.stopping,
                 )
                 .await
             }
@@ -375,7 +378,7 @@ impl Lane {
         upstream: &mut Upstream,
         exchange: &mut Exchange,
         sent: Sent<'_>,
-        stop: &CancellationToken,
+        stopping: &AtomicBool,
     ) -> Result<Next, Failure>
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -408,8 +411,10 @@ impl Lane {
         // from a body limit, say) tells the client the connection closes, so that the
         // client sends nothing more on it.
         let refusing = self.upload.state != UploadState::Sent && !head.reusable;
-        let closing =
-            close || head.framing == Framing::UntilClose || stop.is_cancelled() || refusing;
+        let closing = close
+            || head.framing == Framing::UntilClose
+            || stopping.load(Ordering::Acquire)
+            || refusing;
         self.out.clear();
         head::write_response(&head, &self.fields, closing, &mut self.out);
         self.response.advance(head.head_len);

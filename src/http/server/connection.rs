@@ -6,6 +6,7 @@
 //! closes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -31,6 +32,9 @@ pub(super) struct Shared {
     pub(super) observer: Arc<dyn Observer>,
     /// Cancelled when the server shuts down.
     pub(super) stop: CancellationToken,
+    /// Set just before `stop` is cancelled: read on every request, where asking the
+    /// token would take its lock.
+    pub(super) stopping: AtomicBool,
     /// Plain HTTP/1.1 requests go this way first, when set.
     pub(super) express: Option<Arc<dyn Express>>,
     /// TLS first, when the server serves HTTPS.
@@ -187,6 +191,7 @@ where
             info,
             max_head_bytes: shared.limits.max_head_bytes,
             stop: &shared.stop,
+            stopping: &shared.stopping,
             request_started: &request_started,
         },
     )

@@ -8,6 +8,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -132,6 +133,7 @@ where
         limits,
         observer,
         stop: CancellationToken::new(),
+        stopping: AtomicBool::new(false),
         express,
         #[cfg(feature = "tls")]
         tls,
@@ -202,6 +204,7 @@ where
     }
     // New connections are refused from here on.
     drop(acceptor);
+    shared.stopping.store(true, Ordering::Release);
     shared.stop.cancel();
     let drained = tokio::time::timeout(limits.shutdown_timeout, async {
         while let Some(joined) = connections.join_next().await {
