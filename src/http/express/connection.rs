@@ -178,9 +178,7 @@ where
             (Ok(Next::Continue { .. }), _) => lane.head_room.recycle(parts.headers),
             (Ok(Next::Discard), stream) => {
                 // The service behind the edge is left mid-body: a reset, not an end.
-                if let Some(mut stream) = stream {
-                    stream.reset(ABANDONED_STREAM);
-                }
+                abandon(stream);
                 if lane.discard_upload(&mut client, upstream.linger).await {
                     lane.head_room.recycle(parts.headers);
                     continue;
@@ -193,9 +191,7 @@ where
             (Ok(Next::Close { cut_upload }), stream) => {
                 if cut_upload {
                     // The service behind the edge is left mid-body: a reset, not an end.
-                    if let Some(mut stream) = stream {
-                        stream.reset(ABANDONED_STREAM);
-                    }
+                    abandon(stream);
                 }
                 let _ = client.shutdown().await;
                 if cut_upload {
@@ -204,9 +200,7 @@ where
                 return Handoff::Done;
             }
             (Err(_), stream) => {
-                if let Some(mut stream) = stream {
-                    stream.reset(ABANDONED_STREAM);
-                }
+                abandon(stream);
                 if let Some((status, message)) = answer {
                     lane.answer_failure(&mut client, status, &message).await;
                     if lane.upload.remaining > 0 {
@@ -865,6 +859,13 @@ async fn linger<I: AsyncRead + Unpin>(client: &mut I, bounds: Linger) {
         }
     })
     .await;
+}
+
+/// Resets the exchange's stream, if it has one: its service was left mid-exchange.
+fn abandon(stream: Option<Box<TunnelStream>>) {
+    if let Some(mut stream) = stream {
+        stream.reset(ABANDONED_STREAM);
+    }
 }
 
 /// False if the edge ended (or reset, or wrote on) a kept stream while it was idle: a
