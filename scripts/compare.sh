@@ -165,6 +165,7 @@ BACKEND="$TARGET_DIR/release/backhaul-load-backend"
 BACKEND_PORT="$(free_port tcp)"
 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 PIDS+=($!)
+BACKEND_PID=$!
 wait_for "the backend did not start" curl -fsS "http://127.0.0.1:$BACKEND_PORT/"
 
 declare -A URL HEADER PUBLIC_PID PRIVATE_PID
@@ -333,6 +334,12 @@ run_ceiling() { # seconds
         "$rps" "$p50" "$p99" "$requests" "$1"
 }
 
+# The machine's idle and total CPU ticks (all cores), to tell a run the cores bound from one
+# that left them idle (latency-bound: the tunnel waits on something other than CPU).
+machine_ticks() {
+    awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat
+}
+
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 run_wrk() { # way round
@@ -342,6 +349,9 @@ run_wrk() { # way round
     local public_before private_before
     public_before="$(cpu_ticks "${PUBLIC_PID[$way]:-}")"
     private_before="$(cpu_ticks "${PRIVATE_PID[$way]:-}")"
+    local idle_before total_before backend_before
+    read -r idle_before total_before < <(machine_ticks)
+    backend_before="$(cpu_ticks "$BACKEND_PID")"
     if [[ "$way" == quinn ]]; then
         run_ceiling "${DURATION%s}" >"$out"
     else
@@ -350,16 +360,22 @@ run_wrk() { # way round
     local public_after private_after
     public_after="$(cpu_ticks "${PUBLIC_PID[$way]:-}")"
     private_after="$(cpu_ticks "${PRIVATE_PID[$way]:-}")"
+    local idle_after total_after backend_after
+    read -r idle_after total_after < <(machine_ticks)
+    backend_after="$(cpu_ticks "$BACKEND_PID")"
     if grep -qE 'Non-2xx|Socket errors' "$out"; then
         cat "$out" >&2
         fail "$way: errors during the run"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$way" "$round" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$way" "$round" \
         "$(awk '/^Requests\/sec:/ { print $2 }' "$out")" \
         "$(awk '$1 == "50%" { print $2; exit }' "$out")" \
         "$(awk '$1 == "99%" { print $2; exit }' "$out")" \
         "$(awk '/requests in/ { print $1; exit }' "$out")" \
-        "$((public_after - public_before))" "$((private_after - private_before))" >>"$RESULTS"
+        "$((public_after - public_before))" "$((private_after - private_before))" \
+        "$(((idle_after - idle_before) * 1000 / (total_after - total_before + 1)))" \
+        "$((total_after - total_before - idle_after + idle_before))" \
+        "$((backend_after - backend_before))" >>"$RESULTS"
 }
 
 say "warming up"
@@ -396,18 +412,19 @@ def ms(value):
 
 ways, rows = [], {}
 for line in open(path):
-    way, _round, rps, p50, p99, requests, public, private = line.split("\t")
+    way, _round, rps, p50, p99, requests, public, private, idle, busy, backend = line.split("\t")
     if way not in rows:
         ways.append(way)
         rows[way] = []
     per_request = lambda ticks: int(ticks) * 1e6 / ticks_per_s / max(int(requests), 1)
-    rows[way].append((float(rps), ms(p50), ms(p99), per_request(public), per_request(private)))
+    rows[way].append((float(rps), ms(p50), ms(p99), per_request(public), per_request(private), int(idle) / 10,
+                       per_request(busy), per_request(backend)))
 
 def median(way, index):
     return statistics.median(row[index] for row in rows[way])
 
 base = "rathole" if "rathole" in rows else None
-print(f"{'way':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10}")
+print(f"{'way':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10} {'idle %':>6} {'backend':>7} {'machine':>7}")
 for way in ways:
     rps = median(way, 0)
     cpu = (
@@ -415,7 +432,9 @@ for way in ways:
         "" if way == "direct" else f"{median(way, 4):.1f}",
     )
     ratio = f"{rps / median(base, 0):.2f}x" if base else ""
-    print(f"{way:<20} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10}")
+    print(f"{way:<20} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10} {median(way, 5):>6.1f} {median(way, 7):>7.1f} {median(way, 6):>7.1f}")
 print("public = relay / server process, private = edge / client process (CPU time over the run / requests);")
+print("backend = the backend's CPU µs/req; machine = all the cores' busy time / requests (wrk and the kernel included)")
+print("idle = the machine's idle CPU share over the run (all cores): near 0, the cores bound the rate")
 print("quinn = HTTP/1 over raw quinn streams between two processes (the relay-edge hop's ceiling), private = its server")
 EOF
