@@ -29,9 +29,11 @@ use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use axum::extract::Path;
 use backhaul::connector::Connector;
 use backhaul::edge::{RouteError, Router};
+use backhaul::http::authority::Authority;
 use backhaul::http::express::{
     self, Express, FailureAnswer, Handover, Hooks, Outcome, RouteFuture, StreamPool, Upstream,
 };
+use backhaul::http::forwarded::{Proto, TrustedProxies};
 use backhaul::http::proxy::{pass_through, Linger, Timeouts};
 use backhaul::http::server::{ConnectionInfo, Limits, Server};
 use backhaul::stream::TunnelStream;
@@ -516,20 +518,29 @@ impl TestRoute {
         let host = head.headers.get(HOST)?.to_str().ok()?;
         let label = host.split('.').next()?.to_owned();
         let service = match label.as_str() {
-            "web" | "a" => "web",
+            "web" | "a" | "fwd" | "fwd2" => "web",
             "b" => "web2",
             "raw" => "raw",
             "nope" => "nope",
             _ => return None,
         };
+        // `fwd…` hosts have the lane set the forwarding headers; the others set one here.
+        let lane_forwards = label.starts_with("fwd");
+        let authority: Option<Authority> = lane_forwards.then(|| host.parse().expect("a host"));
         let peer = info.peer_addr().ip().to_string();
         let headers = &mut head.headers;
-        headers.insert("x-forwarded-for", peer.parse().expect("an address"));
+        if !lane_forwards {
+            headers.insert("x-forwarded-for", peer.parse().expect("an address"));
+        }
         headers.insert("x-route", label.parse().expect("a label"));
         let target = head.uri.to_string();
         let upstream = Upstream::new(label, this.connector.clone(), service)
             .with_timeouts(this.timeouts)
             .with_linger(this.linger);
+        let upstream = match &authority {
+            Some(authority) => upstream.with_forwarding_headers(authority, Proto::Http),
+            None => upstream,
+        };
         let upstream = if this.hooks {
             upstream.with_hooks(Arc::new(RecordingHooks {
                 route: Arc::clone(this),
@@ -1089,6 +1100,72 @@ async fn plain_requests_take_the_lane_with_the_routes_headers_and_without_hop_by
         assert_eq!(answered_by(&response), "web");
         assert_eq!(text(response).await, "hello from the edge");
         assert_eq!(lane.calls(), 3);
+    })
+    .await;
+}
+
+/// The forwarding fields [`TrustedProxies::set_forwarding_headers`] sets for an untrusted
+/// client `peer` of `authority` over plain HTTP, as `name: value` lines.
+fn forwarding_lines_for(peer: &str, authority: &str) -> Vec<String> {
+    let mut headers = HeaderMap::new();
+    let authority: Authority = authority.parse().expect("an authority");
+    let peer = peer.parse().expect("an address");
+    TrustedProxies::none().set_forwarding_headers(&mut headers, peer, &authority, Proto::Http);
+    headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {}", value.to_str().expect("text")))
+        .collect()
+}
+
+/// `Upstream::with_forwarding_headers`: the lane drops every forwarding field the client
+/// sent and adds the proxy's, the same fields `set_forwarding_headers` would set, each
+/// once, on every request of a kept connection, for each request's own authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lane_replaces_a_clients_forwarding_headers_with_the_proxys_on_every_request() {
+    let lane = Lane::start(Setup::default()).await;
+    within(LIMIT, async {
+        let mut client = RawClient::connect(lane.public).await;
+        // The authority changes mid-connection, and comes back: each request gets its own.
+        for host in ["fwd.test", "fwd2.test:8080", "fwd.test", "fwd.test"] {
+            let request = format!(
+                "GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\
+                 Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nx-forwarded-host: evil\r\n\
+                 X-Forwarded-Proto: https\r\nX-Forwarded-Port: 1\r\nX-Kept: yes\r\n\r\n"
+            );
+            client.send(request.as_bytes()).await;
+            let reply = client.reply().await;
+            assert_eq!(reply.status, 200, "{reply:?}");
+            assert_eq!(reply.answered_by(), "web", "{reply:?}");
+            let seen = reply.text();
+            let lines: Vec<&str> = seen.lines().collect();
+            for expected in forwarding_lines_for("127.0.0.1", host) {
+                let count = lines.iter().filter(|line| **line == expected).count();
+                assert_eq!(count, 1, "{expected:?} should be there once in\n{seen}");
+            }
+            for kept in [format!("host: {host}"), "x-kept: yes".to_owned()] {
+                assert!(
+                    lines.contains(&kept.as_str()),
+                    "{kept:?} missing from\n{seen}"
+                );
+            }
+            for dropped in ["6.6.6.6", "evil", "https", "x-forwarded-port"] {
+                assert!(
+                    !seen.contains(dropped),
+                    "{dropped:?} reached the backend:\n{seen}"
+                );
+            }
+            let forwarding = lines
+                .iter()
+                .filter(|line| {
+                    line.starts_with("x-forwarded-")
+                        || line.starts_with("forwarded:")
+                        || line.starts_with("x-real-ip:")
+                })
+                .count();
+            assert_eq!(forwarding, 5, "five forwarding fields, no more:\n{seen}");
+        }
+        assert_eq!(lane.calls(), 4);
+        assert!(lane.handovers().is_empty(), "{:?}", lane.handovers());
     })
     .await;
 }

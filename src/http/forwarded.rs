@@ -133,7 +133,7 @@ impl TrustedProxies {
             client,
             authority: authority_value,
             element,
-        } = ForwardingValues::new(peer, authority, proto);
+        } = ForwardingValues::new(peer, authority.as_str(), proto);
         let proto_value = HeaderValue::from_static(proto.as_str());
         if self.contains(peer) {
             append_to_chain(headers, X_FORWARDED_FOR, &client);
@@ -193,7 +193,8 @@ fn is_forwarding_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("x-forwarded-") || *name == X_REAL_IP || *name == FORWARDED
 }
 
-fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
+/// Drops the forwarding headers a client sent (all of them: the client is not trusted).
+pub(crate) fn drop_client_forwarding_headers(headers: &mut HeaderMap) {
     // Most requests carry none: look before collecting anything.
     if !headers.keys().any(is_forwarding_header) {
         return;
@@ -219,8 +220,7 @@ struct ForwardingValues {
 impl ForwardingValues {
     /// One `Forwarded` element (RFC 7239 §4): IPv6 nodes are bracketed and quoted, and
     /// the host is quoted when it is not a token (a port's colon, an IPv6 literal).
-    fn new(peer: IpAddr, authority: &Authority, proto: Proto) -> Self {
-        let authority = authority.as_str();
+    fn new(peer: IpAddr, authority: &str, proto: Proto) -> Self {
         let mut text = BytesMut::with_capacity(64 + authority.len());
         text.put_slice(b"for=");
         let client = match peer {
@@ -265,6 +265,37 @@ impl ForwardingValues {
             element: value(text),
         }
     }
+}
+
+/// The forwarding fields [`TrustedProxies::set_forwarding_headers`] sets for a peer it does
+/// not trust, as field lines (`name: value` and CRLF, in the order it inserts them): what
+/// the express lane appends to a head once it dropped the client's own. `peer` is the
+/// client's address, `authority` the public authority's text (validated).
+pub(crate) fn untrusted_forwarding_lines(peer: IpAddr, authority: &str, proto: Proto) -> Bytes {
+    let ForwardingValues {
+        client,
+        authority,
+        element,
+    } = ForwardingValues::new(peer.to_canonical(), authority, proto);
+    let fields: [(&HeaderName, &[u8]); 5] = [
+        (&X_FORWARDED_FOR, client.as_bytes()),
+        (&X_FORWARDED_HOST, authority.as_bytes()),
+        (&X_FORWARDED_PROTO, proto.as_str().as_bytes()),
+        (&X_REAL_IP, client.as_bytes()),
+        (&FORWARDED, element.as_bytes()),
+    ];
+    let size = fields
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let mut lines = BytesMut::with_capacity(size);
+    for (name, value) in fields {
+        lines.put_slice(name.as_str().as_bytes());
+        lines.put_slice(b": ");
+        lines.put_slice(value);
+        lines.put_slice(b"\r\n");
+    }
+    lines.freeze()
 }
 
 /// Writes `ip` in dotted decimal, as `Display` would, without the formatting machinery.
@@ -475,5 +506,37 @@ mod tests {
         assert_eq!(values(&headers, "x-forwarded-for"), ["10.0.0.2"]);
         assert_eq!(values(&headers, "x-forwarded-host"), ["demo.localhost"]);
         assert_eq!(values(&headers, "x-real-ip"), ["10.0.0.2"]);
+    }
+
+    /// The lines the express lane appends are the fields `set_forwarding_headers` sets for
+    /// an untrusted peer, in its order, for IPv4, IPv6 (bracketed and quoted in
+    /// `Forwarded`), IPv4-mapped IPv6 (written as IPv4) and authorities with a port.
+    #[test]
+    fn the_lanes_lines_are_the_fields_set_for_an_untrusted_peer() {
+        let cases = [
+            ("203.0.113.9", "demo.example.com", Proto::Http),
+            ("2001:db8::1", "demo.example.com:8443", Proto::Https),
+            ("::ffff:198.51.100.7", "[2001:db8::5]:80", Proto::Http),
+            ("10.0.0.255", "a-b.example", Proto::Https),
+        ];
+        for (peer, host, proto) in cases {
+            let mut headers = HeaderMap::new();
+            TrustedProxies::none().set_forwarding_headers(
+                &mut headers,
+                ip(peer),
+                &authority(host),
+                proto,
+            );
+            let expected: String = headers
+                .iter()
+                .map(|(name, value)| format!("{name}: {}\r\n", value.to_str().unwrap()))
+                .collect();
+            let lines = untrusted_forwarding_lines(ip(peer), host, proto);
+            assert_eq!(
+                std::str::from_utf8(&lines).unwrap(),
+                expected,
+                "{peer} {host}"
+            );
+        }
     }
 }

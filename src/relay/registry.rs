@@ -22,7 +22,6 @@
 //! epoch is eventually detached exactly once, so an observer (metrics, a shared directory)
 //! can mirror the table.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -236,7 +235,7 @@ struct Shared<C: Connection> {
 }
 
 struct Table<C: Connection> {
-    edges: HashMap<EdgeName, EdgeHandle<C>>,
+    edges: foldhash::HashMap<EdgeName, EdgeHandle<C>>,
     last_epoch: u64,
 }
 
@@ -277,7 +276,7 @@ impl<C: Connection> Registry<C> {
         Self {
             shared: Arc::new(Shared {
                 table: Mutex::new(Table {
-                    edges: HashMap::new(),
+                    edges: foldhash::HashMap::default(),
                     last_epoch: 0,
                 }),
                 policy,

@@ -169,7 +169,13 @@ impl RelayExpress {
         };
         let headers = &mut head.headers;
         let trusted = &state.trusted_proxies;
-        trusted.set_forwarding_headers(headers, info.peer_addr().ip(), authority, proto);
+        let peer = info.peer_addr().ip();
+        // A trusted peer's chains are extended in the head; anyone else's headers are
+        // replaced by the lane, from lines it keeps for the connection.
+        let believed = trusted.contains(peer);
+        if believed {
+            trusted.set_forwarding_headers(headers, peer, authority, proto);
+        }
         // Host is the public authority, as on the full path (usually it is already).
         if headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_str().as_bytes()) {
             headers.insert(HOST, authority.to_header_value());
@@ -190,8 +196,14 @@ impl RelayExpress {
             names,
             span,
         });
+        let upstream = Upstream::new(key, opener, target);
+        let upstream = if believed {
+            upstream
+        } else {
+            upstream.with_forwarding_headers(authority, proto)
+        };
         Some(
-            Upstream::new(key, opener, target)
+            upstream
                 .with_pool(pool)
                 .with_timeouts(Timeouts {
                     response: state.request_timeout,

@@ -2,15 +2,16 @@
 //! closes, a request needs hyper, or an exchange fails.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
-use http::{Method, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
@@ -20,6 +21,7 @@ use super::chunked::ChunkedScanner;
 use super::head::{self, Framing, HeadRoom, PlainRequest, RequestHead, ResponseHead};
 use super::prefixed::Prefixed;
 use super::{Express, Failure, Handover, Outcome, Upstream};
+use crate::http::forwarded::{self, Proto};
 use crate::http::proxy::Linger;
 use crate::http::server::ConnectionInfo;
 use crate::stream::{TunnelStream, ABANDONED_STREAM};
@@ -73,6 +75,7 @@ where
         kept: None,
         head_room: HeadRoom::default(),
         stall: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
+        forwarding: None,
     };
     // Made once: a new wait per request would join and leave the token's waiter list,
     // under its lock, each time.
@@ -102,7 +105,16 @@ where
             return lane.hand_over(client, Handover::Route, &cx);
         };
         drop(head);
-        lane.start_upload(&parts, body_len, started);
+        let forwarding = upstream.forwarding.take().map(|(authority, proto)| {
+            forwarded::drop_client_forwarding_headers(&mut parts.headers);
+            lane.forwarding_lines(cx.info.peer_addr().ip(), authority, proto)
+        });
+        lane.start_upload(
+            &parts,
+            forwarding.as_deref().unwrap_or_default(),
+            body_len,
+            started,
+        );
         let mut exchange = Exchange {
             method: parts.method.clone(),
             status: None,
@@ -273,6 +285,16 @@ struct Lane {
     /// does, touches no lock of tokio's timer wheel, where a new timer per wait would
     /// take it twice.
     stall: Pin<Box<Sleep>>,
+    /// The forwarding fields the connection's last request got.
+    forwarding: Option<ForwardingLines>,
+}
+
+/// Forwarding fields serialized for one authority and scheme (the client is the
+/// connection's).
+struct ForwardingLines {
+    authority: HeaderValue,
+    proto: Proto,
+    lines: Bytes,
 }
 
 impl Lane {
@@ -318,11 +340,11 @@ impl Lane {
 
     /// Starts the request's upload: its head as the edge is to receive it, and the body
     /// bytes read along with it, taken from `buf`.
-    fn start_upload(&mut self, parts: &Parts, body_len: u64, now: Instant) {
+    fn start_upload(&mut self, parts: &Parts, more: &[u8], body_len: u64, now: Instant) {
         let after_head = self.buf.len();
         let buffered = usize::try_from(body_len).map_or(after_head, |len| len.min(after_head));
         self.upload
-            .start(parts, &self.buf[..buffered], body_len, now);
+            .start((parts, more), &self.buf[..buffered], body_len, now);
         self.buf.advance(buffered);
     }
 
@@ -333,6 +355,25 @@ impl Lane {
         match &upstream.pool {
             Some(pool) => pool.put(key, stream),
             None => self.kept = Some(Kept { key, stream }),
+        }
+    }
+
+    /// The forwarding fields for a request from `peer` to `authority` over `proto`
+    /// ([`Upstream::with_forwarding_headers`]): the connection's last ones if they are for
+    /// the same authority and scheme (the peer does not change), else new ones, kept.
+    fn forwarding_lines(&mut self, peer: IpAddr, authority: HeaderValue, proto: Proto) -> Bytes {
+        match &self.forwarding {
+            Some(kept) if kept.proto == proto && kept.authority == authority => kept.lines.clone(),
+            _ => {
+                let text = authority.to_str().unwrap_or_default();
+                let lines = forwarded::untrusted_forwarding_lines(peer, text, proto);
+                self.forwarding = Some(ForwardingLines {
+                    authority,
+                    proto,
+                    lines: lines.clone(),
+                });
+                lines
+            }
         }
     }
 
@@ -623,7 +664,14 @@ impl Lane {
             base.checked_add(wait.limit)
                 .unwrap_or_else(|| base + FAR_FUTURE)
         };
-        stall.as_mut().reset(quiet_until(upload));
+        // The timer only has to fire no later than the wait's end. Mostly it is armed
+        // earlier already (the last wait's end, or less): then it is left alone, and the
+        // loop below moves it on when it fires, once per `limit` at most, where a reset
+        // here would cost every wait a trip through tokio's timer code.
+        let until = quiet_until(upload);
+        if stall.deadline() > until {
+            stall.as_mut().reset(until);
+        }
         std::future::poll_fn(|cx| {
             upload.poll_progress(cx, client, buf, stream)?;
             if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut *stream), cx, response) {
@@ -734,9 +782,9 @@ impl Default for Upload {
 impl Upload {
     /// Starts a request at `now`: its head written out again, `body` the body bytes read
     /// with it, `body_len` the whole body's length.
-    fn start(&mut self, parts: &Parts, body: &[u8], body_len: u64, now: Instant) {
+    fn start(&mut self, (parts, more): (&Parts, &[u8]), body: &[u8], body_len: u64, now: Instant) {
         self.request.clear();
-        head::write_request(parts, &mut self.request);
+        head::write_request(parts, more, &mut self.request);
         self.request.extend_from_slice(body);
         self.buffered = body.len() as u64;
         self.remaining = body_len - self.buffered;

@@ -265,23 +265,21 @@ fn decimal(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// Writes `parts` as an HTTP/1.1 request head (origin form) to `out`.
-pub(super) fn write_request(parts: &Parts, out: &mut impl BufMut) {
+/// Writes `parts` as an HTTP/1.1 request head (origin form) to `out`, with the field
+/// lines `more` (serialized already) after its own.
+pub(super) fn write_request(parts: &Parts, more: &[u8], out: &mut impl BufMut) {
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
     let target = parts.uri.path_and_query().map_or("/", |path| path.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    write_fields(&parts.headers, out);
-}
-
-fn write_fields(headers: &HeaderMap, out: &mut impl BufMut) {
-    for (name, value) in headers {
+    for (name, value) in &parts.headers {
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
+    out.put_slice(more);
     out.put_slice(b"\r\n");
 }
 
@@ -529,7 +527,7 @@ mod tests {
         assert!(headers.get("keep-alive").is_none());
 
         let mut out = Vec::new();
-        write_request(&request.parts, &mut out);
+        write_request(&request.parts, b"", &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /upload?x=1 HTTP/1.1\r\nhost: demo.localhost\r\ncontent-length: 5\r\n\r\n"

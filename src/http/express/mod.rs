@@ -112,10 +112,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::request::Parts;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 
 use crate::connector::OpenTarget;
 use crate::error::Error;
+use crate::http::authority::Authority;
+use crate::http::forwarded::Proto;
 use crate::http::proxy::{Linger, Timeouts};
 use crate::http::server::ConnectionInfo;
 
@@ -265,6 +267,8 @@ pub struct Upstream {
     finished: Option<Finished>,
     answer_failure: Option<AnswerFailure>,
     hooks: Option<Arc<dyn Hooks>>,
+    /// The public authority and scheme of [`Upstream::with_forwarding_headers`].
+    forwarding: Option<(HeaderValue, Proto)>,
 }
 
 impl fmt::Debug for Upstream {
@@ -297,6 +301,7 @@ impl Upstream {
             finished: None,
             answer_failure: None,
             hooks: None,
+            forwarding: None,
         }
     }
 
@@ -346,6 +351,25 @@ impl Upstream {
     #[must_use]
     pub fn on_finished(mut self, finished: impl FnOnce(&Outcome) + Send + 'static) -> Self {
         self.finished = Some(Box::new(finished));
+        self
+    }
+
+    /// Has the lane set the [forwarding headers](crate::http::forwarded) for a client whose
+    /// own it does not believe (one that is not among your
+    /// [`TrustedProxies`](crate::http::forwarded::TrustedProxies)): it drops every
+    /// `Forwarded`, `X-Forwarded-*` and `X-Real-IP` the client sent and adds the proxy's,
+    /// for `authority` reached over `proto`, as
+    /// [`TrustedProxies::set_forwarding_headers`](crate::http::forwarded::TrustedProxies::set_forwarding_headers)
+    /// does for such a peer.
+    ///
+    /// The same request head as the route setting them, for less work: the lane keeps the
+    /// five field lines for the connection (its client's address does not change, and its
+    /// authority rarely does) and appends them as they are, where the route would build and
+    /// hash five fields per request, and the lane write them out again. For a trusted
+    /// peer, whose chains are extended, set them in `route` instead.
+    #[must_use]
+    pub fn with_forwarding_headers(mut self, authority: &Authority, proto: Proto) -> Self {
+        self.forwarding = Some((authority.to_header_value(), proto));
         self
     }
 

@@ -9,7 +9,6 @@
 //! closed after an idle timeout. The most recently used stream is taken first, so a
 //! client sending request after request keeps meeting the same stream.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ pub struct StreamPool {
 }
 
 struct Shared {
-    idle: Mutex<HashMap<String, Vec<IdleStream>>>,
+    idle: Mutex<foldhash::HashMap<String, Vec<IdleStream>>>,
     timeout: Duration,
     max_per_key: usize,
     /// Closes expired streams while the pool lives; started with the first stream kept.
@@ -66,7 +65,7 @@ impl StreamPool {
     pub fn new(idle_timeout: Duration, max_idle_per_key: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(foldhash::HashMap::default()),
                 timeout: idle_timeout,
                 max_per_key: max_idle_per_key,
                 reaper: OnceLock::new(),
@@ -85,9 +84,7 @@ impl StreamPool {
         let mut idle = self.shared.lock();
         let streams = idle.get_mut(key)?;
         // Pushed in time order: the expired ones are first.
-        let now = Instant::now();
-        let timeout = self.shared.timeout;
-        let expired = streams.partition_point(|entry| now.duration_since(entry.since) >= timeout);
+        let expired = expired_count(streams, self.shared.timeout);
         let stale: Vec<IdleStream> = streams.drain(..expired).collect();
         let found = streams.pop().map(|entry| entry.stream);
         // An emptied key stays (its stream is likely back soon, and the entry's key and
@@ -132,12 +129,10 @@ impl Expiring for Shared {
 
     /// Drops the streams that have idled longer than the timeout.
     fn expire(&self) {
-        let now = Instant::now();
         let mut stale = Vec::new();
         let mut idle = self.lock();
         idle.retain(|_, streams| {
-            let expired =
-                streams.partition_point(|entry| now.duration_since(entry.since) >= self.timeout);
+            let expired = expired_count(streams, self.timeout);
             stale.extend(streams.drain(..expired));
             !streams.is_empty()
         });
@@ -146,8 +141,18 @@ impl Expiring for Shared {
     }
 }
 
+/// How many of `streams` (kept in time order) have idled `timeout` or longer: compared
+/// with one cut-off instant, not a duration per stream.
+fn expired_count(streams: &[IdleStream], timeout: Duration) -> usize {
+    match Instant::now().checked_sub(timeout) {
+        Some(cutoff) => streams.partition_point(|entry| entry.since <= cutoff),
+        // The clock has not run `timeout` yet: nothing is that old.
+        None => 0,
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<IdleStream>>> {
+    fn lock(&self) -> MutexGuard<'_, foldhash::HashMap<String, Vec<IdleStream>>> {
         // Every update is one map operation: a poisoned map is still consistent.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
