@@ -11,7 +11,9 @@
 //!
 //! - it reads each request head once (`httparse`, the parser hyper itself uses), lets
 //!   your [`Express`] route choose the edge and add its forwarding headers, and writes
-//!   the head again canonically, without hop-by-hop fields;
+//!   the head again canonically, without hop-by-hop fields; the standard forwarding
+//!   headers it can add itself ([`Upstream::with_forwarding_headers`]), from lines kept
+//!   for the connection instead of five fields built and written out per request;
 //! - it copies a `Content-Length` body through by count, and reads the answer while it
 //!   does, so a service that answers before the body's end (a `413` from a body limit)
 //!   or as it reads (a body echoed back) is served as over a direct connection; an answer
@@ -183,7 +185,8 @@ impl fmt::Debug for RouteFuture<'_> {
 ///
 /// `route` sees the request as the edge will receive it: HTTP/1.1 in origin form, with
 /// one `Host`, hop-by-hop fields already removed. It adds what the proxy adds (forwarding
-/// headers, a rewritten `Host`) and returns the edge to send it to, or `None` to leave
+/// headers, or [`Upstream::with_forwarding_headers`] to have the lane add them; a
+/// rewritten `Host`) and returns the edge to send it to, or `None` to leave
 /// the request (and the rest of its connection) to the server's service: for hosts it
 /// does not serve, edges on other relays, anything it answers itself.
 pub trait Express: Send + Sync + 'static {
