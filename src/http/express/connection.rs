@@ -281,9 +281,9 @@ struct Lane {
     /// What reading the next request head reuses.
     head_room: HeadRoom,
     /// The deadline of the wait for the edge (see [`Lane::read_edge`]). One timer for the
-    /// connection's life: moving a registered timer to a later deadline, as each wait
-    /// does, touches no lock of tokio's timer wheel, where a new timer per wait would
-    /// take it twice.
+    /// connection's life, armed no later than the current wait's end: a wait moves it
+    /// only to an earlier deadline, and it is moved on when it fires early, where a new
+    /// timer per wait would take the lock of tokio's timer wheel twice.
     stall: Pin<Box<Sleep>>,
     /// The forwarding fields the connection's last request got.
     forwarding: Option<ForwardingLines>,
