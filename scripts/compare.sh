@@ -424,7 +424,12 @@ def median(way, index):
     return statistics.median(row[index] for row in rows[way])
 
 base = "rathole" if "rathole" in rows else None
-print(f"{'way':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10} {'idle %':>6} {'backend':>7} {'machine':>7}")
+def round_spread(way):
+    """The lowest and highest of each round's ratio to rathole in that same round."""
+    pairs = [row[0] / rows[base][i][0] for i, row in enumerate(rows[way]) if i < len(rows[base])]
+    return f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else ""
+
+print(f"{'way':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req public':>18} {'private':>8} {'vs rathole':>10} {'rounds':>9} {'idle %':>6} {'backend':>7} {'machine':>7}")
 for way in ways:
     rps = median(way, 0)
     cpu = (
@@ -432,8 +437,10 @@ for way in ways:
         "" if way == "direct" else f"{median(way, 4):.1f}",
     )
     ratio = f"{rps / median(base, 0):.2f}x" if base else ""
-    print(f"{way:<20} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10} {median(way, 5):>6.1f} {median(way, 7):>7.1f} {median(way, 6):>7.1f}")
+    spread = round_spread(way) if base else ""
+    print(f"{way:<20} {rps:>9.0f} {median(way, 1):>7.2f} {median(way, 2):>7.2f} {cpu[0]:>18} {cpu[1]:>8} {ratio:>10} {spread:>9} {median(way, 5):>6.1f} {median(way, 7):>7.1f} {median(way, 6):>7.1f}")
 print("public = relay / server process, private = edge / client process (CPU time over the run / requests);")
+print("rounds = the lowest and highest ratio to rathole of single rounds (each against rathole's same round)")
 print("backend = the backend's CPU µs/req; machine = all the cores' busy time / requests (wrk and the kernel included)")
 print("idle = the machine's idle CPU share over the run (all cores): near 0, the cores bound the rate")
 print("quinn = HTTP/1 over raw quinn streams between two processes (the relay-edge hop's ceiling), private = its server")
