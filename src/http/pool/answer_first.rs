@@ -10,41 +10,26 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// Whether the peer of a pooled connection stopped taking what was sent: shared by the
-/// connection, its idle entry and the response body that gives it back.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Refused(Arc<AtomicBool>);
-
-impl Refused {
-    pub(super) fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    fn set(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
+use super::status::ConnStatus;
 
 /// `io` with writes refused by the peer dropped instead of failed; see the
 /// [module docs](self).
 pub(super) struct AnswerFirst<T> {
     io: T,
-    refused: Refused,
+    status: ConnStatus,
 }
 
 impl<T> AnswerFirst<T> {
-    pub(super) fn new(io: T) -> (Self, Refused) {
-        let refused = Refused::default();
+    pub(super) fn new(io: T) -> (Self, ConnStatus) {
+        let status = ConnStatus::default();
         (
             Self {
                 io,
-                refused: refused.clone(),
+                status: status.clone(),
             },
-            refused,
+            status,
         )
     }
 }
@@ -76,12 +61,12 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for AnswerFirst<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.refused.get() {
+        if self.status.refused() {
             return Poll::Ready(Ok(buf.len()));
         }
         match Pin::new(&mut self.io).poll_write(cx, buf) {
             Poll::Ready(Err(error)) if is_refusal(&error) => {
-                self.refused.set();
+                self.status.set_refused();
                 Poll::Ready(Ok(buf.len()))
             }
             polled => polled,
@@ -89,12 +74,12 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for AnswerFirst<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.refused.get() {
+        if self.status.refused() {
             return Poll::Ready(Ok(()));
         }
         match Pin::new(&mut self.io).poll_flush(cx) {
             Poll::Ready(Err(error)) if is_refusal(&error) => {
-                self.refused.set();
+                self.status.set_refused();
                 Poll::Ready(Ok(()))
             }
             polled => polled,
@@ -102,7 +87,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for AnswerFirst<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.refused.get() {
+        if self.status.refused() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_shutdown(cx)
@@ -118,12 +103,12 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for AnswerFirst<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let total = bufs.iter().map(|buf| buf.len()).sum();
-        if self.refused.get() {
+        if self.status.refused() {
             return Poll::Ready(Ok(total));
         }
         match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
             Poll::Ready(Err(error)) if is_refusal(&error) => {
-                self.refused.set();
+                self.status.set_refused();
                 Poll::Ready(Ok(total))
             }
             polled => polled,

@@ -8,18 +8,18 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use hyper::client::conn::http1::SendRequest;
 
-use super::answer_first::Refused;
+use super::status::{ConnStatus, UploadBody};
 
-/// A pooled connection: its request half, and whether its peer stopped reading.
+/// A pooled connection: its request half, and what its other parts say about it.
 pub(super) struct Conn<B> {
-    pub(super) sender: SendRequest<B>,
-    pub(super) refused: Refused,
+    pub(super) sender: SendRequest<UploadBody<B>>,
+    pub(super) status: ConnStatus,
 }
 
 impl<B> Conn<B> {
     /// Closed, or of no more use: a peer that stopped reading closes the connection.
     fn is_closed(&self) -> bool {
-        self.sender.is_closed() || self.refused.get()
+        self.sender.is_closed() || self.status.refused()
     }
 }
 
@@ -48,8 +48,8 @@ impl<B> IdleSet<B> {
 
     /// The most recently used connection to `authority` that is ready for a request now
     /// and has not idled too long. Closed and expired ones met on the way are dropped;
-    /// open ones not ready yet stay (the peer answered before the request's body was all
-    /// sent, and hyper is still sending it): a request must not wait behind another's
+    /// open ones not ready yet stay (hyper is still writing out the request before, which
+    /// was answered before its last bytes left): a request must not wait behind another's
     /// upload.
     pub(super) fn take(&self, authority: &Authority) -> Option<Conn<B>> {
         let mut by_authority = self.lock();
@@ -74,10 +74,12 @@ impl<B> IdleSet<B> {
         found
     }
 
-    /// Keeps `conn` for the next request to `authority`, unless it is closed or the
-    /// authority already keeps as many as allowed (then it is dropped, which closes it).
+    /// Keeps `conn` for the next request to `authority`, unless it is closed, its
+    /// request's body is still being sent (answered before its end: hyper would never
+    /// make it ready again, see [`status`](super::status)), or the authority already
+    /// keeps as many as allowed. Otherwise it is dropped, which closes it.
     pub(super) fn put(&self, authority: Authority, conn: Conn<B>) {
-        if conn.is_closed() {
+        if conn.is_closed() || conn.status.uploading() {
             return;
         }
         let mut by_authority = self.lock();

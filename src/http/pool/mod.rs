@@ -11,7 +11,8 @@
 //! recently used first. A request takes one (or opens a connection through the connector
 //! when none is idle), and its response body ([`PooledBody`]) puts the connection back
 //! the moment it is read to the end, in the task reading it. A body dropped before its
-//! end closes its connection. A request that a reused connection turned down unsent (the
+//! end closes its connection, and so does a response that ends before its request's body
+//! did (an early `413`: hyper would never make that connection ready again). A request that a reused connection turned down unsent (the
 //! peer closed it meanwhile) is sent again on another connection; one that may have been
 //! sent is not. Idle connections are closed after [`Http1PoolBuilder::idle_timeout`],
 //! by a task the pool starts with its first response and stops when dropped.
@@ -22,6 +23,7 @@
 mod answer_first;
 mod body;
 mod idle;
+mod status;
 
 pub use body::PooledBody;
 
@@ -43,6 +45,7 @@ use tower::{Service, ServiceExt};
 use self::answer_first::AnswerFirst;
 use self::body::GiveBack;
 use self::idle::{Conn, IdleSet};
+use self::status::UploadBody;
 use crate::http::clients::{DEFAULT_POOL_IDLE_TIMEOUT, DEFAULT_READ_AHEAD};
 
 /// How many idle connections an authority keeps by default.
@@ -282,12 +285,13 @@ where
             // Closed while idle: the request is still ours.
             continue;
         }
-        match conn.sender.try_send_request(request).await {
+        let sent = request.map(|body| UploadBody::new(body, &conn.status));
+        match conn.sender.try_send_request(sent).await {
             Ok(response) => return Ok(shared.pooled(response, conn, authority)),
             Err(mut failed) => match failed.take_message() {
                 // Turned down unsent by a connection that was reused: the peer closed
                 // it meanwhile, so another connection may take the request.
-                Some(unsent) if reused => request = unsent,
+                Some(unsent) if reused => request = unsent.map(UploadBody::into_inner),
                 _ => return Err(PoolError::Send(failed.into_error())),
             },
         }
@@ -336,7 +340,7 @@ where
             .build()
             .map_err(|error| PoolError::Connect(error.into()))?;
         let io = self.connector.open(uri).await.map_err(PoolError::Connect)?;
-        let (io, refused) = AnswerFirst::new(io);
+        let (io, status) = AnswerFirst::new(io);
         let (sender, connection) = self
             .builder
             .handshake(io)
@@ -347,7 +351,7 @@ where
                 tracing::debug!(%error, "pooled HTTP/1 connection ended");
             }
         });
-        Ok(Conn { sender, refused })
+        Ok(Conn { sender, status })
     }
 
     /// The response with a body that gives `conn` back when it ends (at once for a

@@ -55,6 +55,10 @@ async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // The whole request first, as most services read it.
+    let (request, body) = request.into_parts();
+    let _ = body.collect().await;
+    let request = Request::from_parts(request, ());
     let mut parts = request.uri().path().trim_start_matches('/').split('/');
     let seed = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let len = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -446,4 +450,102 @@ async fn hundreds_of_uploads_answered_early_at_once_each_get_their_answer() {
     .await
     .expect("all answered in time");
     assert_eq!(accepted.load(Ordering::SeqCst), 200);
+}
+
+/// A request body of some chunks, then an end when `end` fires (at once without one).
+struct Staged {
+    chunks: std::collections::VecDeque<Bytes>,
+    end: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Staged {
+    fn new(chunks: usize, end: Option<tokio::sync::oneshot::Receiver<()>>) -> Self {
+        let chunks = (0..chunks).map(|seed| pattern(seed as u64, 4096)).collect();
+        Self { chunks, end }
+    }
+}
+
+impl hyper::body::Body for Staged {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))));
+        }
+        if let Some(end) = &mut self.end {
+            // Fired or dropped: either way the upload ends.
+            let _ = std::task::ready!(Pin::new(end).poll(cx));
+            self.end = None;
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.end.is_none()
+    }
+}
+
+fn post(addr: SocketAddr, body: Staged) -> Request<Staged> {
+    Request::post(format!("http://{addr}/3/5"))
+        .body(body)
+        .expect("request")
+}
+
+/// An answer that comes before the upload's end, from a service that keeps the
+/// connection open: once the answer is read, the connection is not kept idle (hyper would
+/// never make it ready again, hyperium/hyper#4176, and it would hold its stream until the
+/// idle timeout), and the next request goes out at once on a new one.
+#[tokio::test]
+async fn a_connection_answered_before_its_uploads_end_is_not_kept_idle() {
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+    let (addr, accepted) = raw_server(answer, Then::Discard).await;
+    let pool: Http1Pool<HttpConnector, Staged> = Http1Pool::new(HttpConnector::new());
+    let (end_upload, end) = tokio::sync::oneshot::channel();
+    let response = pool
+        .send(post(addr, Staged::new(3, Some(end))))
+        .await
+        .expect("the early answer");
+    assert_eq!(&body_of(response).await[..], b"hello");
+    assert_eq!(pool.idle(), 0, "kept while its upload goes on");
+    // The upload ends after its answer: the connection still is not one to reuse.
+    let _ = end_upload.send(());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pool.idle(), 0);
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        pool.send(post(addr, Staged::new(0, None))),
+    )
+    .await
+    .expect("not held up")
+    .expect("a response");
+    assert_eq!(&body_of(second).await[..], b"hello");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Uploads whose bodies end before their answers (in chunks, or empty) come back to the
+/// pool: a hundred of them, one after another, on one connection.
+#[tokio::test]
+async fn uploads_that_end_before_their_answers_keep_their_connection() {
+    let (addr, accepted) = server().await;
+    let pool: Http1Pool<HttpConnector, Staged> = Http1Pool::new(HttpConnector::new());
+    for round in 0..100 {
+        let (end_upload, end) = tokio::sync::oneshot::channel();
+        // Some rounds end their bodies from outside, as a forwarded upload does.
+        let end = (round % 2 == 0).then_some(end);
+        let request = post(addr, Staged::new(round % 4, end));
+        let sending = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.send(request).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let _ = end_upload.send(());
+        let response = sending.await.expect("task").expect("response");
+        assert_eq!(body_of(response).await, pattern(3, 5));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.idle(), 1);
 }
