@@ -53,7 +53,9 @@ pin_project_lite::pin_project! {
     pub(super) struct UploadBody<B> {
         #[pin]
         inner: B,
-        held: Held,
+        // None for a body ended from the start (a GET's): nothing to report, and no
+        // atomic work per request on a line the connection's task shares.
+        held: Option<Held>,
     }
 }
 
@@ -67,13 +69,14 @@ impl Drop for Held {
 }
 
 impl<B: Body> UploadBody<B> {
-    /// `inner`, about to be sent on the connection of `status`.
+    /// `inner`, about to be sent on the connection of `status` (a connection is only
+    /// reused once its last upload ended, so `status` says "not uploading" here).
     pub(super) fn new(inner: B, status: &ConnStatus) -> Self {
-        status.set_uploading(!inner.is_end_stream());
-        Self {
-            inner,
-            held: Held(status.clone()),
-        }
+        let held = (!inner.is_end_stream()).then(|| {
+            status.set_uploading(true);
+            Held(status.clone())
+        });
+        Self { inner, held }
     }
 
     /// The body again, for a request turned down unsent.
@@ -92,16 +95,16 @@ impl<B: Body> Body for UploadBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.held.0.set_uploading(false);
+        if let (Poll::Ready(None), Some(held)) = (&polled, this.held.as_ref()) {
+            held.0.set_uploading(false);
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
         let ended = self.inner.is_end_stream();
-        if ended {
-            self.held.0.set_uploading(false);
+        if let (true, Some(held)) = (ended, &self.held) {
+            held.0.set_uploading(false);
         }
         ended
     }
