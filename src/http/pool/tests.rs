@@ -549,3 +549,32 @@ async fn uploads_that_end_before_their_answers_keep_their_connection() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     assert_eq!(pool.idle(), 1);
 }
+
+/// Two hundred uploads at once, each read to its end by the service before it answers:
+/// every connection comes back to the pool, none taken for one still uploading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_uploads_at_once_all_give_their_connections_back() {
+    let (addr, accepted) = server().await;
+    let pool: Http1Pool<HttpConnector, Staged> = Http1Pool::new(HttpConnector::new());
+    let mut uploads = tokio::task::JoinSet::new();
+    for round in 0..200 {
+        let pool = pool.clone();
+        uploads.spawn(async move {
+            let response = pool
+                .send(post(addr, Staged::new(1 + round % 3, None)))
+                .await
+                .expect("response");
+            assert_eq!(body_of(response).await, pattern(3, 5));
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(done) = uploads.join_next().await {
+            done.expect("an upload's task");
+        }
+    })
+    .await
+    .expect("all answered in time");
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!((1..=200).contains(&opened), "{opened} connections");
+    assert_eq!(pool.idle(), opened);
+}
