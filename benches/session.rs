@@ -12,9 +12,11 @@
 //!   like the reference `edge` example (accept and bind in the event loop, serve on a
 //!   task), `backhaul_router` with backhaul's `Router` (accept, bind and serve on one task
 //!   per stream). After criterion's pass, a paired pass runs them in turn, round after
-//!   round, with a fourth way, `raw_shape`: raw quinn in the protocol's shape (a request
+//!   round, with two more ways: `raw_shape`, raw quinn in the protocol's shape (a request
 //!   on a long-lived control stream, answered there and by a stream the edge opens, all
-//!   awaited in the opener's own task). It prints medians and each way's median extra time
+//!   awaited in the opener's own task), and `raw_shape_hop`, the same with the answer and
+//!   the stream taken by a reader task and handed to the opener through a channel, as a
+//!   backhaul session does (what that hand-off costs). It prints medians and each way's median extra time
 //!   over the raw round trip of the same round (this machine drifts too much between
 //!   criterion's separate groups for a difference of a few tens of µs), then the UDP
 //!   datagrams each way and the threads' sleeps per open.
@@ -339,6 +341,54 @@ impl ShapePair {
     }
 }
 
+/// [`ShapePair`] with the opener's side split as backhaul's is: a reader task takes the
+/// answer and the stream and hands the stream to the waiting opener through a channel.
+struct ShapeHopPair {
+    quic: QuicPair,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    streams: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<quinn::RecvStream>>,
+}
+
+impl ShapeHopPair {
+    async fn new() -> Self {
+        let ShapePair { quic, control } = ShapePair::new().await;
+        let (send, mut recv) = control.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let relay = quic.relay.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut answer = [0u8; 1];
+                let (stream, answered) =
+                    tokio::join!(relay.accept_bi(), recv.read_exact(&mut answer));
+                let (Ok((_send, recv)), Ok(())) = (stream, answered) else {
+                    return;
+                };
+                if tx.send(recv).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            quic,
+            send: tokio::sync::Mutex::new(send),
+            streams: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    async fn open_one(&self) {
+        let mut streams = self.streams.lock().await;
+        self.send
+            .lock()
+            .await
+            .write_all(&[1])
+            .await
+            .expect("hop request");
+        let mut recv = streams.recv().await.expect("hop stream");
+        let mut bytes = [0u8; 2];
+        recv.read_exact(&mut bytes).await.expect("hop bytes");
+    }
+}
+
 // ----- services --------------------------------------------------------------------------
 
 async fn run_service<W, R>(service: &str, mut send: W, mut recv: R)
@@ -411,6 +461,7 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
         (Arc::new(events), Arc::new(routed), raw)
     });
     let shape = Arc::new(rt.block_on(ShapePair::new()));
+    let hop = Arc::new(rt.block_on(ShapeHopPair::new()));
     let mut group = c.benchmark_group("open_latency");
     group
         .sample_size(30)
@@ -442,8 +493,12 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
 
     let opener = raw.edge.clone();
     let rounds = rt.block_on({
-        let (events, routed, shape) =
-            (Arc::clone(&events), Arc::clone(&routed), Arc::clone(&shape));
+        let (events, routed, shape, hop) = (
+            Arc::clone(&events),
+            Arc::clone(&routed),
+            Arc::clone(&shape),
+            Arc::clone(&hop),
+        );
         async move {
             tokio::spawn(async move {
                 let mut rounds = PairedRounds::default();
@@ -460,6 +515,9 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
                     let start = Instant::now();
                     shape.open_one().await;
                     rounds.shape.push(start.elapsed());
+                    let start = Instant::now();
+                    hop.open_one().await;
+                    rounds.hop.push(start.elapsed());
                 }
                 rounds
             })
@@ -493,6 +551,15 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
         }
     });
     counts.print("raw_shape", "open");
+    let counts = counts_per_round(rt, &hop.quic.relay, {
+        let hop = Arc::clone(&hop);
+        move || {
+            let hop = Arc::clone(&hop);
+            async move { hop.open_one().await }
+        }
+    });
+    counts.print("raw_shape_hop", "open");
+    hop.quic.close();
     events.quic.close();
     routed.quic.close();
     raw.close();
@@ -506,6 +573,7 @@ struct PairedRounds {
     routed: Vec<Duration>,
     raw: Vec<Duration>,
     shape: Vec<Duration>,
+    hop: Vec<Duration>,
 }
 
 impl PairedRounds {
@@ -519,11 +587,11 @@ impl PairedRounds {
                 .collect()
         };
         let (events_extra, routed_extra) = (extra(&self.events), extra(&self.routed));
-        let shape_extra = extra(&self.shape);
+        let (shape_extra, hop_extra) = (extra(&self.shape), extra(&self.hop));
         println!(
             "open_latency, {PAIRED_ROUNDS} alternating rounds (medians): raw quinn {:.1} µs; \
              backhaul {:.1} µs, {:.1} µs over raw; backhaul_router {:.1} µs, {:.1} µs over raw; \
-             raw_shape {:.1} µs, {:.1} µs over raw",
+             raw_shape {:.1} µs, {:.1} µs over raw; raw_shape_hop {:.1} µs, {:.1} µs over raw",
             micros(median(self.raw)),
             micros(median(self.events)),
             micros(median(events_extra)),
@@ -531,6 +599,8 @@ impl PairedRounds {
             micros(median(routed_extra)),
             micros(median(self.shape)),
             micros(median(shape_extra)),
+            micros(median(self.hop)),
+            micros(median(hop_extra)),
         );
     }
 }
