@@ -12,9 +12,9 @@
 //! when none is idle), and its response body ([`PooledBody`]) puts the connection back
 //! the moment it is read to the end, in the task reading it. A body dropped before its
 //! end closes its connection, and so does a response that ends before its request's body
-//! did (an early `413`: hyper would never make that connection ready again). A request that a reused connection turned down unsent (the
-//! peer closed it meanwhile) is sent again on another connection; one that may have been
-//! sent is not. Idle connections are closed after [`Http1PoolBuilder::idle_timeout`],
+//! did (an early `413`: hyper would never make that connection ready again). A request
+//! that a reused connection turned down unsent (the peer closed it meanwhile) is sent
+//! again on another connection; one that may have been sent is not. Idle connections are closed after [`Http1PoolBuilder::idle_timeout`],
 //! by a task the pool starts with its first response and stops when dropped.
 //!
 //! It speaks HTTP/1.1 only, with upgrades (WebSocket) supported; for HTTP/2 (gRPC
