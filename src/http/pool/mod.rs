@@ -14,8 +14,9 @@
 //! end closes its connection, and so does a response that ends before its request's body
 //! did (an early `413`: hyper would never make that connection ready again). A request
 //! that a reused connection turned down unsent (the peer closed it meanwhile) is sent
-//! again on another connection; one that may have been sent is not. Idle connections are closed after [`Http1PoolBuilder::idle_timeout`],
-//! by a task the pool starts with its first response and stops when dropped.
+//! again on another connection; one that may have been sent is not. Idle connections
+//! are closed after [`Http1PoolBuilder::idle_timeout`], by a task the pool starts with
+//! its first response and stops when dropped.
 //!
 //! It speaks HTTP/1.1 only, with upgrades (WebSocket) supported; for HTTP/2 (gRPC
 //! through a relay) use hyper-util's client, which multiplexes one connection.
