@@ -16,7 +16,11 @@
 //!   on a long-lived control stream, answered there and by a stream the edge opens, all
 //!   awaited in the opener's own task), and `raw_shape_hop`, the same with the answer and
 //!   the stream taken by a reader task and handed to the opener through a channel, as a
-//!   backhaul session does (what that hand-off costs). It prints medians and each way's median extra time
+//!   backhaul session does (what that hand-off costs). Then the `Router` way and the raw
+//!   round trip once more with each side on a runtime of its own: the relay's on the
+//!   bench's runtime, the edge's a current-thread runtime on a thread of its own, as the
+//!   proxy runs them (`BENCH_WORKER_THREADS=1` makes the relay's current-thread too, as a
+//!   relay shard is). It prints medians and each way's median extra time
 //!   over the raw round trip of the same round (this machine drifts too much between
 //!   criterion's separate groups for a difference of a few tens of µs), then the UDP
 //!   datagrams each way and the threads' sleeps per open.
@@ -389,6 +393,127 @@ impl ShapeHopPair {
     }
 }
 
+/// A runtime of its own for the edge's side: one thread, current-thread, as the proxy's
+/// edge runs (and each relay shard).
+struct EdgeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EdgeThread {
+    fn start() -> Self {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("edge runtime");
+            handle_tx.send(rt.handle().clone()).expect("edge handle");
+            let _ = rt.block_on(stopped);
+        });
+        let handle = handle_rx.recv().expect("edge runtime started");
+        Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EdgeThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One QUIC connection whose relay end is driven by the caller's runtime and whose edge
+/// end (its endpoint, connection driver and every task of its side) by `edge`'s.
+async fn split_quic_pair(edge: &EdgeThread) -> QuicPair {
+    use backhaul::quic::{client_endpoint, server_endpoint, Identity, DEFAULT_ALPN};
+    let identity = Identity::self_signed(&["localhost"]).expect("certificate");
+    let trusted = identity.cert_chain.clone();
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let relay_endpoint = server_endpoint(addr, identity, DEFAULT_ALPN).expect("server endpoint");
+    let relay_addr = relay_endpoint.local_addr().expect("relay address");
+    let dialing = edge.handle.spawn(async move {
+        let endpoint = client_endpoint(&trusted, DEFAULT_ALPN).expect("client endpoint");
+        let connection = endpoint
+            .connect(relay_addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("edge side");
+        (endpoint, connection)
+    });
+    let incoming = relay_endpoint.accept().await.expect("incoming");
+    let relay = incoming.await.expect("relay side");
+    let (edge_endpoint, edge) = dialing.await.expect("dialing task");
+    QuicPair {
+        relay,
+        edge,
+        relay_endpoint,
+        edge_endpoint,
+    }
+}
+
+/// The `Router` way and the raw round trip with each side on a runtime of its own: the
+/// relay's on the bench's runtime, the edge's on an [`EdgeThread`].
+struct SplitWays {
+    routed: OurPair,
+    raw: QuicPair,
+    _edge: EdgeThread,
+}
+
+impl SplitWays {
+    async fn new() -> Self {
+        let edge_thread = EdgeThread::start();
+        let quic = split_quic_pair(&edge_thread).await;
+        let relay = Session::new(
+            QuinnConnection::new(quic.relay.clone()),
+            Role::Server,
+            Config::new(),
+        );
+        let edge_connection = quic.edge.clone();
+        let edge_side = edge_thread.handle.spawn(async move {
+            let edge = Session::new(
+                QuinnConnection::new(edge_connection),
+                Role::Client,
+                Config::new(),
+            );
+            let (edge, events) =
+                backhaul::SessionClient::with_events(edge.start().await.expect("edge negotiates"));
+            drop(tokio::spawn(router().serve(edge, events).into_future()));
+        });
+        let relay = relay.start().await.expect("relay negotiates");
+        edge_side.await.expect("edge side started");
+        let routed = OurPair {
+            relay: backhaul::SessionClient::new(relay),
+            quic,
+        };
+        let raw = split_quic_pair(&edge_thread).await;
+        let answering = raw.edge.clone();
+        edge_thread
+            .handle
+            .spawn(async move { serve_raw(answering, ONE_BYTE) });
+        Self {
+            routed,
+            raw,
+            _edge: edge_thread,
+        }
+    }
+
+    /// A raw round trip opened by the relay's end, answered by the edge's.
+    async fn raw_round_trip(&self) {
+        raw_round_trip(&self.raw.relay).await;
+    }
+}
+
 // ----- services --------------------------------------------------------------------------
 
 async fn run_service<W, R>(service: &str, mut send: W, mut recv: R)
@@ -462,6 +587,7 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
     });
     let shape = Arc::new(rt.block_on(ShapePair::new()));
     let hop = Arc::new(rt.block_on(ShapeHopPair::new()));
+    let split = Arc::new(rt.block_on(SplitWays::new()));
     let mut group = c.benchmark_group("open_latency");
     group
         .sample_size(30)
@@ -493,11 +619,12 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
 
     let opener = raw.edge.clone();
     let rounds = rt.block_on({
-        let (events, routed, shape, hop) = (
+        let (events, routed, shape, hop, split) = (
             Arc::clone(&events),
             Arc::clone(&routed),
             Arc::clone(&shape),
             Arc::clone(&hop),
+            Arc::clone(&split),
         );
         async move {
             tokio::spawn(async move {
@@ -518,6 +645,12 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
                     let start = Instant::now();
                     hop.open_one().await;
                     rounds.hop.push(start.elapsed());
+                    let start = Instant::now();
+                    split.routed.open_one().await;
+                    rounds.split_routed.push(start.elapsed());
+                    let start = Instant::now();
+                    split.raw_round_trip().await;
+                    rounds.split_raw.push(start.elapsed());
                 }
                 rounds
             })
@@ -560,6 +693,8 @@ fn open_latency(c: &mut Criterion, rt: &Runtime) {
     });
     counts.print("raw_shape_hop", "open");
     hop.quic.close();
+    split.routed.quic.close();
+    split.raw.close();
     events.quic.close();
     routed.quic.close();
     raw.close();
@@ -574,6 +709,9 @@ struct PairedRounds {
     raw: Vec<Duration>,
     shape: Vec<Duration>,
     hop: Vec<Duration>,
+    /// The `Router` way and the raw round trip with each side on a runtime of its own.
+    split_routed: Vec<Duration>,
+    split_raw: Vec<Duration>,
 }
 
 impl PairedRounds {
@@ -601,6 +739,22 @@ impl PairedRounds {
             micros(median(shape_extra)),
             micros(median(self.hop)),
             micros(median(hop_extra)),
+        );
+        // Signed: here an open often takes less than the raw round trip of its round.
+        let mut split_extra: Vec<f64> = self
+            .split_routed
+            .iter()
+            .zip(&self.split_raw)
+            .map(|(ours, raw)| micros(*ours) - micros(*raw))
+            .collect();
+        split_extra.sort_by(f64::total_cmp);
+        println!(
+            "open_latency, each side on a runtime of its own (relay: the bench's, edge: a \
+             current-thread runtime on a thread of its own): raw quinn {:.1} µs; \
+             backhaul_router {:.1} µs, {:+.1} µs over raw",
+            micros(median(self.split_raw)),
+            micros(median(self.split_routed)),
+            split_extra[split_extra.len() / 2],
         );
     }
 }
