@@ -274,10 +274,7 @@ pub(super) fn write_request(parts: &Parts, more: &[u8], out: &mut impl BufMut) {
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.put_slice(more);
     out.put_slice(b"\r\n");
