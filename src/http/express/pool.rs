@@ -10,9 +10,9 @@
 //! client sending request after request keeps meeting the same stream.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::http::pool::{reap, Expiring};
+use crate::http::pool::{expired_count, reap, Expiring, Kept};
 use crate::stream::TunnelStream;
 
 /// Idle tunnel streams by [`Upstream`](super::Upstream) key, shared by all client
@@ -35,10 +35,7 @@ struct Shared {
     reaper: OnceLock<tokio::task::JoinHandle<()>>,
 }
 
-struct IdleStream {
-    stream: Box<TunnelStream>,
-    since: Instant,
-}
+type IdleStream = Kept<Box<TunnelStream>>;
 
 impl std::fmt::Debug for StreamPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,7 +83,7 @@ impl StreamPool {
         // Pushed in time order: the expired ones are first.
         let expired = expired_count(streams, self.shared.timeout);
         let stale: Vec<IdleStream> = streams.drain(..expired).collect();
-        let found = streams.pop().map(|entry| entry.stream);
+        let found = streams.pop().map(|entry| entry.value);
         // An emptied key stays (its stream is likely back soon, and the entry's key and
         // list need not be made again for it); the reaper drops keys left empty.
         // Dropping a stream finishes it, which takes the QUIC connection's lock: not
@@ -111,10 +108,7 @@ impl StreamPool {
             None => idle.entry(key).or_default(),
         };
         if streams.len() < self.shared.max_per_key {
-            streams.push(IdleStream {
-                stream,
-                since: Instant::now(),
-            });
+            streams.push(Kept::now(stream));
             return;
         }
         drop(idle);
@@ -138,16 +132,6 @@ impl Expiring for Shared {
         });
         drop(idle);
         drop(stale);
-    }
-}
-
-/// How many of `streams` (kept in time order) have idled `timeout` or longer: compared
-/// with one cut-off instant, not a duration per stream.
-fn expired_count(streams: &[IdleStream], timeout: Duration) -> usize {
-    match Instant::now().checked_sub(timeout) {
-        Some(cutoff) => streams.partition_point(|entry| entry.since <= cutoff),
-        // The clock has not run `timeout` yet: nothing is that old.
-        None => 0,
     }
 }
 

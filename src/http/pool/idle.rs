@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::uri::Authority;
 use hyper::client::conn::http1::SendRequest;
 
 use super::status::{ConnStatus, UploadBody};
+use super::{cutoff, expired_count, Kept};
 
 /// A pooled connection: its request half, and what its other parts say about it.
 pub(super) struct Conn<B> {
@@ -25,16 +26,11 @@ impl<B> Conn<B> {
 
 /// Idle HTTP/1 connections (their request halves), most recently used last.
 pub(super) struct IdleSet<B> {
-    by_authority: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
+    by_authority: Mutex<HashMap<Authority, Vec<Kept<Conn<B>>>>>,
     /// How long a connection may sit idle before it is closed.
     timeout: Duration,
     /// How many idle connections an authority keeps; more are closed at once.
     max_per_authority: usize,
-}
-
-struct Idle<B> {
-    conn: Conn<B>,
-    since: Instant,
 }
 
 impl<B> IdleSet<B> {
@@ -55,16 +51,14 @@ impl<B> IdleSet<B> {
         let mut by_authority = self.lock();
         let idle = by_authority.get_mut(authority)?;
         // Pushed in time order: the expired ones are first.
-        let now = Instant::now();
-        let expired = idle.partition_point(|entry| now.duration_since(entry.since) >= self.timeout);
-        idle.drain(..expired);
+        idle.drain(..expired_count(idle, self.timeout));
         let mut found = None;
         for index in (0..idle.len()).rev() {
-            let conn = &idle[index].conn;
+            let conn = &idle[index].value;
             if conn.is_closed() {
                 idle.remove(index);
             } else if conn.sender.is_ready() {
-                found = Some(idle.remove(index).conn);
+                found = Some(idle.remove(index).value);
                 break;
             }
         }
@@ -85,21 +79,16 @@ impl<B> IdleSet<B> {
         let mut by_authority = self.lock();
         let idle = by_authority.entry(authority).or_default();
         if idle.len() < self.max_per_authority {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push(Kept::now(conn));
         }
     }
 
     /// Drops the connections that are closed or have idled longer than the timeout.
     pub(super) fn expire(&self) {
-        let now = Instant::now();
+        let cutoff = cutoff(self.timeout);
         let mut by_authority = self.lock();
         by_authority.retain(|_, idle| {
-            idle.retain(|entry| {
-                !entry.conn.is_closed() && now.duration_since(entry.since) < self.timeout
-            });
+            idle.retain(|entry| !entry.value.is_closed() && !entry.expired(cutoff));
             !idle.is_empty()
         });
     }
@@ -113,7 +102,7 @@ impl<B> IdleSet<B> {
         self.timeout
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Idle<B>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Kept<Conn<B>>>>> {
         // Every update is one map operation: a poisoned map is still consistent.
         self.by_authority
             .lock()

@@ -23,6 +23,7 @@
 
 mod answer_first;
 mod body;
+mod expiry;
 mod idle;
 mod status;
 
@@ -31,7 +32,7 @@ pub use body::PooledBody;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ use tower::{Service, ServiceExt};
 
 use self::answer_first::AnswerFirst;
 use self::body::GiveBack;
+pub(crate) use self::expiry::{cutoff, expired_count, reap, Expiring, Kept};
 use self::idle::{Conn, IdleSet};
 use self::status::UploadBody;
 use crate::http::clients::{DEFAULT_POOL_IDLE_TIMEOUT, DEFAULT_READ_AHEAD};
@@ -387,14 +389,6 @@ where
     }
 }
 
-/// A set of idle connections or streams that expire: what [`reap`] sweeps.
-pub(crate) trait Expiring: Send + Sync + 'static {
-    /// How long an entry may sit idle.
-    fn idle_timeout(&self) -> Duration;
-    /// Drops the entries idle longer than that.
-    fn expire(&self);
-}
-
 impl<B: Send + 'static> Expiring for IdleSet<B> {
     fn idle_timeout(&self) -> Duration {
         self.timeout()
@@ -402,21 +396,6 @@ impl<B: Send + 'static> Expiring for IdleSet<B> {
 
     fn expire(&self) {
         IdleSet::expire(self);
-    }
-}
-
-/// Expires `set`'s idle entries every quarter of its idle timeout while it lives.
-pub(crate) async fn reap<T: Expiring>(set: Weak<T>) {
-    let Some(period) = set.upgrade().map(|set| set.idle_timeout() / 4) else {
-        return;
-    };
-    let period = period.max(Duration::from_millis(10));
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(set) = set.upgrade() else {
-            return;
-        };
-        set.expire();
     }
 }
 
