@@ -403,7 +403,13 @@ async fn a_lane_lost_mid_transfer_fails_its_streams_and_the_others_arrive_intact
                     );
                     true
                 }
-                _ => false,
+                (Err(error), _) | (_, Err(error)) => {
+                    assert!(
+                        lost_with_its_lane(&error),
+                        "stream {index}: failed other than by its lane's loss: {error}"
+                    );
+                    false
+                }
             }
         });
     }
