@@ -119,6 +119,14 @@ fn lost_with_its_lane(error: &std::io::Error) -> bool {
     )
 }
 
+/// Fails the test unless stream `index` failed because its lane was lost.
+fn assert_lost_with_its_lane(index: usize, error: &std::io::Error) {
+    assert!(
+        lost_with_its_lane(error),
+        "stream {index}: failed other than by its lane's loss: {error}"
+    );
+}
+
 /// Opens `count` echo streams at once, each with its own 64 KiB. Every open must succeed;
 /// a stream already bound on a lane that is then lost may fail, but only with the lane's
 /// loss, never with bytes that differ. Returns how many failed that way.
@@ -143,10 +151,7 @@ async fn echo_many_across_a_loss(edge: &EdgeHandle, count: usize) -> usize {
                     false
                 }
                 (Err(error), _) | (_, Err(error)) => {
-                    assert!(
-                        lost_with_its_lane(&error),
-                        "stream {index}: failed other than by its lane's loss: {error}"
-                    );
+                    assert_lost_with_its_lane(index, &error);
                     true
                 }
             }
@@ -404,10 +409,7 @@ async fn a_lane_lost_mid_transfer_fails_its_streams_and_the_others_arrive_intact
                     true
                 }
                 (Err(error), _) | (_, Err(error)) => {
-                    assert!(
-                        lost_with_its_lane(&error),
-                        "stream {index}: failed other than by its lane's loss: {error}"
-                    );
+                    assert_lost_with_its_lane(index, &error);
                     false
                 }
             }
